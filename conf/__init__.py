@@ -1,0 +1,1 @@
+"""Hydra configuration tree (YAML files), shipped as package data."""

@@ -1,0 +1,61 @@
+"""The model side shared by saliency and search: structure discovery, gates, surgery and plans.
+
+structure = prunable.discover(model)            # per layer: heads, KV groups, MLP width
+with prunable.gated(model) as gates: ...        # multiplicative per-unit gates
+plan = prunable.PrunePlan.load("plan.yaml")
+prunable.apply_plan(model, plan)                # physically slices the weights
+prunable.save_pruned(model, plan, "out/")       # reload with prunable.load_pruned("out/")
+"""
+
+from typing import Any
+
+from prunable._coupling import Coupling, LayerCouplings
+from prunable._discover import discover, weights_fingerprint
+from prunable._families import Skipped, supported_model_types
+from prunable._gates import Gates, couplings, gated
+from prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
+from prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
+from prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
+from prunable._surgery import apply_plan
+
+MINILM = "bundled:all-MiniLM-L6-v2"
+
+
+def model_ref(model: Any, *, source: str | None = None, with_weights: bool = True) -> ModelRef:
+    """A `ModelRef` for `model`, to put in the plans made for it."""
+    return ModelRef(
+        class_name=type(model).__name__,
+        structure_fingerprint=discover(model).fingerprint(),
+        source=source,
+        weights_fingerprint=weights_fingerprint(model) if with_weights else None,
+    )
+
+
+__all__ = [
+    "BUNDLED",
+    "MINILM",
+    "PLAN_VERSION",
+    "UNIT_KINDS",
+    "Coupling",
+    "Gates",
+    "LayerCouplings",
+    "LayerPlan",
+    "LayerStructure",
+    "ModelRef",
+    "PlanError",
+    "PrunePlan",
+    "Skipped",
+    "Structure",
+    "UnitKind",
+    "apply_plan",
+    "couplings",
+    "discover",
+    "gated",
+    "load_model",
+    "load_pruned",
+    "model_ref",
+    "resolve_source",
+    "save_pruned",
+    "supported_model_types",
+    "weights_fingerprint",
+]

@@ -1,0 +1,132 @@
+"""The contract one architecture family fulfils, and the stand-in for a fully pruned sub-layer."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from operator import attrgetter
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunable._coupling import LayerCouplings
+from prunable._structure import LayerStructure, Structure
+
+
+class Skipped(nn.Module):
+    """Stands in for a sub-layer whose every unit was pruned.
+
+    The sub-layer's output is then a constant: its output bias, or zero where it has none. Returning
+    exactly that keeps the pruned model equal to the gated model with all units of the sub-layer
+    zeroed, and lets the residual stream pass through untouched where there is no bias.
+
+    Args:
+        width: Features of the output (the hidden size, or 0 for a context that feeds a
+            zero-width output projection).
+        bias: Output bias to add, or None.
+        returns_tuple: Whether the replaced module returned `(output, attention_weights)`.
+    """
+
+    num_heads = 0
+
+    def __init__(self, *, width: int, bias: torch.Tensor | None = None, returns_tuple: bool) -> None:
+        super().__init__()
+        self.width = width
+        self.returns_tuple = returns_tuple
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.width)  # (B, T, width)
+        if self.bias is not None:
+            out = out + self.bias
+        return (out, None) if self.returns_tuple else out
+
+
+class Family(ABC):
+    """Adapter that reads and reshapes the blocks of one `transformers` architecture family.
+
+    Subclasses describe where units live (`couplings`) and how a block's forward learns of its new
+    width (`set_widths`); slicing itself is generic (`Coupling.keep`).
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    blocks_path: ClassVar[str]
+
+    def blocks(self, model: Any) -> list[Any]:
+        """The transformer blocks in order."""
+        base = getattr(model, "base_model", model)
+        return list(attrgetter(self.blocks_path)(base))
+
+    def check_config(self, config: Any) -> None:
+        """Reject configurations whose layout the adapter does not handle."""
+        if getattr(config, "add_cross_attention", False):
+            raise ValueError(
+                f"{type(config).__name__} with add_cross_attention=True is not supported: "
+                "hwprune prunes self-attention blocks only"
+            )
+
+    def head_dim(self, config: Any) -> int:
+        explicit = getattr(config, "head_dim", None)
+        return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+    def structure(self, model: Any) -> Structure:
+        config = model.config
+        self.check_config(config)
+        layers = tuple(self.layer_structure(block, config) for block in self.blocks(model))
+        return Structure(
+            family=self.name,
+            model_class=type(model).__name__,
+            model_type=config.model_type,
+            hidden_size=int(config.hidden_size),
+            layers=layers,
+        )
+
+    @abstractmethod
+    def layer_structure(self, block: Any, config: Any) -> LayerStructure:
+        """Read the current widths of one block from its modules (not from the config)."""
+
+    @abstractmethod
+    def couplings(self, block: Any, config: Any) -> LayerCouplings:
+        """Which weight slices each unit of the block owns, and where its gates act."""
+
+    @abstractmethod
+    def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:
+        """Tell the block's forward about widths that `Coupling.keep` just sliced to."""
+
+    def config_updates(self, config: Any, structure: Structure) -> dict[str, Any] | None:
+        """Config fields that express a pruned structure, or None where the config cannot.
+
+        Only uniform widths with no skipped sub-layer can be expressed; what else is expressible
+        depends on how the family derives its head width.
+        """
+        return None
+
+    @staticmethod
+    def uniform_widths(structure: Structure) -> tuple[int, int, int] | None:
+        """(heads, kv_heads, mlp) if every layer has the same non-zero widths, else None."""
+        widths = {(la.num_heads, la.num_kv_heads, la.mlp_width) for la in structure.layers}
+        if len(widths) != 1:
+            return None
+        heads, kv, mlp = widths.pop()
+        return (heads, kv, mlp) if heads > 0 and mlp > 0 else None
+
+
+def qkvo_couplings(
+    q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module, *, kv_heads: int, rep: int, head_dim: int
+) -> list:
+    """Couplings of attention with separate Q/K/V/O projections, one unit per KV group.
+
+    Query head h reads key/value head h // rep (the layout `repeat_kv` assumes), so group g owns
+    query rows [g*rep*hd, (g+1)*rep*hd) and key/value rows [g*hd, (g+1)*hd).
+    """
+    from prunable._coupling import Coupling, contiguous_index
+
+    q_index = contiguous_index(kv_heads, rep * head_dim)  # (groups, rep*hd)
+    kv_index = contiguous_index(kv_heads, head_dim)  # (groups, hd)
+    return [
+        Coupling(q, "out", q_index),
+        Coupling(k, "out", kv_index),
+        Coupling(v, "out", kv_index),
+        Coupling(o, "in", q_index),
+    ]

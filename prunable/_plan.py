@@ -1,0 +1,275 @@
+"""Pruning plans: which units each layer keeps, in a versioned, human-readable file.
+
+A plan names the model it was made for (a structure fingerprint and, optionally, a weights
+fingerprint), and is checked against a model in full before any weight is touched.
+
+File layout (YAML; JSON is read too)::
+
+    format: hwprune.plan
+    version: 1
+    model: {source: bundled:all-MiniLM-L6-v2, class_name: BertModel,
+            structure_fingerprint: ..., weights_fingerprint: ...}
+    hardware: cpu_local        # or null
+    metadata: {...}            # free-form: predicted latency, saliency method, ...
+    layers:
+    - heads: [0, 2, 3]         # kept query heads (whole KV groups under GQA)
+      mlp: [0, 1, 5, ...]      # kept MLP neurons
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from prunable._structure import LayerStructure, Structure
+
+PLAN_FORMAT = "hwprune.plan"
+PLAN_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+class PlanError(ValueError):
+    """A plan is malformed or does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model a plan was made for.
+
+    Attributes:
+        class_name: `transformers` class to load it with (e.g. "BertModel").
+        structure_fingerprint: `Structure.fingerprint()` of the model the plan indexes into.
+        source: Where to load it from: a local path, or "bundled:all-MiniLM-L6-v2". None when the
+            model was built in memory.
+        weights_fingerprint: Hash of the backbone weights, or None to skip that check.
+    """
+
+    class_name: str
+    structure_fingerprint: str
+    source: str | None = None
+    weights_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Kept units of one layer: query-head indices and MLP-neuron indices, ascending."""
+
+    heads: tuple[int, ...]
+    mlp: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Which units of every layer to keep.
+
+    Build one with `PrunePlan.from_units` (unit indices per layer) or `PrunePlan.load`; check it
+    against a model's structure with `check`; apply it with `prunable.apply_plan`.
+    """
+
+    model: ModelRef
+    layers: tuple[LayerPlan, ...]
+    hardware: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_units(
+        cls,
+        structure: Structure,
+        model: ModelRef,
+        *,
+        heads: Sequence[Sequence[int]],
+        mlp: Sequence[Sequence[int]],
+        hardware: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> PrunePlan:
+        """A plan keeping, per layer, the given attention units (KV groups) and MLP neurons."""
+        if len(heads) != structure.num_layers or len(mlp) != structure.num_layers:
+            raise PlanError(
+                f"need one entry per layer ({structure.num_layers}), got {len(heads)} head and {len(mlp)} mlp entries"
+            )
+        layers = []
+        for layer, units, neurons in zip(structure.layers, heads, mlp, strict=True):
+            rep = layer.heads_per_group
+            query_heads = sorted(int(u) * rep + r for u in units for r in range(rep))
+            layers.append(LayerPlan(heads=tuple(query_heads), mlp=tuple(sorted(int(n) for n in neurons))))
+        return cls(model=model, layers=tuple(layers), hardware=hardware, metadata=dict(metadata or {}))
+
+    @classmethod
+    def dense(cls, structure: Structure, model: ModelRef, **kwargs: Any) -> PrunePlan:
+        """The plan that keeps everything."""
+        return cls.from_units(
+            structure,
+            model,
+            heads=[range(la.attention_units) for la in structure.layers],
+            mlp=[range(la.mlp_width) for la in structure.layers],
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def check(self, structure: Structure, *, weights_fingerprint: str | None = None) -> None:
+        """Raise `PlanError` listing every way this plan does not fit `structure`.
+
+        Args:
+            structure: The structure of the model the plan is about to be applied to.
+            weights_fingerprint: That model's weights fingerprint; compared when both it and the
+                plan's are given.
+        """
+        if self.model.structure_fingerprint != structure.fingerprint():
+            raise PlanError(
+                f"plan was made for a different model: its structure fingerprint is "
+                f"{self.model.structure_fingerprint} ({self.model.class_name}, source {self.model.source}), "
+                f"this model's is {structure.fingerprint()} ({structure.describe()})"
+            )
+        wanted = self.model.weights_fingerprint
+        if wanted is not None and weights_fingerprint is not None and wanted != weights_fingerprint:
+            raise PlanError(
+                f"plan was made for other weights: weights fingerprint {wanted}, this model's is "
+                f"{weights_fingerprint} (same architecture, different checkpoint)"
+            )
+        if len(self.layers) != structure.num_layers:
+            raise PlanError(f"plan has {len(self.layers)} layers, the model has {structure.num_layers}")
+        problems = [
+            f"layer {i}: {p}"
+            for i, (lp, layer) in enumerate(zip(self.layers, structure.layers, strict=True))
+            for p in _layer_problems(lp, layer)
+        ]
+        if problems:
+            raise PlanError("invalid plan:\n  " + "\n  ".join(problems))
+
+    def kept_units(self, structure: Structure) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (kept attention units, kept MLP neurons) as ascending index tensors."""
+        out = []
+        for lp, layer in zip(self.layers, structure.layers, strict=True):
+            groups = sorted({h // layer.heads_per_group for h in lp.heads})
+            out.append((torch.tensor(groups, dtype=torch.long), torch.tensor(lp.mlp, dtype=torch.long)))
+        return out
+
+    def kept_counts(self) -> list[tuple[int, int]]:
+        """Per layer, (query heads kept, MLP neurons kept)."""
+        return [(len(lp.heads), len(lp.mlp)) for lp in self.layers]
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": {
+                "source": self.model.source,
+                "class_name": self.model.class_name,
+                "structure_fingerprint": self.model.structure_fingerprint,
+                "weights_fingerprint": self.model.weights_fingerprint,
+            },
+            "hardware": self.hardware,
+            "metadata": dict(self.metadata),
+            "layers": [{"heads": list(lp.heads), "mlp": list(lp.mlp)} for lp in self.layers],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.dump(self.to_dict(), Dumper=_PlanDumper, sort_keys=False, width=120)
+        path.write_text("# hwprune pruning plan: kept unit indices per layer\n" + text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise PlanError(f"plan file {path} is not valid YAML/JSON: {err}") from err
+        return cls.from_dict(data, origin=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, origin: str = "<dict>") -> PrunePlan:
+        """Parse and schema-check a plan mapping; errors name `origin` and the bad field."""
+
+        def fail(msg: str) -> PlanError:
+            return PlanError(f"{origin}: {msg}")
+
+        if not isinstance(data, dict):
+            raise fail(f"expected a mapping at the top level, got {type(data).__name__}")
+        if data.get("format") != PLAN_FORMAT:
+            raise fail(f"format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        version = data.get("version")
+        if version not in SUPPORTED_VERSIONS:
+            raise fail(
+                f"unknown plan format version {version!r}; supported versions: {list(SUPPORTED_VERSIONS)}"
+            )
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise fail("missing 'model' mapping")
+        for key in ("class_name", "structure_fingerprint"):
+            if not isinstance(model.get(key), str):
+                raise fail(f"model.{key} must be a string, got {model.get(key)!r}")
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise fail("'layers' must be a non-empty list")
+        parsed = []
+        for i, entry in enumerate(layers):
+            if not isinstance(entry, dict) or set(entry) != {"heads", "mlp"}:
+                raise fail(f"layers[{i}] must have exactly the keys 'heads' and 'mlp', got {entry!r:.80}")
+            for key in ("heads", "mlp"):
+                values = entry[key]
+                if not isinstance(values, list) or not all(type(v) is int for v in values):
+                    raise fail(f"layers[{i}].{key} must be a list of integers, got {values!r:.80}")
+            parsed.append(LayerPlan(heads=tuple(entry["heads"]), mlp=tuple(entry["mlp"])))
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise fail(f"metadata must be a mapping, got {type(metadata).__name__}")
+        return cls(
+            model=ModelRef(
+                class_name=model["class_name"],
+                structure_fingerprint=model["structure_fingerprint"],
+                source=model.get("source"),
+                weights_fingerprint=model.get("weights_fingerprint"),
+            ),
+            layers=tuple(parsed),
+            hardware=data.get("hardware"),
+            metadata=metadata,
+        )
+
+
+def _layer_problems(lp: LayerPlan, layer: LayerStructure) -> list[str]:
+    problems = []
+    for key, values, size in (("heads", lp.heads, layer.num_heads), ("mlp", lp.mlp, layer.mlp_width)):
+        bad = sorted({v for v in values if not 0 <= v < size})
+        if bad:
+            problems.append(f"{key} indices {bad[:8]} out of range [0, {size})")
+        dupes = sorted(v for v, n in Counter(values).items() if n > 1)
+        if dupes:
+            problems.append(f"{key} indices {dupes[:8]} appear more than once")
+    rep = layer.heads_per_group
+    if rep > 1:
+        kept = set(lp.heads)
+        groups = {h // rep for h in kept}
+        broken = sorted(g for g in groups if any(g * rep + r not in kept for r in range(rep)))
+        if broken:
+            g = broken[0]
+            problems.append(
+                f"heads break the KV grouping ({layer.num_kv_heads} groups of {rep} query heads): group {g} "
+                f"needs all of {list(range(g * rep, (g + 1) * rep))} or none"
+            )
+    return problems
+
+
+class _PlanDumper(yaml.SafeDumper):
+    """Writes index lists on one line each, so a plan reads as one row per layer."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(v, int) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_PlanDumper.add_representer(list, _represent_list)

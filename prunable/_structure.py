@@ -1,0 +1,108 @@
+"""Plain-data description of a model's prunable structure.
+
+A `Structure` is what every other part of hwprune reasons about: saliency scores one number per unit
+of it, cost models read its widths as plain integers, and plans say which of its units to keep. It
+holds no tensors, so it is cheap to hash, compare and serialise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+UnitKind = Literal["heads", "mlp"]
+UNIT_KINDS: tuple[UnitKind, ...] = ("heads", "mlp")
+
+
+@dataclass(frozen=True)
+class LayerStructure:
+    """Prunable widths of one transformer block.
+
+    Attributes:
+        num_heads: Query heads currently in the block (0 when the attention sub-layer is skipped).
+        num_kv_heads: Key/value heads. Equal to `num_heads` for multi-head attention; fewer for
+            grouped-query (GQA) and multi-query (MQA) attention.
+        head_dim: Width of one head.
+        mlp_width: Hidden neurons of the MLP (0 when the MLP sub-layer is skipped).
+        gated_mlp: Whether the MLP is gated (SwiGLU: gate and up rows are pruned together).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_width: int
+    gated_mlp: bool = False
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads sharing one key/value head (1 for multi-head attention)."""
+        if self.num_kv_heads == 0:
+            return 1
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def attention_units(self) -> int:
+        """Prunable attention units: KV groups, which are single heads for multi-head attention.
+
+        Pruning a KV group removes its key/value head and every query head that reads it, so the
+        grouping of the remaining heads is untouched.
+        """
+        return self.num_kv_heads
+
+    def units(self, kind: UnitKind) -> int:
+        """Number of prunable units of `kind` ("heads" counts attention units, i.e. KV groups)."""
+        if kind == "heads":
+            return self.attention_units
+        if kind == "mlp":
+            return self.mlp_width
+        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(UNIT_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The prunable structure of a whole model.
+
+    Attributes:
+        family: Architecture family adapter that found it ("bert", "vit", "gpt2", "llama").
+        model_class: Class name of the model object it was discovered on.
+        model_type: The `transformers` config's `model_type`.
+        hidden_size: Width of the residual stream.
+        layers: One entry per transformer block, in order.
+    """
+
+    family: str
+    model_class: str
+    model_type: str
+    hidden_size: int
+    layers: tuple[LayerStructure, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def total_units(self, kind: UnitKind) -> int:
+        return sum(layer.units(kind) for layer in self.layers)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the prunable architecture (not the weights, not the task head).
+
+        The model class is left out so that a plan made on `BertModel` applies to the same backbone
+        loaded as `BertForSequenceClassification`.
+        """
+        fields = {k: v for k, v in self.to_dict().items() if k != "model_class"}
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def describe(self) -> str:
+        widths = {(la.num_heads, la.num_kv_heads, la.mlp_width) for la in self.layers}
+        if len(widths) == 1:
+            nh, nkv, w = widths.pop()
+            per_layer = f"{nh} heads ({nkv} KV), MLP {w}"
+        else:
+            per_layer = "non-uniform widths"
+        return f"{self.model_class} [{self.family}]: {self.num_layers} layers, hidden {self.hidden_size}, {per_layer}"

@@ -1,0 +1,51 @@
+"""Physical pruning: slice the weights a plan removes and tell each block its new widths."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from prunable._discover import discover, weights_fingerprint
+from prunable._families import family_of
+from prunable._plan import PrunePlan
+
+log = logging.getLogger(__name__)
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True) -> nn.Module:
+    """Prune `model` in place to the units `plan` keeps, and return it.
+
+    The whole plan is checked first (structure fingerprint, index ranges, duplicates, KV grouping
+    and, with `check_weights`, the weights fingerprint), so a bad plan raises `PlanError` before any
+    weight changes. Where the family's config can express the result (uniform widths), the config is
+    updated too, so `save_pretrained` output reloads with `AutoModel.from_pretrained`.
+    """
+    family = family_of(model)
+    structure = discover(model)
+    wanted = plan.model.weights_fingerprint
+    plan.check(
+        structure,
+        weights_fingerprint=weights_fingerprint(model) if check_weights and wanted is not None else None,
+    )
+    for block, layer, (units, neurons) in zip(
+        family.blocks(model), structure.layers, plan.kept_units(structure), strict=True
+    ):
+        lc = family.couplings(block, model.config)
+        for coupling in lc.heads:
+            coupling.keep(units)
+        for coupling in lc.mlp:
+            coupling.keep(neurons)
+        family.set_widths(
+            block,
+            model.config,
+            heads=len(units) * layer.heads_per_group,
+            kv_heads=len(units),
+            mlp=len(neurons),
+        )
+    pruned = discover(model)
+    updates = family.config_updates(model.config, pruned)
+    for key, value in (updates or {}).items():
+        setattr(model.config, key, value)
+    log.info("pruned %s -> %s", structure.describe(), pruned.describe())
+    return model

@@ -1,0 +1,200 @@
+"""Tiny random-weight models of every supported family, with inputs that exercise masks and GQA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+SHARED_STSB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsb"
+
+
+@dataclass
+class Case:
+    """A family under test: how to build it, feed it and read its output."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    output: Callable[[object], torch.Tensor]
+    # Parameters one unit owns (for the exact parameter-count check), from the config alone.
+    head_unit_params: int
+    neuron_params: int
+
+
+def _text_inputs(vocab: int, *, padded: bool) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
+    def make(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, vocab, (3, 11), generator=gen)
+        out = {"input_ids": ids}
+        if padded:
+            mask = torch.ones_like(ids)
+            mask[1, 7:] = 0  # one padded row, so attention masks matter
+            out["attention_mask"] = mask
+        return out
+
+    return make
+
+
+def _hidden(out: object) -> torch.Tensor:
+    return out.last_hidden_state  # type: ignore[attr-defined]
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out.logits  # type: ignore[attr-defined]
+
+
+def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = build().eval()
+        # Random init leaves biases at zero; make them count in the exactness checks.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+        return model
+
+    return make
+
+
+H = 64
+
+
+def _cases() -> list[Case]:
+    bert_cfg = dict(
+        hidden_size=H, num_attention_heads=4, intermediate_size=96, num_hidden_layers=3, vocab_size=120
+    )
+    hd = H // 4
+    bert_head = 3 * (H * hd + hd) + hd * H
+    bert_neuron = 2 * H + 1
+    vit_cfg = dict(
+        hidden_size=H,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        image_size=32,
+        patch_size=8,
+    )
+    llama_cfg = dict(
+        hidden_size=H,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        vocab_size=120,
+        max_position_embeddings=64,
+    )
+    g_hd, rep = H // 8, 4
+    llama_group = 2 * rep * g_hd * H + 2 * g_hd * H
+    qwen_group = llama_group + rep * g_hd + 2 * g_hd  # q, k, v carry biases
+    return [
+        Case(
+            "bert",
+            _seeded(lambda: transformers.BertModel(transformers.BertConfig(**bert_cfg))),
+            _text_inputs(120, padded=True),
+            _hidden,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
+            "roberta",
+            _seeded(
+                lambda: transformers.RobertaModel(transformers.RobertaConfig(**bert_cfg, pad_token_id=1))
+            ),
+            _text_inputs(120, padded=True),
+            _hidden,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
+            "vit",
+            _seeded(lambda: transformers.ViTModel(transformers.ViTConfig(**vit_cfg))),
+            lambda gen: {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)},
+            _hidden,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
+            "vit_classifier",
+            _seeded(
+                lambda: transformers.ViTForImageClassification(
+                    transformers.ViTConfig(**vit_cfg, num_labels=5)
+                )
+            ),
+            lambda gen: {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)},
+            _logits,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
+            "gpt2",
+            _seeded(
+                lambda: transformers.GPT2LMHeadModel(
+                    transformers.GPT2Config(
+                        n_embd=H, n_head=4, n_inner=96, n_layer=3, vocab_size=120, n_positions=64
+                    )
+                )
+            ),
+            _text_inputs(120, padded=False),
+            _logits,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
+            "llama_gqa",
+            _seeded(lambda: transformers.LlamaModel(transformers.LlamaConfig(**llama_cfg))),
+            _text_inputs(120, padded=True),
+            _hidden,
+            llama_group,
+            3 * H,
+        ),
+        Case(
+            "qwen2",
+            _seeded(lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**llama_cfg))),
+            _text_inputs(120, padded=False),
+            _logits,
+            qwen_group,
+            3 * H,
+        ),
+        Case(
+            "mistral",
+            _seeded(lambda: transformers.MistralModel(transformers.MistralConfig(**llama_cfg))),
+            _text_inputs(120, padded=False),
+            _hidden,
+            llama_group,
+            3 * H,
+        ),
+    ]
+
+
+CASES = {case.name: case for case in _cases()}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request: pytest.FixtureRequest) -> Case:
+    return CASES[request.param]
+
+
+def run(case: Case, model: nn.Module, gen_seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(gen_seed)
+    with torch.no_grad():
+        return case.output(model(**case.inputs(gen)))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> nn.Module:
+    import prunable
+
+    return prunable.load_model(prunable.MINILM, "BertModel")
+
+
+@pytest.fixture(scope="session")
+def stsb_dir() -> Path:
+    if not (SHARED_STSB / "sts-dev.csv").is_file():
+        pytest.skip(f"STS-B data not found at {SHARED_STSB}")
+    return SHARED_STSB

@@ -1,0 +1,107 @@
+"""Pruned model directories: reload with identical outputs; AutoModel where the config can say it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import prunable
+from tests.conftest import CASES, Case, run
+from tests.test_surgery import random_plan
+
+
+def test_save_and_reload_non_uniform(case: Case, tmp_path: Path) -> None:
+    model = case.build()
+    plan = random_plan(model, 7, empty_layer=0)
+    prunable.apply_plan(model, plan)
+    expected = run(case, model)
+    prunable.save_pruned(model, plan, tmp_path)
+    assert {"model.safetensors", "config.json", "hwprune_plan.yaml", "hwprune.json"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    manifest = json.loads((tmp_path / "hwprune.json").read_text())
+    assert manifest["config_expresses_shape"] is False  # an empty layer is never expressible
+    reloaded = prunable.load_pruned(tmp_path)
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(run(case, reloaded), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "heads", "expressible"),
+    [
+        ("llama_gqa", [1], True),
+        ("qwen2", [0], True),
+        ("vit", [0, 3], True),
+        ("bert", [0, 1, 2, 3], True),
+        ("gpt2", [0, 1, 2, 3], True),
+        ("bert", [0, 1], False),
+        ("gpt2", [2], False),
+    ],
+)
+def test_uniform_plans_load_with_automodel(
+    name: str, heads: list[int], expressible: bool, tmp_path: Path
+) -> None:
+    case = CASES[name]
+    model = case.build()
+    structure = prunable.discover(model)
+    n = structure.layers[0].mlp_width
+    plan = prunable.PrunePlan.from_units(
+        structure, prunable.model_ref(model), heads=[heads] * 3, mlp=[list(range(1, n, 3))] * 3
+    )
+    prunable.apply_plan(model, plan)
+    expected = run(case, model)
+    prunable.save_pruned(model, plan, tmp_path)
+    assert json.loads((tmp_path / "hwprune.json").read_text())["config_expresses_shape"] is expressible
+    torch.testing.assert_close(run(case, prunable.load_pruned(tmp_path)), expected, rtol=0, atol=0)
+    cls = getattr(transformers, type(model).__name__)
+    if expressible:
+        auto = cls.from_pretrained(str(tmp_path)).eval()
+        torch.testing.assert_close(run(case, auto), expected, rtol=0, atol=1e-6)
+    else:
+        with pytest.raises((RuntimeError, ValueError), match=r"(?i)size"):
+            cls.from_pretrained(str(tmp_path))
+
+
+def test_load_pruned_rejects_other_directories(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no hwprune\.json"):
+        prunable.load_pruned(tmp_path)
+    (tmp_path / "hwprune.json").write_text(json.dumps({"format": "x", "version": 1}))
+    with pytest.raises(ValueError, match="unknown format 'x'"):
+        prunable.load_pruned(tmp_path)
+
+
+def test_unknown_sources_fail_without_downloading(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"neither a bundled model \['bundled:all-MiniLM-L6-v2'\]"):
+        prunable.resolve_source("sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(ValueError, match="'NotAModel' is not a class exported by transformers"):
+        prunable.load_model(prunable.MINILM, "NotAModel")
+
+
+def test_minilm_prune_save_reload(minilm: torch.nn.Module, tmp_path: Path) -> None:
+    import copy
+
+    model = copy.deepcopy(minilm)
+    structure = prunable.discover(model)
+    ref = prunable.model_ref(model, source=prunable.MINILM)
+    gen = torch.Generator().manual_seed(0)
+    heads = [torch.randperm(12, generator=gen)[: 12 - i].tolist() for i in range(6)]
+    mlp = [torch.randperm(1536, generator=gen)[: 1536 - 200 * i].tolist() for i in range(6)]
+    plan = prunable.PrunePlan.from_units(structure, ref, heads=heads, mlp=mlp, hardware="cpu_local")
+    ids = torch.randint(1000, 5000, (2, 16), generator=gen)
+    with prunable.gated(model) as gates, torch.no_grad():
+        gates.keep_only(plan)
+        gated = model(input_ids=ids).last_hidden_state
+    prunable.apply_plan(model, plan)
+    with torch.no_grad():
+        pruned = model(input_ids=ids).last_hidden_state
+    assert (pruned - gated).abs().max().item() <= 1e-4
+    prunable.save_pruned(model, plan, tmp_path)
+    plan_back = prunable.PrunePlan.load(tmp_path / "hwprune_plan.yaml")
+    assert plan_back.model.source == prunable.MINILM and plan_back.hardware == "cpu_local"
+    with torch.no_grad():
+        again = prunable.load_pruned(tmp_path)(input_ids=ids).last_hidden_state
+    assert torch.equal(again, pruned)

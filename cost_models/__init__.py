@@ -1,4 +1,41 @@
-"""Latency of per-layer widths on a target device: profiled tables and analytical rooflines.
+"""Latency of any per-layer width choice on a target device.
 
-Depends on nothing else of hwprune: it sees layer shapes as plain numbers.
+Depends on nothing else of hwprune: a model is a `BlockSpec` of plain numbers, a configuration is per
+layer the attention units and MLP neurons kept.
+
+    model = cost_models.cost_model_for(profile, spec, workload)   # table > calibrated > analytical
+    pred = model.predict(units, mlp)          # (N, layers) arrays -> pred.latency_ms (N,)
+    pred.source, pred.profile                 # "table" | "calibrated" | "analytical", "gpu_h100"
 """
+
+from cost_models._analytical import AnalyticalModel, Efficiency
+from cost_models._base import SOURCES, CostModel, Prediction
+from cost_models._calibrate import calibrate
+from cost_models._cpu_peaks import cpu_name, local_profile, measure_peaks
+from cost_models._factory import cost_model_for, find_table
+from cost_models._hardware import BACKENDS, KINDS, HardwareProfile, width_step
+from cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
+from cost_models._table import LatencyTable, TableModel
+
+__all__ = [
+    "BACKENDS",
+    "DTYPE_BYTES",
+    "KINDS",
+    "SOURCES",
+    "AnalyticalModel",
+    "BlockSpec",
+    "CostModel",
+    "Efficiency",
+    "HardwareProfile",
+    "LatencyTable",
+    "Prediction",
+    "TableModel",
+    "Workload",
+    "calibrate",
+    "cost_model_for",
+    "cpu_name",
+    "find_table",
+    "local_profile",
+    "measure_peaks",
+    "width_step",
+]

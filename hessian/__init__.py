@@ -1,1 +1,45 @@
-"""Saliency of every prunable unit from a small calibration set (NViT Hessian-aware and baselines)."""
+"""Saliency of every prunable unit from a small calibration set.
+
+    calibration = hessian.Calibration(batches, objective)
+    scores = hessian.NViTSaliency().score(model, calibration)       # one score per unit
+    scores = hessian.cached_score(hessian.FisherSaliency(), model, calibration, cache_dir="~/.cache/hwprune")
+
+Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fisher/Gauss-Newton),
+`fisher` (OBD diagonal Fisher), `hutchinson` (HAWQ-V2 layer traces), `taylor`, `magnitude`, `random`.
+"""
+
+from hessian._base import Saliency, UnitScores
+from hessian._cache import cached_score
+from hessian._calibration import Batch, Calibration, Objective, OutputDistance
+from hessian._fisher import FisherSaliency
+from hessian._hutchinson import HutchinsonSaliency
+from hessian._magnitude import MagnitudeSaliency, RandomSaliency
+from hessian._nvit import NViTSaliency
+from hessian._taylor import TaylorSaliency
+
+METHODS: tuple[type[Saliency], ...] = (
+    NViTSaliency,
+    FisherSaliency,
+    HutchinsonSaliency,
+    TaylorSaliency,
+    MagnitudeSaliency,
+    RandomSaliency,
+)
+
+
+__all__ = [
+    "METHODS",
+    "Batch",
+    "Calibration",
+    "FisherSaliency",
+    "HutchinsonSaliency",
+    "MagnitudeSaliency",
+    "NViTSaliency",
+    "Objective",
+    "OutputDistance",
+    "RandomSaliency",
+    "Saliency",
+    "TaylorSaliency",
+    "UnitScores",
+    "cached_score",
+]

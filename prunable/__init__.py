@@ -16,7 +16,7 @@ from prunable._gates import Gates, couplings, gated
 from prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
 from prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
 from prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
-from prunable._surgery import apply_plan
+from prunable._surgery import apply_plan, pruned_block
 
 MINILM = "bundled:all-MiniLM-L6-v2"
 
@@ -54,6 +54,7 @@ __all__ = [
     "load_model",
     "load_pruned",
     "model_ref",
+    "pruned_block",
     "resolve_source",
     "save_pruned",
     "supported_model_types",

@@ -49,3 +49,32 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
         setattr(model.config, key, value)
     log.info("pruned %s -> %s", structure.describe(), pruned.describe())
     return model
+
+
+def pruned_block(model: nn.Module, layer: int, *, units: int, neurons: int) -> nn.Module:
+    """A copy of block `layer` keeping its first `units` attention units and `neurons` MLP neurons.
+
+    Which units are kept does not change a block's latency, only how many; profilers time these
+    copies to measure real layers of the model at any width without pruning the model itself.
+    """
+    import copy
+
+    family = family_of(model)
+    block = copy.deepcopy(family.blocks(model)[layer])
+    structure = discover(model).layers[layer]
+    if not (0 <= units <= structure.attention_units and 0 <= neurons <= structure.mlp_width):
+        raise ValueError(
+            f"layer {layer} has {structure.attention_units} attention units and {structure.mlp_width} neurons; "
+            f"asked to keep {units} and {neurons}"
+        )
+    import torch
+
+    lc = family.couplings(block, model.config)
+    for coupling in lc.heads:
+        coupling.keep(torch.arange(units))
+    for coupling in lc.mlp:
+        coupling.keep(torch.arange(neurons))
+    family.set_widths(
+        block, model.config, heads=units * structure.heads_per_group, kv_heads=units, mlp=neurons
+    )
+    return block

@@ -1,0 +1,171 @@
+"""Analytical roofline latency per operator of a transformer block, with tile and wave quantisation.
+
+Each operator costs max(compute, memory) + a launch overhead, where
+    compute = waves * (2 * tile_m * tile_n * K_padded) / (per-unit peak * compute efficiency)
+    waves   = ceil(tiles / compute_units),  tiles = batch * ceil(M / tile_m) * ceil(N / tile_n)
+    memory  = bytes moved / (bandwidth * memory efficiency)
+so latency steps up when a width crosses a tile boundary (a GPU's CTA tiles and its waves over SMs,
+a TPU's 128x128 MXU), instead of growing in a straight line with FLOPs. Widths are arrays; every
+formula is vectorised so one call scores thousands of candidate configurations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cost_models._base import CostModel
+from cost_models._hardware import HardwareProfile
+from cost_models._spec import BlockSpec, Workload
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of peak a device reaches, and a scale on launch overhead (fitted by calibration)."""
+
+    compute: float = 0.7
+    memory: float = 0.8
+    overhead: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.compute <= 1.5 and 0 < self.memory <= 1.5 and self.overhead >= 0):
+            raise ValueError(f"efficiencies must be in (0, 1.5] and overhead >= 0, got {self}")
+
+
+def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
+    return -(-a // b)
+
+
+class AnalyticalModel(CostModel):
+    """Datasheet roofline of a block on a hardware profile.
+
+    Args:
+        profile: The device (validated).
+        spec: Dense block shape.
+        workload: What runs; dtype "auto" takes the profile's default.
+        efficiency: Fractions of peak; calibration replaces the defaults.
+        base_ms: Fixed latency outside the blocks.
+        source: Label of predictions ("analytical", or "calibrated" once fitted).
+    """
+
+    def __init__(
+        self,
+        *,
+        profile: HardwareProfile,
+        spec: BlockSpec,
+        workload: Workload,
+        efficiency: Efficiency | None = None,
+        base_ms: float = 0.0,
+        source: str = "analytical",
+    ) -> None:
+        profile.validate()
+        self.hardware = profile
+        self.profile = profile.name
+        self.spec = spec
+        self.workload = replace(workload, dtype=profile.resolve_dtype(workload.dtype))
+        self.efficiency = efficiency or Efficiency()
+        self.base_ms = base_ms
+        self.source = source
+
+    # ---------------------------------------------------------------- operator costs (seconds)
+
+    def _gemm(
+        self,
+        active: np.ndarray,
+        m: np.ndarray | int,
+        n: np.ndarray | int,
+        k: np.ndarray | int,
+        *,
+        batch: np.ndarray | int = 1,
+        weight_bytes: np.ndarray | None = None,
+        weights_resident: bool = False,
+    ) -> np.ndarray:
+        hw, eff, b = self.hardware, self.efficiency, self.workload.bytes_per_element
+        m, n, k, batch = (np.asarray(x, dtype=np.int64) for x in (m, n, k, batch))
+        tiles = batch * _ceil_div(m, hw.tile_m) * _ceil_div(n, hw.tile_n)
+        waves = _ceil_div(tiles, hw.compute_units)
+        k_pad = _ceil_div(k, hw.tile_k) * hw.tile_k
+        per_unit_flops = hw.peak_tflops[self.workload.dtype] * 1e12 / hw.compute_units
+        compute = waves * (2.0 * hw.tile_m * hw.tile_n * k_pad) / (per_unit_flops * eff.compute)
+        if hw.pad_memory:
+            m = _ceil_div(m, hw.tile_m) * hw.tile_m
+            n = _ceil_div(n, hw.tile_n) * hw.tile_n
+            k = k_pad
+        moved = b * batch * (m * k + m * n)
+        if weight_bytes is None:
+            weight_bytes = b * batch * k * n
+        if not weights_resident:
+            moved = moved + weight_bytes
+        memory = moved / (hw.memory_bandwidth_gbs * 1e9 * eff.memory)
+        return np.where(active, np.maximum(compute, memory) + self._overhead(), 0.0)
+
+    def _elementwise(
+        self, active: np.ndarray, rows: np.ndarray | int, cols: np.ndarray | int, tensors_moved: float
+    ) -> np.ndarray:
+        """Memory-bound op over a (rows, cols) tensor, reading and writing `tensors_moved` copies."""
+        hw = self.hardware
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        if hw.pad_memory:
+            rows = _ceil_div(rows, hw.tile_m) * hw.tile_m
+            cols = _ceil_div(cols, hw.tile_n) * hw.tile_n
+        moved = (rows * cols).astype(np.float64) * tensors_moved * self.workload.bytes_per_element
+        memory = moved / (self.hardware.memory_bandwidth_gbs * 1e9 * self.efficiency.memory)
+        return np.where(active, memory + self._overhead(), 0.0)
+
+    def _overhead(self) -> float:
+        return self.hardware.launch_overhead_us * 1e-6 * self.efficiency.overhead
+
+    def _weights_resident(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+        """Whether the block's weights fit in on-chip memory (else they stream from DRAM)."""
+        cap = self.hardware.on_chip_memory_mib
+        if cap is None:
+            return np.zeros(np.broadcast(units, mlp).shape, dtype=bool)
+        s = self.spec
+        heads = units * s.heads_per_unit
+        params = s.hidden * s.head_dim * (2 * heads + 2 * units) + s.hidden * mlp * (3 if s.gated_mlp else 2)
+        return params * self.workload.bytes_per_element <= cap * 2**20
+
+    # ---------------------------------------------------------------- the block
+
+    def op_times(self, units: np.ndarray, mlp: np.ndarray) -> dict[str, np.ndarray]:
+        """Seconds of every operator of one block (0 where a skipped sub-layer removes it)."""
+        s, w = self.spec, self.workload
+        units, mlp = np.broadcast_arrays(np.asarray(units, dtype=np.int64), np.asarray(mlp, dtype=np.int64))
+        heads = units * s.heads_per_unit
+        attn, ffn, always = heads > 0, mlp > 0, np.ones(units.shape, dtype=bool)
+        t, hd, hidden = w.tokens, s.head_dim, s.hidden
+        # Resident weights are only modelled for devices that keep them on chip (NPU SRAM).
+        resident = self._weights_resident(units, mlp)
+        ops: dict[str, np.ndarray] = {}
+
+        def project(active: np.ndarray, n: np.ndarray | int, k: np.ndarray | int) -> np.ndarray:
+            r = self._gemm(active, t, n, k, weights_resident=True)
+            s_ = self._gemm(active, t, n, k, weights_resident=False)
+            return np.where(resident, r, s_)
+
+        ops["q_proj"] = project(attn, heads * hd, hidden)
+        ops["k_proj"] = project(attn, units * hd, hidden)
+        ops["v_proj"] = project(attn, units * hd, hidden)
+        # Scores and context are batched over (batch x heads); the key/value cache is read once per
+        # KV head, not per query head, which the explicit byte count says.
+        kv_bytes = 2 * w.batch_size * units * w.attended * hd * w.bytes_per_element
+        ops["attn_scores"] = self._gemm(
+            attn, w.seq_len, w.attended, hd, batch=w.batch_size * heads, weight_bytes=kv_bytes // 2
+        )
+        ops["softmax"] = self._elementwise(attn, w.batch_size * heads * w.seq_len, w.attended, 2.0)
+        ops["attn_context"] = self._gemm(
+            attn, w.seq_len, hd, w.attended, batch=w.batch_size * heads, weight_bytes=kv_bytes // 2
+        )
+        ops["o_proj"] = project(attn, hidden, heads * hd)
+        ops["mlp_up"] = project(ffn, mlp, hidden)
+        if s.gated_mlp:
+            ops["mlp_gate"] = project(ffn, mlp, hidden)
+        ops["activation"] = self._elementwise(ffn, t, mlp, 3.0 if s.gated_mlp else 2.0)
+        ops["mlp_down"] = project(ffn, hidden, mlp)
+        ops["norms"] = 2 * self._elementwise(always, t, hidden, 2.0)
+        ops["residuals"] = 2 * self._elementwise(always, t, hidden, 3.0)
+        return ops
+
+    def block_latency_ms(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+        return sum(self.op_times(units, mlp).values()) * 1e3  # type: ignore[return-value]

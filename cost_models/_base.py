@@ -1,0 +1,75 @@
+"""The cost-model interface: whole-model latency of per-layer widths, vectorised, with its source."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from cost_models._spec import BlockSpec, Workload
+
+SOURCES = ("table", "calibrated", "analytical")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted latency of one or many configurations.
+
+    Attributes:
+        latency_ms: (N,) whole-model latency, or a 0-d array for one configuration.
+        source: "table" (profiled lookup), "calibrated" (analytical fitted to a table) or
+            "analytical" (datasheet roofline).
+        profile: Hardware profile the prediction is for.
+    """
+
+    latency_ms: np.ndarray
+    source: str
+    profile: str
+
+    def __float__(self) -> float:
+        return float(self.latency_ms)
+
+
+class CostModel(ABC):
+    """Latency of a stack of blocks whose attention units and MLP widths vary per layer.
+
+    Subclasses implement `block_latency_ms`; `predict` sums it over layers and adds the fixed
+    cost outside the blocks (embeddings, task head).
+    """
+
+    source: str
+    profile: str
+    spec: BlockSpec
+    workload: Workload
+    base_ms: float = 0.0
+
+    @abstractmethod
+    def block_latency_ms(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+        """Latency of one block keeping `units` attention units and `mlp` neurons (broadcast)."""
+
+    def predict(self, units: ArrayLike, mlp: ArrayLike) -> Prediction:
+        """Whole-model latency of configurations given as per-layer widths.
+
+        Args:
+            units: (..., num_layers) attention units (KV groups) kept per layer.
+            mlp: (..., num_layers) MLP neurons kept per layer.
+        """
+        u, m = np.asarray(units), np.asarray(mlp)
+        if u.shape != m.shape or u.ndim < 1 or u.shape[-1] != self.spec.num_layers:
+            raise ValueError(
+                f"need matching (..., {self.spec.num_layers}) widths, got units {u.shape} and mlp {m.shape}"
+            )
+        for name, values, top in (("units", u, self.spec.units), ("mlp", m, self.spec.mlp)):
+            if values.size and (values.min() < 0 or values.max() > top):
+                raise ValueError(
+                    f"{name} widths must lie in [0, {top}], got range [{values.min()}, {values.max()}]"
+                )
+        latency = self.block_latency_ms(u, m).sum(-1) + self.base_ms
+        return Prediction(latency_ms=latency, source=self.source, profile=self.profile)
+
+    def dense_ms(self) -> float:
+        """Latency of the unpruned model."""
+        n = self.spec.num_layers
+        return float(self.predict(np.full(n, self.spec.units), np.full(n, self.spec.mlp)).latency_ms)

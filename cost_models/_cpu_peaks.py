@@ -1,0 +1,77 @@
+"""Peaks of the local CPU from a short micro-benchmark (GEMM FLOP/s, copy bandwidth), cached."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cost_models._hardware import HardwareProfile
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path(os.environ.get("HWPRUNE_CACHE", "~/.cache/hwprune")).expanduser() / "cpu_peaks.json"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_peaks(*, size: int = 1024, copy_mib: int = 256, repeats: int = 5) -> dict[str, float]:
+    """GEMM TFLOP/s (fp32, and bf16 where it runs) and copy bandwidth in GB/s of this machine."""
+    peaks: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        seconds = _best_seconds(functools.partial(torch.mm, a, b), repeats)
+        peaks[name] = 2 * size**3 / seconds / 1e12
+    src = torch.empty(copy_mib * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), repeats)
+    peaks["bandwidth_gbs"] = 2 * src.numel() * 4 / seconds / 1e9  # read + write
+    return peaks
+
+
+def local_profile(
+    profile: HardwareProfile, *, cache: Path | None = None, refresh: bool = False
+) -> HardwareProfile:
+    """`profile` with its peaks replaced by this machine's measured ones (measured once, then cached).
+
+    The cache is keyed by CPU model and thread count, so a different machine measures anew.
+    """
+    cache = cache or DEFAULT_CACHE
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    stored = json.loads(cache.read_text()) if cache.is_file() else {}
+    if refresh or key not in stored:
+        log.info("measuring CPU peaks of %s", key)
+        stored[key] = measure_peaks()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(stored, indent=2))
+    peaks = dict(stored[key])
+    bandwidth = peaks.pop("bandwidth_gbs")
+    tflops = {d: peaks[d] for d in profile.dtypes if d in peaks}
+    return replace(profile, peak_tflops={**profile.peak_tflops, **tflops}, memory_bandwidth_gbs=bandwidth)

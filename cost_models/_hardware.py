@@ -1,0 +1,115 @@
+"""Hardware profiles: the numbers an analytical latency model needs about a device.
+
+Each profile is one YAML file in the Hydra group `conf/hardware/`, validated against the
+`HardwareProfile` dataclass (registered in Hydra's ConfigStore by `search.config`), so a wrong
+type, a missing field or an unknown profile name fails when the config is composed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from cost_models._spec import DTYPE_BYTES
+
+KINDS = ("gpu", "tpu", "npu", "cpu")
+BACKENDS = ("torch", "jax", "onnxruntime")
+
+
+@dataclass
+class HardwareProfile:
+    """A target device.
+
+    Attributes:
+        name: Profile name (the YAML file's stem).
+        kind: "gpu", "tpu", "npu" or "cpu".
+        peak_tflops: Dense peak per dtype, TFLOP/s (TOPS for int8).
+        memory_bandwidth_gbs: Off-chip memory bandwidth, GB/s.
+        compute_units: Units work is spread over in waves (GPU SMs, TPU cores, NPU engines, CPU cores).
+        tile_m: Rows of one unit of matrix work (GPU CTA tile, TPU sublanes, CPU register block).
+        tile_n: Columns of one unit of matrix work (GPU CTA tile, TPU MXU width, SIMD lanes).
+        tile_k: Reduction depth the matrix unit pads to.
+        pad_memory: Tensors are stored padded to the tiles (TPU's (8, 128) layout), so padding costs
+            bandwidth as well as compute.
+        on_chip_memory_mib: Memory weights can stay resident in (NPU SRAM, TPU VMEM); weights that
+            do not fit are streamed from off-chip memory. None where not public or not modelled.
+        launch_overhead_us: Fixed cost per operator (kernel launch, dispatch).
+        dtypes: Dtypes the device runs; the first is the default for workload dtype "auto".
+        backend: Profiler backend for measured tables: "torch", "jax" or "onnxruntime".
+        device: Device string for the backend ("cuda", "cpu", "tpu").
+        execution_provider: ONNX Runtime execution provider (backend "onnxruntime").
+        tables: Profiled latency tables (CSV files with JSON sidecars), absolute or relative to the
+            working directory or the repository root; empty where the device was not measured.
+        measure_peaks: Replace the peaks by a micro-benchmark of this machine (cpu_local).
+    """
+
+    name: str = MISSING
+    kind: str = MISSING
+    peak_tflops: dict[str, float] = MISSING
+    memory_bandwidth_gbs: float = MISSING
+    compute_units: int = MISSING
+    tile_m: int = MISSING
+    tile_n: int = MISSING
+    tile_k: int = MISSING
+    launch_overhead_us: float = MISSING
+    dtypes: list[str] = MISSING
+    pad_memory: bool = False
+    on_chip_memory_mib: float | None = None
+    backend: str = "torch"
+    device: str = "cpu"
+    execution_provider: str | None = None
+    tables: list[str] = field(default_factory=list)
+    measure_peaks: bool = False
+    sources: list[str] = field(default_factory=list)
+
+    def validate(self) -> HardwareProfile:
+        """Raise ValueError naming the bad value and the valid choices; return self."""
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"hardware {self.name}: unknown kind {self.kind!r}; valid choices: {list(KINDS)}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"hardware {self.name}: unknown backend {self.backend!r}; valid choices: {list(BACKENDS)}"
+            )
+        unknown = sorted(set(self.dtypes) - set(DTYPE_BYTES))
+        if unknown or not self.dtypes:
+            raise ValueError(
+                f"hardware {self.name}: dtypes {unknown or '[]'} invalid; valid choices: {sorted(DTYPE_BYTES)}"
+            )
+        missing = [d for d in self.dtypes if d not in self.peak_tflops]
+        if missing:
+            raise ValueError(f"hardware {self.name}: no peak_tflops for dtypes {missing}")
+        for key, value in [("memory_bandwidth_gbs", self.memory_bandwidth_gbs), *self.peak_tflops.items()]:
+            if not value > 0:
+                raise ValueError(f"hardware {self.name}: {key} must be positive, got {value}")
+        for key in ("compute_units", "tile_m", "tile_n", "tile_k"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"hardware {self.name}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.launch_overhead_us < 0:
+            raise ValueError(
+                f"hardware {self.name}: launch_overhead_us must be >= 0, got {self.launch_overhead_us}"
+            )
+        return self
+
+    def resolve_dtype(self, dtype: str) -> str:
+        """The dtype a workload runs in on this device ("auto" = the device's first dtype)."""
+        if dtype == "auto":
+            return self.dtypes[0]
+        if dtype not in self.dtypes:
+            raise ValueError(
+                f"hardware {self.name} does not run {dtype!r}; its dtypes: {self.dtypes} (or 'auto')"
+            )
+        return dtype
+
+
+def width_step(profile: HardwareProfile, width: int, *, target_steps: int = 12) -> int:
+    """A grid/search step for MLP widths: a multiple of the device's tile, about width/target_steps.
+
+    Steps aligned to tiles are where latency actually changes, so neither the profiled grid nor the
+    search wastes points inside a flat stair.
+    """
+    tile = profile.tile_n
+    step = max(tile, -(-width // target_steps))
+    return -(-step // tile) * tile

@@ -1,0 +1,104 @@
+"""Plain-number descriptions of what is timed: a transformer block's shape and the workload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+PHASES = ("prefill", "decode")
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Dense shape of one transformer block, and how many the model stacks.
+
+    Attributes:
+        hidden: Residual width.
+        head_dim: Width of one attention head.
+        heads: Query heads of the dense block.
+        kv_heads: Key/value heads of the dense block (= heads without GQA).
+        mlp: MLP width of the dense block.
+        num_layers: Blocks in the model.
+        gated_mlp: SwiGLU-style MLP (gate and up projections).
+        norm: "layernorm" or "rmsnorm".
+    """
+
+    hidden: int
+    head_dim: int
+    heads: int
+    kv_heads: int
+    mlp: int
+    num_layers: int
+    gated_mlp: bool = False
+    norm: str = "layernorm"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "head_dim", "heads", "kv_heads", "mlp", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BlockSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; valid choices: {list(NORMS)}")
+
+    @property
+    def heads_per_unit(self) -> int:
+        """Query heads per attention unit (KV group)."""
+        return self.heads // self.kv_heads
+
+    @property
+    def units(self) -> int:
+        """Attention units (KV groups) of the dense block."""
+        return self.kv_heads
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the model is run on: latency depends on all of it.
+
+    Attributes:
+        batch_size: Sequences per forward.
+        seq_len: Tokens per sequence (patches for ViT); for decode, the new tokens per step (1).
+        dtype: Compute dtype, one of DTYPE_BYTES, or "auto" for the target device's default.
+        phase: "prefill" (also encoders) or "decode" (one step against a KV cache).
+        kv_len: Cached tokens attended to in decode.
+    """
+
+    batch_size: int = 1
+    seq_len: int = 128
+    dtype: str = "fp32"
+    phase: str = "prefill"
+    kv_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {self.batch_size}, {self.seq_len}")
+        if self.dtype not in DTYPE_BYTES and self.dtype != "auto":
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid choices: {[*sorted(DTYPE_BYTES), 'auto']}")
+        if self.phase not in PHASES:
+            raise ValueError(f"unknown phase {self.phase!r}; valid choices: {list(PHASES)}")
+        if self.phase == "decode" and self.kv_len < 1:
+            raise ValueError(f"decode needs kv_len >= 1 (tokens in the KV cache), got {self.kv_len}")
+        if self.kv_len < 0:
+            raise ValueError(f"kv_len must be >= 0, got {self.kv_len}")
+
+    @property
+    def tokens(self) -> int:
+        """Rows of every projection GEMM."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def attended(self) -> int:
+        """Keys each query attends to."""
+        return self.kv_len + self.seq_len if self.phase == "decode" else self.seq_len
+
+    @property
+    def bytes_per_element(self) -> int:
+        if self.dtype == "auto":
+            raise ValueError("workload dtype 'auto' must be resolved against a hardware profile first")
+        return DTYPE_BYTES[self.dtype]
+
+    def describe(self) -> str:
+        extra = f", kv_len {self.kv_len}" if self.phase == "decode" else ""
+        return f"{self.phase} batch {self.batch_size} x seq {self.seq_len}, {self.dtype}{extra}"

@@ -1,0 +1,119 @@
+"""The profiler interface: time one block of given widths; sweep a grid into a LatencyTable."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import pandas as pd
+from rich.progress import Progress
+
+from cost_models._spec import BlockSpec, Workload
+from cost_models._table import LatencyTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Repeated measurements of one configuration, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+
+    @classmethod
+    def of(cls, samples_ms: Sequence[float]) -> Timing:
+        ordered = sorted(samples_ms)
+        n = len(ordered)
+        return cls(
+            median_ms=statistics.median(ordered),
+            p10_ms=ordered[int(0.1 * (n - 1))],
+            p90_ms=ordered[round(0.9 * (n - 1))],
+            repeats=n,
+        )
+
+
+def repeat_timed(run: Callable[[], float], *, warmup: int, repeats: int) -> Timing:
+    """Call `run` (which returns elapsed ms) `warmup` times untimed, then `repeats` times."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    for _ in range(warmup):
+        run()
+    return Timing.of([run() for _ in range(repeats)])
+
+
+class Profiler(ABC):
+    """Measures real per-block latency on one backend.
+
+    Args:
+        warmup: Untimed runs before measuring (JIT compilation, caches, clocks).
+        repeats: Timed runs; the table keeps their median and 10th/90th percentiles.
+        seed: Seed of the random weights and inputs.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, *, warmup: int = 5, repeats: int = 20, seed: int = 0) -> None:
+        if warmup < 0 or repeats < 1:
+            raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+        self.warmup, self.repeats, self.seed = warmup, repeats, seed
+
+    @abstractmethod
+    def measure_block(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
+        """Latency of one block of `spec` keeping `units` attention units and `mlp` neurons."""
+
+    def metadata(self) -> dict[str, Any]:
+        """Backend and device details recorded with every table."""
+        return {"backend": self.backend, "python": platform.python_version(), "host_cpu": _cpu()}
+
+    def profile(
+        self,
+        spec: BlockSpec,
+        workload: Workload,
+        *,
+        units_grid: Sequence[int],
+        mlp_grid: Sequence[int],
+        profile: str,
+        base_ms: float = 0.0,
+        command: str = "",
+    ) -> LatencyTable:
+        """Measure every (units, mlp) pair of the grid into a table."""
+        for name, grid, top in (("units_grid", units_grid, spec.units), ("mlp_grid", mlp_grid, spec.mlp)):
+            bad = [g for g in grid if not 0 <= g <= top]
+            if bad or len(set(grid)) < 2:
+                raise ValueError(f"{name} needs >= 2 distinct values in [0, {top}], got {list(grid)}")
+        rows = []
+        points = [(u, m) for u in sorted(set(units_grid)) for m in sorted(set(mlp_grid))]
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"profiling {profile} ({self.backend})", total=len(points))
+            for units, mlp in points:
+                t = self.measure_block(spec, workload, units=units, mlp=mlp)
+                rows.append(
+                    (units, units * spec.heads_per_unit, mlp, t.median_ms, t.p10_ms, t.p90_ms, t.repeats)
+                )
+                progress.advance(task)
+        frame = pd.DataFrame(
+            rows, columns=["units", "heads", "mlp", "latency_ms", "p10_ms", "p90_ms", "repeats"]
+        )
+        meta = self.metadata() | {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "warmup": self.warmup,
+            "command": command,
+        }
+        return LatencyTable(
+            frame=frame, spec=spec, workload=workload, profile=profile, base_ms=base_ms, meta=meta
+        )
+
+
+def _cpu() -> str:
+    from cost_models._cpu_peaks import cpu_name
+
+    return cpu_name()

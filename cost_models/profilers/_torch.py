@@ -1,0 +1,157 @@
+"""Torch profiler: times a block on CPU (wall clock) or CUDA (CUDA events), with NVML metadata."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from cost_models._spec import BlockSpec, Workload
+from cost_models.profilers._base import Profiler, Timing, repeat_timed
+from cost_models.profilers._nvml import nvml_metadata
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ReferenceBlock(nn.Module):
+    """A transformer block of arbitrary per-layer widths, in plain torch ops.
+
+    Pre-norm, separate Q/K/V/O projections, SDPA with grouped-query attention, GELU or SwiGLU MLP:
+    the operators `transformers` blocks run. Zero units or zero neurons skip that sub-layer.
+    """
+
+    def __init__(self, spec: BlockSpec, *, units: int, mlp: int) -> None:
+        super().__init__()
+        self.spec, self.units, self.mlp = spec, units, mlp
+        hd, hidden = spec.head_dim, spec.hidden
+        heads = units * spec.heads_per_unit
+        norm = nn.LayerNorm if spec.norm == "layernorm" else nn.RMSNorm
+        self.norm1, self.norm2 = norm(hidden), norm(hidden)
+        if units:
+            self.q = nn.Linear(hidden, heads * hd)
+            self.k = nn.Linear(hidden, units * hd)
+            self.v = nn.Linear(hidden, units * hd)
+            self.o = nn.Linear(heads * hd, hidden)
+        if mlp:
+            self.up = nn.Linear(hidden, mlp)
+            self.gate = nn.Linear(hidden, mlp) if spec.gated_mlp else None
+            self.down = nn.Linear(mlp, hidden)
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.spec.head_dim
+        if self.units:
+            h = self.norm1(x)
+            q = self.q(h).view(b, t, -1, hd).transpose(1, 2)  # (B, nh, T, hd)
+            k = self.k(h).view(b, t, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+            v = self.v(h).view(b, t, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+            if self.cache is not None:  # decode: attend to the cached tokens too
+                k = torch.cat([self.cache[0], k], dim=2)  # (B, nkv, S, hd)
+                v = torch.cat([self.cache[1], v], dim=2)
+            ctx = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=self.spec.heads_per_unit > 1)
+            x = x + self.o(ctx.transpose(1, 2).reshape(b, t, -1))  # (B, T, nh*hd) -> (B, T, hidden)
+        if self.mlp:
+            h = self.norm2(x)
+            a = (
+                nn.functional.gelu(self.up(h))
+                if self.gate is None
+                else nn.functional.silu(self.gate(h)) * self.up(h)
+            )
+            x = x + self.down(a)
+        return x
+
+
+BlockFactory = Callable[[BlockSpec, int, int], nn.Module]
+
+
+def reference_block(spec: BlockSpec, units: int, mlp: int) -> nn.Module:
+    return ReferenceBlock(spec, units=units, mlp=mlp)
+
+
+class TorchProfiler(Profiler):
+    """Times blocks with torch on "cpu" or "cuda".
+
+    Args:
+        device: "cpu" or "cuda[:i]".
+        block_factory: Builds the block to time from (spec, units, mlp); defaults to
+            `ReferenceBlock`. Pass a factory of real pruned model layers for the closest match.
+        warmup, repeats, seed: See `Profiler`.
+        threads: CPU threads for torch (None leaves torch's default).
+    """
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        block_factory: BlockFactory | None = None,
+        warmup: int = 5,
+        repeats: int = 20,
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(warmup=warmup, repeats=repeats, seed=seed)
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise ValueError(f"unknown torch device {device!r}; valid choices: 'cpu', 'cuda', 'cuda:<index>'")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
+        self.device = torch.device(device)
+        self.block_factory = block_factory or reference_block
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    def measure_block(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
+        if workload.dtype not in TORCH_DTYPES:
+            raise ValueError(f"torch profiler runs {sorted(TORCH_DTYPES)}, not {workload.dtype!r}")
+        dtype = TORCH_DTYPES[workload.dtype]
+        torch.manual_seed(self.seed)
+        block = self.block_factory(spec, units, mlp).to(self.device, dtype).eval()
+        x = torch.randn(workload.batch_size, workload.seq_len, spec.hidden, device=self.device, dtype=dtype)
+        if workload.phase == "decode" and isinstance(block, ReferenceBlock) and units:
+            shape = (workload.batch_size, units, workload.kv_len, spec.head_dim)
+            block.cache = (
+                torch.randn(shape, device=self.device, dtype=dtype),
+                torch.randn(shape, device=self.device, dtype=dtype),
+            )
+        return repeat_timed(self._timer(block, x), warmup=self.warmup, repeats=self.repeats)
+
+    def _timer(self, block: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+            def run_cuda() -> float:
+                with torch.inference_mode():
+                    start.record()
+                    block(x)
+                    end.record()
+                torch.cuda.synchronize(self.device)
+                return float(start.elapsed_time(end))
+
+            return run_cuda
+
+        def run_cpu() -> float:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                block(x)
+                return (time.perf_counter() - t0) * 1e3
+
+        return run_cpu
+
+    def metadata(self) -> dict[str, Any]:
+        meta = super().metadata() | {
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "block": getattr(self.block_factory, "__name__", type(self.block_factory).__name__),
+        }
+        if self.device.type == "cuda":
+            index = self.device.index or 0
+            meta["cuda_device"] = torch.cuda.get_device_name(index)
+            meta["cuda_runtime"] = torch.version.cuda
+            meta["nvml"] = nvml_metadata(index)
+        return meta

@@ -1,0 +1,158 @@
+"""The saliency interface and its result: one finite score per prunable unit."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import prunable
+from hessian._calibration import Calibration
+
+
+@dataclass
+class UnitScores:
+    """Saliency of every unit: `heads[i]` is (attention units,), `mlp[i]` is (neurons,) of layer i.
+
+    Scores estimate the loss increase when a unit alone is removed (larger = more important), on one
+    scale for all layers, so sorting all units of a kind ranks them globally.
+    """
+
+    method: str
+    structure_fingerprint: str
+    heads: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, kind: prunable.UnitKind) -> list[torch.Tensor]:
+        if kind == "heads":
+            return self.heads
+        if kind == "mlp":
+            return self.mlp
+        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(prunable.UNIT_KINDS)}")
+
+    def check(self, structure: prunable.Structure) -> None:
+        """Raise ValueError unless there is one finite score per unit of `structure`."""
+        if self.structure_fingerprint != structure.fingerprint():
+            raise ValueError(
+                f"scores are for structure {self.structure_fingerprint}, the model is {structure.fingerprint()}"
+            )
+        for kind in prunable.UNIT_KINDS:
+            for i, (scores, layer) in enumerate(zip(self.of(kind), structure.layers, strict=True)):
+                if scores.shape != (layer.units(kind),):
+                    raise ValueError(
+                        f"layer {i} {kind}: {tuple(scores.shape)} scores for {layer.units(kind)} units"
+                    )
+                if not bool(torch.isfinite(scores).all()):
+                    raise ValueError(f"layer {i} {kind}: non-finite scores")
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per unit: layer, kind, unit, score."""
+        rows = [
+            (i, kind, u, float(s))
+            for kind in prunable.UNIT_KINDS
+            for i, layer_scores in enumerate(self.of(kind))
+            for u, s in enumerate(layer_scores.tolist())
+        ]
+        return pd.DataFrame(rows, columns=["layer", "kind", "unit", "score"])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"heads_{i}": t.numpy() for i, t in enumerate(self.heads)}
+        arrays |= {f"mlp_{i}": t.numpy() for i, t in enumerate(self.mlp)}
+        header = {
+            "method": self.method,
+            "structure_fingerprint": self.structure_fingerprint,
+            "meta": self.meta,
+        }
+        with path.open("wb") as f:
+            np.savez(f, header=np.array(json.dumps(header)), **arrays)  # type: ignore[arg-type]
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> UnitScores:
+        with np.load(Path(path)) as data:
+            header = json.loads(str(data["header"]))
+            n = sum(1 for k in data.files if k.startswith("heads_"))
+            heads = [torch.from_numpy(data[f"heads_{i}"].copy()) for i in range(n)]
+            mlp = [torch.from_numpy(data[f"mlp_{i}"].copy()) for i in range(n)]
+        return cls(header["method"], header["structure_fingerprint"], heads, mlp, header["meta"])
+
+
+class Saliency(ABC):
+    """Scores every prunable unit of a model on calibration data.
+
+    Subclasses implement `_score`; `score` wraps it with evaluation mode, the structure check and
+    the result check, so every method returns finite scores of the right shapes or raises.
+    """
+
+    name: ClassVar[str]
+
+    def score(self, model: nn.Module, calibration: Calibration) -> UnitScores:
+        """One score per unit of `prunable.discover(model)`."""
+        structure = prunable.discover(model)
+        if not calibration.batches:
+            raise ValueError(f"{self.name}: calibration has no batches")
+        was_training = model.training
+        model.eval()  # dropout off: saliency of the deterministic network
+        try:
+            heads, mlp = self._score(model, structure, calibration)
+        finally:
+            model.train(was_training)
+        scores = UnitScores(
+            method=self.name,
+            structure_fingerprint=structure.fingerprint(),
+            heads=[h.detach().double().cpu() for h in heads],
+            mlp=[m.detach().double().cpu() for m in mlp],
+            meta={
+                "params": self.params(),
+                "calibration": calibration.description,
+                "samples": calibration.n_samples,
+            },
+        )
+        scores.check(structure)
+        return scores
+
+    def params(self) -> dict[str, Any]:
+        """Settings that change the scores (part of the cache key)."""
+        return {}
+
+    @abstractmethod
+    def _score(
+        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, (attention-unit scores, neuron scores)."""
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Stop weight gradients (methods that only need gate gradients save the memory and time)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def unit_sums(
+    coupled: list[prunable.Coupling], values: dict[int, torch.Tensor], n_units: int
+) -> torch.Tensor:
+    """Sum, per unit, `values[id(param)]` over the unit's slices of every coupled parameter."""
+    total = torch.zeros(n_units, dtype=torch.float64)
+    for coupling in coupled:
+        for param, dim in coupling.parameters_and_dims():
+            total += coupling.per_unit(values[id(param)], dim).double().sum(1).cpu()
+    return total

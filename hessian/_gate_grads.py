@@ -1,0 +1,56 @@
+"""Per-sample gradients of the loss with respect to per-unit gates, from one backward per batch.
+
+Gates carry a batch dimension (one gate per row and unit), so after a single backward of the summed
+per-sample losses, row r's gate gradient is exactly the gradient of its own sample's loss: samples
+do not interact in a transformer's forward. Rows of one sample (a sentence pair) are summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from rich.progress import track
+from torch import nn
+
+import prunable
+from hessian._base import frozen
+from hessian._calibration import Calibration, check_finite
+
+
+def per_sample_gate_grads(
+    model: nn.Module,
+    structure: prunable.Structure,
+    calibration: Calibration,
+    *,
+    method: str,
+    curvature: bool,
+    seed: int = 0,
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Yield, per batch, (head grads, mlp grads): per layer (n_samples, units) gate gradients.
+
+    Args:
+        curvature: Differentiate the objective's curvature probes (Fisher / Gauss-Newton) rather
+            than its losses (first-order Taylor).
+        seed: Seeds the random output projections of label-free objectives.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    objective = calibration.objective
+    with frozen(model), prunable.gated(model, structure) as gates:
+        for b, batch in enumerate(
+            track(calibration.batches, description=f"{method} saliency", transient=True)
+        ):
+            gates.reset(batch_size=batch.rows, requires_grad=True)
+            if curvature:
+                losses = objective.curvature_losses(model, batch, generator)
+            else:
+                losses = objective.losses(model, batch)
+            check_finite(losses, what="loss", batch_index=b, method=method)
+            losses.sum().backward()
+            out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+            for kind, sink in zip(prunable.UNIT_KINDS, out, strict=True):
+                for gate in gates.of(kind):
+                    grad = gate.grad if gate.grad is not None else torch.zeros_like(gate)
+                    check_finite(grad, what=f"{kind} gate gradient", batch_index=b, method=method)
+                    sink.append(batch.per_sample(grad.detach()))  # (n_samples, units)
+            yield out

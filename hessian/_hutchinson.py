@@ -1,0 +1,137 @@
+"""HAWQ-V2 style sensitivity: Hutchinson estimates of each layer's Hessian trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+import prunable
+from hessian._base import Saliency, frozen, unit_sums
+from hessian._calibration import Calibration, check_finite
+
+log = logging.getLogger(__name__)
+
+
+class HutchinsonSaliency(Saliency):
+    """Per-layer Hessian trace by Hutchinson's estimator, spread over units by their weight norm.
+
+    Tr(H) of the weights behind each (layer, kind) is estimated as the mean of v^T H v over
+    Rademacher probes v (one Hessian-vector product per probe, all blocks at once: cross-block terms
+    vanish in expectation). Probing stops when every block's running mean moves by less than `tol`
+    (relative) for `patience` probes in a row, or after `max_probes`. A unit's score is the
+    isotropic second-order loss change of zeroing it, 1/2 * Tr(H)/n_params * ||w_S||^2, as HAWQ-V2
+    weighs a layer's perturbation by its average curvature. Away from a minimum a supervised loss's
+    trace can be negative; its magnitude is used, as the sensitivity it measures.
+
+    Double backward needs the eager attention kernels; the model's attention implementation is
+    switched for the estimate and restored after.
+
+    Args:
+        max_probes: Upper bound on probes.
+        min_probes: Probes before the stopping rule applies.
+        tol: Relative change of the running means that counts as settled.
+        patience: Consecutive settled probes needed to stop.
+        seed: Seeds the probes.
+    """
+
+    name = "hutchinson"
+
+    def __init__(
+        self,
+        *,
+        max_probes: int = 64,
+        min_probes: int = 8,
+        tol: float = 0.02,
+        patience: int = 3,
+        seed: int = 0,
+    ) -> None:
+        if not 1 <= min_probes <= max_probes:
+            raise ValueError(
+                f"need 1 <= min_probes <= max_probes, got min_probes={min_probes}, max_probes={max_probes}"
+            )
+        if tol <= 0:
+            raise ValueError(f"tol must be positive, got {tol}")
+        self.max_probes, self.min_probes, self.tol, self.patience, self.seed = (
+            max_probes,
+            min_probes,
+            tol,
+            patience,
+            seed,
+        )
+        self.probes_used = 0
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "max_probes": self.max_probes,
+            "min_probes": self.min_probes,
+            "tol": self.tol,
+            "seed": self.seed,
+        }
+
+    def _score(
+        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        layers = prunable.couplings(model)
+        # Block = (layer, kind): the distinct parameters its units are coupled to.
+        blocks = [
+            list({id(p): p for c in lc.of(kind) for p, _ in c.parameters_and_dims()}.values())
+            for lc in layers
+            for kind in prunable.UNIT_KINDS
+        ]
+        params = [p for block in blocks for p in block]
+        gen = torch.Generator().manual_seed(self.seed)
+        sums = torch.zeros(len(blocks), dtype=torch.float64)
+        previous: torch.Tensor | None = None
+        settled = 0
+        with frozen(model), _eager_attention(model):
+            for p in params:
+                p.requires_grad_(True)
+            for k in range(self.max_probes):
+                b = k % len(calibration.batches)
+                loss = calibration.objective.losses(model, calibration.batches[b]).mean()
+                check_finite(loss, what="loss", batch_index=b, method=self.name)
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                probes = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
+                gv = torch.stack([(g * v).sum() for g, v in zip(grads, probes, strict=True)]).sum()
+                hv = torch.autograd.grad(gv, params)
+                vhv = iter((v * h).sum().double().item() for v, h in zip(probes, hv, strict=True))
+                sums += torch.tensor([sum(next(vhv) for _ in block) for block in blocks])
+                means = sums / (k + 1)
+                if previous is not None:
+                    change = ((means - previous).abs() / previous.abs().clamp_min(1e-12)).max().item()
+                    settled = settled + 1 if change < self.tol else 0
+                previous = means
+                self.probes_used = k + 1
+                if k + 1 >= self.min_probes and settled >= self.patience:
+                    break
+        log.info("hutchinson: %d probes", self.probes_used)
+        traces = iter(previous.tolist() if previous is not None else [])
+        out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for lc, layer in zip(layers, structure.layers, strict=True):
+            for kind, sink in zip(prunable.UNIT_KINDS, out, strict=True):
+                coupled = lc.of(kind)
+                trace = next(traces)
+                n_params = sum(p.numel() for c in coupled for p, _ in c.parameters_and_dims())
+                squares = {id(p): p.detach().pow(2) for c in coupled for p, _ in c.parameters_and_dims()}
+                per_weight = abs(trace) / n_params if n_params else 0.0
+                sink.append(0.5 * per_weight * unit_sums(coupled, squares, layer.units(kind)))
+        return out
+
+
+class _eager_attention:
+    """Temporarily switch a transformers model to eager attention (SDPA has no double backward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+    def __enter__(self) -> None:
+        if self.previous not in (None, "eager"):
+            self.model.set_attn_implementation("eager")  # type: ignore[operator]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous not in (None, "eager"):
+            self.model.set_attn_implementation(self.previous)  # type: ignore[operator]

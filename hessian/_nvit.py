@@ -1,0 +1,49 @@
+"""NViT's Hessian-aware group saliency with exact per-sample Fisher / Gauss-Newton."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import prunable
+from hessian._base import Saliency
+from hessian._calibration import Calibration
+from hessian._gate_grads import per_sample_gate_grads
+
+
+class NViTSaliency(Saliency):
+    """Second-order Taylor estimate of the loss change when a unit is removed.
+
+    Removing unit S moves its gate from 1 to 0, so dL ~ -dL/dgate + 1/2 d2L/dgate2. At a trained
+    model the first term averages out; replacing the Hessian with the Fisher (or, label-free, the
+    Gauss-Newton) gives I_S = 1/2 E[(dL/dgate_S)^2] = 1/2 E[(g_S . w_S)^2], where g_S . w_S couples
+    all of the unit's tensors (Q/K/V/O of a head; up/gate/down of a neuron). The expectation runs
+    over per-sample gradients, not batch means, which NViT's own code averages first.
+
+    Args:
+        seed: Seeds the output projections of label-free objectives.
+    """
+
+    name = "nvit"
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+
+    def params(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def _score(
+        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
+        mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
+        for head_grads, mlp_grads in per_sample_gate_grads(
+            model, structure, calibration, method=self.name, curvature=True, seed=self.seed
+        ):
+            for acc, grads in ((heads, head_grads), (mlp, mlp_grads)):
+                for i, g in enumerate(grads):
+                    acc[i] += g.double().pow(2).sum(0).cpu()
+        n = calibration.n_samples
+        return [0.5 * h / n for h in heads], [0.5 * m / n for m in mlp]

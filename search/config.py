@@ -1,0 +1,91 @@
+"""Structured-config schemas of every Hydra group, registered in the ConfigStore.
+
+Each YAML file in `conf/<group>/` starts with `defaults: [schema, _self_]`, so it is validated against
+the dataclass here (or, for `hardware`, `cost_models.HardwareProfile`) when the config is composed: a
+misspelt key, a wrong type or a missing required field fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+import cost_models
+
+
+@dataclass
+class ModelConfig:
+    """The model to prune: a local directory or a bundled name, loaded offline."""
+
+    name: str = MISSING
+    source: str = MISSING
+    class_name: str = "AutoModel"
+
+
+@dataclass
+class WorkloadConfig:
+    """Mirror of `cost_models.Workload` (which is frozen) for overriding from the command line."""
+
+    batch_size: int = 1
+    seq_len: int = 128
+    dtype: str = "auto"
+    phase: str = "prefill"
+    kv_len: int = 0
+
+    def build(self) -> cost_models.Workload:
+        return cost_models.Workload(**self.__dict__)
+
+
+@dataclass
+class ProfilerConfig:
+    """Settings of `hwprune-profile`."""
+
+    warmup: int = 5
+    repeats: int = 30
+    mlp_step: int | None = None  # grid step of MLP widths; None = the device's tile_n
+    unit_step: int = 1
+    threads: int | None = None
+    real_blocks: bool = True  # time the model's own pruned layers (torch) rather than ReferenceBlock
+
+
+@dataclass
+class ProfileAppConfig:
+    hardware: cost_models.HardwareProfile = MISSING
+    model: ModelConfig = MISSING
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    out: str = MISSING
+
+
+def register_configs() -> None:
+    """Register every group's schema (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(group="hardware", name="schema", node=cost_models.HardwareProfile)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="workload", name="schema", node=WorkloadConfig)
+    cs.store(name="profile_schema", node=ProfileAppConfig)
+
+
+def to_object(cfg: DictConfig) -> object:
+    """Instantiate the dataclasses of a composed config; raises on any missing required field."""
+    return OmegaConf.to_object(cfg)
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a config of the `conf` tree (as the apps do), for use from Python."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module("conf", version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+def load_hardware(name: str) -> cost_models.HardwareProfile:
+    """The validated hardware profile `conf/hardware/<name>.yaml`."""
+    cfg = compose("profile", [f"hardware={name}"])
+    profile = OmegaConf.to_object(cfg.hardware)
+    assert isinstance(profile, cost_models.HardwareProfile)
+    return profile.validate()

@@ -1,0 +1,113 @@
+"""`hwprune-profile`: measure a device's per-block latency table with the project's own profiler.
+
+    hwprune-profile hardware=cpu_local workload=b32_s128
+    hwprune-profile hardware=gpu_h100 workload=b32_s128 workload.dtype=bf16     # on the GPU machine
+
+The backend comes from the hardware profile (torch / jax / onnxruntime). The table (CSV + JSON
+sidecar with device metadata, NVML on NVIDIA) goes to `out`; list it under the profile's `tables`
+to make the search use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import cost_models
+import prunable
+from cost_models.profilers import JaxProfiler, OnnxRuntimeProfiler, Profiler, TorchProfiler
+from search._blocks import block_spec, real_block_factory
+from search.config import ProfileAppConfig, register_configs
+
+log = logging.getLogger("hwprune.profile")
+
+
+def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
+    hw, p = cfg.hardware, cfg.profiler
+    if hw.backend == "torch":
+        factory = real_block_factory(model) if p.real_blocks else None
+        return TorchProfiler(
+            device=hw.device, block_factory=factory, warmup=p.warmup, repeats=p.repeats, threads=p.threads
+        )
+    if hw.backend == "jax":
+        return JaxProfiler(platform=hw.device, warmup=p.warmup, repeats=p.repeats)
+    return OnnxRuntimeProfiler(
+        execution_provider=hw.execution_provider or "CPUExecutionProvider",
+        threads=p.threads or 0,
+        warmup=p.warmup,
+        repeats=p.repeats,
+    )
+
+
+def measure_base_ms(
+    model: torch.nn.Module, workload: cost_models.Workload, device: str, repeats: int
+) -> float:
+    """Median latency of the whole dense model (torch), to subtract the blocks from."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[workload.dtype]
+    model = model.to(device, dtype)
+    ids = torch.randint(1000, 2000, (workload.batch_size, workload.seq_len), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(**inputs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
+    profile = cfg.hardware.validate()
+    model = prunable.load_model(cfg.model.source, cfg.model.class_name)
+    spec = block_spec(prunable.discover(model))
+    workload = cfg.workload.build()
+    workload = cost_models.Workload(**{**workload.__dict__, "dtype": profile.resolve_dtype(workload.dtype)})
+    step = cfg.profiler.mlp_step or cost_models.width_step(profile, spec.mlp)
+    units_grid = sorted({*range(0, spec.units + 1, cfg.profiler.unit_step), spec.units})
+    mlp_grid = sorted({*range(0, spec.mlp + 1, step), spec.mlp})
+    profiler = make_profiler(cfg, model)
+    log.info(
+        "profiling %s on %s: %d x %d grid, %s",
+        cfg.model.name,
+        profile.name,
+        len(units_grid),
+        len(mlp_grid),
+        workload.describe(),
+    )
+    table = profiler.profile(
+        spec, workload, units_grid=units_grid, mlp_grid=mlp_grid, profile=profile.name, command=command
+    )
+    if profile.backend == "torch" and cfg.profiler.real_blocks:
+        whole = measure_base_ms(model, workload, profile.device, cfg.profiler.repeats)
+        frame = table.frame
+        dense_block = float(
+            frame[(frame.units == spec.units) & (frame.mlp == spec.mlp)]["latency_ms"].iloc[0]
+        )
+        table.base_ms = max(whole - spec.num_layers * dense_block, 0.0)
+        table.meta["dense_model_ms"] = whole
+    path = table.save(cfg.out)
+    log.info("wrote %s (base %.3f ms outside the blocks)", path, table.base_ms)
+    return table
+
+
+@hydra.main(config_path="pkg://conf", config_name="profile", version_base=None)
+def main(cfg: DictConfig) -> None:
+    app = OmegaConf.to_object(cfg)
+    assert isinstance(app, ProfileAppConfig)
+    run(app, command="hwprune-profile " + " ".join(sys.argv[1:]))
+
+
+def entry() -> None:
+    register_configs()
+    main()

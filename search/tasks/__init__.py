@@ -1,0 +1,16 @@
+"""Tasks: calibration data and objectives for saliency, and the real metric of the Pareto front."""
+
+from search.tasks._base import Task
+from search.tasks._sts import CosineSimilarityLoss, STSTask, read_sts
+from search.tasks._text import embed_batch, embed_texts, length_batches, mean_pool
+
+__all__ = [
+    "CosineSimilarityLoss",
+    "STSTask",
+    "Task",
+    "embed_batch",
+    "embed_texts",
+    "length_batches",
+    "mean_pool",
+    "read_sts",
+]

@@ -1,0 +1,33 @@
+"""What a task gives the rest of hwprune: calibration data with an objective, and a real metric."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import nn
+
+import hessian
+
+
+class Task(ABC):
+    """A dataset and metric that a pruned model is judged on.
+
+    `calibration` feeds saliency; `evaluate` is the task metric of the Pareto front. Both take the
+    model as it is now (dense, gated or pruned).
+    """
+
+    metric_name: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def calibration(self, model: nn.Module) -> hessian.Calibration:
+        """Calibration batches and the objective saliency is computed against."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> float:
+        """The task metric of `model` on the evaluation data."""
+
+    @property
+    def description(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,108 @@
+"""Hydra configs: every profile composes and validates; typos, bad types and unknown names fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, ValidationError
+
+from search.config import compose as compose_config
+from search.config import load_hardware, register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PROFILES = sorted(p.stem for p in (CONF / "hardware").glob("*.yaml"))
+
+
+def compose_profile_app(*overrides: str):  # type: ignore[no-untyped-def]
+    return compose_config("profile", list(overrides))
+
+
+load_profile = load_hardware
+
+
+def test_all_required_profiles_exist() -> None:
+    required = {
+        "gpu_h100",
+        "gpu_a100",
+        "gpu_l4",
+        "gpu_t4",
+        "jetson_orin",
+        "tpu_v4",
+        "tpu_v5e",
+        "tpu_v6e",
+        "npu_hexagon",
+        "npu_intel",
+        "edge_tpu",
+        "cpu_local",
+    }
+    assert required <= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_composes_and_validates(name: str) -> None:
+    profile = load_profile(name)
+    assert profile.name == name
+    assert profile.sources, f"{name} names no datasheet"
+    assert profile.dtypes[0] in profile.peak_tflops
+
+
+def test_unknown_profile_lists_the_choices() -> None:
+    with pytest.raises(
+        ConfigCompositionException, match=r"(?s)Could not find 'hardware/gpu_h1000'.*gpu_h100"
+    ):
+        compose_profile_app("hardware=gpu_h1000")
+
+
+def test_wrong_type_fails_at_compose() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_profile_app("hardware.compute_units=many")
+    assert isinstance(err.value.__cause__, ValidationError)
+    assert "many" in str(err.value.__cause__)
+
+
+def test_misspelt_key_fails_at_compose(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'hardware.peak_tflop'"):
+        compose_profile_app("hardware.peak_tflop=3")
+    # A typo inside a profile file fails the same way.
+    text = (CONF / "hardware" / "gpu_t4.yaml").read_text().replace("peak_tflops:", "peak_tflop:")
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "typo.yaml").write_text(text)
+    register_configs()
+    from hydra import initialize_config_dir
+
+    with (
+        initialize_config_dir(str(tmp_path), version_base=None),
+        pytest.raises(ConfigCompositionException, match="Key 'peak_tflop' not in 'HardwareProfile'"),
+    ):
+        compose(config_name="hardware/typo")
+
+
+def test_missing_field_fails_when_built(tmp_path: Path) -> None:
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "half.yaml").write_text(
+        "defaults:\n  - schema\n  - _self_\nname: half\nkind: gpu\n"
+    )
+    register_configs()
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(tmp_path), version_base=None):
+        cfg = compose(config_name="hardware/half")
+    with pytest.raises(MissingMandatoryValue, match="peak_tflops"):
+        OmegaConf.to_object(cfg)
+
+
+def test_invalid_values_name_the_choices() -> None:
+    profile = load_profile("gpu_h100")
+    profile.kind = "fpga"
+    with pytest.raises(
+        ValueError, match=r"unknown kind 'fpga'; valid choices: \['gpu', 'tpu', 'npu', 'cpu'\]"
+    ):
+        profile.validate()
+    profile = load_profile("gpu_h100")
+    profile.dtypes = ["fp64"]
+    with pytest.raises(ValueError, match=r"dtypes \['fp64'\] invalid"):
+        profile.validate()

@@ -1,0 +1,118 @@
+"""Profilers on the three backends, run for real on this machine's CPU (small blocks, few repeats)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cost_models import BlockSpec, LatencyTable, TableModel, Workload
+from cost_models.profilers import (
+    JaxProfiler,
+    OnnxRuntimeProfiler,
+    ReferenceBlock,
+    Timing,
+    TorchProfiler,
+    block_graph,
+    nvml_metadata,
+    repeat_timed,
+)
+
+SPEC = BlockSpec(
+    hidden=64, head_dim=16, heads=4, kv_heads=2, mlp=96, num_layers=2, gated_mlp=True, norm="rmsnorm"
+)
+WORKLOAD = Workload(batch_size=2, seq_len=8, dtype="fp32")
+DECODE = Workload(batch_size=2, seq_len=1, dtype="fp32", phase="decode", kv_len=16)
+
+
+def check_table(table: LatencyTable, units: list[int], mlp: list[int]) -> None:
+    assert len(table.frame) == len(units) * len(mlp)
+    assert (table.frame["latency_ms"] > 0).all()
+    assert (table.frame["p10_ms"] <= table.frame["latency_ms"]).all()
+    assert (table.frame["latency_ms"] <= table.frame["p90_ms"]).all()
+    assert set(table.frame["heads"]) == {u * SPEC.heads_per_unit for u in units}
+    model = TableModel(table=table)
+    assert model.source == "table"
+    assert np.isfinite(model.predict(np.array([1, 2]), np.array([0, 96])).latency_ms)
+
+
+@pytest.mark.parametrize("workload", [WORKLOAD, DECODE], ids=["prefill", "decode"])
+def test_torch_cpu_profiler(workload: Workload) -> None:
+    profiler = TorchProfiler(device="cpu", warmup=1, repeats=3)
+    table = profiler.profile(SPEC, workload, units_grid=[0, 1, 2], mlp_grid=[0, 96], profile="cpu_local")
+    check_table(table, [0, 1, 2], [0, 96])
+    assert table.meta["backend"] == "torch" and table.meta["device"] == "cpu"
+    assert "torch" in table.meta and "date" in table.meta and table.meta["host_cpu"]
+
+
+def test_torch_profiler_validates() -> None:
+    with pytest.raises(ValueError, match=r"unknown torch device 'tpu'; valid choices"):
+        TorchProfiler(device="tpu")
+    with pytest.raises(ValueError, match=r"units_grid needs >= 2 distinct values in \[0, 2\], got \[0, 5\]"):
+        TorchProfiler(repeats=1).profile(SPEC, WORKLOAD, units_grid=[0, 5], mlp_grid=[0, 96], profile="x")
+    with pytest.raises(ValueError, match="need warmup >= 0 and repeats >= 1"):
+        TorchProfiler(repeats=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+            TorchProfiler(device="cuda")
+
+
+def test_reference_block_skips_empty_sublayers() -> None:
+    x = torch.randn(2, 5, 64)
+    empty = ReferenceBlock(SPEC, units=0, mlp=0)
+    assert torch.equal(empty(x), x)
+    full = ReferenceBlock(SPEC, units=2, mlp=96)
+    assert full(x).shape == x.shape
+    assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in empty.parameters())
+
+
+def test_onnxruntime_cpu_profiler() -> None:
+    profiler = OnnxRuntimeProfiler(execution_provider="CPUExecutionProvider", warmup=1, repeats=3)
+    table = profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 48, 96], profile="npu_x")
+    check_table(table, [0, 2], [0, 48, 96])
+    assert table.meta["execution_provider"] == "CPUExecutionProvider"
+
+
+def test_onnx_block_graph_is_valid_for_every_shape() -> None:
+    import onnx
+    import onnxruntime as ort
+
+    for units, mlp, workload in [(2, 96, WORKLOAD), (0, 96, WORKLOAD), (1, 0, DECODE), (0, 0, WORKLOAD)]:
+        model = block_graph(SPEC, workload, units=units, mlp=mlp)
+        onnx.checker.check_model(model)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = np.ones((workload.batch_size, workload.seq_len, SPEC.hidden), np.float32)
+        (out,) = session.run(None, {"x": x})
+        assert out.shape == x.shape and np.isfinite(out).all()
+
+
+def test_onnxruntime_unknown_provider_lists_available() -> None:
+    with pytest.raises(
+        ValueError, match=r"'QNNExecutionProvider' is not in this onnxruntime build; available: \["
+    ):
+        OnnxRuntimeProfiler(execution_provider="QNNExecutionProvider")
+
+
+@pytest.mark.parametrize("workload", [WORKLOAD, DECODE], ids=["prefill", "decode"])
+def test_jax_xla_cpu_profiler(workload: Workload) -> None:
+    pytest.importorskip("jax", reason="the JAX profiler is tested where jax is installed ('hwprune[jax]')")
+    profiler = JaxProfiler(platform="cpu", warmup=1, repeats=3)
+    table = profiler.profile(SPEC, workload, units_grid=[0, 2], mlp_grid=[0, 96], profile="tpu_x")
+    check_table(table, [0, 2], [0, 96])
+    assert table.meta["platform"] == "cpu" and table.meta["jax"]
+
+
+def test_timing_statistics() -> None:
+    timing = Timing.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (timing.median_ms, timing.p10_ms, timing.p90_ms, timing.repeats) == (3.0, 1.0, 5.0, 5)
+    calls = []
+    result = repeat_timed(lambda: calls.append(1) or float(len(calls)), warmup=2, repeats=3)
+    assert len(calls) == 5 and result.median_ms == 4.0
+
+
+def test_nvml_metadata_reports_why_when_absent() -> None:
+    meta = nvml_metadata(0)
+    if "error" in meta:
+        assert "NVML" in meta["error"] or "nvidia-ml-py" in meta["error"]
+    else:  # on a machine with an NVIDIA GPU
+        assert {"name", "driver", "sm_clock_mhz", "power_limit_w", "memory_total_mib"} <= set(meta)

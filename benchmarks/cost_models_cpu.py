@@ -57,15 +57,6 @@ def time_model(model: torch.nn.Module, batch: int, seq: int, repeats: int) -> fl
     return statistics.median(times)
 
 
-def flops(spec: cost_models.BlockSpec, units: np.ndarray, mlp: np.ndarray, seq: int) -> np.ndarray:
-    """Multiply-accumulate FLOPs of the blocks per token (the usual proxy)."""
-    hd, hidden = spec.head_dim, spec.hidden
-    heads = units * spec.heads_per_unit
-    proj = 2 * hidden * hd * (2 * heads + 2 * units) + 2 * hidden * mlp * (3 if spec.gated_mlp else 2)
-    attn = 2 * 2 * seq * hd * heads
-    return (proj + attn).sum(-1).astype(np.float64)
-
-
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     err = (predicted - measured) / measured
     return {
@@ -130,9 +121,9 @@ def main() -> None:
         measured_arr = np.array(measured)
         dense_ms = time_model(dense, batch, seq, repeats)
         n = spec.num_layers
-        dense_flops = flops(spec, np.full(n, spec.units), np.full(n, spec.mlp), seq)
+        dense_flops = spec.flops(workload, np.full(n, spec.units), np.full(n, spec.mlp))
         rows = {m: metrics(model.predict(units, mlp).latency_ms, measured_arr) for m, model in models.items()}
-        rows["FLOPs proxy"] = metrics(flops(spec, units, mlp, seq) / dense_flops * dense_ms, measured_arr)
+        rows["FLOPs proxy"] = metrics(spec.flops(workload, units, mlp) / dense_flops * dense_ms, measured_arr)
         sections.append((name, workload, table, rows, dense_ms, measured_arr))
 
     rates = {m: throughput(model) for m, model in models.items()}

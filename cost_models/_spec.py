@@ -42,6 +42,16 @@ class BlockSpec:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; valid choices: {list(NORMS)}")
 
+    def flops(self, workload: Workload, units: object, mlp: object) -> object:
+        """Forward FLOPs of the blocks (2 per multiply-add) at per-layer widths (..., layers)."""
+        import numpy as np
+
+        u, m = np.asarray(units, dtype=np.float64), np.asarray(mlp, dtype=np.float64)
+        heads = u * self.heads_per_unit
+        proj = 2 * self.hidden * self.head_dim * (2 * heads + 2 * u) + 2 * self.hidden * m * (3 if self.gated_mlp else 2)
+        attn = 2 * 2 * workload.attended * self.head_dim * heads  # scores and context, per query token
+        return (workload.tokens * (proj + attn)).sum(-1)
+
     @property
     def heads_per_unit(self) -> int:
         """Query heads per attention unit (KV group)."""

@@ -8,6 +8,7 @@ misspelt key, a wrong type or a missing required field fails before any work sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -39,6 +40,74 @@ class WorkloadConfig:
 
 
 @dataclass
+class STSBuild:
+    _target_: str = "search.tasks.STSTask"
+    train_path: str = MISSING
+    eval_path: str = MISSING
+    calibration_samples: int = 512
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+
+
+@dataclass
+class FidelityBuild:
+    _target_: str = "search.tasks.FidelityTask"
+    text_path: str | None = None
+    calibration_samples: int = 256
+    eval_samples: int = 256
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+
+
+@dataclass
+class TaskConfig:
+    """A task: its name, whether it needs the model's tokenizer, and how to build it."""
+
+    name: str = MISSING
+    needs_tokenizer: bool = True
+    build: Any = MISSING
+
+
+@dataclass
+class SaliencyConfig:
+    """A saliency method (`_target_` a `hessian.Saliency`) and where its scores are cached."""
+
+    name: str = MISSING
+    method: Any = MISSING
+    cache_dir: str | None = "~/.cache/hwprune/saliency"
+
+
+@dataclass
+class SearchConfig:
+    """The Optuna study and the re-scoring of its front."""
+
+    n_trials: int = 1000
+    seed: int = 0
+    sampler: Any = MISSING
+    storage: str | None = None
+    rescore: int = 8
+    mlp_step: int | None = None
+    unit_step: int = 1
+    uniform_baselines: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    exact_seeds: int = 10
+    latency_budget_ms: float | None = None
+    latency_budget_fraction: float | None = None
+    params_budget_fraction: float | None = None
+
+
+@dataclass
+class AppConfig:
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    hardware: cost_models.HardwareProfile = MISSING
+    saliency: SaliencyConfig = MISSING
+    search: SearchConfig = MISSING
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+
+
+@dataclass
 class ProfilerConfig:
     """Settings of `hwprune-profile`."""
 
@@ -65,7 +134,13 @@ def register_configs() -> None:
     cs.store(group="hardware", name="schema", node=cost_models.HardwareProfile)
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="workload", name="schema", node=WorkloadConfig)
+    cs.store(group="task", name="schema", node=TaskConfig)
+    cs.store(group="task/build", name="sts", node=STSBuild)
+    cs.store(group="task/build", name="fidelity", node=FidelityBuild)
+    cs.store(group="saliency", name="schema", node=SaliencyConfig)
+    cs.store(group="search", name="schema", node=SearchConfig)
     cs.store(name="profile_schema", node=ProfileAppConfig)
+    cs.store(name="app_schema", node=AppConfig)
 
 
 def to_object(cfg: DictConfig) -> object:

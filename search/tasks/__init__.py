@@ -1,10 +1,15 @@
 """Tasks: calibration data and objectives for saliency, and the real metric of the Pareto front."""
 
 from search.tasks._base import Task
+from search.tasks._fidelity import PYDOC_SOURCE, FidelityTask, file_passages, pydoc_passages
 from search.tasks._sts import CosineSimilarityLoss, STSTask, read_sts
 from search.tasks._text import embed_batch, embed_texts, length_batches, mean_pool
 
 __all__ = [
+    "PYDOC_SOURCE",
+    "FidelityTask",
+    "file_passages",
+    "pydoc_passages",
     "CosineSimilarityLoss",
     "STSTask",
     "Task",

@@ -20,6 +20,9 @@ class Task(ABC):
     metric_name: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
 
+    def prepare(self, dense: nn.Module) -> None:
+        """Called once with the dense model before anything is pruned (reference outputs)."""
+
     @abstractmethod
     def calibration(self, model: nn.Module) -> hessian.Calibration:
         """Calibration batches and the objective saliency is computed against."""

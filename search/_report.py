@@ -1,0 +1,157 @@
+"""The outputs of a run: trials.csv, pareto.csv, pareto.png/.html, plans/*.yaml and report.md."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from search._run import RunOutcome  # noqa: E402
+
+log = logging.getLogger("hwprune.search")
+
+PARETO_COLUMNS = [
+    "plan_path", "kind", "label", "latency_ms", "latency_source", "speedup", "metric", "metric_name",
+    "params", "flops", "proxy_loss", "dominated", "units", "mlp",
+]
+
+
+def trials_frame(outcome: RunOutcome) -> pd.DataFrame:
+    rows = []
+    for t in outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        units, mlp = t.user_attrs["units"], t.user_attrs["mlp"]
+        constraints = t.system_attrs.get("constraints") or [
+            v for k, v in t.system_attrs.items() if k.startswith("constraints:")
+        ]
+        row = {"trial": t.number, "latency_ms": t.values[0], "latency_source": outcome.cost_model.source,
+               "proxy_loss": t.values[1], "block_params": t.user_attrs["block_params"],
+               "feasible": all(c <= 0 for c in constraints)}
+        row |= {f"units_{i}": u for i, u in enumerate(units)} | {f"mlp_{i}": m for i, m in enumerate(mlp)}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
+    dense_ms = outcome.candidates[0].latency_ms
+    rows = [
+        {
+            "plan_path": c.plan_path, "kind": c.kind, "label": c.label, "latency_ms": c.latency_ms,
+            "latency_source": outcome.cost_model.source, "speedup": dense_ms / c.latency_ms, "metric": c.metric,
+            "metric_name": outcome.task.metric_name, "params": c.params, "flops": c.flops,
+            "proxy_loss": c.proxy_loss, "dominated": c.dominated if c.kind != "uniform" else None,
+            "units": " ".join(map(str, c.units)), "mlp": " ".join(map(str, c.mlp)),
+        }
+        for c in outcome.candidates
+    ]
+    return pd.DataFrame(rows, columns=PARETO_COLUMNS)
+
+
+def plot(outcome: RunOutcome, pareto: pd.DataFrame, trials: pd.DataFrame, path: Path) -> None:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    metric = outcome.task.metric_name
+    search = pareto[pareto.kind == "search"].sort_values("latency_ms")
+    front = search[~search.dominated.astype(bool)]
+    ax.scatter(search.latency_ms, search.metric, c="tab:blue", alpha=0.4, label="re-scored search candidates")
+    ax.plot(front.latency_ms, front.metric, "o-", c="tab:blue", label="front (real metric)")
+    uniform = pareto[pareto.kind == "uniform"]
+    ax.scatter(uniform.latency_ms, uniform.metric, marker="s", c="tab:orange", label="uniform pruning")
+    dense = pareto[pareto.kind == "dense"]
+    ax.scatter(dense.latency_ms, dense.metric, marker="*", s=200, c="black", label="dense")
+    ax.set_xlabel(f"predicted latency, ms ({outcome.cost_model.source}, {outcome.cost_model.profile})")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{outcome.cfg.model.name} / {outcome.cfg.task.name} on {outcome.cost_model.profile}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax2.scatter(trials.latency_ms, trials.proxy_loss, s=4, c="lightgray", label="trials")
+    if outcome.exact is not None:
+        ax2.plot(outcome.exact.latency, outcome.exact.loss, c="tab:green", lw=1, label="exact proxy front (DP)")
+    best = trials.loc[_front_rows(trials)]
+    ax2.scatter(best.latency_ms, best.proxy_loss, s=10, c="tab:blue", label="Optuna front")
+    ax2.set_xlabel("predicted latency, ms")
+    ax2.set_ylabel(f"proxy loss increase ({outcome.scores.method} saliency)")
+    ax2.set_yscale("symlog", linthresh=max(1e-9, float(np.percentile(trials.proxy_loss, 5)) or 1e-9))
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _front_rows(trials: pd.DataFrame) -> np.ndarray:
+    from search._pareto import pareto_mask
+
+    feasible = trials.feasible.to_numpy()
+    mask = np.zeros(len(trials), dtype=bool)
+    idx = np.flatnonzero(feasible)
+    mask[idx[pareto_mask(trials.latency_ms.to_numpy()[idx], trials.proxy_loss.to_numpy()[idx])]] = True
+    return mask
+
+
+def plot_html(outcome: RunOutcome, pareto: pd.DataFrame, path: Path) -> bool:
+    """Interactive plot (plotly, self-contained); False when plotly is not installed."""
+    try:
+        import plotly.express as px
+    except ImportError:
+        log.info("plotly not installed: skipping %s", path.name)
+        return False
+    fig = px.scatter(
+        pareto, x="latency_ms", y="metric", color="kind", symbol="dominated",
+        hover_data=["label", "plan_path", "speedup", "params", "units", "mlp"],
+        title=f"{outcome.cfg.model.name} / {outcome.cfg.task.name} on {outcome.cost_model.profile}",
+        labels={"latency_ms": f"predicted latency (ms, {outcome.cost_model.source})", "metric": outcome.task.metric_name},
+    )
+    fig.write_html(path, include_plotlyjs=True)
+    return True
+
+
+def write_report(outcome: RunOutcome) -> pd.DataFrame:
+    d = outcome.run_dir
+    trials = trials_frame(outcome)
+    trials.to_csv(d / "trials.csv", index=False)
+    pareto = pareto_frame(outcome)
+    pareto.to_csv(d / "pareto.csv", index=False)
+    plot(outcome, pareto, trials, d / "pareto.png")
+    has_html = plot_html(outcome, pareto, d / "pareto.html")
+    cfg, cm = outcome.cfg, outcome.cost_model
+    dense = pareto[pareto.kind == "dense"].iloc[0]
+    best = pareto[(pareto.kind == "search") & ~pareto.dominated.astype(bool)].sort_values("latency_ms")
+    lines = [
+        f"# hwprune run: {cfg.model.name} / {cfg.task.name} on {cm.profile}",
+        "",
+        f"- Model: `{cfg.model.source}` ({outcome.structure.describe()})",
+        f"- Task: {outcome.task.description}; metric `{outcome.task.metric_name}`",
+        f"- Device: `{cm.profile}`, workload {cm.workload.describe()}",
+        f"- Latency source: **{cm.source}** (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
+        "to a profiled table, `analytical` = datasheet roofline)",
+        f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",
+        f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler['_target_']}`, MLP step "
+        f"{outcome.space.mlp_choices[1] - outcome.space.mlp_choices[0]}",
+    ]
+    if outcome.hv_ratio is not None:
+        lines.append(f"- Hypervolume of the Optuna front / the exact DP front of the proxy: **{outcome.hv_ratio:.4f}**")
+    lines += [
+        "",
+        f"Dense: {dense.latency_ms:.3f} ms predicted, {outcome.task.metric_name} {dense.metric:.3f}.",
+        "",
+        "## Front (re-scored on the task, non-dominated)",
+        "",
+        "| plan | predicted ms | speedup | metric | params |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in best.itertuples():
+        lines.append(f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | {r.params:,} |")
+    lines += ["", "## Uniform pruning baselines", "", "| plan | predicted ms | speedup | metric |", "| --- | --- | --- | --- |"]
+    for r in pareto[pareto.kind == "uniform"].itertuples():
+        lines.append(f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} |")
+    lines += ["", "Files: `trials.csv`, `pareto.csv`, `pareto.png`" + (", `pareto.html`" if has_html else "")
+              + ", `plans/*.yaml` (apply with `hwprune-apply plan=<file> out=<dir>`)."]
+    (d / "report.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", d / "report.md")
+    return pareto

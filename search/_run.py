@@ -1,0 +1,183 @@
+"""One search run, top to bottom: saliency, cost model, exact front, Optuna study, real re-scoring."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from hydra.utils import instantiate
+from rich.progress import track
+
+import cost_models
+import hessian
+import prunable
+from search._blocks import block_spec
+from search._pareto import ExactFront, exact_front, hypervolume, pareto_mask
+from search._space import SaliencyProxy, SearchSpace
+from search._study import Constraints, SearchObjective, open_storage, run_study
+from search.config import AppConfig
+from search.tasks import Task
+
+log = logging.getLogger("hwprune.search")
+
+
+@dataclass
+class Candidate:
+    """A configuration evaluated on the real task."""
+
+    kind: str  # "dense", "search" or "uniform"
+    units: np.ndarray
+    mlp: np.ndarray
+    latency_ms: float
+    proxy_loss: float
+    metric: float = float("nan")
+    params: int = 0
+    flops: float = 0.0
+    plan_path: str = ""
+    label: str = ""
+    dominated: bool = False
+
+
+@dataclass
+class RunOutcome:
+    """Everything the report writer needs."""
+
+    cfg: AppConfig
+    run_dir: Path
+    structure: prunable.Structure
+    cost_model: cost_models.CostModel
+    task: Task
+    scores: hessian.UnitScores
+    space: SearchSpace
+    study: optuna.Study
+    exact: ExactFront | None
+    candidates: list[Candidate]
+    hv_ratio: float | None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def load(cfg: AppConfig) -> tuple[torch.nn.Module, Any]:
+    """The model and its tokenizer (None for image models)."""
+    model = prunable.load_model(cfg.model.source, cfg.model.class_name)
+    tokenizer = None
+    if cfg.task.needs_tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(prunable.resolve_source(cfg.model.source)))
+    return model, tokenizer
+
+
+def option_tables(
+    space: SearchSpace, cost_model: cost_models.CostModel, proxy: SaliencyProxy
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per layer, latency and proxy loss of every (units, mlp) option, and the option widths."""
+    uu, mm = np.meshgrid(np.array(space.unit_choices), np.array(space.mlp_choices), indexing="ij")
+    units, mlp = uu.ravel(), mm.ravel()
+    block = cost_model.block_latency_ms(units, mlp)
+    lats = [block for _ in range(space.num_layers)]
+    losses = [
+        proxy.layer_loss("heads", i, units) + proxy.layer_loss("mlp", i, mlp) for i in range(space.num_layers)
+    ]
+    return lats, losses, units, mlp
+
+
+def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
+    """Up to `count` of `indices`, evenly spread over their latency range."""
+    if len(indices) <= count:
+        return [int(i) for i in indices]
+    order = indices[np.argsort(latency[indices])]
+    picks = np.unique(np.round(np.linspace(0, len(order) - 1, count)).astype(int))
+    return [int(order[p]) for p in picks]
+
+
+def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
+    profile = cfg.hardware.validate()
+    model, tokenizer = load(cfg)
+    structure = prunable.discover(model)
+    spec = block_spec(structure)
+    workload = cfg.workload.build()
+    cost_model = cost_models.cost_model_for(profile, spec, workload)
+    log.info("%s on %s (%s): latency from the %s model", cfg.model.name, profile.name,
+             cost_model.workload.describe(), cost_model.source)
+
+    task: Task = instantiate(cfg.task.build, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
+    task.prepare(model)
+    calibration = task.calibration(model)
+    method: hessian.Saliency = instantiate(cfg.saliency.method)
+    scores = hessian.cached_score(method, model, calibration, cache_dir=cfg.saliency.cache_dir)
+
+    step = cfg.search.mlp_step or cost_models.width_step(profile, spec.mlp)
+    space = SearchSpace.build(structure, mlp_step=step, unit_step=cfg.search.unit_step)
+    proxy = SaliencyProxy(scores, structure)
+    constraints = Constraints(
+        latency_ms=cfg.search.latency_budget_ms,
+        latency_fraction=cfg.search.latency_budget_fraction,
+        params_fraction=cfg.search.params_budget_fraction,
+    )
+    objective = SearchObjective(space, cost_model, proxy, constraints)
+
+    lats, losses, opt_units, opt_mlp = option_tables(space, cost_model, proxy)
+    exact = exact_front(lats, losses, base=cost_model.base_ms)
+    log.info("exact proxy front: %d points", len(exact.latency))
+    seeds = [space.dense()] + [space.uniform(f) for f in cfg.search.uniform_baselines]
+    if not constraints.any:  # exact points are only optimal for the unconstrained problem
+        for p in spread(np.arange(len(exact.latency)), exact.latency, cfg.search.exact_seeds):
+            seeds.append((opt_units[exact.choices[p]], opt_mlp[exact.choices[p]]))
+
+    storage, single = open_storage(cfg.search.storage, run_dir)
+    sampler = instantiate(cfg.search.sampler)
+    study = run_study(objective, sampler=sampler, storage=storage, single_process=single,
+                      n_trials=cfg.search.n_trials, seeds=seeds)
+
+    front = [t for t in study.best_trials]
+    f_lat = np.array([t.values[0] for t in front])
+    f_loss = np.array([t.values[1] for t in front])
+    reference = (objective.dense_ms, float(proxy.loss(*[np.zeros(space.num_layers, int)] * 2)[0]))
+    hv_ratio = None
+    if not constraints.any:
+        hv_ratio = hypervolume(f_lat, f_loss, reference) / max(hypervolume(exact.latency, exact.loss, reference), 1e-30)
+        log.info("hypervolume of the Optuna front / exact front: %.4f", hv_ratio)
+
+    candidates = [Candidate("dense", *space.dense(), objective.dense_ms, 0.0, label="dense")]
+    for f in cfg.search.uniform_baselines:
+        u, m = space.uniform(f)
+        candidates.append(Candidate("uniform", u, m, float(cost_model.predict(u, m).latency_ms),
+                                    float(proxy.loss(u, m)[0]), label=f"uniform {f:.0%}"))
+    for i in spread(np.arange(len(front)), f_lat, cfg.search.rescore):
+        t = front[i]
+        u, m = np.array(t.user_attrs["units"]), np.array(t.user_attrs["mlp"])
+        candidates.append(Candidate("search", u, m, t.values[0], t.values[1], label=f"trial {t.number}"))
+    evaluate(candidates, model, task, proxy, cost_model, run_dir, profile.name, cfg)
+    return RunOutcome(cfg, run_dir, structure, cost_model, task, scores, space, study, exact, candidates, hv_ratio)
+
+
+def evaluate(
+    candidates: list[Candidate], model: torch.nn.Module, task: Task, proxy: SaliencyProxy,
+    cost_model: cost_models.CostModel, run_dir: Path, hardware: str, cfg: AppConfig,
+) -> None:
+    """Prune each candidate physically, measure its task metric, and write its plan file."""
+    ref = prunable.model_ref(model, source=cfg.model.source)
+    plans = run_dir / "plans"
+    for c in track(candidates, description="evaluating candidates", transient=True):
+        plan = proxy.plan(c.units, c.mlp, ref, hardware=hardware, metadata={
+            "latency_ms": c.latency_ms, "latency_source": cost_model.source, "proxy_loss": c.proxy_loss,
+            "workload": cost_model.workload.describe(), "saliency": proxy.scores.method, "label": c.label,
+        })
+        pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=False)
+        c.metric = task.evaluate(pruned)
+        c.params = sum(p.numel() for p in pruned.parameters())
+        c.flops = float(cost_model.spec.flops(cost_model.workload, c.units, c.mlp))
+        name = c.label.replace(" ", "_").replace("%", "pct")
+        c.plan_path = str(plan.save(plans / f"{name}.yaml").relative_to(run_dir))
+        log.info("%-12s %8.3f ms  %s %.3f", c.label, c.latency_ms, task.metric_name, c.metric)
+    real = [c for c in candidates if c.kind in ("dense", "search")]
+    sign = 1.0 if task.higher_is_better else -1.0
+    mask = pareto_mask(np.array([c.latency_ms for c in real]), -sign * np.array([c.metric for c in real]))
+    for c, keep in zip(real, mask, strict=True):
+        c.dominated = not bool(keep)

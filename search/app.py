@@ -1,0 +1,86 @@
+"""`hwprune-search`: the main job.
+
+    hwprune-search                                          # embedded default, a few minutes on a laptop CPU
+    hwprune-search task=sts task.build.train_path=.../sts-train.csv task.build.eval_path=.../sts-dev.csv
+    hwprune-search -m hardware=gpu_h100,tpu_v5e,npu_hexagon  # one run per device + comparison table
+
+Each run writes trials.csv, pareto.csv, pareto.png/.html, plans/*.yaml and report.md to its Hydra
+output directory under results/runs/. Re-running with `hydra.run.dir=<that directory>` resumes the
+study from its journal instead of starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from search.config import AppConfig, register_configs
+
+log = logging.getLogger("hwprune.search")
+
+
+@hydra.main(config_path="pkg://conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from search._report import write_report
+    from search._run import run_search
+
+    app = OmegaConf.to_object(cfg)  # fails here, before any work, on a missing required field
+    assert isinstance(app, AppConfig)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    outcome = run_search(app, run_dir)
+    write_report(outcome)
+
+
+class CompareDevices(Callback):
+    """After a multirun, one table comparing the devices' fronts (comparison.md / .csv in the sweep dir)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        rows = []
+        for pareto_path in sorted(sweep.glob("*/pareto.csv")):
+            frame = pd.read_csv(pareto_path)
+            dense = frame[frame.kind == "dense"].iloc[0]
+            front = frame[(frame.kind == "search") & (frame.dominated == False)]  # noqa: E712
+            close = front[(front.metric - dense.metric).abs() <= 1.0]
+            best = close.sort_values("latency_ms").iloc[0] if len(close) else dense
+            rows.append({
+                "run": pareto_path.parent.name,
+                "latency_source": dense.latency_source,
+                "dense_ms": dense.latency_ms,
+                "dense_metric": dense.metric,
+                "best_within_1pt_ms": best.latency_ms,
+                "best_within_1pt_speedup": best.speedup,
+                "best_within_1pt_metric": best.metric,
+                "fastest_ms": front.latency_ms.min() if len(front) else float("nan"),
+                "front_points": len(front),
+                "plan": str(pareto_path.parent / best.plan_path),
+            })
+        if not rows:
+            return
+        table = pd.DataFrame(rows)
+        table.to_csv(sweep / "comparison.csv", index=False)
+        (sweep / "comparison.md").write_text(
+            "# Devices compared (predicted latency; metric re-scored on the task)\n\n" + table.to_markdown(index=False)
+            if _has_tabulate() else table.to_string(index=False)
+        )
+        log.info("wrote %s", sweep / "comparison.csv")
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def entry() -> None:
+    register_configs()
+    main()

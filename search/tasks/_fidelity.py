@@ -1,0 +1,123 @@
+"""Label-free fidelity to the dense model, on text every Python installation ships.
+
+The default text is the English prose of Python's own bundled documentation (`pydoc_data.topics`,
+the help() topics), so the embedded default run needs no download. Any plain-text file works too.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+import hessian
+from search.tasks._base import Task
+from search.tasks._text import embed_batch, embed_texts, length_batches
+
+PYDOC_SOURCE = "Python's bundled documentation (pydoc_data.topics)"
+
+
+def pydoc_passages() -> list[str]:
+    """Prose paragraphs of Python's help() topics: whitespace-normalised, code examples left out."""
+    from pydoc_data import topics
+
+    passages = []
+    for text in topics.topics.values():
+        for para in re.split(r"\n\s*\n", text):
+            para = " ".join(para.split())
+            if len(para) > 80 and not para.startswith((">>>", "...")) and _letters(para) > 0.7:
+                passages.append(para)
+    return passages
+
+
+def file_passages(path: str | Path) -> list[str]:
+    """Non-empty paragraphs (blank-line separated) of a UTF-8 text file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist; expected UTF-8 text, paragraphs split by blank lines")
+    passages = [" ".join(p.split()) for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    passages = [p for p in passages if p]
+    if len(passages) < 2:
+        raise ValueError(f"{path}: found {len(passages)} paragraph(s); need at least 2 (blank-line separated)")
+    return passages
+
+
+def _letters(text: str) -> float:
+    return sum(c.isalpha() or c.isspace() for c in text) / len(text)
+
+
+class FidelityTask(Task):
+    """How closely the pruned model's sentence embeddings match the dense model's.
+
+    Calibration and evaluation passages are disjoint draws from the same source. The saliency objective
+    is the label-free distance to the dense embeddings (Gauss-Newton by random projections); the metric
+    is the mean cosine similarity x 100 between pruned and dense embeddings of the held-out passages.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        text_path: A text file; None uses Python's bundled documentation.
+        calibration_samples: Passages for calibration.
+        eval_samples: Held-out passages for the metric.
+        batch_size: Passages per batch.
+        max_length: Tokens per passage.
+        seed: Seed of the split.
+    """
+
+    metric_name: ClassVar[str] = "cosine_to_dense_x100"
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        text_path: str | Path | None = None,
+        calibration_samples: int = 256,
+        eval_samples: int = 256,
+        batch_size: int = 32,
+        max_length: int = 128,
+        seed: int = 0,
+    ) -> None:
+        passages = pydoc_passages() if text_path is None else file_passages(text_path)
+        if calibration_samples + eval_samples > len(passages):
+            raise ValueError(
+                f"asked for {calibration_samples} + {eval_samples} passages, the source has {len(passages)}"
+            )
+        random.Random(seed).shuffle(passages)
+        self.calib_texts = passages[:calibration_samples]
+        self.eval_texts = passages[calibration_samples : calibration_samples + eval_samples]
+        self.source = PYDOC_SOURCE if text_path is None else str(text_path)
+        self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
+        self._reference: torch.Tensor | None = None
+        self._eval_batches: tuple[list[hessian.Batch], torch.Tensor] | None = None
+
+    @property
+    def description(self) -> str:
+        return f"fidelity to the dense model on {self.source}"
+
+    def prepare(self, dense: nn.Module) -> None:
+        """Record the dense model's evaluation embeddings (call once, before pruning)."""
+        self._reference = embed_texts(dense, *self._eval())
+
+    def calibration(self, model: nn.Module) -> hessian.Calibration:
+        batches, _ = length_batches(
+            self.tokenizer, self.calib_texts, batch_size=self.batch_size, max_length=self.max_length
+        )
+        objective = hessian.OutputDistance(output=embed_batch, name="embedding-distance")
+        objective.set_reference(model, batches)
+        return hessian.Calibration(batches, objective, f"{len(self.calib_texts)} passages of {self.source}")
+
+    def evaluate(self, model: nn.Module) -> float:
+        if self._reference is None:
+            raise RuntimeError("FidelityTask.evaluate needs prepare(dense_model) first")
+        emb = embed_texts(model, *self._eval())
+        return float(torch.nn.functional.cosine_similarity(emb, self._reference, dim=-1).mean()) * 100.0
+
+    def _eval(self) -> tuple[list[hessian.Batch], torch.Tensor]:
+        if self._eval_batches is None:
+            self._eval_batches = length_batches(
+                self.tokenizer, self.eval_texts, batch_size=self.batch_size, max_length=self.max_length
+            )
+        return self._eval_batches

@@ -27,9 +27,8 @@ def trials_frame(outcome: RunOutcome) -> pd.DataFrame:
     rows = []
     for t in outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         units, mlp = t.user_attrs["units"], t.user_attrs["mlp"]
-        constraints = t.system_attrs.get("constraints") or [
-            v for k, v in t.system_attrs.items() if k.startswith("constraints:")
-        ]
+        # Optuna 5 stores each trial.set_constraint value as a "constraints:<name>" system attribute.
+        constraints = [v for k, v in t.system_attrs.items() if k.startswith("constraints:")]
         row = {"trial": t.number, "latency_ms": t.values[0], "latency_source": outcome.cost_model.source,
                "proxy_loss": t.values[1], "block_params": t.user_attrs["block_params"],
                "feasible": all(c <= 0 for c in constraints)}

@@ -166,7 +166,8 @@ def evaluate(
     plans = run_dir / "plans"
     for c in track(candidates, description="evaluating candidates", transient=True):
         plan = proxy.plan(c.units, c.mlp, ref, hardware=hardware, metadata={
-            "latency_ms": c.latency_ms, "latency_source": cost_model.source, "proxy_loss": c.proxy_loss,
+            "latency_ms": c.latency_ms, "dense_latency_ms": candidates[0].latency_ms,
+            "latency_source": cost_model.source, "proxy_loss": c.proxy_loss,
             "workload": cost_model.workload.describe(), "saliency": proxy.scores.method, "label": c.label,
         })
         pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=False)

@@ -1,0 +1,161 @@
+"""`hwprune-apply`: turn a plan into a deployable model and check its speedup by measurement.
+
+    hwprune-apply plan=results/runs/.../plans/trial_12.yaml out=deploy/minilm-pruned
+
+Loads the model the plan names, checks its fingerprints, prunes it physically, saves the pruned
+directory (`prunable.load_pruned`) and an ONNX export, then times the dense and the pruned model on
+this machine (median of repeats) and evaluates the task metric of both. The figures go to
+`<out>/apply.json`. A plan whose model cannot be found or does not match fails before anything is
+written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+import prunable
+from search.config import TaskConfig, WorkloadConfig, register_configs
+
+log = logging.getLogger("hwprune.apply")
+
+
+@dataclass
+class ApplyConfig:
+    plan: str = MISSING
+    out: str = MISSING
+    task: TaskConfig = MISSING
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    repeats: int = 20
+    onnx: bool = True
+
+
+class _TextEncoder(torch.nn.Module):
+    """(input_ids, attention_mask) -> last hidden state: the signature ONNX export needs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def example_inputs(model: torch.nn.Module, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    config = model.config
+    if config.model_type == "vit":
+        size = config.image_size
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size)}
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def measure_ms(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> float:
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            model(**inputs)
+            if i >= 3:  # warm-up runs
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    if "pixel_values" in inputs:
+        wrapped: torch.nn.Module = model
+        names = ["pixel_values"]
+        args: tuple[torch.Tensor, ...] = (inputs["pixel_values"],)
+        axes = {"pixel_values": {0: "batch"}}
+    else:
+        wrapped = _TextEncoder(model)
+        names = ["input_ids", "attention_mask"]
+        args = (inputs["input_ids"], inputs["attention_mask"])
+        axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    torch.onnx.export(
+        wrapped.eval(), args, str(path), dynamo=False, input_names=names, output_names=["output"],
+        dynamic_axes=axes, opset_version=17,
+    )
+
+
+def run(cfg: ApplyConfig) -> dict[str, Any]:
+    plan = prunable.PrunePlan.load(cfg.plan)
+    if plan.model.source is None:
+        raise ValueError(f"{cfg.plan}: the plan names no model source, so there is nothing to load")
+    model = prunable.load_model(plan.model.source, plan.model.class_name)
+    plan.check(prunable.discover(model), weights_fingerprint=prunable.weights_fingerprint(model))
+    out = Path(cfg.out)
+
+    pruned = prunable.apply_plan(copy.deepcopy(model), plan)
+    prunable.save_pruned(pruned, plan, out)
+    wl = cfg.workload
+    inputs = example_inputs(model, wl.batch_size, wl.seq_len)
+    if cfg.onnx:
+        export_onnx(pruned, inputs, out / "model.onnx")
+    dense_ms = measure_ms(model, inputs, cfg.repeats)
+    pruned_ms = measure_ms(pruned, inputs, cfg.repeats)
+
+    tokenizer = None
+    if cfg.task.needs_tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(prunable.resolve_source(plan.model.source)))
+    task = instantiate(cfg.task.build, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
+    task.prepare(model)
+    meta = dict(plan.metadata)
+    predicted = None
+    if meta.get("latency_ms") and meta.get("dense_latency_ms"):
+        predicted = float(meta["dense_latency_ms"]) / float(meta["latency_ms"])
+    result = {
+        "plan": str(Path(cfg.plan).resolve()),
+        "hardware": plan.hardware,
+        "predicted_speedup": predicted,
+        "predicted_for": {"hardware": plan.hardware, "workload": meta.get("workload"),
+                          "source": meta.get("latency_source")},
+        "measured_speedup": dense_ms / pruned_ms,
+        "latency_ms_dense": dense_ms,
+        "latency_ms_pruned": pruned_ms,
+        "metric_dense": task.evaluate(model),
+        "metric_pruned": task.evaluate(pruned),
+        "metric_name": task.metric_name,
+        "workload": {**asdict(wl), "dtype": "fp32", "device": "cpu", "threads": torch.get_num_threads(),
+                     "repeats": cfg.repeats},
+        "params_dense": sum(p.numel() for p in model.parameters()),
+        "params_pruned": sum(p.numel() for p in pruned.parameters()),
+        "onnx": str(out / "model.onnx") if cfg.onnx else None,
+    }
+    (out / "apply.json").write_text(json.dumps(result, indent=2))
+    pred = f"{predicted:.2f}x" if predicted else "n/a"
+    log.info(
+        "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f; wrote %s",
+        pred, plan.hardware, result["measured_speedup"], dense_ms, pruned_ms, task.metric_name,
+        result["metric_dense"], result["metric_pruned"], out,
+    )
+    return result
+
+
+@hydra.main(config_path="pkg://conf", config_name="apply", version_base=None)
+def main(cfg: DictConfig) -> None:
+    app = OmegaConf.to_object(cfg)
+    assert isinstance(app, ApplyConfig)
+    run(app)
+
+
+def entry() -> None:
+    register_configs()
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="apply_schema", node=ApplyConfig)
+    main()

@@ -1,0 +1,131 @@
+"""The main job end to end on the bundled MiniLM (small settings): outputs, resume, apply, sweeps, tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+import prunable
+from search._report import PARETO_COLUMNS, write_report
+from search._run import run_search
+from search.app import CompareDevices
+from search.apply_app import ApplyConfig
+from search.apply_app import run as run_apply
+from search.config import AppConfig, compose
+
+SMALL = [
+    "task.build.calibration_samples=24",
+    "task.build.eval_samples=24",
+    "search.n_trials=30",
+    "search.rescore=2",
+    "search.uniform_baselines=[0.5]",
+    "search.exact_seeds=3",
+]
+
+
+def app_config(tmp_path: Path, *overrides: str) -> AppConfig:
+    cfg = compose("config", [*SMALL, f"saliency.cache_dir={tmp_path / 'cache'}", *overrides])
+    app = OmegaConf.to_object(cfg)
+    assert isinstance(app, AppConfig)
+    return app
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("search")
+    outcome = run_search(app_config(tmp, "hardware=gpu_h100"), tmp / "run")
+    write_report(outcome)
+    return tmp / "run"
+
+
+def test_run_writes_the_output_contract(run_dir: Path) -> None:
+    for name in ("trials.csv", "pareto.csv", "pareto.png", "pareto.html", "report.md", "study.journal"):
+        assert (run_dir / name).is_file(), name
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == 30
+    assert {"trial", "latency_ms", "latency_source", "proxy_loss", "units_0", "mlp_5"} <= set(trials.columns)
+    pareto = pd.read_csv(run_dir / "pareto.csv")
+    assert list(pareto.columns) == PARETO_COLUMNS
+    dense = pareto[pareto.kind == "dense"]
+    assert len(dense) == 1 and dense.speedup.iloc[0] == pytest.approx(1.0)
+    assert dense.metric.iloc[0] == pytest.approx(100.0, abs=1e-3)  # the dense model agrees with itself
+    assert (pareto.latency_source == "analytical").all() and (pareto.metric_name == "cosine_to_dense_x100").all()
+    assert (pareto.speedup[pareto.kind != "dense"] >= 1.0).all()
+    # Every plan file loads and applies to the model it names.
+    model = prunable.load_model(prunable.MINILM, "BertModel")
+    for plan_path in pareto.plan_path:
+        plan = prunable.PrunePlan.load(run_dir / plan_path)
+        assert plan.hardware == "gpu_h100" and plan.metadata["latency_source"] == "analytical"
+        plan.check(prunable.discover(model), weights_fingerprint=prunable.weights_fingerprint(model))
+    report = (run_dir / "report.md").read_text()
+    assert "Latency source: **analytical**" in report and "Hypervolume of the Optuna front" in report
+
+
+def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
+    app = app_config(tmp_path, "hardware=gpu_h100", "search.n_trials=36")
+    app.saliency.cache_dir = str(run_dir.parent / "cache")
+    before = pd.read_csv(run_dir / "trials.csv")
+    write_report(run_search(app, run_dir))
+    after = pd.read_csv(run_dir / "trials.csv")
+    assert len(after) == 36
+    pd.testing.assert_frame_equal(after.iloc[:30].reset_index(drop=True), before, check_dtype=False)
+
+
+def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
+    pareto = pd.read_csv(run_dir / "pareto.csv")
+    plan_path = run_dir / pareto[pareto.kind == "uniform"].plan_path.iloc[0]
+    cfg = OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured(ApplyConfig),
+        {"task": compose("config", SMALL[:2]).task, "plan": str(plan_path), "out": str(tmp_path / "out"), "repeats": 2},
+    ))
+    assert isinstance(cfg, ApplyConfig)
+    result = run_apply(cfg)
+    saved = json.loads((tmp_path / "out" / "apply.json").read_text())
+    for key in ("predicted_speedup", "measured_speedup", "latency_ms_dense", "latency_ms_pruned", "metric_dense",
+                "metric_pruned", "metric_name", "workload"):
+        assert key in saved
+    assert saved["predicted_speedup"] > 1.0 and saved["measured_speedup"] > 0
+    assert saved["params_pruned"] < saved["params_dense"]
+    assert result["metric_dense"] == pytest.approx(100.0, abs=1e-3)
+    reloaded = prunable.load_pruned(tmp_path / "out")
+    assert prunable.discover(reloaded).layers[0].num_heads == 6
+    # The ONNX export computes what the pruned model does, padding masks included.
+    import onnxruntime as ort
+    import torch
+
+    ids = torch.randint(1000, 2000, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    (onnx_out,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        torch_out = reloaded(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    keep = mask.numpy().astype(bool)
+    assert np.abs(onnx_out - torch_out)[keep].max() < 1e-4
+
+    # A plan for other weights fails before anything is written.
+    plan = prunable.PrunePlan.load(plan_path)
+    bad = prunable.PrunePlan(
+        model=prunable.ModelRef(plan.model.class_name, plan.model.structure_fingerprint, plan.model.source, "0" * 16),
+        layers=plan.layers,
+    )
+    bad_path = bad.save(tmp_path / "bad.yaml")
+    cfg.plan, cfg.out = str(bad_path), str(tmp_path / "never")
+    with pytest.raises(prunable.PlanError, match="plan was made for other weights"):
+        run_apply(cfg)
+    assert not (tmp_path / "never").exists()
+
+
+def test_sweep_writes_a_device_comparison(run_dir: Path, tmp_path: Path) -> None:
+    for device in ("hardware=gpu_h100", "hardware=tpu_v5e"):
+        (tmp_path / device).mkdir()
+        (tmp_path / device / "pareto.csv").write_text((run_dir / "pareto.csv").read_text())
+    CompareDevices().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    table = pd.read_csv(tmp_path / "comparison.csv")
+    assert table.run.tolist() == ["hardware=gpu_h100", "hardware=tpu_v5e"]
+    assert (table.dense_ms > 0).all() and np.isfinite(table.best_within_1pt_speedup).all()

@@ -1,0 +1,148 @@
+"""Search building blocks: space, saliency proxy, exact Pareto front, hypervolume, study storage."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import hessian
+import prunable
+from cost_models import AnalyticalModel, Workload
+from search._blocks import block_spec
+from search._pareto import exact_front, hypervolume, pareto_mask
+from search._space import SaliencyProxy, SearchSpace
+from search._study import Constraints, SearchObjective, open_storage, run_study
+from search.config import load_hardware
+from tests.conftest import CASES
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[prunable.Structure, hessian.UnitScores]:
+    model = CASES["bert"].build()
+    structure = prunable.discover(model)
+    scores = hessian.RandomSaliency(seed=3).score(model, hessian.Calibration([hessian.Batch({"x": torch.zeros(1)})], None))  # type: ignore[arg-type]
+    return structure, scores
+
+
+def test_space_choices_and_validation(setup) -> None:  # type: ignore[no-untyped-def]
+    structure, _ = setup
+    space = SearchSpace.build(structure, mlp_step=32)
+    assert space.unit_choices == (0, 1, 2, 3, 4)
+    assert space.mlp_choices == (0, 32, 64, 96)
+    units, mlp = space.uniform(0.5)
+    assert units.tolist() == [2, 2, 2] and mlp.tolist() == [32, 32, 32] or mlp.tolist() == [64, 64, 64]
+    odd = SearchSpace.build(structure, mlp_step=40)
+    assert odd.mlp_choices == (0, 40, 80, 96)  # the dense width is always a choice
+    with pytest.raises(ValueError, match="mlp_step must be >= 1, got 0"):
+        SearchSpace.build(structure, mlp_step=0)
+
+
+def test_proxy_is_the_sum_of_removed_scores(setup) -> None:  # type: ignore[no-untyped-def]
+    structure, scores = setup
+    proxy = SaliencyProxy(scores, structure)
+    rng = np.random.default_rng(0)
+    units = rng.integers(0, 5, size=(20, 3))
+    mlp = rng.integers(0, 97, size=(20, 3))
+    expected = np.zeros(20)
+    for n in range(20):
+        for i in range(3):
+            h = np.sort(scores.heads[i].numpy())
+            m = np.sort(scores.mlp[i].numpy())
+            expected[n] += h[: 4 - units[n, i]].sum() + m[: 96 - mlp[n, i]].sum()
+    np.testing.assert_allclose(proxy.loss(units, mlp), expected, rtol=1e-12, atol=1e-12)
+    top = proxy.kept("mlp", 1, 5)
+    assert set(top) == set(np.argsort(-scores.mlp[1].numpy())[:5].tolist())
+    plan = proxy.plan(np.array([4, 0, 2]), np.array([96, 5, 0]), prunable.ModelRef("BertModel", structure.fingerprint()))
+    assert plan.kept_counts() == [(4, 96), (0, 5), (2, 0)]
+    assert list(plan.layers[1].mlp) == top
+
+
+def test_pareto_mask_matches_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    lat, loss = rng.random(200), rng.random(200)
+    lat[:10] = lat[10:20]  # ties
+    mask = pareto_mask(lat, loss)
+    for i in range(200):
+        dominated = np.any((lat <= lat[i]) & (loss <= loss[i]) & ((lat < lat[i]) | (loss < loss[i])))
+        assert mask[i] == (not dominated)
+
+
+def test_hypervolume_of_a_staircase() -> None:
+    # Points (1, 3), (2, 1) against reference (4, 4): 1*(4-3) + 2*(4-1) = 7.
+    assert hypervolume(np.array([1.0, 2.0, 3.0]), np.array([3.0, 1.0, 2.0]), (4.0, 4.0)) == pytest.approx(7.0)
+    assert hypervolume(np.array([5.0]), np.array([5.0]), (4.0, 4.0)) == 0.0
+
+
+def test_exact_front_equals_enumeration() -> None:
+    rng = np.random.default_rng(2)
+    lats = [rng.random(6) for _ in range(3)]
+    losses = [rng.random(6) for _ in range(3)]
+    front = exact_front(lats, losses, base=0.5)
+    combos = np.array(list(itertools.product(range(6), repeat=3)))
+    all_lat = 0.5 + sum(lats[i][combos[:, i]] for i in range(3))
+    all_loss = sum(losses[i][combos[:, i]] for i in range(3))
+    mask = pareto_mask(all_lat, all_loss)
+    assert sorted(all_lat[mask]) == pytest.approx(sorted(front.latency))
+    # The back-pointers reproduce each point's objectives.
+    recon_lat = 0.5 + sum(lats[i][front.choices[:, i]] for i in range(3))
+    recon_loss = sum(losses[i][front.choices[:, i]] for i in range(3))
+    np.testing.assert_allclose(recon_lat, front.latency)
+    np.testing.assert_allclose(recon_loss, front.loss)
+
+
+def make_objective(setup, constraints: Constraints = Constraints()) -> SearchObjective:  # type: ignore[no-untyped-def]
+    structure, scores = setup
+    space = SearchSpace.build(structure, mlp_step=32)
+    cost = AnalyticalModel(profile=load_hardware("gpu_a100"), spec=block_spec(structure), workload=Workload(dtype="bf16"))
+    return SearchObjective(space, cost, SaliencyProxy(scores, structure), constraints)
+
+
+def test_study_resumes_without_repeating_trials(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    objective = make_objective(setup)
+    seeds = [objective.space.dense(), objective.space.uniform(0.5)]
+
+    def study(n: int) -> optuna.Study:
+        storage, single = open_storage(None, tmp_path)
+        return run_study(objective, sampler=optuna.samplers.RandomSampler(seed=0), storage=storage,
+                         single_process=single, n_trials=n, seeds=seeds)
+
+    first = study(12)
+    done = first.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 12 and (tmp_path / "study.journal").is_file()
+    assert done[0].user_attrs["units"] == [4, 4, 4]  # the dense seed ran first
+    # A killed run leaves a trial RUNNING; resuming marks it failed and tops up to the target.
+    first.ask()
+    second = study(20)
+    states = [t.state for t in second.get_trials()]
+    assert states.count(TrialState.COMPLETE) == 20 and states.count(TrialState.FAIL) == 1
+    before = {t.number: t.params for t in done}
+    assert all(second.trials[n].params == p for n, p in before.items())  # finished trials kept as they were
+    seeded = [t for t in second.get_trials() if t.user_attrs.get("units") == [4, 4, 4]]
+    assert len(seeded) == 1  # seeds are not enqueued again
+
+
+def test_constraints_mark_trials_infeasible(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    objective = make_objective(setup, Constraints(latency_fraction=0.5))
+    storage, single = open_storage(None, tmp_path)
+    study = run_study(objective, sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=10), storage=storage,
+                      single_process=single, n_trials=30, seeds=[objective.space.dense()])
+    dense_ms = objective.dense_ms
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        c = t.system_attrs["constraints:latency_fraction"]
+        assert c == pytest.approx(t.values[0] / dense_ms - 0.5)
+    assert all(t.values[0] <= 0.5 * dense_ms + 1e-9 for t in study.best_trials)
+    with pytest.raises(ValueError, match="constraint latency_ms must be positive, got -1"):
+        Constraints(latency_ms=-1)
+
+
+def test_storage_urls(tmp_path: Path) -> None:
+    storage, single = open_storage(str(tmp_path / "x" / "s.journal"), tmp_path)
+    assert not single and (tmp_path / "x").is_dir()
+    url, single = open_storage(f"sqlite:///{tmp_path}/s.db", tmp_path)
+    assert url.startswith("sqlite:///") and not single

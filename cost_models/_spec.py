@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import ArrayLike
+
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 PHASES = ("prefill", "decode")
 NORMS = ("layernorm", "rmsnorm")
@@ -42,13 +45,13 @@ class BlockSpec:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; valid choices: {list(NORMS)}")
 
-    def flops(self, workload: Workload, units: object, mlp: object) -> object:
+    def flops(self, workload: Workload, units: ArrayLike, mlp: ArrayLike) -> np.ndarray:
         """Forward FLOPs of the blocks (2 per multiply-add) at per-layer widths (..., layers)."""
-        import numpy as np
-
         u, m = np.asarray(units, dtype=np.float64), np.asarray(mlp, dtype=np.float64)
         heads = u * self.heads_per_unit
-        proj = 2 * self.hidden * self.head_dim * (2 * heads + 2 * u) + 2 * self.hidden * m * (3 if self.gated_mlp else 2)
+        proj = 2 * self.hidden * self.head_dim * (2 * heads + 2 * u) + 2 * self.hidden * m * (
+            3 if self.gated_mlp else 2
+        )
         attn = 2 * 2 * workload.attended * self.head_dim * heads  # scores and context, per query token
         return (workload.tokens * (proj + attn)).sum(-1)
 

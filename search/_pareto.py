@@ -51,7 +51,9 @@ class ExactFront:
     choices: np.ndarray  # (P, layers) index into each layer's options
 
 
-def exact_front(option_latency: list[np.ndarray], option_loss: list[np.ndarray], base: float = 0.0) -> ExactFront:
+def exact_front(
+    option_latency: list[np.ndarray], option_loss: list[np.ndarray], base: float = 0.0
+) -> ExactFront:
     """Exact front of choosing one option per layer.
 
     Args:

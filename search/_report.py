@@ -8,18 +8,30 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from optuna.trial import TrialState
 
-from search._run import RunOutcome  # noqa: E402
+from search._run import RunOutcome
 
 log = logging.getLogger("hwprune.search")
 
 PARETO_COLUMNS = [
-    "plan_path", "kind", "label", "latency_ms", "latency_source", "speedup", "metric", "metric_name",
-    "params", "flops", "proxy_loss", "dominated", "units", "mlp",
+    "plan_path",
+    "kind",
+    "label",
+    "latency_ms",
+    "latency_source",
+    "speedup",
+    "metric",
+    "metric_name",
+    "params",
+    "flops",
+    "proxy_loss",
+    "dominated",
+    "units",
+    "mlp",
 ]
 
 
@@ -29,9 +41,14 @@ def trials_frame(outcome: RunOutcome) -> pd.DataFrame:
         units, mlp = t.user_attrs["units"], t.user_attrs["mlp"]
         # Optuna 5 stores each trial.set_constraint value as a "constraints:<name>" system attribute.
         constraints = [v for k, v in t.system_attrs.items() if k.startswith("constraints:")]
-        row = {"trial": t.number, "latency_ms": t.values[0], "latency_source": outcome.cost_model.source,
-               "proxy_loss": t.values[1], "block_params": t.user_attrs["block_params"],
-               "feasible": all(c <= 0 for c in constraints)}
+        row = {
+            "trial": t.number,
+            "latency_ms": t.values[0],
+            "latency_source": outcome.cost_model.source,
+            "proxy_loss": t.values[1],
+            "block_params": t.user_attrs["block_params"],
+            "feasible": all(c <= 0 for c in constraints),
+        }
         row |= {f"units_{i}": u for i, u in enumerate(units)} | {f"mlp_{i}": m for i, m in enumerate(mlp)}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -41,11 +58,20 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
     dense_ms = outcome.candidates[0].latency_ms
     rows = [
         {
-            "plan_path": c.plan_path, "kind": c.kind, "label": c.label, "latency_ms": c.latency_ms,
-            "latency_source": outcome.cost_model.source, "speedup": dense_ms / c.latency_ms, "metric": c.metric,
-            "metric_name": outcome.task.metric_name, "params": c.params, "flops": c.flops,
-            "proxy_loss": c.proxy_loss, "dominated": c.dominated if c.kind != "uniform" else None,
-            "units": " ".join(map(str, c.units)), "mlp": " ".join(map(str, c.mlp)),
+            "plan_path": c.plan_path,
+            "kind": c.kind,
+            "label": c.label,
+            "latency_ms": c.latency_ms,
+            "latency_source": outcome.cost_model.source,
+            "speedup": dense_ms / c.latency_ms,
+            "metric": c.metric,
+            "metric_name": outcome.task.metric_name,
+            "params": c.params,
+            "flops": c.flops,
+            "proxy_loss": c.proxy_loss,
+            "dominated": c.dominated if c.kind != "uniform" else None,
+            "units": " ".join(map(str, c.units)),
+            "mlp": " ".join(map(str, c.mlp)),
         }
         for c in outcome.candidates
     ]
@@ -70,7 +96,9 @@ def plot(outcome: RunOutcome, pareto: pd.DataFrame, trials: pd.DataFrame, path: 
     ax.grid(alpha=0.3)
     ax2.scatter(trials.latency_ms, trials.proxy_loss, s=4, c="lightgray", label="trials")
     if outcome.exact is not None:
-        ax2.plot(outcome.exact.latency, outcome.exact.loss, c="tab:green", lw=1, label="exact proxy front (DP)")
+        ax2.plot(
+            outcome.exact.latency, outcome.exact.loss, c="tab:green", lw=1, label="exact proxy front (DP)"
+        )
     best = trials.loc[_front_rows(trials)]
     ax2.scatter(best.latency_ms, best.proxy_loss, s=10, c="tab:blue", label="Optuna front")
     ax2.set_xlabel("predicted latency, ms")
@@ -101,10 +129,17 @@ def plot_html(outcome: RunOutcome, pareto: pd.DataFrame, path: Path) -> bool:
         log.info("plotly not installed: skipping %s", path.name)
         return False
     fig = px.scatter(
-        pareto, x="latency_ms", y="metric", color="kind", symbol="dominated",
+        pareto,
+        x="latency_ms",
+        y="metric",
+        color="kind",
+        symbol="dominated",
         hover_data=["label", "plan_path", "speedup", "params", "units", "mlp"],
         title=f"{outcome.cfg.model.name} / {outcome.cfg.task.name} on {outcome.cost_model.profile}",
-        labels={"latency_ms": f"predicted latency (ms, {outcome.cost_model.source})", "metric": outcome.task.metric_name},
+        labels={
+            "latency_ms": f"predicted latency (ms, {outcome.cost_model.source})",
+            "metric": outcome.task.metric_name,
+        },
     )
     fig.write_html(path, include_plotlyjs=True)
     return True
@@ -134,7 +169,9 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         f"{outcome.space.mlp_choices[1] - outcome.space.mlp_choices[0]}",
     ]
     if outcome.hv_ratio is not None:
-        lines.append(f"- Hypervolume of the Optuna front / the exact DP front of the proxy: **{outcome.hv_ratio:.4f}**")
+        lines.append(
+            f"- Hypervolume of the Optuna front / the exact DP front of the proxy: **{outcome.hv_ratio:.4f}**"
+        )
     lines += [
         "",
         f"Dense: {dense.latency_ms:.3f} ms predicted, {outcome.task.metric_name} {dense.metric:.3f}.",
@@ -145,12 +182,24 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         "| --- | --- | --- | --- | --- |",
     ]
     for r in best.itertuples():
-        lines.append(f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | {r.params:,} |")
-    lines += ["", "## Uniform pruning baselines", "", "| plan | predicted ms | speedup | metric |", "| --- | --- | --- | --- |"]
+        lines.append(
+            f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | {r.params:,} |"
+        )
+    lines += [
+        "",
+        "## Uniform pruning baselines",
+        "",
+        "| plan | predicted ms | speedup | metric |",
+        "| --- | --- | --- | --- |",
+    ]
     for r in pareto[pareto.kind == "uniform"].itertuples():
         lines.append(f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} |")
-    lines += ["", "Files: `trials.csv`, `pareto.csv`, `pareto.png`" + (", `pareto.html`" if has_html else "")
-              + ", `plans/*.yaml` (apply with `hwprune-apply plan=<file> out=<dir>`)."]
+    lines += [
+        "",
+        "Files: `trials.csv`, `pareto.csv`, `pareto.png`"
+        + (", `pareto.html`" if has_html else "")
+        + ", `plans/*.yaml` (apply with `hwprune-apply plan=<file> out=<dir>`).",
+    ]
     (d / "report.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", d / "report.md")
     return pareto

@@ -21,7 +21,7 @@ from search._blocks import block_spec
 from search._pareto import ExactFront, exact_front, hypervolume, pareto_mask
 from search._space import SaliencyProxy, SearchSpace
 from search._study import Constraints, SearchObjective, open_storage, run_study
-from search.config import AppConfig
+from search.config import AppConfig, build_task
 from search.tasks import Task
 
 log = logging.getLogger("hwprune.search")
@@ -62,17 +62,6 @@ class RunOutcome:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def load(cfg: AppConfig) -> tuple[torch.nn.Module, Any]:
-    """The model and its tokenizer (None for image models)."""
-    model = prunable.load_model(cfg.model.source, cfg.model.class_name)
-    tokenizer = None
-    if cfg.task.needs_tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(prunable.resolve_source(cfg.model.source)))
-    return model, tokenizer
-
-
 def option_tables(
     space: SearchSpace, cost_model: cost_models.CostModel, proxy: SaliencyProxy
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
@@ -98,15 +87,20 @@ def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
 
 def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     profile = cfg.hardware.validate()
-    model, tokenizer = load(cfg)
+    model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
     spec = block_spec(structure)
     workload = cfg.workload.build()
     cost_model = cost_models.cost_model_for(profile, spec, workload)
-    log.info("%s on %s (%s): latency from the %s model", cfg.model.name, profile.name,
-             cost_model.workload.describe(), cost_model.source)
+    log.info(
+        "%s on %s (%s): latency from the %s model",
+        cfg.model.name,
+        profile.name,
+        cost_model.workload.describe(),
+        cost_model.source,
+    )
 
-    task: Task = instantiate(cfg.task.build, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
+    task: Task = build_task(cfg.task, cfg.model.source)
     task.prepare(model)
     calibration = task.calibration(model)
     method: hessian.Saliency = instantiate(cfg.saliency.method)
@@ -132,8 +126,14 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
 
     storage, single = open_storage(cfg.search.storage, run_dir)
     sampler = instantiate(cfg.search.sampler)
-    study = run_study(objective, sampler=sampler, storage=storage, single_process=single,
-                      n_trials=cfg.search.n_trials, seeds=seeds)
+    study = run_study(
+        objective,
+        sampler=sampler,
+        storage=storage,
+        single_process=single,
+        n_trials=cfg.search.n_trials,
+        seeds=seeds,
+    )
 
     front = [t for t in study.best_trials]
     f_lat = np.array([t.values[0] for t in front])
@@ -141,35 +141,63 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     reference = (objective.dense_ms, float(proxy.loss(*[np.zeros(space.num_layers, int)] * 2)[0]))
     hv_ratio = None
     if not constraints.any:
-        hv_ratio = hypervolume(f_lat, f_loss, reference) / max(hypervolume(exact.latency, exact.loss, reference), 1e-30)
+        hv_ratio = hypervolume(f_lat, f_loss, reference) / max(
+            hypervolume(exact.latency, exact.loss, reference), 1e-30
+        )
         log.info("hypervolume of the Optuna front / exact front: %.4f", hv_ratio)
 
     candidates = [Candidate("dense", *space.dense(), objective.dense_ms, 0.0, label="dense")]
     for f in cfg.search.uniform_baselines:
         u, m = space.uniform(f)
-        candidates.append(Candidate("uniform", u, m, float(cost_model.predict(u, m).latency_ms),
-                                    float(proxy.loss(u, m)[0]), label=f"uniform {f:.0%}"))
+        candidates.append(
+            Candidate(
+                "uniform",
+                u,
+                m,
+                float(cost_model.predict(u, m).latency_ms),
+                float(proxy.loss(u, m)[0]),
+                label=f"uniform {f:.0%}",
+            )
+        )
     for i in spread(np.arange(len(front)), f_lat, cfg.search.rescore):
         t = front[i]
         u, m = np.array(t.user_attrs["units"]), np.array(t.user_attrs["mlp"])
         candidates.append(Candidate("search", u, m, t.values[0], t.values[1], label=f"trial {t.number}"))
     evaluate(candidates, model, task, proxy, cost_model, run_dir, profile.name, cfg)
-    return RunOutcome(cfg, run_dir, structure, cost_model, task, scores, space, study, exact, candidates, hv_ratio)
+    return RunOutcome(
+        cfg, run_dir, structure, cost_model, task, scores, space, study, exact, candidates, hv_ratio
+    )
 
 
 def evaluate(
-    candidates: list[Candidate], model: torch.nn.Module, task: Task, proxy: SaliencyProxy,
-    cost_model: cost_models.CostModel, run_dir: Path, hardware: str, cfg: AppConfig,
+    candidates: list[Candidate],
+    model: torch.nn.Module,
+    task: Task,
+    proxy: SaliencyProxy,
+    cost_model: cost_models.CostModel,
+    run_dir: Path,
+    hardware: str,
+    cfg: AppConfig,
 ) -> None:
     """Prune each candidate physically, measure its task metric, and write its plan file."""
     ref = prunable.model_ref(model, source=cfg.model.source)
     plans = run_dir / "plans"
     for c in track(candidates, description="evaluating candidates", transient=True):
-        plan = proxy.plan(c.units, c.mlp, ref, hardware=hardware, metadata={
-            "latency_ms": c.latency_ms, "dense_latency_ms": candidates[0].latency_ms,
-            "latency_source": cost_model.source, "proxy_loss": c.proxy_loss,
-            "workload": cost_model.workload.describe(), "saliency": proxy.scores.method, "label": c.label,
-        })
+        plan = proxy.plan(
+            c.units,
+            c.mlp,
+            ref,
+            hardware=hardware,
+            metadata={
+                "latency_ms": c.latency_ms,
+                "dense_latency_ms": candidates[0].latency_ms,
+                "latency_source": cost_model.source,
+                "proxy_loss": c.proxy_loss,
+                "workload": cost_model.workload.describe(),
+                "saliency": proxy.scores.method,
+                "label": c.label,
+            },
+        )
         pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=False)
         c.metric = task.evaluate(pruned)
         c.params = sum(p.numel() for p in pruned.parameters())

@@ -31,7 +31,13 @@ class SearchSpace:
 
     @classmethod
     def build(
-        cls, structure: prunable.Structure, *, mlp_step: int, unit_step: int = 1, min_units: int = 0, min_mlp: int = 0
+        cls,
+        structure: prunable.Structure,
+        *,
+        mlp_step: int,
+        unit_step: int = 1,
+        min_units: int = 0,
+        min_mlp: int = 0,
     ) -> SearchSpace:
         layer = structure.layers[0]
         if any(la != layer for la in structure.layers):

@@ -76,7 +76,11 @@ class SearchObjective:
     """Scores one trial: predicted latency on the target and summed saliency of the removed units."""
 
     def __init__(
-        self, space: SearchSpace, cost_model: cost_models.CostModel, proxy: SaliencyProxy, constraints: Constraints
+        self,
+        space: SearchSpace,
+        cost_model: cost_models.CostModel,
+        proxy: SaliencyProxy,
+        constraints: Constraints,
     ) -> None:
         self.space, self.cost_model, self.proxy, self.constraints = space, cost_model, proxy, constraints
         self.dense_ms = cost_model.dense_ms()
@@ -130,7 +134,10 @@ def run_study(
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name=STUDY_NAME, storage=storage, sampler=sampler, directions=["minimize", "minimize"],
+        study_name=STUDY_NAME,
+        storage=storage,
+        sampler=sampler,
+        directions=["minimize", "minimize"],
         load_if_exists=True,
     )
     if single_process:

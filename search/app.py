@@ -50,25 +50,29 @@ class CompareDevices(Callback):
             front = frame[(frame.kind == "search") & (frame.dominated == False)]  # noqa: E712
             close = front[(front.metric - dense.metric).abs() <= 1.0]
             best = close.sort_values("latency_ms").iloc[0] if len(close) else dense
-            rows.append({
-                "run": pareto_path.parent.name,
-                "latency_source": dense.latency_source,
-                "dense_ms": dense.latency_ms,
-                "dense_metric": dense.metric,
-                "best_within_1pt_ms": best.latency_ms,
-                "best_within_1pt_speedup": best.speedup,
-                "best_within_1pt_metric": best.metric,
-                "fastest_ms": front.latency_ms.min() if len(front) else float("nan"),
-                "front_points": len(front),
-                "plan": str(pareto_path.parent / best.plan_path),
-            })
+            rows.append(
+                {
+                    "run": pareto_path.parent.name,
+                    "latency_source": dense.latency_source,
+                    "dense_ms": dense.latency_ms,
+                    "dense_metric": dense.metric,
+                    "best_within_1pt_ms": best.latency_ms,
+                    "best_within_1pt_speedup": best.speedup,
+                    "best_within_1pt_metric": best.metric,
+                    "fastest_ms": front.latency_ms.min() if len(front) else float("nan"),
+                    "front_points": len(front),
+                    "plan": str(pareto_path.parent / best.plan_path),
+                }
+            )
         if not rows:
             return
         table = pd.DataFrame(rows)
         table.to_csv(sweep / "comparison.csv", index=False)
         (sweep / "comparison.md").write_text(
-            "# Devices compared (predicted latency; metric re-scored on the task)\n\n" + table.to_markdown(index=False)
-            if _has_tabulate() else table.to_string(index=False)
+            "# Devices compared (predicted latency; metric re-scored on the task)\n\n"
+            + table.to_markdown(index=False)
+            if _has_tabulate()
+            else table.to_string(index=False)
         )
         log.info("wrote %s", sweep / "comparison.csv")
 

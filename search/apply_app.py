@@ -22,11 +22,10 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import prunable
-from search.config import TaskConfig, WorkloadConfig, register_configs
+from search.config import TaskConfig, WorkloadConfig, build_task, register_configs
 
 log = logging.getLogger("hwprune.apply")
 
@@ -53,7 +52,7 @@ class _TextEncoder(torch.nn.Module):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def example_inputs(model: torch.nn.Module, batch: int, seq: int) -> dict[str, torch.Tensor]:
+def example_inputs(model: Any, batch: int, seq: int) -> dict[str, torch.Tensor]:
     config = model.config
     if config.model_type == "vit":
         size = config.image_size
@@ -85,8 +84,14 @@ def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: P
         args = (inputs["input_ids"], inputs["attention_mask"])
         axes = {n: {0: "batch", 1: "sequence"} for n in names}
     torch.onnx.export(
-        wrapped.eval(), args, str(path), dynamo=False, input_names=names, output_names=["output"],
-        dynamic_axes=axes, opset_version=17,
+        wrapped.eval(),
+        args,
+        str(path),
+        dynamo=False,
+        input_names=names,
+        output_names=["output"],
+        dynamic_axes=axes,
+        opset_version=17,
     )
 
 
@@ -107,12 +112,7 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     dense_ms = measure_ms(model, inputs, cfg.repeats)
     pruned_ms = measure_ms(pruned, inputs, cfg.repeats)
 
-    tokenizer = None
-    if cfg.task.needs_tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(prunable.resolve_source(plan.model.source)))
-    task = instantiate(cfg.task.build, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
+    task = build_task(cfg.task, plan.model.source)
     task.prepare(model)
     meta = dict(plan.metadata)
     predicted = None
@@ -122,16 +122,24 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
         "plan": str(Path(cfg.plan).resolve()),
         "hardware": plan.hardware,
         "predicted_speedup": predicted,
-        "predicted_for": {"hardware": plan.hardware, "workload": meta.get("workload"),
-                          "source": meta.get("latency_source")},
+        "predicted_for": {
+            "hardware": plan.hardware,
+            "workload": meta.get("workload"),
+            "source": meta.get("latency_source"),
+        },
         "measured_speedup": dense_ms / pruned_ms,
         "latency_ms_dense": dense_ms,
         "latency_ms_pruned": pruned_ms,
         "metric_dense": task.evaluate(model),
         "metric_pruned": task.evaluate(pruned),
         "metric_name": task.metric_name,
-        "workload": {**asdict(wl), "dtype": "fp32", "device": "cpu", "threads": torch.get_num_threads(),
-                     "repeats": cfg.repeats},
+        "workload": {
+            **asdict(wl),
+            "dtype": "fp32",
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "repeats": cfg.repeats,
+        },
         "params_dense": sum(p.numel() for p in model.parameters()),
         "params_pruned": sum(p.numel() for p in pruned.parameters()),
         "onnx": str(out / "model.onnx") if cfg.onnx else None,
@@ -140,8 +148,15 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     pred = f"{predicted:.2f}x" if predicted else "n/a"
     log.info(
         "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f; wrote %s",
-        pred, plan.hardware, result["measured_speedup"], dense_ms, pruned_ms, task.metric_name,
-        result["metric_dense"], result["metric_pruned"], out,
+        pred,
+        plan.hardware,
+        result["measured_speedup"],
+        dense_ms,
+        pruned_ms,
+        task.metric_name,
+        result["metric_dense"],
+        result["metric_pruned"],
+        out,
     )
     return result
 

@@ -62,12 +62,43 @@ class FidelityBuild:
 
 
 @dataclass
+class ClassificationBuild:
+    _target_: str = "search.tasks.ClassificationTask"
+    calibration_samples: int = 256
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class LMBuild:
+    _target_: str = "search.tasks.LMTask"
+    text_path: str | None = None
+    block_size: int = 128
+    calibration_blocks: int = 64
+    eval_blocks: int = 64
+    batch_size: int = 8
+
+
+TOKENIZER_MODES = ("required", "optional", "none")
+
+
+@dataclass
 class TaskConfig:
-    """A task: its name, whether it needs the model's tokenizer, and how to build it."""
+    """A task: its name, whether it takes the model's tokenizer, and how to build it.
+
+    `tokenizer` is "required" (text tasks), "optional" (used when the model ships one; the LM task
+    falls back to bytes) or "none" (images).
+    """
 
     name: str = MISSING
-    needs_tokenizer: bool = True
+    tokenizer: str = "required"
     build: Any = MISSING
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZER_MODES:
+            raise ValueError(
+                f"task.tokenizer {self.tokenizer!r} invalid; valid choices: {list(TOKENIZER_MODES)}"
+            )
 
 
 @dataclass
@@ -137,6 +168,8 @@ def register_configs() -> None:
     cs.store(group="task", name="schema", node=TaskConfig)
     cs.store(group="task/build", name="sts", node=STSBuild)
     cs.store(group="task/build", name="fidelity", node=FidelityBuild)
+    cs.store(group="task/build", name="classification", node=ClassificationBuild)
+    cs.store(group="task/build", name="lm", node=LMBuild)
     cs.store(group="saliency", name="schema", node=SaliencyConfig)
     cs.store(group="search", name="schema", node=SearchConfig)
     cs.store(name="profile_schema", node=ProfileAppConfig)
@@ -164,3 +197,24 @@ def load_hardware(name: str) -> cost_models.HardwareProfile:
     profile = OmegaConf.to_object(cfg.hardware)
     assert isinstance(profile, cost_models.HardwareProfile)
     return profile.validate()
+
+
+def build_task(task: TaskConfig, model_source: str) -> Any:
+    """Instantiate a task, handing it the model's tokenizer as its config says."""
+    from hydra.utils import instantiate
+
+    kwargs: dict[str, Any] = {}
+    if task.tokenizer != "none":
+        from transformers import AutoTokenizer
+
+        import prunable
+
+        try:
+            kwargs["tokenizer"] = AutoTokenizer.from_pretrained(str(prunable.resolve_source(model_source)))
+        except (OSError, ValueError, TypeError) as err:
+            if task.tokenizer == "required":
+                raise ValueError(
+                    f"task {task.name!r} needs a tokenizer, and {model_source} has none: {err}"
+                ) from err
+            kwargs["tokenizer"] = None
+    return instantiate(task.build, **kwargs)

@@ -54,7 +54,9 @@ def test_run_writes_the_output_contract(run_dir: Path) -> None:
     dense = pareto[pareto.kind == "dense"]
     assert len(dense) == 1 and dense.speedup.iloc[0] == pytest.approx(1.0)
     assert dense.metric.iloc[0] == pytest.approx(100.0, abs=1e-3)  # the dense model agrees with itself
-    assert (pareto.latency_source == "analytical").all() and (pareto.metric_name == "cosine_to_dense_x100").all()
+    assert (pareto.latency_source == "analytical").all() and (
+        pareto.metric_name == "cosine_to_dense_x100"
+    ).all()
     assert (pareto.speedup[pareto.kind != "dense"] >= 1.0).all()
     # Every plan file loads and applies to the model it names.
     model = prunable.load_model(prunable.MINILM, "BertModel")
@@ -79,15 +81,30 @@ def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
 def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     pareto = pd.read_csv(run_dir / "pareto.csv")
     plan_path = run_dir / pareto[pareto.kind == "uniform"].plan_path.iloc[0]
-    cfg = OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(ApplyConfig),
-        {"task": compose("config", SMALL[:2]).task, "plan": str(plan_path), "out": str(tmp_path / "out"), "repeats": 2},
-    ))
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(ApplyConfig),
+            {
+                "task": compose("config", SMALL[:2]).task,
+                "plan": str(plan_path),
+                "out": str(tmp_path / "out"),
+                "repeats": 2,
+            },
+        )
+    )
     assert isinstance(cfg, ApplyConfig)
     result = run_apply(cfg)
     saved = json.loads((tmp_path / "out" / "apply.json").read_text())
-    for key in ("predicted_speedup", "measured_speedup", "latency_ms_dense", "latency_ms_pruned", "metric_dense",
-                "metric_pruned", "metric_name", "workload"):
+    for key in (
+        "predicted_speedup",
+        "measured_speedup",
+        "latency_ms_dense",
+        "latency_ms_pruned",
+        "metric_dense",
+        "metric_pruned",
+        "metric_name",
+        "workload",
+    ):
         assert key in saved
     assert saved["predicted_speedup"] > 1.0 and saved["measured_speedup"] > 0
     assert saved["params_pruned"] < saved["params_dense"]
@@ -111,7 +128,9 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     # A plan for other weights fails before anything is written.
     plan = prunable.PrunePlan.load(plan_path)
     bad = prunable.PrunePlan(
-        model=prunable.ModelRef(plan.model.class_name, plan.model.structure_fingerprint, plan.model.source, "0" * 16),
+        model=prunable.ModelRef(
+            plan.model.class_name, plan.model.structure_fingerprint, plan.model.source, "0" * 16
+        ),
         layers=plan.layers,
     )
     bad_path = bad.save(tmp_path / "bad.yaml")

@@ -26,7 +26,9 @@ from tests.conftest import CASES
 def setup() -> tuple[prunable.Structure, hessian.UnitScores]:
     model = CASES["bert"].build()
     structure = prunable.discover(model)
-    scores = hessian.RandomSaliency(seed=3).score(model, hessian.Calibration([hessian.Batch({"x": torch.zeros(1)})], None))  # type: ignore[arg-type]
+    scores = hessian.RandomSaliency(seed=3).score(
+        model, hessian.Calibration([hessian.Batch({"x": torch.zeros(1)})], None)
+    )  # type: ignore[arg-type]
     return structure, scores
 
 
@@ -36,7 +38,7 @@ def test_space_choices_and_validation(setup) -> None:  # type: ignore[no-untyped
     assert space.unit_choices == (0, 1, 2, 3, 4)
     assert space.mlp_choices == (0, 32, 64, 96)
     units, mlp = space.uniform(0.5)
-    assert units.tolist() == [2, 2, 2] and mlp.tolist() == [32, 32, 32] or mlp.tolist() == [64, 64, 64]
+    assert (units.tolist() == [2, 2, 2] and mlp.tolist() == [32, 32, 32]) or mlp.tolist() == [64, 64, 64]
     odd = SearchSpace.build(structure, mlp_step=40)
     assert odd.mlp_choices == (0, 40, 80, 96)  # the dense width is always a choice
     with pytest.raises(ValueError, match="mlp_step must be >= 1, got 0"):
@@ -58,7 +60,9 @@ def test_proxy_is_the_sum_of_removed_scores(setup) -> None:  # type: ignore[no-u
     np.testing.assert_allclose(proxy.loss(units, mlp), expected, rtol=1e-12, atol=1e-12)
     top = proxy.kept("mlp", 1, 5)
     assert set(top) == set(np.argsort(-scores.mlp[1].numpy())[:5].tolist())
-    plan = proxy.plan(np.array([4, 0, 2]), np.array([96, 5, 0]), prunable.ModelRef("BertModel", structure.fingerprint()))
+    plan = proxy.plan(
+        np.array([4, 0, 2]), np.array([96, 5, 0]), prunable.ModelRef("BertModel", structure.fingerprint())
+    )
     assert plan.kept_counts() == [(4, 96), (0, 5), (2, 0)]
     assert list(plan.layers[1].mlp) == top
 
@@ -96,11 +100,13 @@ def test_exact_front_equals_enumeration() -> None:
     np.testing.assert_allclose(recon_loss, front.loss)
 
 
-def make_objective(setup, constraints: Constraints = Constraints()) -> SearchObjective:  # type: ignore[no-untyped-def]
+def make_objective(setup, constraints: Constraints | None = None) -> SearchObjective:  # type: ignore[no-untyped-def]
     structure, scores = setup
     space = SearchSpace.build(structure, mlp_step=32)
-    cost = AnalyticalModel(profile=load_hardware("gpu_a100"), spec=block_spec(structure), workload=Workload(dtype="bf16"))
-    return SearchObjective(space, cost, SaliencyProxy(scores, structure), constraints)
+    cost = AnalyticalModel(
+        profile=load_hardware("gpu_a100"), spec=block_spec(structure), workload=Workload(dtype="bf16")
+    )
+    return SearchObjective(space, cost, SaliencyProxy(scores, structure), constraints or Constraints())
 
 
 def test_study_resumes_without_repeating_trials(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -109,8 +115,14 @@ def test_study_resumes_without_repeating_trials(setup, tmp_path: Path) -> None: 
 
     def study(n: int) -> optuna.Study:
         storage, single = open_storage(None, tmp_path)
-        return run_study(objective, sampler=optuna.samplers.RandomSampler(seed=0), storage=storage,
-                         single_process=single, n_trials=n, seeds=seeds)
+        return run_study(
+            objective,
+            sampler=optuna.samplers.RandomSampler(seed=0),
+            storage=storage,
+            single_process=single,
+            n_trials=n,
+            seeds=seeds,
+        )
 
     first = study(12)
     done = first.get_trials(states=(TrialState.COMPLETE,))
@@ -130,8 +142,14 @@ def test_study_resumes_without_repeating_trials(setup, tmp_path: Path) -> None: 
 def test_constraints_mark_trials_infeasible(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     objective = make_objective(setup, Constraints(latency_fraction=0.5))
     storage, single = open_storage(None, tmp_path)
-    study = run_study(objective, sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=10), storage=storage,
-                      single_process=single, n_trials=30, seeds=[objective.space.dense()])
+    study = run_study(
+        objective,
+        sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=10),
+        storage=storage,
+        single_process=single,
+        n_trials=30,
+        seeds=[objective.space.dense()],
+    )
     dense_ms = objective.dense_ms
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
         c = t.system_attrs["constraints:latency_fraction"]
@@ -142,7 +160,7 @@ def test_constraints_mark_trials_infeasible(setup, tmp_path: Path) -> None:  # t
 
 
 def test_storage_urls(tmp_path: Path) -> None:
-    storage, single = open_storage(str(tmp_path / "x" / "s.journal"), tmp_path)
+    _, single = open_storage(str(tmp_path / "x" / "s.journal"), tmp_path)
     assert not single and (tmp_path / "x").is_dir()
     url, single = open_storage(f"sqlite:///{tmp_path}/s.db", tmp_path)
     assert url.startswith("sqlite:///") and not single

@@ -20,7 +20,7 @@ class Task(ABC):
     metric_name: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
 
-    def prepare(self, dense: nn.Module) -> None:
+    def prepare(self, dense: nn.Module) -> None:  # noqa: B027 - optional hook, most tasks need none
         """Called once with the dense model before anything is pruned (reference outputs)."""
 
     @abstractmethod

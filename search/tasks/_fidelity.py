@@ -38,11 +38,15 @@ def file_passages(path: str | Path) -> list[str]:
     """Non-empty paragraphs (blank-line separated) of a UTF-8 text file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist; expected UTF-8 text, paragraphs split by blank lines")
+        raise FileNotFoundError(
+            f"text file {path} does not exist; expected UTF-8 text, paragraphs split by blank lines"
+        )
     passages = [" ".join(p.split()) for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
     passages = [p for p in passages if p]
     if len(passages) < 2:
-        raise ValueError(f"{path}: found {len(passages)} paragraph(s); need at least 2 (blank-line separated)")
+        raise ValueError(
+            f"{path}: found {len(passages)} paragraph(s); need at least 2 (blank-line separated)"
+        )
     return passages
 
 

@@ -1,1 +1,11 @@
-"""The main job: Optuna Pareto search over per-layer structure, Hydra apps and reports."""
+"""The main job: tasks, the Optuna Pareto search, the Hydra apps and their reports.
+
+Apps: `hwprune-search` (search.app), `hwprune-profile` (search.profile_app), `hwprune-apply`
+(search.apply_app). From Python, `load_hardware` reads a hardware profile and `block_spec` turns a
+model's structure into the plain numbers cost models take.
+"""
+
+from search._blocks import block_spec
+from search.config import compose, load_hardware
+
+__all__ = ["block_spec", "compose", "load_hardware"]

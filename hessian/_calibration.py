@@ -146,7 +146,7 @@ class Calibration:
     batches: list[Batch]
     objective: Objective
     description: str = ""
-    _fingerprint: str | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     @property
     def n_samples(self) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -86,7 +88,7 @@ class HutchinsonSaliency(Saliency):
         sums = torch.zeros(len(blocks), dtype=torch.float64)
         previous: torch.Tensor | None = None
         settled = 0
-        with frozen(model), _eager_attention(model):
+        with frozen(model), eager_attention(model):
             for p in params:
                 p.requires_grad_(True)
             for k in range(self.max_probes):
@@ -121,17 +123,15 @@ class HutchinsonSaliency(Saliency):
         return out
 
 
-class _eager_attention:
-    """Temporarily switch a transformers model to eager attention (SDPA has no double backward)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
-
-    def __enter__(self) -> None:
-        if self.previous not in (None, "eager"):
-            self.model.set_attn_implementation("eager")  # type: ignore[operator]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous not in (None, "eager"):
-            self.model.set_attn_implementation(self.previous)  # type: ignore[operator]
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch a transformers model to eager attention for the block (SDPA has no double backward)."""
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = previous not in (None, "eager")
+    if switch:
+        model.set_attn_implementation("eager")  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)  # type: ignore[operator]

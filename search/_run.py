@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
 
     storage, single = open_storage(cfg.search.storage, run_dir)
     sampler = instantiate(cfg.search.sampler)
+    started = time.perf_counter()
     study = run_study(
         objective,
         sampler=sampler,
@@ -134,6 +136,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         n_trials=cfg.search.n_trials,
         seeds=seeds,
     )
+    study_seconds = time.perf_counter() - started
 
     front = [t for t in study.best_trials]
     f_lat = np.array([t.values[0] for t in front])
@@ -165,7 +168,18 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         candidates.append(Candidate("search", u, m, t.values[0], t.values[1], label=f"trial {t.number}"))
     evaluate(candidates, model, task, proxy, cost_model, run_dir, profile.name, cfg)
     return RunOutcome(
-        cfg, run_dir, structure, cost_model, task, scores, space, study, exact, candidates, hv_ratio
+        cfg,
+        run_dir,
+        structure,
+        cost_model,
+        task,
+        scores,
+        space,
+        study,
+        exact,
+        candidates,
+        hv_ratio,
+        extras={"study_seconds": study_seconds},
     )
 
 

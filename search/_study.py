@@ -142,7 +142,7 @@ def run_study(
     )
     if single_process:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL)
             log.info("trial %d was left running by an interrupted run; marked failed", t.number)
     known = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
     known |= {

@@ -134,6 +134,20 @@ class Saliency(ABC):
         """Per layer, (attention-unit scores, neuron scores)."""
 
 
+class SeededSaliency(Saliency):
+    """A saliency method whose scores depend on a random seed (projections, probes, draws).
+
+    Args:
+        seed: The seed; part of the cache key.
+    """
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+
+    def params(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
     """Stop weight gradients (methods that only need gate gradients save the memory and time)."""

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from rich.progress import track
 from torch import nn
 
 import prunable
-from hessian._base import Saliency, frozen, unit_sums
+from hessian._base import SeededSaliency, frozen, unit_sums
 from hessian._calibration import Calibration, check_finite
 
 
-class FisherSaliency(Saliency):
+class FisherSaliency(SeededSaliency):
     """Optimal Brain Damage with the Fisher diagonal: 1/2 sum over S's weights of E[g_i^2] w_i^2.
 
     Unlike NViT it ignores the correlations between a unit's weights (it sums per-weight terms
@@ -25,12 +23,6 @@ class FisherSaliency(Saliency):
     """
 
     name = "fisher"
-
-    def __init__(self, *, seed: int = 0) -> None:
-        self.seed = seed
-
-    def params(self) -> dict[str, Any]:
-        return {"seed": self.seed}
 
     def _score(
         self, model: nn.Module, structure: prunable.Structure, calibration: Calibration

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 import prunable
-from hessian._base import Saliency, unit_sums
+from hessian._base import Saliency, SeededSaliency, unit_sums
 from hessian._calibration import Calibration
 
 
@@ -34,7 +32,7 @@ class MagnitudeSaliency(Saliency):
         return out
 
 
-class RandomSaliency(Saliency):
+class RandomSaliency(SeededSaliency):
     """Uniform random scores: the floor every method must clear.
 
     Args:
@@ -42,12 +40,6 @@ class RandomSaliency(Saliency):
     """
 
     name = "random"
-
-    def __init__(self, *, seed: int = 0) -> None:
-        self.seed = seed
-
-    def params(self) -> dict[str, Any]:
-        return {"seed": self.seed}
 
     def _score(
         self, model: nn.Module, structure: prunable.Structure, calibration: Calibration

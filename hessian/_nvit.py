@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 import prunable
-from hessian._base import Saliency
+from hessian._base import SeededSaliency
 from hessian._calibration import Calibration
 from hessian._gate_grads import per_sample_gate_grads
 
 
-class NViTSaliency(Saliency):
+class NViTSaliency(SeededSaliency):
     """Second-order Taylor estimate of the loss change when a unit is removed.
 
     Removing unit S moves its gate from 1 to 0, so dL ~ -dL/dgate + 1/2 d2L/dgate2. At a trained
@@ -27,12 +25,6 @@ class NViTSaliency(Saliency):
     """
 
     name = "nvit"
-
-    def __init__(self, *, seed: int = 0) -> None:
-        self.seed = seed
-
-    def params(self) -> dict[str, Any]:
-        return {"seed": self.seed}
 
     def _score(
         self, model: nn.Module, structure: prunable.Structure, calibration: Calibration

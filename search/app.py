@@ -68,21 +68,20 @@ class CompareDevices(Callback):
             return
         table = pd.DataFrame(rows)
         table.to_csv(sweep / "comparison.csv", index=False)
-        (sweep / "comparison.md").write_text(
-            "# Devices compared (predicted latency; metric re-scored on the task)\n\n"
-            + table.to_markdown(index=False)
-            if _has_tabulate()
-            else table.to_string(index=False)
-        )
+        header = "# Devices compared (predicted latency; metric re-scored on the task)\n\n"
+        (sweep / "comparison.md").write_text(header + markdown_table(table))
         log.info("wrote %s", sweep / "comparison.csv")
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table of `frame` (floats to 4 significant digits)."""
+
+    def cell(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def entry() -> None:

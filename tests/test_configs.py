@@ -106,3 +106,45 @@ def test_invalid_values_name_the_choices() -> None:
     profile.dtypes = ["fp64"]
     with pytest.raises(ValueError, match=r"dtypes \['fp64'\] invalid"):
         profile.validate()
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "search").glob("*.yaml")))
+def test_search_options_build_their_samplers(option: str) -> None:
+    import optuna
+    from hydra.utils import instantiate
+
+    cfg = compose_config("config", [f"search={option}", "search.seed=7"])
+    sampler = instantiate(cfg.search.sampler)
+    assert isinstance(sampler, optuna.samplers.BaseSampler)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "saliency").glob("*.yaml")))
+def test_saliency_options_build_their_methods(option: str) -> None:
+    from hydra.utils import instantiate
+
+    import hessian
+
+    cfg = compose_config("config", [f"saliency={option}"])
+    method = instantiate(cfg.saliency.method)
+    assert isinstance(method, hessian.Saliency) and method.name == option
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "task").glob("*.yaml")))
+def test_task_options_compose(option: str) -> None:
+    from search.config import AppConfig
+
+    overrides = [f"task={option}"]
+    if option == "sts":
+        overrides += ["task.build.train_path=a.tsv", "task.build.eval_path=b.tsv"]
+    app = OmegaConf.to_object(compose_config("config", overrides))
+    assert isinstance(app, AppConfig) and app.task.name == option
+
+
+def test_sts_without_paths_fails_before_any_work() -> None:
+    with pytest.raises(MissingMandatoryValue, match="train_path"):
+        OmegaConf.to_object(compose_config("config", ["task=sts"]))
+
+
+def test_unknown_task_option_lists_the_choices() -> None:
+    with pytest.raises(ConfigCompositionException, match=r"(?s)Could not find 'task/stsb'.*fidelity"):
+        compose_config("config", ["task=stsb"])

@@ -148,3 +148,5 @@ def test_sweep_writes_a_device_comparison(run_dir: Path, tmp_path: Path) -> None
     table = pd.read_csv(tmp_path / "comparison.csv")
     assert table.run.tolist() == ["hardware=gpu_h100", "hardware=tpu_v5e"]
     assert (table.dense_ms > 0).all() and np.isfinite(table.best_within_1pt_speedup).all()
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert markdown.startswith("# Devices compared") and "| hardware=tpu_v5e | analytical |" in markdown

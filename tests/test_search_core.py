@@ -164,3 +164,22 @@ def test_storage_urls(tmp_path: Path) -> None:
     assert not single and (tmp_path / "x").is_dir()
     url, single = open_storage(f"sqlite:///{tmp_path}/s.db", tmp_path)
     assert url.startswith("sqlite:///") and not single
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        optuna.samplers.TPESampler(seed=0, multivariate=True),
+        optuna.samplers.GPSampler(seed=0, n_startup_trials=4),
+        optuna.samplers.RandomSampler(seed=0),
+    ],
+    ids=["tpe", "gp", "random"],
+)
+def test_every_selectable_sampler_runs_multi_objective(setup, tmp_path: Path, sampler) -> None:  # type: ignore[no-untyped-def]
+    objective = make_objective(setup)
+    storage, single = open_storage(None, tmp_path)
+    study = run_study(
+        objective, sampler=sampler, storage=storage, single_process=single, n_trials=8, seeds=[]
+    )
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
+    assert all(len(t.values) == 2 for t in study.best_trials)

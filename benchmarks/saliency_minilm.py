@@ -239,7 +239,9 @@ def write_report(args: argparse.Namespace, rows: list[dict], dense_rho: float, b
     ]
     for r in rows:
         cells = [r[f"{k}:{t}"] for k in ("heads", "mlp") for t in ("d_loss", "d_distance", "d_spearman")]
-        lines.append(f"| {r['method']} | {r['objective']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        # Constant scores (first-order Taylor on a label-free distance is zero) have no rank correlation.
+        text = ["n/a" if c != c else f"{c:.3f}" for c in cells]
+        lines.append(f"| {r['method']} | {r['objective']} | " + " | ".join(text) + " |")
     lines += [
         "",
         "## 2. Keep 50% of heads and 50% of MLP neurons, no fine-tuning: dev Spearman x 100",

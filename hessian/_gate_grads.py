@@ -7,7 +7,7 @@ do not interact in a transformer's forward. Rows of one sample (a sentence pair)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from rich.progress import track
@@ -54,3 +54,26 @@ def per_sample_gate_grads(
                     check_finite(grad, what=f"{kind} gate gradient", batch_index=b, method=method)
                     sink.append(batch.per_sample(grad.detach()))  # (n_samples, units)
             yield out
+
+
+def mean_over_samples(
+    model: nn.Module,
+    structure: prunable.Structure,
+    calibration: Calibration,
+    *,
+    method: str,
+    curvature: bool,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the mean over calibration samples of `transform(per-sample gate gradient)`."""
+    heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
+    mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
+    for head_grads, mlp_grads in per_sample_gate_grads(
+        model, structure, calibration, method=method, curvature=curvature, seed=seed
+    ):
+        for acc, grads in ((heads, head_grads), (mlp, mlp_grads)):
+            for i, g in enumerate(grads):
+                acc[i] += transform(g.double()).sum(0).cpu()
+    n = calibration.n_samples
+    return [h / n for h in heads], [m / n for m in mlp]

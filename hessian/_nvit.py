@@ -8,7 +8,7 @@ from torch import nn
 import prunable
 from hessian._base import SeededSaliency
 from hessian._calibration import Calibration
-from hessian._gate_grads import per_sample_gate_grads
+from hessian._gate_grads import mean_over_samples
 
 
 class NViTSaliency(SeededSaliency):
@@ -29,13 +29,13 @@ class NViTSaliency(SeededSaliency):
     def _score(
         self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
-        mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
-        for head_grads, mlp_grads in per_sample_gate_grads(
-            model, structure, calibration, method=self.name, curvature=True, seed=self.seed
-        ):
-            for acc, grads in ((heads, head_grads), (mlp, mlp_grads)):
-                for i, g in enumerate(grads):
-                    acc[i] += g.double().pow(2).sum(0).cpu()
-        n = calibration.n_samples
-        return [0.5 * h / n for h in heads], [0.5 * m / n for m in mlp]
+        heads, mlp = mean_over_samples(
+            model,
+            structure,
+            calibration,
+            method=self.name,
+            curvature=True,
+            transform=torch.square,
+            seed=self.seed,
+        )
+        return [0.5 * h for h in heads], [0.5 * m for m in mlp]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 import prunable
 from hessian._base import Saliency
 from hessian._calibration import Calibration
-from hessian._gate_grads import per_sample_gate_grads
+from hessian._gate_grads import mean_over_samples
 
 
 class TaylorSaliency(Saliency):
@@ -22,19 +20,11 @@ class TaylorSaliency(Saliency):
 
     name = "taylor"
 
-    def params(self) -> dict[str, Any]:
-        return {}
-
     def _score(
         self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
-        mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
-        for head_grads, mlp_grads in per_sample_gate_grads(
-            model, structure, calibration, method=self.name, curvature=False
-        ):
-            for acc, grads in ((heads, head_grads), (mlp, mlp_grads)):
-                for i, g in enumerate(grads):
-                    acc[i] += g.double().sum(0).cpu()
-        n = calibration.n_samples
-        return [(h / n).abs() for h in heads], [(m / n).abs() for m in mlp]
+        # The mean signed gradient, then its magnitude: per-sample signs may cancel, as in Molchanov et al.
+        heads, mlp = mean_over_samples(
+            model, structure, calibration, method=self.name, curvature=False, transform=lambda g: g
+        )
+        return [h.abs() for h in heads], [m.abs() for m in mlp]

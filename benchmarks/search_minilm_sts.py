@@ -28,7 +28,7 @@ import cost_models
 from search import compose
 from search._report import write_report
 from search._run import run_search
-from search.apply_app import ApplyConfig
+from search.apply_app import apply_config
 from search.apply_app import run as run_apply
 from search.config import AppConfig
 
@@ -116,18 +116,13 @@ def main() -> None:
                 f"task.build.eval_path={Path(args.stsb).resolve() / 'sts-dev.csv'}",
             ],
         ).task
-        cfg = OmegaConf.to_object(
-            OmegaConf.merge(
-                OmegaConf.structured(ApplyConfig),
-                {
-                    "task": task,
-                    "plan": str(work / "nsga2" / r.plan_path),
-                    "out": str(work / "apply" / Path(r.plan_path).stem),
-                    "workload": {"batch_size": 32, "seq_len": 128},
-                    "repeats": 10,
-                    "onnx": False,
-                },
-            )
+        cfg = apply_config(
+            plan=str(work / "nsga2" / r.plan_path),
+            out=str(work / "apply" / Path(r.plan_path).stem),
+            task=task,
+            workload={"batch_size": 32, "seq_len": 128},
+            repeats=10,
+            onnx=False,
         )
         result = run_apply(cfg)
         applied.append(

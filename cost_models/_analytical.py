@@ -11,7 +11,7 @@ formula is vectorised so one call scores thousands of candidate configurations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class AnalyticalModel(CostModel):
         self.hardware = profile
         self.profile = profile.name
         self.spec = spec
-        self.workload = replace(workload, dtype=profile.resolve_dtype(workload.dtype))
+        self.workload = profile.resolve_workload(workload)
         self.efficiency = efficiency or Efficiency()
         self.base_ms = base_ms
         self.source = source
@@ -79,7 +79,7 @@ class AnalyticalModel(CostModel):
         *,
         batch: np.ndarray | int = 1,
         weight_bytes: np.ndarray | None = None,
-        weights_resident: bool = False,
+        weights_resident: np.ndarray | bool = False,
     ) -> np.ndarray:
         hw, eff, b = self.hardware, self.efficiency, self.workload.bytes_per_element
         m, n, k, batch = (np.asarray(x, dtype=np.int64) for x in (m, n, k, batch))
@@ -95,8 +95,8 @@ class AnalyticalModel(CostModel):
         moved = b * batch * (m * k + m * n)
         if weight_bytes is None:
             weight_bytes = b * batch * k * n
-        if not weights_resident:
-            moved = moved + weight_bytes
+        # Weights resident on chip cost no off-chip traffic (decided per configuration).
+        moved = moved + np.where(weights_resident, 0, weight_bytes)
         memory = moved / (hw.memory_bandwidth_gbs * 1e9 * eff.memory)
         return np.where(active, np.maximum(compute, memory) + self._overhead(), 0.0)
 
@@ -140,9 +140,7 @@ class AnalyticalModel(CostModel):
         ops: dict[str, np.ndarray] = {}
 
         def project(active: np.ndarray, n: np.ndarray | int, k: np.ndarray | int) -> np.ndarray:
-            r = self._gemm(active, t, n, k, weights_resident=True)
-            s_ = self._gemm(active, t, n, k, weights_resident=False)
-            return np.where(resident, r, s_)
+            return self._gemm(active, t, n, k, weights_resident=resident)
 
         ops["q_proj"] = project(attn, heads * hd, hidden)
         ops["k_proj"] = project(attn, units * hd, hidden)

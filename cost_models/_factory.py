@@ -39,7 +39,7 @@ def cost_model_for(profile: HardwareProfile, spec: BlockSpec, workload: Workload
     profile.validate()
     if profile.measure_peaks:
         profile = local_profile(profile)
-    workload_resolved = Workload(**{**workload.__dict__, "dtype": profile.resolve_dtype(workload.dtype)})
+    workload_resolved = profile.resolve_workload(workload)
     usable = []
     for entry in profile.tables:
         path = find_table(entry)

@@ -7,11 +7,11 @@ type, a missing field or an unknown profile name fails when the config is compos
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from omegaconf import MISSING
 
-from cost_models._spec import DTYPE_BYTES
+from cost_models._spec import DTYPE_BYTES, Workload
 
 KINDS = ("gpu", "tpu", "npu", "cpu")
 BACKENDS = ("torch", "jax", "onnxruntime")
@@ -92,6 +92,10 @@ class HardwareProfile:
                 f"hardware {self.name}: launch_overhead_us must be >= 0, got {self.launch_overhead_us}"
             )
         return self
+
+    def resolve_workload(self, workload: Workload) -> Workload:
+        """`workload` with its dtype resolved for this device ("auto" = the first dtype)."""
+        return replace(workload, dtype=self.resolve_dtype(workload.dtype))
 
     def resolve_dtype(self, dtype: str) -> str:
         """The dtype a workload runs in on this device ("auto" = the device's first dtype)."""

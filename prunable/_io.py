@@ -18,6 +18,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from prunable._discover import discover
+from prunable._families import family_of
 from prunable._plan import PrunePlan
 from prunable._surgery import apply_plan
 
@@ -75,7 +76,7 @@ def save_pruned(model: Any, plan: PrunePlan, directory: str | Path) -> Path:
     """
     directory = Path(directory)
     structure = discover(model)
-    dense_shape_in_config = _config_matches(model, structure)
+    dense_shape_in_config = family_of(model).config_updates(model.config, structure) is not None
     if dense_shape_in_config:
         model.save_pretrained(str(directory))
     else:
@@ -131,11 +132,3 @@ def load_pruned(directory: str | Path) -> Any:
             f"{directory}: reloaded structure {discover(model).describe()} differs from the saved one"
         )
     return model.eval()
-
-
-def _config_matches(model: Any, structure: Any) -> bool:
-    """Whether a fresh model built from `model.config` has exactly `structure`."""
-    from prunable._families import family_of
-
-    family = family_of(model)
-    return family.config_updates(model.config, structure) is not None

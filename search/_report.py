@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
+from search._pareto import pareto_mask
 from search._run import RunOutcome
 
 log = logging.getLogger("hwprune.search")
@@ -112,8 +113,6 @@ def plot(outcome: RunOutcome, pareto: pd.DataFrame, trials: pd.DataFrame, path: 
 
 
 def _front_rows(trials: pd.DataFrame) -> np.ndarray:
-    from search._pareto import pareto_mask
-
     feasible = trials.feasible.to_numpy()
     mask = np.zeros(len(trials), dtype=bool)
     idx = np.flatnonzero(feasible)

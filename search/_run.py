@@ -138,7 +138,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     )
     study_seconds = time.perf_counter() - started
 
-    front = [t for t in study.best_trials]
+    front = study.best_trials
     f_lat = np.array([t.values[0] for t in front])
     f_loss = np.array([t.values[1] for t in front])
     reference = (objective.dense_ms, float(proxy.loss(*[np.zeros(space.num_layers, int)] * 2)[0]))

@@ -40,6 +40,22 @@ class ApplyConfig:
     onnx: bool = True
 
 
+def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: Any) -> ApplyConfig:
+    """An `ApplyConfig` for callers from Python, validated against the same schema as the CLI.
+
+    Args:
+        plan: Plan file.
+        out: Output directory.
+        task: A composed `task` config node (e.g. `search.compose("config", ["task=sts", ...]).task`).
+        **settings: Other `ApplyConfig` fields (workload, repeats, onnx).
+    """
+    values: dict[str, Any] = {"task": task, "plan": str(plan), "out": str(out), **settings}
+    merged = OmegaConf.merge(OmegaConf.structured(ApplyConfig), values)
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, ApplyConfig)
+    return cfg
+
+
 class _TextEncoder(torch.nn.Module):
     """(input_ids, attention_mask) -> last hidden state: the signature ONNX export needs."""
 

@@ -72,7 +72,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     spec = block_spec(prunable.discover(model))
     workload = cfg.workload.build()
-    workload = cost_models.Workload(**{**workload.__dict__, "dtype": profile.resolve_dtype(workload.dtype)})
+    workload = profile.resolve_workload(workload)
     step = cfg.profiler.mlp_step or cost_models.width_step(profile, spec.mlp)
     units_grid = sorted({*range(0, spec.units + 1, cfg.profiler.unit_step), spec.units})
     mlp_grid = sorted({*range(0, spec.mlp + 1, step), spec.mlp})

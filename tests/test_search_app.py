@@ -14,7 +14,7 @@ import prunable
 from search._report import PARETO_COLUMNS, write_report
 from search._run import run_search
 from search.app import CompareDevices
-from search.apply_app import ApplyConfig
+from search.apply_app import apply_config
 from search.apply_app import run as run_apply
 from search.config import AppConfig, compose
 
@@ -81,18 +81,9 @@ def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
 def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     pareto = pd.read_csv(run_dir / "pareto.csv")
     plan_path = run_dir / pareto[pareto.kind == "uniform"].plan_path.iloc[0]
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(ApplyConfig),
-            {
-                "task": compose("config", SMALL[:2]).task,
-                "plan": str(plan_path),
-                "out": str(tmp_path / "out"),
-                "repeats": 2,
-            },
-        )
+    cfg = apply_config(
+        plan=str(plan_path), out=str(tmp_path / "out"), task=compose("config", SMALL[:2]).task, repeats=2
     )
-    assert isinstance(cfg, ApplyConfig)
     result = run_apply(cfg)
     saved = json.loads((tmp_path / "out" / "apply.json").read_text())
     for key in (

@@ -78,3 +78,33 @@ def exact_front(
         index = parents[layer][index, 0]
     order = np.argsort(latency)
     return ExactFront(latency=latency[order], loss=loss[order], choices=choices[order])
+
+
+def hypervolume_subset(
+    latency: np.ndarray, loss: np.ndarray, reference: tuple[float, float], k: int
+) -> list[int]:
+    """Greedily pick `k` points of a 2-D front that together dominate the most hypervolume.
+
+    On a front (mutually non-dominated points) a new point between its chosen neighbours `a`
+    (faster, worse) and `b` (slower, better) adds the rectangle (x_b - x_i) * (y_a - y_i), so each
+    greedy step is one vectorised pass. Seeds picked this way cover the costly end of the front,
+    where evenly spaced seeds leave gaps a local search is slow to close.
+
+    Returns:
+        Indices into the inputs, in the order picked.
+    """
+    latency, loss = np.asarray(latency, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    inside = np.flatnonzero((latency <= reference[0]) & (loss <= reference[1]))
+    chosen: list[int] = []
+    for _ in range(min(k, len(inside))):
+        cx = np.array([latency[c] for c in chosen])
+        cy = np.array([loss[c] for c in chosen])
+        order = np.argsort(cx)
+        cx, cy = cx[order], cy[order]
+        pos = np.searchsorted(cx, latency[inside])  # chosen points faster than each candidate
+        next_x = np.append(cx, reference[0])[pos]
+        prev_y = np.insert(cy, 0, reference[1])[pos]
+        gain = np.clip(next_x - latency[inside], 0, None) * np.clip(prev_y - loss[inside], 0, None)
+        gain[np.isin(inside, chosen)] = -1.0
+        chosen.append(int(inside[int(np.argmax(gain))]))
+    return chosen

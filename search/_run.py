@@ -19,7 +19,7 @@ import cost_models
 import hessian
 import prunable
 from search._blocks import block_spec
-from search._pareto import ExactFront, exact_front, hypervolume, pareto_mask
+from search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
 from search._space import SaliencyProxy, SearchSpace
 from search._study import Constraints, SearchObjective, open_storage, run_study
 from search.config import AppConfig, build_task
@@ -78,7 +78,7 @@ def option_tables(
 
 
 def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
-    """Up to `count` of `indices`, evenly spread over their latency range."""
+    """Up to `count` of `indices`, evenly spaced in latency order (always the fastest and slowest)."""
     if len(indices) <= count:
         return [int(i) for i in indices]
     order = indices[np.argsort(latency[indices])]
@@ -120,9 +120,11 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     lats, losses, opt_units, opt_mlp = option_tables(space, cost_model, proxy)
     exact = exact_front(lats, losses, base=cost_model.base_ms)
     log.info("exact proxy front: %d points", len(exact.latency))
+    # Hypervolume is bounded by the dense latency and the loss of removing everything.
+    reference = (objective.dense_ms, float(proxy.loss(*[np.zeros(space.num_layers, int)] * 2)[0]))
     seeds = [space.dense()] + [space.uniform(f) for f in cfg.search.uniform_baselines]
     if not constraints.any:  # exact points are only optimal for the unconstrained problem
-        for p in spread(np.arange(len(exact.latency)), exact.latency, cfg.search.exact_seeds):
+        for p in hypervolume_subset(exact.latency, exact.loss, reference, cfg.search.exact_seeds):
             seeds.append((opt_units[exact.choices[p]], opt_mlp[exact.choices[p]]))
 
     storage, single = open_storage(cfg.search.storage, run_dir)
@@ -141,7 +143,6 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     front = study.best_trials
     f_lat = np.array([t.values[0] for t in front])
     f_loss = np.array([t.values[1] for t in front])
-    reference = (objective.dense_ms, float(proxy.loss(*[np.zeros(space.num_layers, int)] * 2)[0]))
     hv_ratio = None
     if not constraints.any:
         hv_ratio = hypervolume(f_lat, f_loss, reference) / max(

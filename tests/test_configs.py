@@ -148,3 +148,12 @@ def test_sts_without_paths_fails_before_any_work() -> None:
 def test_unknown_task_option_lists_the_choices() -> None:
     with pytest.raises(ConfigCompositionException, match=r"(?s)Could not find 'task/stsb'.*fidelity"):
         compose_config("config", ["task=stsb"])
+
+
+def test_default_search_is_pareto_local_search() -> None:
+    from hydra.utils import instantiate
+
+    from search import ParetoLocalSearchSampler
+
+    cfg = compose_config("config", [])
+    assert isinstance(instantiate(cfg.search.sampler), ParetoLocalSearchSampler)

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 import hessian
 import prunable
 from cost_models import AnalyticalModel, Workload
+from search import ParetoLocalSearchSampler
 from search._blocks import block_spec
 from search._pareto import exact_front, hypervolume, pareto_mask
 from search._space import SaliencyProxy, SearchSpace
@@ -172,8 +173,10 @@ def test_storage_urls(tmp_path: Path) -> None:
         optuna.samplers.TPESampler(seed=0, multivariate=True),
         optuna.samplers.GPSampler(seed=0, n_startup_trials=4),
         optuna.samplers.RandomSampler(seed=0),
+        optuna.samplers.NSGAIISampler(seed=0, population_size=4),
+        ParetoLocalSearchSampler(seed=0, n_startup_trials=3),
     ],
-    ids=["tpe", "gp", "random"],
+    ids=["tpe", "gp", "random", "nsga2", "pls"],
 )
 def test_every_selectable_sampler_runs_multi_objective(setup, tmp_path: Path, sampler) -> None:  # type: ignore[no-untyped-def]
     objective = make_objective(setup)

@@ -1,13 +1,13 @@
 """Cost models against measurement on this machine's CPU, with the bundled all-MiniLM-L6-v2.
 
 For each workload: random per-layer pruned configurations are physically pruned and timed end to end
-(median of repeats), and compared with the table model (from the committed `hwprune-profile` table),
+(median of interleaved rounds), and compared with the table model (from the committed `hwprune-profile` table),
 the roofline calibrated to that table, the uncalibrated roofline (measured CPU peaks) and a FLOPs
 proxy scaled to the dense model's measured latency. Also measures whole-model predictions per second.
 
 Usage (tables first, then the check):
     hwprune-profile hardware=cpu_local workload=b1_s128
-    hwprune-profile hardware=cpu_local workload=b32_s128 profiler.repeats=10
+    hwprune-profile hardware=cpu_local workload=b32_s128 profiler.repeats=5 profiler.warmup=2
     python benchmarks/cost_models_cpu.py --out results/benchmarks/cost_models_cpu.md
 """
 
@@ -44,17 +44,26 @@ def random_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.n
     return units, mlp
 
 
-def time_model(model: torch.nn.Module, batch: int, seq: int, repeats: int) -> float:
+def time_interleaved(models: list[torch.nn.Module], batch: int, seq: int, rounds: int) -> np.ndarray:
+    """Median latency of each model, timed once per round in a shuffled order.
+
+    Round-robin timing spreads this shared machine's slow drifts (other tenants, clocks) over every
+    model alike instead of biasing whichever model happened to be timed during a slow minute.
+    """
     ids = torch.randint(1000, 2000, (batch, seq))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times = []
+    rng = np.random.default_rng(0)
+    samples: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for i in range(repeats + 2):
-            t0 = time.perf_counter()
+        for model in models:  # warm-up: allocations, weight pages, oneDNN kernel choice
             model(**inputs)
-            if i >= 2:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            model(**inputs)
+        for _ in range(rounds):
+            for k in rng.permutation(len(models)):
+                t0 = time.perf_counter()
+                models[k](**inputs)
+                samples[k].append((time.perf_counter() - t0) * 1e3)
+    return np.array([statistics.median(s) for s in samples])
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -108,18 +117,18 @@ def main() -> None:
             "analytical": cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload),
         }
         units, mlp = random_configs(spec, args.configs, seed=batch)
-        repeats = args.repeats if batch == 1 else max(3, args.repeats // 3)
-        measured = []
+        rounds = args.repeats if batch == 1 else max(3, args.repeats // 3)
+        pruned = []
         for k in range(args.configs):
-            model = copy.deepcopy(dense)
             plan = prunable.PrunePlan.from_units(
                 structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
             )
-            prunable.apply_plan(model, plan, check_weights=False)
-            measured.append(time_model(model, batch, seq, repeats))
-            log.info("%s config %d: units %s mlp %s -> %.2f ms", name, k, units[k], mlp[k], measured[-1])
-        measured_arr = np.array(measured)
-        dense_ms = time_model(dense, batch, seq, repeats)
+            pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
+        timed = time_interleaved([dense, *pruned], batch, seq, rounds)
+        dense_ms, measured_arr = float(timed[0]), timed[1:]
+        del pruned
+        for k in range(args.configs):
+            log.info("%s config %d: units %s mlp %s -> %.2f ms", name, k, units[k], mlp[k], measured_arr[k])
         n = spec.num_layers
         dense_flops = spec.flops(workload, np.full(n, spec.units), np.full(n, spec.mlp))
         rows = {m: metrics(model.predict(units, mlp).latency_ms, measured_arr) for m, model in models.items()}
@@ -143,7 +152,8 @@ def write(args: argparse.Namespace, profile, sections, rates) -> None:  # type: 
         "",
         f"{args.configs} random per-layer configurations (attention heads 0-12 and MLP width 0-1536 in steps of "
         "128, per layer), physically pruned with `prunable.apply_plan` and timed end to end (median of "
-        "repeats, fp32, sequence 128). `table` looks up the profiled per-block table (real pruned MiniLM "
+        "interleaved rounds: the dense model and every configuration timed once per round, in a shuffled "
+        "order; fp32, sequence 128). `table` looks up the profiled per-block table (real pruned MiniLM "
         "layers) plus its measured non-block time; `calibrated` is the roofline fitted to that table; "
         "`analytical` is the roofline from measured peaks alone; the FLOPs proxy scales the dense model's "
         "measured latency by the configuration's FLOPs.",
@@ -153,9 +163,11 @@ def write(args: argparse.Namespace, profile, sections, rates) -> None:  # type: 
         lines += [
             f"## {name}: {workload.describe()}",
             "",
-            f"Dense model measured: {dense_ms:.2f} ms; configurations measured from {measured.min():.2f} to "
-            f"{measured.max():.2f} ms. Table: `{table.meta.get('command', '')}` "
-            f"({len(table.frame)} grid points, {table.meta.get('date', '')}).",
+            f"Dense model measured: {dense_ms:.2f} ms (when profiling the table: "
+            f"{table.meta.get('dense_model_ms', float('nan')):.2f} ms); configurations measured from "
+            f"{measured.min():.2f} to {measured.max():.2f} ms. Table: `{table.meta.get('command', '')}` "
+            f"({len(table.frame)} grid points, {table.meta.get('stack', 1)} blocks per timed call, "
+            f"{table.meta.get('date', '')}).",
             "",
             "| model | MAPE % | within ±10 % | within ±5 % | Kendall tau |",
             "| --- | --- | --- | --- | --- |",

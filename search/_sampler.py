@@ -10,6 +10,7 @@ re-sampling whole genes at random and rarely lands next to the front it has foun
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ class ParetoLocalSearchSampler(BaseSampler):
         self._random = RandomSampler(seed=seed)
         self._n_startup, self._move_p, self._max_retries = n_startup_trials, move_p, max_retries
         self._space = IntersectionSearchSpace()
+        self._memo: _Memo | None = None
 
     def reseed_rng(self) -> None:
         self._rng.seed()
@@ -77,13 +79,16 @@ class ParetoLocalSearchSampler(BaseSampler):
     ) -> dict[str, Any]:
         if not search_space:
             return {}
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        usable = [t for t in done if all(name in t.params for name in search_space)]
-        if len(done) < self._n_startup or not usable:
+        memo = self._update(study, search_space)
+        if memo.n_complete < self._n_startup or not memo.front.trials:
             return {}
-        archive = _archive(usable, study.directions)
-        tried = {_key(t.params, search_space) for t in study.get_trials(deepcopy=False)}
-        crowding = _crowding(archive, study.directions)
+        archive = memo.front.trials
+        # Configurations queued or running now count as tried too (enqueued seeds, other workers).
+        tried = memo.tried | {
+            _key(t.params or t.system_attrs.get("fixed_params", {}), search_space)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        }
+        crowding = _crowding(memo.front.values)
         child: dict[str, Any] = {}
         for _ in range(self._max_retries):
             if self._rng.rand() < 0.5:
@@ -94,6 +99,27 @@ class ParetoLocalSearchSampler(BaseSampler):
             if _key(child, search_space) not in tried:
                 break
         return child
+
+    def _update(self, study: Study, space: dict[str, BaseDistribution]) -> _Memo:
+        """Fold trials finished since the last call into the front, so a trial costs O(front)."""
+        ident = (study.study_name, tuple(space))
+        trials = study.get_trials(deepcopy=False)
+        memo = self._memo
+        if memo is None or memo.ident != ident or memo.scan_from > len(trials):
+            memo = self._memo = _Memo(ident, _Front(study.directions))
+        for t in trials[memo.scan_from :]:
+            if not t.state.is_finished() or t.number in memo.finished:
+                continue
+            memo.finished.add(t.number)
+            memo.tried.add(_key(t.params, space))
+            if t.state == TrialState.COMPLETE:
+                memo.n_complete += 1
+                if all(name in t.params for name in space):
+                    memo.front.add(t)
+        # Trials finish out of order with several workers: rescan from the first one still open.
+        while memo.scan_from < len(trials) and trials[memo.scan_from].number in memo.finished:
+            memo.scan_from += 1
+        return memo
 
     def sample_independent(
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
@@ -120,41 +146,51 @@ class ParetoLocalSearchSampler(BaseSampler):
         return child
 
 
+class _Front:
+    """Feasible non-dominated trials, or the least-violating ones while none is feasible."""
+
+    def __init__(self, directions: Sequence[StudyDirection]) -> None:
+        self.sign = np.array([1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in directions])
+        self.trials: list[FrozenTrial] = []
+        self.values = np.empty((0, len(directions)))  # (front, objectives), all minimised
+        self.violation = float("inf")
+
+    def add(self, trial: FrozenTrial) -> None:
+        x = np.asarray(trial.values, dtype=np.float64) * self.sign
+        violation = sum(max(c, 0.0) for c in trial.constraints.values())
+        if violation > 0 or self.violation > 0:
+            if violation < self.violation:  # first trial, less violating, or the first feasible one
+                self.trials, self.values, self.violation = [trial], x[None], violation
+            elif violation == self.violation:
+                self.trials.append(trial)
+                self.values = np.vstack([self.values, x])
+            return
+        if ((self.values <= x).all(1) & (self.values < x).any(1)).any():
+            return  # dominated by the front
+        keep = ~((x <= self.values).all(1) & (x < self.values).any(1))
+        self.trials = [t for t, k in zip(self.trials, keep, strict=True) if k] + [trial]
+        self.values = np.vstack([self.values[keep], x])
+
+
+@dataclass
+class _Memo:
+    """What the sampler has folded in of one study's finished trials."""
+
+    ident: tuple[Any, ...]
+    front: _Front
+    finished: set[int] = field(default_factory=set)
+    tried: set[tuple[Any, ...]] = field(default_factory=set)
+    n_complete: int = 0
+    scan_from: int = 0
+
+
 def _key(params: dict[str, Any], space: dict[str, BaseDistribution]) -> tuple[Any, ...]:
     return tuple(params.get(name) for name in space)
 
 
-def _signed(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> np.ndarray:
-    """(N, objectives) values, negated where maximised, so every objective is minimised."""
-    sign = np.array([1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in directions])
-    return np.array([t.values for t in trials], dtype=np.float64) * sign
-
-
-def _archive(trials: list[FrozenTrial], directions: Sequence[StudyDirection]) -> list[FrozenTrial]:
-    """Non-dominated feasible trials; when none is feasible, the least-violating ones."""
-    violation = np.array([sum(max(v, 0.0) for v in t.constraints.values()) for t in trials])
-    if (violation > 0).all():
-        least = violation.min()
-        return [t for t, v in zip(trials, violation, strict=True) if v == least]
-    feasible = [t for t, v in zip(trials, violation, strict=True) if v == 0]
-    values = _signed(feasible, directions)
-    # In lexicographic order a point can only be dominated by earlier ones, so each point still
-    # kept when reached is on the front and the loop does one vector pass per front point.
-    order = np.lexsort(values.T[::-1])
-    values, feasible = values[order], [feasible[i] for i in order]
-    keep = np.ones(len(feasible), dtype=bool)
-    for i in range(len(feasible)):
-        if keep[i]:
-            # i dominates j when it is no worse everywhere and better somewhere.
-            dominated = (values[i] <= values).all(1) & (values[i] < values).any(1)
-            keep &= ~dominated
-    return [t for t, k in zip(feasible, keep, strict=True) if k]
-
-
-def _crowding(archive: list[FrozenTrial], directions: Sequence[StudyDirection]) -> np.ndarray:
+def _crowding(values: np.ndarray) -> np.ndarray:
     """Selection probabilities from NSGA-II's crowding distance; boundary points get the largest."""
-    values = _signed(archive, directions)
-    n = len(archive)
+    n = len(values)
     if n <= 2:
         return np.full(n, 1.0 / n)
     distance = np.zeros(n)

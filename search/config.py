@@ -148,6 +148,7 @@ class ProfilerConfig:
     unit_step: int = 1
     threads: int | None = None
     real_blocks: bool = True  # time the model's own pruned layers (torch) rather than ReferenceBlock
+    stack: int | None = None  # torch: blocks timed back to back per call; None = the model's depth
 
 
 @dataclass

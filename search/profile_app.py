@@ -33,7 +33,12 @@ def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
     if hw.backend == "torch":
         factory = real_block_factory(model) if p.real_blocks else None
         return TorchProfiler(
-            device=hw.device, block_factory=factory, warmup=p.warmup, repeats=p.repeats, threads=p.threads
+            device=hw.device,
+            block_factory=factory,
+            warmup=p.warmup,
+            repeats=p.repeats,
+            threads=p.threads,
+            stack=p.stack or prunable.discover(model).num_layers,
         )
     if hw.backend == "jax":
         return JaxProfiler(platform=hw.device, warmup=p.warmup, repeats=p.repeats)

@@ -57,6 +57,29 @@ def test_torch_profiler_validates() -> None:
             TorchProfiler(device="cuda")
 
 
+def test_torch_profiler_stacks_blocks_and_reports_per_block_time() -> None:
+    import time
+
+    built: list[tuple[int, int]] = []
+
+    class Sleeper(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.005)
+            return x
+
+    def factory(spec: object, units: int, mlp: int) -> torch.nn.Module:
+        built.append((units, mlp))
+        return Sleeper()
+
+    profiler = TorchProfiler(block_factory=factory, warmup=0, repeats=2, stack=3)
+    t = profiler.measure_block(SPEC, WORKLOAD, units=1, mlp=96)
+    assert built == [(1, 96)] * 3
+    assert 4.9 <= t.median_ms < 15.0  # three 5 ms blocks per call, reported per block
+    assert profiler.metadata()["stack"] == 3
+    with pytest.raises(ValueError, match="stack must be >= 1, got 0"):
+        TorchProfiler(stack=0)
+
+
 def test_reference_block_skips_empty_sublayers() -> None:
     x = torch.randn(2, 5, 64)
     empty = ReferenceBlock(SPEC, units=0, mlp=0)

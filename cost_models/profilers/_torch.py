@@ -81,6 +81,9 @@ class TorchProfiler(Profiler):
             `ReferenceBlock`. Pass a factory of real pruned model layers for the closest match.
         warmup, repeats, seed: See `Profiler`.
         threads: CPU threads for torch (None leaves torch's default).
+        stack: Blocks run back to back per timed call, reported per block. A model's blocks run
+            in sequence, each evicting the last one's weights from cache and overlapping dispatch
+            with compute; a stack of the model's depth reproduces that, a lone block does not.
     """
 
     backend = "torch"
@@ -94,8 +97,12 @@ class TorchProfiler(Profiler):
         repeats: int = 20,
         seed: int = 0,
         threads: int | None = None,
+        stack: int = 1,
     ) -> None:
         super().__init__(warmup=warmup, repeats=repeats, seed=seed)
+        if stack < 1:
+            raise ValueError(f"stack must be >= 1, got {stack}")
+        self.stack = stack
         if not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(f"unknown torch device {device!r}; valid choices: 'cpu', 'cuda', 'cuda:<index>'")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -110,15 +117,18 @@ class TorchProfiler(Profiler):
             raise ValueError(f"torch profiler runs {sorted(TORCH_DTYPES)}, not {workload.dtype!r}")
         dtype = TORCH_DTYPES[workload.dtype]
         torch.manual_seed(self.seed)
-        block = self.block_factory(spec, units, mlp).to(self.device, dtype).eval()
+        blocks = [self.block_factory(spec, units, mlp).to(self.device, dtype).eval() for _ in range(self.stack)]
         x = torch.randn(workload.batch_size, workload.seq_len, spec.hidden, device=self.device, dtype=dtype)
-        if workload.phase == "decode" and isinstance(block, ReferenceBlock) and units:
-            shape = (workload.batch_size, units, workload.kv_len, spec.head_dim)
-            block.cache = (
-                torch.randn(shape, device=self.device, dtype=dtype),
-                torch.randn(shape, device=self.device, dtype=dtype),
-            )
-        return repeat_timed(self._timer(block, x), warmup=self.warmup, repeats=self.repeats)
+        for block in blocks:
+            if workload.phase == "decode" and isinstance(block, ReferenceBlock) and units:
+                shape = (workload.batch_size, units, workload.kv_len, spec.head_dim)
+                block.cache = (
+                    torch.randn(shape, device=self.device, dtype=dtype),
+                    torch.randn(shape, device=self.device, dtype=dtype),
+                )
+        t = repeat_timed(self._timer(nn.Sequential(*blocks), x), warmup=self.warmup, repeats=self.repeats)
+        n = self.stack
+        return Timing(median_ms=t.median_ms / n, p10_ms=t.p10_ms / n, p90_ms=t.p90_ms / n, repeats=t.repeats)
 
     def _timer(self, block: nn.Module, x: torch.Tensor) -> Callable[[], float]:
         if self.device.type == "cuda":
@@ -147,6 +157,7 @@ class TorchProfiler(Profiler):
             "device": str(self.device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "stack": self.stack,
             "block": getattr(self.block_factory, "__name__", type(self.block_factory).__name__),
         }
         if self.device.type == "cuda":

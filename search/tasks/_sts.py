@@ -58,21 +58,36 @@ def read_sts(path: str | Path) -> Pairs:
 
 
 class CosineSimilarityLoss(hessian.Objective):
-    """Per pair, (cos(u, v) - score/5)^2: the loss all-MiniLM-style models are tuned with on STS."""
+    """Per pair, (cos(u, v) - score/5)^2: the loss all-MiniLM-style models are tuned with on STS.
 
-    name = "sts-cosine-mse"
+    Its curvature probe is sqrt(2) cos(u, v), whose squared gradient is the Gauss-Newton term
+    l''(cos) (dcos/dθ)^2 of the squared error. The squared gradient of the loss itself (empirical
+    Fisher) would weight every pair by its squared residual, which is not the loss's curvature.
+    """
 
-    def losses(self, model: nn.Module, batch: hessian.Batch) -> torch.Tensor:
-        assert batch.targets is not None and batch.sample_of_row is not None
+    name = "sts-cosine-mse-gn"  # the curvature probe is part of what the cache key must cover
+
+    def cosines(self, model: nn.Module, batch: hessian.Batch) -> torch.Tensor:
+        """(n_samples,) cosine similarity of each pair's two sentence embeddings."""
+        assert batch.sample_of_row is not None
         emb = embed_batch(model, batch)  # (2n, D): rows of sample s are its two sentences
-        n = batch.n_samples
         rows = batch.sample_of_row.to(emb.device)
         # Rows are [first sentences; second sentences], each in sample order.
-        u = emb[: rows.numel() // 2][rows[: rows.numel() // 2].argsort()]
-        v = emb[rows.numel() // 2 :][rows[rows.numel() // 2 :].argsort()]
+        u = emb[: rows.numel() // 2][rows[: rows.numel() // 2].argsort()]  # (n, D)
+        v = emb[rows.numel() // 2 :][rows[rows.numel() // 2 :].argsort()]  # (n, D)
         cos = torch.nn.functional.cosine_similarity(u, v, dim=-1)  # (n,)
-        assert cos.shape == (n,)
+        assert cos.shape == (batch.n_samples,)
+        return cos
+
+    def losses(self, model: nn.Module, batch: hessian.Batch) -> torch.Tensor:
+        assert batch.targets is not None
+        cos = self.cosines(model, batch)
         return (cos - batch.targets.to(cos)).pow(2)
+
+    def curvature_losses(
+        self, model: nn.Module, batch: hessian.Batch, generator: torch.Generator
+    ) -> torch.Tensor:
+        return 2**0.5 * self.cosines(model, batch)
 
 
 class STSTask(Task):

@@ -225,7 +225,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], dense_rho: float, b
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. All numbers measured on this CPU.",
         "",
         f"Calibration: {args.samples} pairs drawn (seed 0) from sts-train; supervised objective = per-pair "
-        "(cos - score/5)^2, label-free = 1/2 ||embedding - dense embedding||^2. Dense dev Spearman x 100: "
+        "(cos - score/5)^2 with its Gauss-Newton curvature (probe sqrt(2) cos), label-free = "
+        "1/2 ||embedding - dense embedding||^2 (probe: random projections). Dense dev Spearman x 100: "
         f"**{dense_rho:.2f}**.",
         "",
         "## 1. Truth test: Spearman rank correlation of score with the true damage of removing the unit alone",

@@ -88,9 +88,11 @@ class Objective(ABC):
     ) -> torch.Tensor:
         """(n_samples,) scalars whose squared per-sample gradients estimate the loss curvature.
 
-        For a supervised loss these are the losses themselves (empirical Fisher). Objectives whose
-        gradient vanishes at the dense model (a distance to its own outputs) override this with
-        random projections of the output, which estimate the Gauss-Newton matrix instead.
+        By default these are the losses themselves (empirical Fisher). Objectives override it where
+        a Gauss-Newton probe exists: a squared error l(f) = (f - y)^2 returns sqrt(2) f, whose
+        squared gradient is l'' (df)^2 without the per-sample residual weighting of the empirical
+        Fisher; a distance to the dense model's own outputs (zero gradient there) returns random
+        projections of the output.
         """
         return self.losses(model, batch)
 

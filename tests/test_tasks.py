@@ -85,6 +85,13 @@ def test_sts_task_batches_and_metric(tmp_path: Path, tokenizer, minilm: torch.nn
     assert calib.batches[0].sample_of_row.tolist() == [0, 1, 0, 1]  # [first sentences; second sentences]
     losses = calib.objective.losses(minilm, calib.batches[0])
     assert losses.shape == (2,) and bool((losses >= 0).all())
+    # Gauss-Newton probe: sqrt(2) cos, so half its squared gradient is l''(cos)/2 (dcos)^2 = (dcos)^2.
+    with torch.no_grad():
+        cos = calib.objective.cosines(minilm, calib.batches[0])
+        probe = calib.objective.curvature_losses(minilm, calib.batches[0], torch.Generator())
+    targets = calib.batches[0].targets
+    torch.testing.assert_close(probe, 2**0.5 * cos)
+    torch.testing.assert_close(losses.detach(), (cos - targets).pow(2))
     rho = task.evaluate(minilm)
     assert -100.0 <= rho <= 100.0 and rho > 0  # the pretrained model ranks these pairs sensibly
     with pytest.raises(ValueError, match="calibration_samples must be >= 1, got 0"):

@@ -15,8 +15,9 @@ class NViTSaliency(SeededSaliency):
     """Second-order Taylor estimate of the loss change when a unit is removed.
 
     Removing unit S moves its gate from 1 to 0, so dL ~ -dL/dgate + 1/2 d2L/dgate2. At a trained
-    model the first term averages out; replacing the Hessian with the Fisher (or, label-free, the
-    Gauss-Newton) gives I_S = 1/2 E[(dL/dgate_S)^2] = 1/2 E[(g_S . w_S)^2], where g_S . w_S couples
+    model the first term averages out; replacing the Hessian with the Gauss-Newton (squared gradients
+    of the objective's curvature probes; the empirical Fisher for objectives without one) gives
+    I_S = 1/2 E[(dL/dgate_S)^2] = 1/2 E[(g_S . w_S)^2], where g_S . w_S couples
     all of the unit's tensors (Q/K/V/O of a head; up/gate/down of a neuron). The expectation runs
     over per-sample gradients, not batch means, which NViT's own code averages first.
 

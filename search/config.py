@@ -149,6 +149,7 @@ class ProfilerConfig:
     threads: int | None = None
     real_blocks: bool = True  # time the model's own pruned layers (torch) rather than ReferenceBlock
     stack: int | None = None  # torch: blocks timed back to back per call; None = the model's depth
+    rounds: int = 1  # passes over the grid in shuffled order, the repeats split between them
 
 
 @dataclass

@@ -14,6 +14,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import hydra
 import torch
@@ -50,26 +51,26 @@ def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
     )
 
 
-def measure_base_ms(
-    model: torch.nn.Module, workload: cost_models.Workload, device: str, repeats: int
-) -> float:
-    """Median latency of the whole dense model (torch), to subtract the blocks from."""
+def whole_model_timer(
+    model: torch.nn.Module, workload: cost_models.Workload, device: str
+) -> Callable[[], float]:
+    """One timed forward (ms) of the whole dense model (torch), to subtract the blocks from."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[workload.dtype]
     model = model.to(device, dtype)
     ids = torch.randint(1000, 2000, (workload.batch_size, workload.seq_len), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 3):
+
+    def run() -> float:
+        with torch.inference_mode():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             model(**inputs)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            if i >= 3:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            return (time.perf_counter() - t0) * 1e3
+
+    return run
 
 
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
@@ -90,17 +91,35 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
         len(mlp_grid),
         workload.describe(),
     )
-    table = profiler.profile(
-        spec, workload, units_grid=units_grid, mlp_grid=mlp_grid, profile=profile.name, command=command
-    )
+    # With real blocks the whole model is timed beside the grid, each round, so the time outside
+    # the blocks (embeddings, pooler, masks) comes from the same conditions as the blocks.
+    whole = None
     if profile.backend == "torch" and cfg.profiler.real_blocks:
-        whole = measure_base_ms(model, workload, profile.device, cfg.profiler.repeats)
+        whole = whole_model_timer(model, workload, profile.device)
+        for _ in range(2):
+            whole()
+    table = profiler.profile(
+        spec,
+        workload,
+        units_grid=units_grid,
+        mlp_grid=mlp_grid,
+        profile=profile.name,
+        command=command,
+        rounds=cfg.profiler.rounds,
+        reference=whole,
+    )
+    if whole is not None:
+        whole_ms = (
+            statistics.median([*(whole() for _ in range(cfg.profiler.repeats))])
+            if cfg.profiler.rounds == 1
+            else table.meta["reference_ms"]
+        )
         frame = table.frame
         dense_block = float(
             frame[(frame.units == spec.units) & (frame.mlp == spec.mlp)]["latency_ms"].iloc[0]
         )
-        table.base_ms = max(whole - spec.num_layers * dense_block, 0.0)
-        table.meta["dense_model_ms"] = whole
+        table.base_ms = max(whole_ms - spec.num_layers * dense_block, 0.0)
+        table.meta["dense_model_ms"] = whole_ms
     path = table.save(cfg.out)
     log.info("wrote %s (base %.3f ms outside the blocks)", path, table.base_ms)
     return table

@@ -10,6 +10,7 @@ from cost_models import BlockSpec, LatencyTable, TableModel, Workload
 from cost_models.profilers import (
     JaxProfiler,
     OnnxRuntimeProfiler,
+    Profiler,
     ReferenceBlock,
     Timing,
     TorchProfiler,
@@ -139,3 +140,34 @@ def test_nvml_metadata_reports_why_when_absent() -> None:
         assert "NVML" in meta["error"] or "nvidia-ml-py" in meta["error"]
     else:  # on a machine with an NVIDIA GPU
         assert {"name", "driver", "sm_clock_mhz", "power_limit_w", "memory_total_mib"} <= set(meta)
+
+
+def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() -> None:
+    calls: list[tuple[int, int, int]] = []
+
+    class Fake(Profiler):
+        backend = "fake"
+
+        def measure_block(self, spec: object, workload: object, *, units: int, mlp: int) -> Timing:
+            calls.append((units, mlp, self.repeats))
+            return Timing.of([float(units + mlp)] * self.repeats)
+
+    references = iter([10.0, 1.0, 2.0, 3.0])  # the first call is the warm-up
+    profiler = Fake(warmup=0, repeats=6, seed=1)
+    table = profiler.profile(
+        SPEC,
+        WORKLOAD,
+        units_grid=[0, 2],
+        mlp_grid=[0, 96],
+        profile="x",
+        rounds=3,
+        reference=lambda: next(references),
+    )
+    assert len(calls) == 4 * 3 and {c[2] for c in calls} == {2}  # 6 repeats split over 3 rounds
+    assert len({tuple(calls[i * 4 : (i + 1) * 4]) for i in range(3)}) > 1  # a fresh order per round
+    assert profiler.repeats == 6  # restored
+    assert table.frame["repeats"].tolist() == [6, 6, 6, 6]
+    assert table.frame["latency_ms"].tolist() == [0.0, 96.0, 2.0, 98.0]
+    assert table.meta["reference_ms"] == 2.0 and table.meta["rounds"] == 3
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x", rounds=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import random
 import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ class Timing:
     p10_ms: float
     p90_ms: float
     repeats: int
+    samples_ms: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, samples_ms: Sequence[float]) -> Timing:
@@ -38,7 +40,12 @@ class Timing:
             p10_ms=ordered[int(0.1 * (n - 1))],
             p90_ms=ordered[round(0.9 * (n - 1))],
             repeats=n,
+            samples_ms=tuple(samples_ms),
         )
+
+    def scaled(self, factor: float) -> Timing:
+        """The same timing with every sample multiplied by `factor` (e.g. per block of a stack)."""
+        return Timing.of([t * factor for t in self.samples_ms])
 
 
 def repeat_timed(run: Callable[[], float], *, warmup: int, repeats: int) -> Timing:
@@ -84,30 +91,60 @@ class Profiler(ABC):
         profile: str,
         base_ms: float = 0.0,
         command: str = "",
+        rounds: int = 1,
+        reference: Callable[[], float] | None = None,
     ) -> LatencyTable:
-        """Measure every (units, mlp) pair of the grid into a table."""
+        """Measure every (units, mlp) pair of the grid into a table.
+
+        Args:
+            rounds: Split the repeats over this many passes through the grid, each in a fresh
+                shuffled order, so slow drifts of a shared machine (other tenants, clocks) spread
+                over all points instead of biasing the ones timed during a slow minute.
+            reference: A callable returning the latency (ms) of one run of some reference (the
+                whole dense model), timed once per round beside the grid; its median goes to the
+                table's metadata as `reference_ms`, measured under the same conditions.
+        """
         for name, grid, top in (("units_grid", units_grid, spec.units), ("mlp_grid", mlp_grid, spec.mlp)):
             bad = [g for g in grid if not 0 <= g <= top]
             if bad or len(set(grid)) < 2:
                 raise ValueError(f"{name} needs >= 2 distinct values in [0, {top}], got {list(grid)}")
-        rows = []
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
         points = [(u, m) for u in sorted(set(units_grid)) for m in sorted(set(mlp_grid))]
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"profiling {profile} ({self.backend})", total=len(points))
-            for units, mlp in points:
-                t = self.measure_block(spec, workload, units=units, mlp=mlp)
-                rows.append(
-                    (units, units * spec.heads_per_unit, mlp, t.median_ms, t.p10_ms, t.p90_ms, t.repeats)
-                )
-                progress.advance(task)
+        samples: dict[tuple[int, int], list[float]] = {p: [] for p in points}
+        reference_ms: list[float] = []
+        repeats, rng = self.repeats, random.Random(self.seed)
+        self.repeats = max(1, -(-repeats // rounds))  # per round, rounded up
+        if reference is not None:
+            reference()  # warm-up
+        try:
+            with Progress(transient=True) as progress:
+                task = progress.add_task(f"profiling {profile} ({self.backend})", total=len(points) * rounds)
+                for _ in range(rounds):
+                    order = points if rounds == 1 else rng.sample(points, len(points))
+                    for units, mlp in order:
+                        t = self.measure_block(spec, workload, units=units, mlp=mlp)
+                        samples[units, mlp].extend(t.samples_ms or [t.median_ms])
+                        progress.advance(task)
+                    if reference is not None:
+                        reference_ms.append(reference())
+        finally:
+            self.repeats = repeats
+        rows = []
+        for units, mlp in points:
+            t = Timing.of(samples[units, mlp])
+            rows.append((units, units * spec.heads_per_unit, mlp, t.median_ms, t.p10_ms, t.p90_ms, t.repeats))
         frame = pd.DataFrame(
             rows, columns=["units", "heads", "mlp", "latency_ms", "p10_ms", "p90_ms", "repeats"]
         )
         meta = self.metadata() | {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "warmup": self.warmup,
+            "rounds": rounds,
             "command": command,
         }
+        if reference_ms:
+            meta["reference_ms"] = statistics.median(reference_ms)
         return LatencyTable(
             frame=frame, spec=spec, workload=workload, profile=profile, base_ms=base_ms, meta=meta
         )

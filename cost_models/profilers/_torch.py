@@ -117,7 +117,9 @@ class TorchProfiler(Profiler):
             raise ValueError(f"torch profiler runs {sorted(TORCH_DTYPES)}, not {workload.dtype!r}")
         dtype = TORCH_DTYPES[workload.dtype]
         torch.manual_seed(self.seed)
-        blocks = [self.block_factory(spec, units, mlp).to(self.device, dtype).eval() for _ in range(self.stack)]
+        blocks = [
+            self.block_factory(spec, units, mlp).to(self.device, dtype).eval() for _ in range(self.stack)
+        ]
         x = torch.randn(workload.batch_size, workload.seq_len, spec.hidden, device=self.device, dtype=dtype)
         for block in blocks:
             if workload.phase == "decode" and isinstance(block, ReferenceBlock) and units:
@@ -127,8 +129,7 @@ class TorchProfiler(Profiler):
                     torch.randn(shape, device=self.device, dtype=dtype),
                 )
         t = repeat_timed(self._timer(nn.Sequential(*blocks), x), warmup=self.warmup, repeats=self.repeats)
-        n = self.stack
-        return Timing(median_ms=t.median_ms / n, p10_ms=t.p10_ms / n, p90_ms=t.p90_ms / n, repeats=t.repeats)
+        return t.scaled(1.0 / self.stack)
 
     def _timer(self, block: nn.Module, x: torch.Tensor) -> Callable[[], float]:
         if self.device.type == "cuda":

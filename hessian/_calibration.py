@@ -96,6 +96,16 @@ class Objective(ABC):
         """
         return self.losses(model, batch)
 
+    def loss_slope(self, probes: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """(n_samples,) dL_i/dprobe_i at the given probe values, or None where L is not a function of them.
+
+        With it, each sample's loss gradient follows from its probe gradient by the chain rule, so a
+        Taylor estimate's first-order term costs no second backward pass.
+        """
+        if type(self).curvature_losses is Objective.curvature_losses:
+            return torch.ones_like(probes)  # the default probes are the losses themselves
+        return None
+
 
 class OutputDistance(Objective):
     """Label-free objective: half the squared distance of the model's outputs to the dense model's.

@@ -8,6 +8,7 @@ do not interact in a transformer's forward. Rows of one sample (a sentence pair)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from rich.progress import track
@@ -18,6 +19,14 @@ from hessian._base import frozen
 from hessian._calibration import Calibration, check_finite
 
 
+class GateGrads(NamedTuple):
+    """One batch's per-sample gate gradients, per layer (n_samples, units), and the loss slopes."""
+
+    heads: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    loss_slope: torch.Tensor | None  # (n_samples,) dL_i/dprobe_i of curvature probes, if known
+
+
 def per_sample_gate_grads(
     model: nn.Module,
     structure: prunable.Structure,
@@ -26,8 +35,8 @@ def per_sample_gate_grads(
     method: str,
     curvature: bool,
     seed: int = 0,
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Yield, per batch, (head grads, mlp grads): per layer (n_samples, units) gate gradients.
+) -> Iterator[GateGrads]:
+    """Yield, per batch, the per-sample gate gradients of the losses or of the curvature probes.
 
     Args:
         curvature: Differentiate the objective's curvature probes (Fisher / Gauss-Newton) rather
@@ -41,8 +50,10 @@ def per_sample_gate_grads(
             track(calibration.batches, description=f"{method} saliency", transient=True)
         ):
             gates.reset(batch_size=batch.rows, requires_grad=True)
+            slope = None
             if curvature:
                 losses = objective.curvature_losses(model, batch, generator)
+                slope = objective.loss_slope(losses.detach(), batch)
             else:
                 losses = objective.losses(model, batch)
             check_finite(losses, what="loss", batch_index=b, method=method)
@@ -53,7 +64,7 @@ def per_sample_gate_grads(
                     grad = gate.grad if gate.grad is not None else torch.zeros_like(gate)
                     check_finite(grad, what=f"{kind} gate gradient", batch_index=b, method=method)
                     sink.append(batch.per_sample(grad.detach()))  # (n_samples, units)
-            yield out
+            yield GateGrads(*out, loss_slope=slope)
 
 
 def mean_over_samples(
@@ -69,7 +80,7 @@ def mean_over_samples(
     """Per layer, the mean over calibration samples of `transform(per-sample gate gradient)`."""
     heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
     mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
-    for head_grads, mlp_grads in per_sample_gate_grads(
+    for head_grads, mlp_grads, _ in per_sample_gate_grads(
         model, structure, calibration, method=method, curvature=curvature, seed=seed
     ):
         for acc, grads in ((heads, head_grads), (mlp, mlp_grads)):

@@ -54,6 +54,7 @@ def calibration(
 def methods() -> list[hessian.Saliency]:
     return [
         hessian.NViTSaliency(seed=1),
+        hessian.NViTSaliency(seed=1, first_order=True),
         hessian.FisherSaliency(seed=1),
         hessian.HutchinsonSaliency(max_probes=6, min_probes=2, seed=1),
         hessian.TaylorSaliency(),
@@ -62,9 +63,13 @@ def methods() -> list[hessian.Saliency]:
     ]
 
 
+def method_id(method: hessian.Saliency) -> str:
+    return method.name + ("-first-order" if getattr(method, "first_order", False) else "")
+
+
 @pytest.mark.parametrize("supervised", [True, False], ids=["supervised", "label-free"])
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", methods(), ids=lambda m: m.name)
+@pytest.mark.parametrize("method", methods(), ids=method_id)
 def test_conformance(method: hessian.Saliency, family: str, supervised: bool) -> None:
     model, calib = calibration(family, supervised=supervised)
     structure = prunable.discover(model)
@@ -72,12 +77,13 @@ def test_conformance(method: hessian.Saliency, family: str, supervised: bool) ->
 
     scores = method.score(model, calib)
 
-    # One finite, non-negative score per unit, shaped like the structure.
+    # One finite score per unit, shaped like the structure; non-negative unless signed by design.
     scores.check(structure)
     assert scores.method == method.name
-    for kind in prunable.UNIT_KINDS:
-        for layer_scores in scores.of(kind):
-            assert bool((layer_scores >= 0).all())
+    if not getattr(method, "first_order", False):
+        for kind in prunable.UNIT_KINDS:
+            for layer_scores in scores.of(kind):
+                assert bool((layer_scores >= 0).all())
     # Scoring leaves the model as it was: same weights, no hooks, gradients off where they were.
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(not m._forward_pre_hooks for m in model.modules())
@@ -92,7 +98,7 @@ def test_conformance(method: hessian.Saliency, family: str, supervised: bool) ->
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", [m for m in methods() if m.name != "random"], ids=lambda m: m.name)
+@pytest.mark.parametrize("method", [m for m in methods() if m.name != "random"], ids=method_id)
 def test_unit_with_zeroed_weights_scores_zero(method: hessian.Saliency, family: str) -> None:
     model, calib = calibration(family, supervised=True)
     lc = prunable.couplings(model)[1]
@@ -103,7 +109,7 @@ def test_unit_with_zeroed_weights_scores_zero(method: hessian.Saliency, family: 
                     param.index_fill_(dim, coupling.index[unit], 0.0)
     scores = method.score(model, calib)
     for kind, unit in (("heads", 0), ("mlp", 3)):
-        layer_scores = scores.of(kind)[1]
+        layer_scores = scores.of(kind)[1].abs()
         assert layer_scores[unit].item() <= 1e-9 * max(layer_scores.max().item(), 1e-30) + 1e-12
         assert layer_scores.max().item() > 0
 
@@ -122,6 +128,57 @@ def test_nvit_equals_brute_force_per_sample_fisher() -> None:
                 acc += g.grad.double().pow(2)
     for got, want in zip(scores.heads, expected_heads, strict=True):
         torch.testing.assert_close(got, 0.5 * want / batch.n_samples, rtol=1e-4, atol=1e-12)
+
+
+class ToyGaussNewton(SupervisedToy):
+    """SupervisedToy with its Gauss-Newton probe sqrt(2) pred and the chain-rule slope of the loss."""
+
+    name = "toy-mse-gn"
+
+    def curvature_losses(
+        self, model: torch.nn.Module, batch: hessian.Batch, generator: torch.Generator
+    ) -> torch.Tensor:
+        return 2**0.5 * batch.per_sample(pooled(model, batch)[:, 0])
+
+    def loss_slope(self, probes: torch.Tensor, batch: hessian.Batch) -> torch.Tensor | None:
+        assert batch.targets is not None
+        return 2**0.5 * (probes / 2**0.5 - batch.targets)
+
+
+class ToyGaussNewtonNoSlope(ToyGaussNewton):
+    """The same probe, but the loss gradient has to come from a second backward pass."""
+
+    def loss_slope(self, probes: torch.Tensor, batch: hessian.Batch) -> torch.Tensor | None:
+        return None
+
+
+@pytest.mark.parametrize("objective", [SupervisedToy(), ToyGaussNewton(), ToyGaussNewtonNoSlope()], ids=type)
+def test_nvit_first_order_is_the_per_sample_second_order_taylor(objective: hessian.Objective) -> None:
+    """first_order=True: mean over samples of -dL_s/dgate + 1/2 (dprobe_s/dgate)^2, each sample alone."""
+    model, calib = calibration("bert", supervised=True, n_batches=2)
+    calib = hessian.Calibration(calib.batches, objective)
+    scores = hessian.NViTSaliency(first_order=True).score(model, calib)
+    plain = hessian.NViTSaliency().score(model, calib)
+    expected = {kind: [torch.zeros_like(h) for h in scores.of(kind)] for kind in prunable.UNIT_KINDS}
+    with prunable.gated(model) as gates:
+        for batch in calib.batches:
+            for s in range(batch.n_samples):
+                one = batch.select([s])
+                for sign, fn in ((-1.0, objective.losses), (0.5, None)):
+                    gates.reset(requires_grad=True)
+                    out = fn(model, one) if fn else objective.curvature_losses(model, one, torch.Generator())
+                    out.sum().backward()
+                    for kind in prunable.UNIT_KINDS:
+                        for acc, g in zip(expected[kind], gates.of(kind), strict=True):
+                            acc += sign * (g.grad.double() if fn else g.grad.double().pow(2))
+    n = calib.n_samples
+    for kind in prunable.UNIT_KINDS:
+        for got, want, second in zip(scores.of(kind), expected[kind], plain.of(kind), strict=True):
+            torch.testing.assert_close(got, want / n, rtol=1e-4, atol=1e-10)
+            assert not torch.allclose(got, second)  # the first-order term is really there
+    assert scores.meta["params"] == {"seed": 0, "first_order": True}
+    with pytest.raises(ValueError, match="first_order must be True or False, got 'yes'"):
+        hessian.NViTSaliency(first_order="yes")  # type: ignore[arg-type]
 
 
 def test_sentence_pairs_are_one_sample_over_two_rows() -> None:

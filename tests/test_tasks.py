@@ -92,6 +92,10 @@ def test_sts_task_batches_and_metric(tmp_path: Path, tokenizer, minilm: torch.nn
     targets = calib.batches[0].targets
     torch.testing.assert_close(probe, 2**0.5 * cos)
     torch.testing.assert_close(losses.detach(), (cos - targets).pow(2))
+    # The loss slope is dL/dprobe, so loss gradients follow from probe gradients by the chain rule.
+    p = probe.clone().requires_grad_(True)
+    (p / 2**0.5 - targets).pow(2).sum().backward()
+    torch.testing.assert_close(calib.objective.loss_slope(probe, calib.batches[0]), p.grad)
     rho = task.evaluate(minilm)
     assert -100.0 <= rho <= 100.0 and rho > 0  # the pretrained model ranks these pairs sensibly
     with pytest.raises(ValueError, match="calibration_samples must be >= 1, got 0"):

@@ -89,6 +89,11 @@ class CosineSimilarityLoss(hessian.Objective):
     ) -> torch.Tensor:
         return 2**0.5 * self.cosines(model, batch)
 
+    def loss_slope(self, probes: torch.Tensor, batch: hessian.Batch) -> torch.Tensor:
+        assert batch.targets is not None
+        # L = (p / sqrt(2) - y)^2, so dL/dp = sqrt(2) (cos - y).
+        return 2**0.5 * (probes / 2**0.5 - batch.targets.to(probes))
+
 
 class STSTask(Task):
     """STS Benchmark: calibrate on the train file, report Spearman x 100 on the eval file.

@@ -8,7 +8,7 @@ proxy scaled to the dense model's measured latency. Also measures whole-model pr
 Usage (tables first, then the check):
     hwprune-profile hardware=cpu_local workload=b1_s128 profiler.rounds=10 profiler.warmup=2
     hwprune-profile hardware=cpu_local workload=b32_s128 profiler.rounds=3 profiler.repeats=6 profiler.warmup=1
-    python benchmarks/cost_models_cpu.py --out results/benchmarks/cost_models_cpu.md
+    python benchmarks/cost_models_cpu.py --configs 50 --repeats 30
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +44,7 @@ def random_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.n
 
 
 def time_interleaved(models: list[torch.nn.Module], batch: int, seq: int, rounds: int) -> np.ndarray:
-    """Median latency of each model, timed once per round in a shuffled order.
+    """(models, rounds) latencies in ms, each model timed once per round in a shuffled order.
 
     Round-robin timing spreads this shared machine's slow drifts (other tenants, clocks) over every
     model alike instead of biasing whichever model happened to be timed during a slow minute.
@@ -63,7 +62,7 @@ def time_interleaved(models: list[torch.nn.Module], batch: int, seq: int, rounds
                 t0 = time.perf_counter()
                 models[k](**inputs)
                 samples[k].append((time.perf_counter() - t0) * 1e3)
-    return np.array([statistics.median(s) for s in samples])
+    return np.array(samples)
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -124,7 +123,8 @@ def main() -> None:
                 structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
             )
             pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
-        timed = time_interleaved([dense, *pruned], batch, seq, rounds)
+        samples = time_interleaved([dense, *pruned], batch, seq, rounds)
+        timed = np.median(samples, axis=1)
         dense_ms, measured_arr = float(timed[0]), timed[1:]
         del pruned
         for k in range(args.configs):
@@ -139,6 +139,9 @@ def main() -> None:
             models["table"].predict(units, mlp).latency_ms * anchor, measured_arr
         )
         rows["FLOPs proxy"] = metrics(spec.flops(workload, units, mlp) / dense_flops * dense_ms, measured_arr)
+        # The noise floor: how well one half of the rounds predicts the other on this machine.
+        even, odd = np.median(samples[1:, 0::2], axis=1), np.median(samples[1:, 1::2], axis=1)
+        rows["measurement: odd rounds vs even rounds"] = metrics(odd, even)
         sections.append((name, workload, table, rows, dense_ms, measured_arr))
 
     rates = {m: throughput(model) for m, model in models.items()}
@@ -163,7 +166,9 @@ def write(args: argparse.Namespace, profile, sections, rates) -> None:  # type: 
         "layers) plus its measured non-block time; `calibrated` is the roofline fitted to that table; "
         "`analytical` is the roofline from measured peaks alone; `table, re-anchored` multiplies the table's "
         "predictions by (dense model measured now / dense model measured while profiling); the FLOPs proxy scales the dense model's "
-        "measured latency by the configuration's FLOPs.",
+        "measured latency by the configuration's FLOPs. The last row compares the median of the odd rounds "
+        "with that of the even rounds: the agreement of this machine with itself, a ceiling for any model "
+        "(a loose one: each half has half the rounds).",
         "",
     ]
     for name, workload, table, rows, dense_ms, measured in sections:

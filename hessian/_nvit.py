@@ -50,18 +50,6 @@ class NViTSaliency(SeededSaliency):
     def _score(
         self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if not self.first_order:
-            heads, mlp = mean_over_samples(
-                model,
-                structure,
-                calibration,
-                method=self.name,
-                curvature=True,
-                transform=torch.square,
-                seed=self.seed,
-            )
-            return [0.5 * h for h in heads], [0.5 * m for m in mlp]
-
         second = (
             [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers],
             [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers],
@@ -76,17 +64,22 @@ class NViTSaliency(SeededSaliency):
                 for i, g in enumerate(per_layer):  # g: (n_samples, units) probe gradients
                     g = g.double()
                     second[k][i] += 0.5 * g.square().sum(0).cpu()
-                    if grads.loss_slope is not None:
+                    if self.first_order and grads.loss_slope is not None:
                         # dL_i/dgate = dL_i/dprobe_i * dprobe_i/dgate
                         slope = grads.loss_slope.double().to(g.device)[:, None]  # (n_samples, 1)
                         first[k][i] += (slope * g).sum(0).cpu()
         n = calibration.n_samples
-        if not chain_rule:
+        heads, mlp = [h / n for h in second[0]], [m / n for m in second[1]]
+        if not self.first_order:
+            return heads, mlp
+        if chain_rule:
+            mean_first = ([h / n for h in first[0]], [m / n for m in first[1]])
+        else:
             # The probes do not determine the loss gradient: one more backward pass, of the losses.
-            first = mean_over_samples(
+            mean_first = mean_over_samples(
                 model, structure, calibration, method=self.name, curvature=False, transform=lambda g: g
             )
-            first = ([h * n for h in first[0]], [m * n for m in first[1]])
-        heads = [(s - f) / n for s, f in zip(second[0], first[0], strict=True)]
-        mlp = [(s - f) / n for s, f in zip(second[1], first[1], strict=True)]
-        return heads, mlp
+        return (
+            [h - f for h, f in zip(heads, mean_first[0], strict=True)],
+            [m - f for m, f in zip(mlp, mean_first[1], strict=True)],
+        )

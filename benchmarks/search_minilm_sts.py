@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -88,7 +89,7 @@ def main() -> None:
     for name, overrides in runs.items():
         run_dir = work / name.replace(" (default)", "").replace(", ", "_").replace(" ", "_")
         if run_dir.exists():
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            shutil.rmtree(run_dir)
         app = config(args, *overrides)
         start = time.perf_counter()
         outcome = run_search(app, run_dir)

@@ -97,10 +97,8 @@ def hypervolume_subset(
     inside = np.flatnonzero((latency <= reference[0]) & (loss <= reference[1]))
     chosen: list[int] = []
     for _ in range(min(k, len(inside))):
-        cx = np.array([latency[c] for c in chosen])
-        cy = np.array([loss[c] for c in chosen])
-        order = np.argsort(cx)
-        cx, cy = cx[order], cy[order]
+        order = np.argsort(latency[chosen])
+        cx, cy = latency[chosen][order], loss[chosen][order]
         pos = np.searchsorted(cx, latency[inside])  # chosen points faster than each candidate
         next_x = np.append(cx, reference[0])[pos]
         prev_y = np.insert(cy, 0, reference[1])[pos]

@@ -11,7 +11,6 @@ to make the search use it.
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -96,8 +95,6 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     whole = None
     if profile.backend == "torch" and cfg.profiler.real_blocks:
         whole = whole_model_timer(model, workload, profile.device)
-        for _ in range(2):
-            whole()
     table = profiler.profile(
         spec,
         workload,
@@ -109,11 +106,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
         reference=whole,
     )
     if whole is not None:
-        whole_ms = (
-            statistics.median([*(whole() for _ in range(cfg.profiler.repeats))])
-            if cfg.profiler.rounds == 1
-            else table.meta["reference_ms"]
-        )
+        whole_ms = table.meta["reference_ms"]
         frame = table.frame
         dense_block = float(
             frame[(frame.units == spec.units) & (frame.mlp == spec.mlp)]["latency_ms"].iloc[0]

@@ -152,8 +152,9 @@ def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() 
             calls.append((units, mlp, self.repeats))
             return Timing.of([float(units + mlp)] * self.repeats)
 
-    references = iter([10.0, 1.0, 2.0, 3.0])  # the first call is the warm-up
-    profiler = Fake(warmup=0, repeats=6, seed=1)
+    # Warmed up like a grid point, then timed per round as often as a grid point.
+    references = iter([100.0, 1.0, 1.0, 2.0, 2.0, 3.0, 50.0])
+    profiler = Fake(warmup=1, repeats=6, seed=1)
     table = profiler.profile(
         SPEC,
         WORKLOAD,
@@ -169,5 +170,6 @@ def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() 
     assert table.frame["repeats"].tolist() == [6, 6, 6, 6]
     assert table.frame["latency_ms"].tolist() == [0.0, 96.0, 2.0, 98.0]
     assert table.meta["reference_ms"] == 2.0 and table.meta["rounds"] == 3
+    assert next(references, None) is None  # 1 warm-up + 2 per round
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x", rounds=0)

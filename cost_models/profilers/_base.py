@@ -101,8 +101,9 @@ class Profiler(ABC):
                 shuffled order, so slow drifts of a shared machine (other tenants, clocks) spread
                 over all points instead of biasing the ones timed during a slow minute.
             reference: A callable returning the latency (ms) of one run of some reference (the
-                whole dense model), timed once per round beside the grid; its median goes to the
-                table's metadata as `reference_ms`, measured under the same conditions.
+                whole dense model), warmed up and timed like a grid point in every round; its
+                median goes to the table's metadata as `reference_ms`, measured under the same
+                conditions.
         """
         for name, grid, top in (("units_grid", units_grid, spec.units), ("mlp_grid", mlp_grid, spec.mlp)):
             bad = [g for g in grid if not 0 <= g <= top]
@@ -116,7 +117,8 @@ class Profiler(ABC):
         repeats, rng = self.repeats, random.Random(self.seed)
         self.repeats = max(1, -(-repeats // rounds))  # per round, rounded up
         if reference is not None:
-            reference()  # warm-up
+            for _ in range(self.warmup):
+                reference()
         try:
             with Progress(transient=True) as progress:
                 task = progress.add_task(f"profiling {profile} ({self.backend})", total=len(points) * rounds)
@@ -127,7 +129,7 @@ class Profiler(ABC):
                         samples[units, mlp].extend(t.samples_ms or [t.median_ms])
                         progress.advance(task)
                     if reference is not None:
-                        reference_ms.append(reference())
+                        reference_ms.extend(reference() for _ in range(self.repeats))
         finally:
             self.repeats = repeats
         rows = []

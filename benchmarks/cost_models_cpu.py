@@ -4,11 +4,14 @@ For each workload: random per-layer pruned configurations are physically pruned 
 (median of interleaved rounds), and compared with the table model (from the committed `hwprune-profile` table),
 the roofline calibrated to that table, the uncalibrated roofline (measured CPU peaks) and a FLOPs
 proxy scaled to the dense model's measured latency. Also measures whole-model predictions per second.
+The measured latencies go to a CSV beside the report, so other models can be scored without re-timing.
 
-Usage (tables first, then the check):
+Usage (profiles each workload's table with the commands below, then checks it right away, so this
+machine has as little time as possible to change speed between the two):
+    python benchmarks/cost_models_cpu.py --profile --configs 50 --repeats 30
+Without --profile it checks the committed tables, which were made by:
     hwprune-profile hardware=cpu_local workload=b1_s128 profiler.rounds=10 profiler.warmup=2
     hwprune-profile hardware=cpu_local workload=b32_s128 profiler.rounds=3 profiler.repeats=6 profiler.warmup=1
-    python benchmarks/cost_models_cpu.py --configs 50 --repeats 30
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import kendalltau
 
@@ -32,14 +38,34 @@ from search.config import load_hardware
 log = logging.getLogger("cost_models_cpu")
 
 WORKLOADS = {"b1_s128": (1, 128), "b32_s128": (32, 128)}
+PROFILE_ARGS = {
+    "b1_s128": "profiler.rounds=10 profiler.warmup=2",
+    "b32_s128": "profiler.rounds=3 profiler.repeats=6 profiler.warmup=1",
+}
+STEP = 128  # the MLP step of the table grid and of the configurations
 
 
 def random_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer widths on the table grid's steps, from near-empty to dense."""
+    """Every layer's widths drawn uniformly and independently on the grid's steps.
+
+    Whole-model sizes then cluster around half the dense model (the average of 2 x 6 draws).
+    """
     rng = np.random.default_rng(seed)
-    step = 128
     units = rng.integers(0, spec.units + 1, size=(n, spec.num_layers))
-    mlp = rng.integers(0, spec.mlp // step + 1, size=(n, spec.num_layers)) * step
+    mlp = rng.integers(0, spec.mlp // STEP + 1, size=(n, spec.num_layers)) * STEP
+    return units, mlp
+
+
+def spread_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer widths around a per-configuration keep ratio drawn uniformly in [0, 1].
+
+    Whole-model sizes then cover the range a search explores, from nearly empty to dense, which the
+    uniform draw leaves mostly unvisited.
+    """
+    rng = np.random.default_rng(seed)
+    keep = rng.uniform(0.0, 1.0, size=(n, 1))
+    units = rng.binomial(spec.units, keep, size=(n, spec.num_layers))
+    mlp = rng.binomial(spec.mlp // STEP, keep, size=(n, spec.num_layers)) * STEP
     return units, mlp
 
 
@@ -63,6 +89,28 @@ def time_interleaved(models: list[torch.nn.Module], batch: int, seq: int, rounds
                 models[k](**inputs)
                 samples[k].append((time.perf_counter() - t0) * 1e3)
     return np.array(samples)
+
+
+def speed_windows(model: torch.nn.Module, seconds: float, window: float = 10.0) -> np.ndarray:
+    """Medians (ms) of the dense model at batch 1 run back to back, one per `window` seconds.
+
+    How far this machine's speed wanders on its own over minutes: a bound on how well any absolute
+    latency, measured at one time, can predict one measured at another.
+    """
+    ids = torch.randint(1000, 2000, (1, 128))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    medians = []
+    with torch.inference_mode():
+        model(**inputs)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            times, start = [], time.perf_counter()
+            while time.perf_counter() - start < window:
+                t0 = time.perf_counter()
+                model(**inputs)
+                times.append((time.perf_counter() - t0) * 1e3)
+            medians.append(float(np.median(times)))
+    return np.array(medians)
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -90,8 +138,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--configs", type=int, default=50)
+    parser.add_argument("--configs", type=int, default=50, help="configurations per set (two sets)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--profile", action="store_true", help="profile each table right before its check")
+    parser.add_argument("--stability-seconds", type=float, default=120.0)
     parser.add_argument("--out", default="results/benchmarks/cost_models_cpu.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -101,94 +151,146 @@ def main() -> None:
     spec = block_spec(structure)
     ref = prunable.model_ref(dense, with_weights=False)
     profile = cost_models.local_profile(load_hardware("cpu_local"))
-    sections = []
+    stability = speed_windows(dense, args.stability_seconds)
+    sections, measurements = [], []
     for name, (batch, seq) in WORKLOADS.items():
+        if args.profile:
+            command = f"hwprune-profile hardware=cpu_local workload={name} {PROFILE_ARGS[name]}"
+            log.info("running %s", command)
+            subprocess.run(command.split(), check=True)
         workload = cost_models.Workload(batch_size=batch, seq_len=seq, dtype="fp32")
         path = cost_models.find_table(f"results/tables/cpu_local/minilm_b{batch}_s{seq}.csv")
         if path is None:
             raise SystemExit(
-                f"no table for {name}: run `hwprune-profile hardware=cpu_local workload={name}` first"
+                f"no table for {name}: run with --profile, or `hwprune-profile` as in the docstring"
             )
         table = cost_models.LatencyTable.load(path)
-        models = {
-            "table": cost_models.TableModel(table=table, workload=workload),
+        models: dict[str, cost_models.CostModel] = {
+            "table (additive fit, default)": cost_models.TableModel(table=table, workload=workload),
+            "table (raw grid)": cost_models.TableModel(table=table, workload=workload, fit="grid"),
             "calibrated": cost_models.calibrate(profile, table),
             "analytical": cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload),
         }
-        units, mlp = random_configs(spec, args.configs, seed=batch)
+        sets = {
+            "uniform": random_configs(spec, args.configs, seed=batch),
+            "spread": spread_configs(spec, args.configs, seed=batch),
+        }
+        units = np.concatenate([u for u, _ in sets.values()])
+        mlp = np.concatenate([m for _, m in sets.values()])
         rounds = args.repeats if batch == 1 else max(3, args.repeats // 3)
         pruned = []
-        for k in range(args.configs):
+        for k in range(len(units)):
             plan = prunable.PrunePlan.from_units(
                 structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
             )
             pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
         samples = time_interleaved([dense, *pruned], batch, seq, rounds)
-        timed = np.median(samples, axis=1)
-        dense_ms, measured_arr = float(timed[0]), timed[1:]
         del pruned
-        for k in range(args.configs):
-            log.info("%s config %d: units %s mlp %s -> %.2f ms", name, k, units[k], mlp[k], measured_arr[k])
+        timed = np.median(samples, axis=1)
+        dense_ms, measured = float(timed[0]), timed[1:]
+        # Halves of the rounds: how well this machine predicts itself, a ceiling for any model.
+        even, odd = np.median(samples[1:, 0::2], axis=1), np.median(samples[1:, 1::2], axis=1)
         n = spec.num_layers
         dense_flops = spec.flops(workload, np.full(n, spec.units), np.full(n, spec.mlp))
-        rows = {m: metrics(model.predict(units, mlp).latency_ms, measured_arr) for m, model in models.items()}
-        # A table is absolute: on a shared machine whose speed drifts between profiling and use, one
-        # dense measurement now re-anchors it (the same information the FLOPs proxy gets).
-        anchor = dense_ms / table.meta["dense_model_ms"]
-        rows["table, re-anchored"] = metrics(
-            models["table"].predict(units, mlp).latency_ms * anchor, measured_arr
+        predicted = {m: model.predict(units, mlp).latency_ms for m, model in models.items()}
+        # A table is absolute, and this machine's speed wanders between profiling and checking. As a
+        # speedup over the dense model (what a search ranks and hwprune-apply reports), times the dense
+        # model measured now, it gets the same anchor as the FLOPs proxy.
+        default = models["table (additive fit, default)"]
+        predicted["table, as speedup x dense now"] = predicted["table (additive fit, default)"] * (
+            dense_ms / default.dense_ms()
         )
-        rows["FLOPs proxy"] = metrics(spec.flops(workload, units, mlp) / dense_flops * dense_ms, measured_arr)
-        # The noise floor: how well one half of the rounds predicts the other on this machine.
-        even, odd = np.median(samples[1:, 0::2], axis=1), np.median(samples[1:, 1::2], axis=1)
-        rows["measurement: odd rounds vs even rounds"] = metrics(odd, even)
-        sections.append((name, workload, table, rows, dense_ms, measured_arr))
+        predicted["FLOPs proxy"] = spec.flops(workload, units, mlp) / dense_flops * dense_ms
+        predicted["measurement: odd rounds vs even rounds"] = odd
+        truth = {m: (even if m.startswith("measurement") else measured) for m in predicted}
+        results = {}
+        for k, set_name in enumerate(sets):
+            rows = slice(k * args.configs, (k + 1) * args.configs)
+            results[set_name] = {m: metrics(p[rows], truth[m][rows]) for m, p in predicted.items()}
+        sections.append((name, workload, table, models, results, dense_ms, measured, sets))
+        for k in range(len(units)):
+            set_name = list(sets)[k // args.configs]
+            row = {"workload": name, "set": set_name, "measured_ms": measured[k], "dense_ms": dense_ms}
+            row |= {f"units{i}": units[k, i] for i in range(n)} | {f"mlp{i}": mlp[k, i] for i in range(n)}
+            measurements.append(row)
+    pd.DataFrame(measurements).to_csv(Path(args.out).with_suffix(".csv"), index=False, float_format="%.4f")
+    last = sections[-1][3]
+    rates = {m: throughput(model) for m, model in last.items() if m != "table (raw grid)"}
+    write(args, profile, sections, rates, stability)
 
-    rates = {m: throughput(model) for m, model in models.items()}
-    write(args, profile, sections, rates)
 
-
-def write(args: argparse.Namespace, profile, sections, rates) -> None:  # type: ignore[no-untyped-def]
+def write(
+    args: argparse.Namespace,
+    profile: Any,
+    sections: list[Any],
+    rates: dict[str, float],
+    stability: np.ndarray,
+) -> None:
     lines = [
         "# Cost models against measured CPU latency (all-MiniLM-L6-v2)",
         "",
-        f"Command: `python benchmarks/cost_models_cpu.py --configs {args.configs} --repeats {args.repeats}` "
-        "after the two `hwprune-profile` runs in its docstring.  ",
+        f"Command: `python benchmarks/cost_models_cpu.py{' --profile' if args.profile else ''} "
+        f"--configs {args.configs} --repeats {args.repeats}`"
+        + (" (profiles each table, then checks it)" if args.profile else "")
+        + f"; every measured latency is in `{Path(args.out).with_suffix('.csv').name}`.  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"Measured CPU peaks: fp32 {profile.peak_tflops['fp32'] * 1e3:.0f} GFLOP/s, "
         f"copy {profile.memory_bandwidth_gbs:.1f} GB/s.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every latency here was measured on this CPU.",
         "",
-        f"{args.configs} random per-layer configurations (attention heads 0-12 and MLP width 0-1536 in steps of "
-        "128, per layer), physically pruned with `prunable.apply_plan` and timed end to end (median of "
-        "interleaved rounds: the dense model and every configuration timed once per round, in a shuffled "
-        "order; fp32, sequence 128). `table` looks up the profiled per-block table (real pruned MiniLM "
-        "layers) plus its measured non-block time; `calibrated` is the roofline fitted to that table; "
-        "`analytical` is the roofline from measured peaks alone; `table, re-anchored` multiplies the table's "
-        "predictions by (dense model measured now / dense model measured while profiling); the FLOPs proxy scales the dense model's "
-        "measured latency by the configuration's FLOPs. The last row compares the median of the odd rounds "
-        "with that of the even rounds: the agreement of this machine with itself, a ceiling for any model "
+        f"Two sets of {args.configs} random per-layer configurations (attention heads 0-12 and MLP width "
+        "0-1536 in steps of 128, per layer): `uniform` draws every layer's widths independently, so "
+        "whole-model sizes cluster around half the dense model; `spread` first draws a keep ratio per "
+        "configuration, uniform in [0, 1], then each layer's widths binomially around it, so sizes cover "
+        "the range a search explores. Each configuration is physically pruned with `prunable.apply_plan` "
+        "and timed end to end (median of interleaved rounds: the dense model and every configuration "
+        "timed once per round, in a shuffled order; fp32, sequence 128).",
+        "",
+        "Models: `table (additive fit, default)` reads the profiled per-block table (real pruned MiniLM "
+        "layers) as attention + MLP sub-layer latencies fitted to the whole grid, plus the measured time "
+        "outside the blocks; `table (raw grid)` interpolates the raw grid instead; `calibrated` is the "
+        "roofline fitted to that table; `analytical` is the roofline from measured peaks alone; `table, "
+        "as speedup x dense now` is the default table's predicted speedup over the dense model (what the "
+        "search ranks and `hwprune-apply` reports) times the dense model measured now, the same anchor "
+        "the FLOPs proxy gets (the dense model's latency measured now, scaled by the configuration's "
+        "FLOPs). The last row compares the median of the odd rounds with that of the even rounds: the "
+        "agreement of this machine with itself within one interleaved check, a ceiling for any model "
         "(a loose one: each half has half the rounds).",
         "",
+        "## How steady this machine is",
+        "",
+        f"The dense model at batch 1 run back to back for {args.stability_seconds:.0f} s, median of "
+        f"every 10 s: {stability.min():.2f} to {stability.max():.2f} ms (median {np.median(stability):.2f}; "
+        f"max / min = {stability.max() / stability.min():.2f}). Absolute latencies measured minutes apart "
+        "on this machine differ by that much whatever predicts them: the rows without a measurement "
+        "taken now (table, calibrated, analytical) carry it; the anchored rows do not.",
+        "",
     ]
-    for name, workload, table, rows, dense_ms, measured in sections:
+    for name, workload, table, models, results, dense_ms, measured, _ in sections:
+        model = models["table (additive fit, default)"]
         lines += [
             f"## {name}: {workload.describe()}",
             "",
-            f"Dense model measured: {dense_ms:.2f} ms (when profiling the table: "
-            f"{table.meta.get('dense_model_ms', float('nan')):.2f} ms); configurations measured from "
-            f"{measured.min():.2f} to {measured.max():.2f} ms. Table: `{table.meta.get('command', '')}` "
-            f"({len(table.frame)} grid points, {table.meta.get('stack', 1)} blocks per timed call, "
-            f"{table.meta.get('date', '')}).",
+            f"Table: `{table.meta.get('command', '')}` ({len(table.frame)} grid points, "
+            f"{table.meta.get('stack', 1)} blocks per timed call, {table.meta.get('date', '')}); additive "
+            f"fit within {model.fit_error * 100:.1f} % RMS of the raw grid. Dense model measured now: "
+            f"{dense_ms:.2f} ms; while profiling: {table.meta.get('dense_model_ms', float('nan')):.2f} ms.",
             "",
-            "| model | MAPE % | within ±10 % | within ±5 % | Kendall tau |",
-            "| --- | --- | --- | --- | --- |",
         ]
-        for model, m in rows.items():
-            lines.append(
-                f"| {model} | {m['mape']:.1f} | {m['within10']:.0f} | {m['within5']:.0f} | {m['tau']:.3f} |"
-            )
-        lines.append("")
+        for set_name, rows in results.items():
+            part = measured[: len(measured) // 2] if set_name == "uniform" else measured[len(measured) // 2 :]
+            lines += [
+                f"`{set_name}` set: measured {part.min():.2f} to {part.max():.2f} ms.",
+                "",
+                "| model | MAPE % | within ±10 % | within ±5 % | Kendall tau |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for model_name, m in rows.items():
+                lines.append(
+                    f"| {model_name} | {m['mape']:.1f} | {m['within10']:.0f} | {m['within5']:.0f} | "
+                    f"{m['tau']:.3f} |"
+                )
+            lines.append("")
     lines += [
         "## Vectorised query speed",
         "",

@@ -15,13 +15,14 @@ from cost_models._cpu_peaks import cpu_name, local_profile, measure_peaks
 from cost_models._factory import cost_model_for, find_table
 from cost_models._hardware import BACKENDS, KINDS, HardwareProfile, width_step
 from cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
-from cost_models._table import LatencyTable, TableModel
+from cost_models._table import TABLE_FITS, LatencyTable, TableModel
 
 __all__ = [
     "BACKENDS",
     "DTYPE_BYTES",
     "KINDS",
     "SOURCES",
+    "TABLE_FITS",
     "AnalyticalModel",
     "BlockSpec",
     "CostModel",

@@ -56,7 +56,7 @@ def cost_model_for(profile: HardwareProfile, spec: BlockSpec, workload: Workload
         usable.append(table)
     for table in usable:
         if table.spec == spec and table.workload == workload_resolved:
-            return TableModel(table=table)
+            return TableModel(table=table, fit=profile.table_fit)
     if usable:
         return calibrate(profile, usable[0])
     return AnalyticalModel(profile=profile, spec=spec, workload=workload_resolved)

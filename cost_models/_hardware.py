@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from omegaconf import MISSING
 
 from cost_models._spec import DTYPE_BYTES, Workload
+from cost_models._table import TABLE_FITS
 
 KINDS = ("gpu", "tpu", "npu", "cpu")
 BACKENDS = ("torch", "jax", "onnxruntime")
@@ -41,6 +42,8 @@ class HardwareProfile:
         execution_provider: ONNX Runtime execution provider (backend "onnxruntime").
         tables: Profiled latency tables (CSV files with JSON sidecars), absolute or relative to the
             working directory or the repository root; empty where the device was not measured.
+        table_fit: How a table is read: "additive" (attention + MLP sub-layer latencies fitted to
+            the whole grid, averaging out timing noise) or "grid" (raw measurements interpolated).
         measure_peaks: Replace the peaks by a micro-benchmark of this machine (cpu_local).
     """
 
@@ -60,6 +63,7 @@ class HardwareProfile:
     device: str = "cpu"
     execution_provider: str | None = None
     tables: list[str] = field(default_factory=list)
+    table_fit: str = "additive"
     measure_peaks: bool = False
     sources: list[str] = field(default_factory=list)
 
@@ -72,6 +76,10 @@ class HardwareProfile:
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"hardware {self.name}: unknown backend {self.backend!r}; valid choices: {list(BACKENDS)}"
+            )
+        if self.table_fit not in TABLE_FITS:
+            raise ValueError(
+                f"hardware {self.name}: unknown table_fit {self.table_fit!r}; valid choices: {list(TABLE_FITS)}"
             )
         unknown = sorted(set(self.dtypes) - set(DTYPE_BYTES))
         if unknown or not self.dtypes:

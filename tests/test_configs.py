@@ -106,6 +106,12 @@ def test_invalid_values_name_the_choices() -> None:
     profile.dtypes = ["fp64"]
     with pytest.raises(ValueError, match=r"dtypes \['fp64'\] invalid"):
         profile.validate()
+    profile = load_profile("gpu_h100")
+    profile.table_fit = "spline"
+    with pytest.raises(
+        ValueError, match=r"unknown table_fit 'spline'; valid choices: \['additive', 'grid'\]"
+    ):
+        profile.validate()
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "search").glob("*.yaml")))

@@ -54,7 +54,8 @@ def all_models() -> list[tuple[str, cost_models.CostModel]]:
             )
         )
     wl = Workload(batch_size=8, seq_len=128, dtype="bf16")
-    models.append(("table", TableModel(table=synthetic_table(MINILM, wl, step=128))))
+    for fit in cost_models.TABLE_FITS:
+        models.append((f"table-{fit}", TableModel(table=synthetic_table(MINILM, wl, step=128), fit=fit)))
     models.append(
         ("calibrated", cost_models.calibrate(load_profile("gpu_a100"), synthetic_table(MINILM, wl)))
     )
@@ -156,7 +157,7 @@ def test_npu_charges_weight_spill_beyond_on_chip_memory() -> None:
 def test_table_model_interpolates_and_never_extrapolates() -> None:
     wl = Workload(batch_size=8, seq_len=128, dtype="bf16")
     table = synthetic_table(MINILM, wl, step=512)
-    model = TableModel(table=table)
+    model = TableModel(table=table, fit="grid")
     grid = table.frame.set_index(["units", "mlp"])["latency_ms"]
     assert model.block_latency_ms(np.array(6), np.array(512)) == pytest.approx(grid[6, 512])
     mid = model.block_latency_ms(np.array(6), np.array(768))
@@ -171,6 +172,49 @@ def test_table_model_interpolates_and_never_extrapolates() -> None:
         ValueError, match="was profiled at prefill batch 8 x seq 128, bf16, not prefill batch 1"
     ):
         TableModel(table=table, workload=Workload(batch_size=1, dtype="bf16"))
+
+
+def test_additive_fit_averages_noise_and_keeps_the_staircase() -> None:
+    # Truth: a block is attention(units) + mlp(width), with a stair every 256 neurons (a tile).
+    units, mlp = np.arange(13), np.arange(0, 1537, 128)
+    attention = 0.1 * units + 0.05 * (units > 0)
+    mlp_ms = 0.4 * np.ceil(mlp / 256)
+    truth = 0.02 + attention[:, None] + mlp_ms[None, :]  # (13 units, 13 widths)
+    noisy = truth * np.random.default_rng(0).lognormal(0.0, 0.05, truth.shape)
+    uu, mm = np.meshgrid(units, mlp, indexing="ij")
+    frame = pd.DataFrame(
+        {"units": uu.ravel(), "heads": uu.ravel(), "mlp": mm.ravel(), "latency_ms": noisy.ravel()}
+    ).assign(p10_ms=0.0, p90_ms=0.0, repeats=1)
+    table = LatencyTable(frame=frame, spec=MINILM, workload=Workload(), profile="cpu_local")
+    additive, grid = TableModel(table=table), TableModel(table=table, fit="grid")
+    err_additive = np.abs(additive.block_latency_ms(uu, mm) / truth - 1)
+    err_grid = np.abs(grid.block_latency_ms(uu, mm) / truth - 1)
+    assert err_additive.mean() < 0.5 * err_grid.mean()  # about 1/sqrt(13) of the noise in theory
+    assert grid.fit_error == 0.0 and 0.03 < additive.fit_error < 0.07  # the 5 % noise it removed
+    stairs = np.diff(additive.block_latency_ms(np.full(13, 6), mlp))
+    assert np.all(stairs[1::2] < 0.1) and np.all(stairs[0::2] > 0.3)  # flat inside a tile, a step at it
+    with pytest.raises(
+        ValueError, match=r"unknown table fit 'smooth'; valid choices: \['additive', 'grid'\]"
+    ):
+        TableModel(table=table, fit="smooth")
+
+
+def test_table_base_comes_from_the_whole_model_minus_fitted_blocks() -> None:
+    wl = Workload(batch_size=8, seq_len=128, dtype="bf16")
+    table = synthetic_table(MINILM, wl, step=128)
+    grid = TableModel(table=table, fit="grid")
+    dense_block = float(grid.block_latency_ms(np.array(12), np.array(1536)))
+    empty_block = float(grid.block_latency_ms(np.array(0), np.array(0)))
+    table.meta["dense_model_ms"] = 6 * dense_block + 1.5
+    for fit in cost_models.TABLE_FITS:
+        model = TableModel(table=table, fit=fit)
+        fitted_block = float(model.block_latency_ms(np.array(12), np.array(1536)))
+        assert model.base_ms == pytest.approx(6 * dense_block + 1.5 - 6 * fitted_block)
+        assert model.dense_ms() == pytest.approx(table.meta["dense_model_ms"])
+    table.meta["empty_model_ms"] = 6 * empty_block + 1.0  # preferred: small minus small
+    assert TableModel(table=table, fit="grid").base_ms == pytest.approx(1.0)
+    table.meta["empty_model_ms"] = 1e-6  # whole model faster than its blocks: no negative base
+    assert TableModel(table=table).base_ms == 0.0
 
 
 def test_table_round_trip(tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ def test_torch_cpu_profiles_real_model_layers(tmp_path: Path) -> None:
     loaded = cost_models.LatencyTable.load(tmp_path / "t.csv")
     assert len(loaded.frame) == 9  # units {0, 6, 12} x mlp {0, 768, 1536}
     assert loaded.meta["block"] == "BertModel.layer0" and loaded.meta["command"] == "test"
-    assert loaded.base_ms >= 0 and loaded.meta["dense_model_ms"] > 0
+    assert loaded.meta["dense_model_ms"] > loaded.meta["empty_model_ms"] > 0
+    assert loaded.base_ms == pytest.approx(cost_models.TableModel(table=loaded).base_ms)
     assert loaded.workload == table.workload and loaded.workload.dtype == "fp32"  # "auto" resolved
     assert cost_models.TableModel(table=loaded).dense_ms() > 0
 

@@ -162,14 +162,14 @@ def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() 
         mlp_grid=[0, 96],
         profile="x",
         rounds=3,
-        reference=lambda: next(references),
+        references={"dense_model": lambda: next(references)},
     )
     assert len(calls) == 4 * 3 and {c[2] for c in calls} == {2}  # 6 repeats split over 3 rounds
     assert len({tuple(calls[i * 4 : (i + 1) * 4]) for i in range(3)}) > 1  # a fresh order per round
     assert profiler.repeats == 6  # restored
     assert table.frame["repeats"].tolist() == [6, 6, 6, 6]
     assert table.frame["latency_ms"].tolist() == [0.0, 96.0, 2.0, 98.0]
-    assert table.meta["reference_ms"] == 2.0 and table.meta["rounds"] == 3
+    assert table.meta["dense_model_ms"] == 2.0 and table.meta["rounds"] == 3
     assert next(references, None) is None  # 1 warm-up + 2 per round
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x", rounds=0)

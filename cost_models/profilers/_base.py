@@ -7,7 +7,7 @@ import platform
 import random
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -92,7 +92,7 @@ class Profiler(ABC):
         base_ms: float = 0.0,
         command: str = "",
         rounds: int = 1,
-        reference: Callable[[], float] | None = None,
+        references: Mapping[str, Callable[[], float]] | None = None,
     ) -> LatencyTable:
         """Measure every (units, mlp) pair of the grid into a table.
 
@@ -100,10 +100,10 @@ class Profiler(ABC):
             rounds: Split the repeats over this many passes through the grid, each in a fresh
                 shuffled order, so slow drifts of a shared machine (other tenants, clocks) spread
                 over all points instead of biasing the ones timed during a slow minute.
-            reference: A callable returning the latency (ms) of one run of some reference (the
-                whole dense model), warmed up and timed like a grid point in every round; its
-                median goes to the table's metadata as `reference_ms`, measured under the same
-                conditions.
+            references: Named callables returning the latency (ms) of one run of some reference
+                (the whole dense model, the model with every block emptied), each warmed up and
+                timed like a grid point in every round; the median of reference `name` goes to the
+                table's metadata as `{name}_ms`, measured under the same conditions as the grid.
         """
         for name, grid, top in (("units_grid", units_grid, spec.units), ("mlp_grid", mlp_grid, spec.mlp)):
             bad = [g for g in grid if not 0 <= g <= top]
@@ -113,10 +113,11 @@ class Profiler(ABC):
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         points = [(u, m) for u in sorted(set(units_grid)) for m in sorted(set(mlp_grid))]
         samples: dict[tuple[int, int], list[float]] = {p: [] for p in points}
-        reference_ms: list[float] = []
+        references = dict(references or {})
+        reference_ms: dict[str, list[float]] = {name: [] for name in references}
         repeats, rng = self.repeats, random.Random(self.seed)
         self.repeats = max(1, -(-repeats // rounds))  # per round, rounded up
-        if reference is not None:
+        for reference in references.values():
             for _ in range(self.warmup):
                 reference()
         try:
@@ -128,8 +129,8 @@ class Profiler(ABC):
                         t = self.measure_block(spec, workload, units=units, mlp=mlp)
                         samples[units, mlp].extend(t.samples_ms or [t.median_ms])
                         progress.advance(task)
-                    if reference is not None:
-                        reference_ms.extend(reference() for _ in range(self.repeats))
+                    for name, reference in references.items():
+                        reference_ms[name].extend(reference() for _ in range(self.repeats))
         finally:
             self.repeats = repeats
         rows = []
@@ -145,8 +146,8 @@ class Profiler(ABC):
             "rounds": rounds,
             "command": command,
         }
-        if reference_ms:
-            meta["reference_ms"] = statistics.median(reference_ms)
+        for name, times in reference_ms.items():
+            meta[f"{name}_ms"] = statistics.median(times)
         return LatencyTable(
             frame=frame, spec=spec, workload=workload, profile=profile, base_ms=base_ms, meta=meta
         )

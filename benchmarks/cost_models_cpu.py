@@ -43,6 +43,7 @@ PROFILE_ARGS = {
     "b32_s128": "profiler.rounds=3 profiler.repeats=6 profiler.warmup=1",
 }
 STEP = 128  # the MLP step of the table grid and of the configurations
+DEFAULT = "table (additive fit, default)"
 
 
 def random_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,10 +125,7 @@ def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
 
 
 def throughput(model: cost_models.CostModel, n: int = 100_000) -> float:
-    rng = np.random.default_rng(0)
-    spec = model.spec
-    units = rng.integers(0, spec.units + 1, size=(n, spec.num_layers))
-    mlp = rng.integers(0, spec.mlp // 128 + 1, size=(n, spec.num_layers)) * 128
+    units, mlp = random_configs(model.spec, n, seed=0)
     model.predict(units[:10], mlp[:10])
     start = time.perf_counter()
     model.predict(units, mlp)
@@ -166,7 +164,7 @@ def main() -> None:
             )
         table = cost_models.LatencyTable.load(path)
         models: dict[str, cost_models.CostModel] = {
-            "table (additive fit, default)": cost_models.TableModel(table=table, workload=workload),
+            DEFAULT: cost_models.TableModel(table=table, workload=workload),
             "table (raw grid)": cost_models.TableModel(table=table, workload=workload, fit="grid"),
             "calibrated": cost_models.calibrate(profile, table),
             "analytical": cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload),
@@ -196,26 +194,25 @@ def main() -> None:
         # A table is absolute, and this machine's speed wanders between profiling and checking. As a
         # speedup over the dense model (what a search ranks and hwprune-apply reports), times the dense
         # model measured now, it gets the same anchor as the FLOPs proxy.
-        default = models["table (additive fit, default)"]
-        predicted["table, as speedup x dense now"] = predicted["table (additive fit, default)"] * (
-            dense_ms / default.dense_ms()
-        )
+        speedup_scale = dense_ms / models[DEFAULT].dense_ms()
+        predicted["table, as speedup x dense now"] = predicted[DEFAULT] * speedup_scale
         predicted["FLOPs proxy"] = spec.flops(workload, units, mlp) / dense_flops * dense_ms
         predicted["measurement: odd rounds vs even rounds"] = odd
         truth = {m: (even if m.startswith("measurement") else measured) for m in predicted}
-        results = {}
+        results, ranges = {}, {}
         for k, set_name in enumerate(sets):
             rows = slice(k * args.configs, (k + 1) * args.configs)
             results[set_name] = {m: metrics(p[rows], truth[m][rows]) for m, p in predicted.items()}
-        sections.append((name, workload, table, models, results, dense_ms, measured, sets))
+            ranges[set_name] = (measured[rows].min(), measured[rows].max())
+        sections.append((name, workload, table, models[DEFAULT], results, dense_ms, ranges))
         for k in range(len(units)):
             set_name = list(sets)[k // args.configs]
             row = {"workload": name, "set": set_name, "measured_ms": measured[k], "dense_ms": dense_ms}
             row |= {f"units{i}": units[k, i] for i in range(n)} | {f"mlp{i}": mlp[k, i] for i in range(n)}
             measurements.append(row)
     pd.DataFrame(measurements).to_csv(Path(args.out).with_suffix(".csv"), index=False, float_format="%.4f")
-    last = sections[-1][3]
-    rates = {m: throughput(model) for m, model in last.items() if m != "table (raw grid)"}
+    # Throughput on the last workload's models (prediction cost does not depend on the workload).
+    rates = {m: throughput(model) for m, model in models.items() if m != "table (raw grid)"}
     write(args, profile, sections, rates, stability)
 
 
@@ -266,8 +263,7 @@ def write(
         "taken now (table, calibrated, analytical) carry it; the anchored rows do not.",
         "",
     ]
-    for name, workload, table, models, results, dense_ms, measured, _ in sections:
-        model = models["table (additive fit, default)"]
+    for name, workload, table, model, results, dense_ms, ranges in sections:
         lines += [
             f"## {name}: {workload.describe()}",
             "",
@@ -278,9 +274,8 @@ def write(
             "",
         ]
         for set_name, rows in results.items():
-            part = measured[: len(measured) // 2] if set_name == "uniform" else measured[len(measured) // 2 :]
             lines += [
-                f"`{set_name}` set: measured {part.min():.2f} to {part.max():.2f} ms.",
+                f"`{set_name}` set: measured {ranges[set_name][0]:.2f} to {ranges[set_name][1]:.2f} ms.",
                 "",
                 "| model | MAPE % | within ±10 % | within ±5 % | Kendall tau |",
                 "| --- | --- | --- | --- | --- |",

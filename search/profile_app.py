@@ -76,7 +76,8 @@ def whole_model_timer(
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     profile = cfg.hardware.validate()
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
-    spec = block_spec(prunable.discover(model))
+    structure = prunable.discover(model)
+    spec = block_spec(structure)
     workload = cfg.workload.build()
     workload = profile.resolve_workload(workload)
     step = cfg.profiler.mlp_step or cost_models.width_step(profile, spec.mlp)
@@ -96,7 +97,6 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     # (embeddings, pooler, masks), a difference of small numbers measured under the grid's conditions.
     references = {}
     if profile.backend == "torch" and cfg.profiler.real_blocks:
-        structure = prunable.discover(model)
         ref = prunable.model_ref(model, with_weights=False)
         empty_plan = prunable.PrunePlan.from_units(
             structure, ref, heads=[range(0)] * spec.num_layers, mlp=[range(0)] * spec.num_layers

@@ -8,7 +8,8 @@ The measured latencies go to a CSV beside the report, so other models can be sco
 
 Usage (profiles each workload's table with the commands below, then checks it right away, so this
 machine has as little time as possible to change speed between the two):
-    python benchmarks/cost_models_cpu.py --profile --configs 50 --repeats 30
+    python benchmarks/cost_models_cpu.py --profile --configs 50 --repeats 90 \
+        --previous <an earlier run's cost_models_cpu.csv>
 Without --profile it checks the committed tables, which were made by:
     hwprune-profile hardware=cpu_local workload=b1_s128 profiler.rounds=10 profiler.warmup=2
     hwprune-profile hardware=cpu_local workload=b32_s128 profiler.rounds=3 profiler.repeats=6 profiler.warmup=1
@@ -124,6 +125,20 @@ def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     }
 
 
+def load_previous(path: str | None, configs: int) -> pd.DataFrame | None:
+    """An earlier run's measurements, checked to hold the same configurations as this run will."""
+    if path is None:
+        return None
+    frame = pd.read_csv(path)
+    for name in WORKLOADS:
+        rows = frame[frame["workload"] == name]
+        if len(rows) != 2 * configs:
+            raise SystemExit(
+                f"--previous {path}: {len(rows)} rows for {name}, expected 2 x --configs = {2 * configs}"
+            )
+    return frame
+
+
 def throughput(model: cost_models.CostModel, n: int = 100_000) -> float:
     units, mlp = random_configs(model.spec, n, seed=0)
     model.predict(units[:10], mlp[:10])
@@ -141,6 +156,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile each table right before its check")
     parser.add_argument("--stability-seconds", type=float, default=120.0)
     parser.add_argument("--out", default="results/benchmarks/cost_models_cpu.md")
+    parser.add_argument(
+        "--previous",
+        help="measurements CSV of an earlier run (same --configs): adds how well that run predicts this one",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -149,6 +168,8 @@ def main() -> None:
     spec = block_spec(structure)
     ref = prunable.model_ref(dense, with_weights=False)
     profile = cost_models.local_profile(load_hardware("cpu_local"))
+    previous = load_previous(args.previous, args.configs)
+    started = datetime.now(timezone.utc)
     stability = speed_windows(dense, args.stability_seconds)
     sections, measurements = [], []
     for name, (batch, seq) in WORKLOADS.items():
@@ -198,22 +219,43 @@ def main() -> None:
         predicted["table, as speedup x dense now"] = predicted[DEFAULT] * speedup_scale
         predicted["FLOPs proxy"] = spec.flops(workload, units, mlp) / dense_flops * dense_ms
         predicted["measurement: odd rounds vs even rounds"] = odd
-        truth = {m: (even if m.startswith("measurement") else measured) for m in predicted}
+        truth = {m: (even if m.startswith("measurement: odd") else measured) for m in predicted}
+        if previous is not None:
+            # The same configurations (fixed seeds) timed in another run: how far this machine's
+            # latencies move between runs, absolute and as a speedup over that run's dense model.
+            before = previous[previous["workload"] == name]
+            same = [f"units{i}" for i in range(spec.num_layers)], [f"mlp{i}" for i in range(spec.num_layers)]
+            if not (np.array_equal(before[same[0]], units) and np.array_equal(before[same[1]], mlp)):
+                raise SystemExit(
+                    f"--previous {args.previous}: other configurations than this run's for {name}"
+                )
+            predicted["measurement: previous run"] = before["measured_ms"].to_numpy()
+            predicted["measurement: previous run, as speedup x dense now"] = (
+                before["measured_ms"].to_numpy() / before["dense_ms"].to_numpy() * dense_ms
+            )
+            truth |= {m: measured for m in predicted if m.startswith("measurement: previous")}
         results, ranges = {}, {}
         for k, set_name in enumerate(sets):
             rows = slice(k * args.configs, (k + 1) * args.configs)
             results[set_name] = {m: metrics(p[rows], truth[m][rows]) for m, p in predicted.items()}
             ranges[set_name] = (measured[rows].min(), measured[rows].max())
-        sections.append((name, workload, table, models[DEFAULT], results, dense_ms, ranges))
+        sections.append((name, workload, table, models[DEFAULT], results, dense_ms, ranges, rounds))
         for k in range(len(units)):
             set_name = list(sets)[k // args.configs]
             row = {"workload": name, "set": set_name, "measured_ms": measured[k], "dense_ms": dense_ms}
+            row |= {"run_utc": f"{started:%Y-%m-%d %H:%M}"}
             row |= {f"units{i}": units[k, i] for i in range(n)} | {f"mlp{i}": mlp[k, i] for i in range(n)}
             measurements.append(row)
     pd.DataFrame(measurements).to_csv(Path(args.out).with_suffix(".csv"), index=False, float_format="%.4f")
     # Throughput on the last workload's models (prediction cost does not depend on the workload).
     rates = {m: throughput(model) for m, model in models.items() if m != "table (raw grid)"}
-    write(args, profile, sections, rates, stability)
+    write(args, profile, sections, rates, stability, previous)
+
+
+def previous_when(previous: pd.DataFrame) -> str:
+    if "run_utc" not in previous:
+        return ""
+    return ", run " + ", ".join(sorted(set(previous["run_utc"].astype(str)))) + " UTC"
 
 
 def write(
@@ -222,12 +264,15 @@ def write(
     sections: list[Any],
     rates: dict[str, float],
     stability: np.ndarray,
+    previous: pd.DataFrame | None,
 ) -> None:
     lines = [
         "# Cost models against measured CPU latency (all-MiniLM-L6-v2)",
         "",
         f"Command: `python benchmarks/cost_models_cpu.py{' --profile' if args.profile else ''} "
-        f"--configs {args.configs} --repeats {args.repeats}`"
+        f"--configs {args.configs} --repeats {args.repeats}"
+        + (f" --previous {args.previous}" if args.previous else "")
+        + "`"
         + (" (profiles each table, then checks it)" if args.profile else "")
         + f"; every measured latency is in `{Path(args.out).with_suffix('.csv').name}`.  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
@@ -250,9 +295,17 @@ def write(
         "as speedup x dense now` is the default table's predicted speedup over the dense model (what the "
         "search ranks and `hwprune-apply` reports) times the dense model measured now, the same anchor "
         "the FLOPs proxy gets (the dense model's latency measured now, scaled by the configuration's "
-        "FLOPs). The last row compares the median of the odd rounds with that of the even rounds: the "
+        "FLOPs). The `odd rounds vs even rounds` row compares the median of the odd rounds with that of the even rounds: the "
         "agreement of this machine with itself within one interleaved check, a ceiling for any model "
-        "(a loose one: each half has half the rounds).",
+        "(a loose one: each half has half the rounds)."
+        + (
+            f" The `previous run` rows (`--previous {args.previous}`{previous_when(previous)}) "
+            "predict each configuration by its latency measured in that run (absolute, and as a speedup "
+            "over that run's dense model times the dense model now): how well this machine reproduces "
+            "itself between runs, the ceiling for a table profiled in one run and checked in another."
+            if previous is not None
+            else ""
+        ),
         "",
         "## How steady this machine is",
         "",
@@ -263,14 +316,15 @@ def write(
         "taken now (table, calibrated, analytical) carry it; the anchored rows do not.",
         "",
     ]
-    for name, workload, table, model, results, dense_ms, ranges in sections:
+    for name, workload, table, model, results, dense_ms, ranges, rounds in sections:
         lines += [
             f"## {name}: {workload.describe()}",
             "",
             f"Table: `{table.meta.get('command', '')}` ({len(table.frame)} grid points, "
             f"{table.meta.get('stack', 1)} blocks per timed call, {table.meta.get('date', '')}); additive "
             f"fit within {model.fit_error * 100:.1f} % RMS of the raw grid. Dense model measured now: "
-            f"{dense_ms:.2f} ms; while profiling: {table.meta.get('dense_model_ms', float('nan')):.2f} ms.",
+            f"{dense_ms:.2f} ms; while profiling: {table.meta.get('dense_model_ms', float('nan')):.2f} ms. "
+            f"Configurations timed in {rounds} interleaved rounds.",
             "",
         ]
         for set_name, rows in results.items():

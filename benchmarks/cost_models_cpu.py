@@ -125,16 +125,28 @@ def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     }
 
 
-def load_previous(path: str | None, configs: int) -> pd.DataFrame | None:
-    """An earlier run's measurements, checked to hold the same configurations as this run will."""
+def config_sets(spec: cost_models.BlockSpec, n: int, batch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The two configuration sets of one workload, seeded by its batch so every run times the same."""
+    return {"uniform": random_configs(spec, n, seed=batch), "spread": spread_configs(spec, n, seed=batch)}
+
+
+def load_previous(path: str | None, spec: cost_models.BlockSpec, n: int) -> pd.DataFrame | None:
+    """An earlier run's measurements, checked before any timing to hold this run's configurations."""
     if path is None:
         return None
     frame = pd.read_csv(path)
-    for name in WORKLOADS:
+    layers = range(spec.num_layers)
+    for name, (batch, _) in WORKLOADS.items():
         rows = frame[frame["workload"] == name]
-        if len(rows) != 2 * configs:
+        sets = config_sets(spec, n, batch)
+        units = np.concatenate([u for u, _ in sets.values()])
+        mlp = np.concatenate([m for _, m in sets.values()])
+        if not (
+            np.array_equal(rows[[f"units{i}" for i in layers]], units)
+            and np.array_equal(rows[[f"mlp{i}" for i in layers]], mlp)
+        ):
             raise SystemExit(
-                f"--previous {path}: {len(rows)} rows for {name}, expected 2 x --configs = {2 * configs}"
+                f"--previous {path}: its {name} configurations are not this run's (same --configs?)"
             )
     return frame
 
@@ -168,7 +180,7 @@ def main() -> None:
     spec = block_spec(structure)
     ref = prunable.model_ref(dense, with_weights=False)
     profile = cost_models.local_profile(load_hardware("cpu_local"))
-    previous = load_previous(args.previous, args.configs)
+    previous = load_previous(args.previous, spec, args.configs)
     started = datetime.now(timezone.utc)
     stability = speed_windows(dense, args.stability_seconds)
     sections, measurements = [], []
@@ -190,10 +202,7 @@ def main() -> None:
             "calibrated": cost_models.calibrate(profile, table),
             "analytical": cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload),
         }
-        sets = {
-            "uniform": random_configs(spec, args.configs, seed=batch),
-            "spread": spread_configs(spec, args.configs, seed=batch),
-        }
+        sets = config_sets(spec, args.configs, batch)
         units = np.concatenate([u for u, _ in sets.values()])
         mlp = np.concatenate([m for _, m in sets.values()])
         rounds = args.repeats if batch == 1 else max(3, args.repeats // 3)
@@ -224,11 +233,6 @@ def main() -> None:
             # The same configurations (fixed seeds) timed in another run: how far this machine's
             # latencies move between runs, absolute and as a speedup over that run's dense model.
             before = previous[previous["workload"] == name]
-            same = [f"units{i}" for i in range(spec.num_layers)], [f"mlp{i}" for i in range(spec.num_layers)]
-            if not (np.array_equal(before[same[0]], units) and np.array_equal(before[same[1]], mlp)):
-                raise SystemExit(
-                    f"--previous {args.previous}: other configurations than this run's for {name}"
-                )
             predicted["measurement: previous run"] = before["measured_ms"].to_numpy()
             predicted["measurement: previous run, as speedup x dense now"] = (
                 before["measured_ms"].to_numpy() / before["dense_ms"].to_numpy() * dense_ms

@@ -130,6 +130,11 @@ def config_sets(spec: cost_models.BlockSpec, n: int, batch: int) -> dict[str, tu
     return {"uniform": random_configs(spec, n, seed=batch), "spread": spread_configs(spec, n, seed=batch)}
 
 
+def stacked(sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every set's (units, mlp) one after the other: (configurations, layers) each."""
+    return np.concatenate([u for u, _ in sets.values()]), np.concatenate([m for _, m in sets.values()])
+
+
 def load_previous(path: str | None, spec: cost_models.BlockSpec, n: int) -> pd.DataFrame | None:
     """An earlier run's measurements, checked before any timing to hold this run's configurations."""
     if path is None:
@@ -138,9 +143,7 @@ def load_previous(path: str | None, spec: cost_models.BlockSpec, n: int) -> pd.D
     layers = range(spec.num_layers)
     for name, (batch, _) in WORKLOADS.items():
         rows = frame[frame["workload"] == name]
-        sets = config_sets(spec, n, batch)
-        units = np.concatenate([u for u, _ in sets.values()])
-        mlp = np.concatenate([m for _, m in sets.values()])
+        units, mlp = stacked(config_sets(spec, n, batch))
         if not (
             np.array_equal(rows[[f"units{i}" for i in layers]], units)
             and np.array_equal(rows[[f"mlp{i}" for i in layers]], mlp)
@@ -203,8 +206,7 @@ def main() -> None:
             "analytical": cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload),
         }
         sets = config_sets(spec, args.configs, batch)
-        units = np.concatenate([u for u, _ in sets.values()])
-        mlp = np.concatenate([m for _, m in sets.values()])
+        units, mlp = stacked(sets)
         rounds = args.repeats if batch == 1 else max(3, args.repeats // 3)
         pruned = []
         for k in range(len(units)):
@@ -228,7 +230,6 @@ def main() -> None:
         predicted["table, as speedup x dense now"] = predicted[DEFAULT] * speedup_scale
         predicted["FLOPs proxy"] = spec.flops(workload, units, mlp) / dense_flops * dense_ms
         predicted["measurement: odd rounds vs even rounds"] = odd
-        truth = {m: (even if m.startswith("measurement: odd") else measured) for m in predicted}
         if previous is not None:
             # The same configurations (fixed seeds) timed in another run: how far this machine's
             # latencies move between runs, absolute and as a speedup over that run's dense model.
@@ -237,7 +238,8 @@ def main() -> None:
             predicted["measurement: previous run, as speedup x dense now"] = (
                 before["measured_ms"].to_numpy() / before["dense_ms"].to_numpy() * dense_ms
             )
-            truth |= {m: measured for m in predicted if m.startswith("measurement: previous")}
+        # Odd rounds are scored against even ones; everything else against all rounds.
+        truth = {m: (even if m.startswith("measurement: odd") else measured) for m in predicted}
         results, ranges = {}, {}
         for k, set_name in enumerate(sets):
             rows = slice(k * args.configs, (k + 1) * args.configs)

@@ -1,10 +1,12 @@
 """`hwprune-apply`: turn a plan into a deployable model and check its speedup by measurement.
 
     hwprune-apply plan=results/runs/.../plans/trial_12.yaml out=deploy/minilm-pruned
+    hwprune-apply plan=... out=... device=cuda workload.batch_size=32     # on the GPU it was searched for
 
 Loads the model the plan names, checks its fingerprints, prunes it physically, saves the pruned
 directory (`prunable.load_pruned`) and an ONNX export, then times the dense and the pruned model on
-this machine (median of repeats) and evaluates the task metric of both. The figures go to
+`device` (CPU or a CUDA GPU: median of interleaved rounds, each round timing both in a shuffled
+order) after evaluating the task metric of both. The figures go to
 `<out>/apply.json`. A plan whose model cannot be found or does not match fails before anything is
 written.
 """
@@ -15,8 +17,8 @@ import copy
 import json
 import logging
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ import hydra
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+import cost_models
 import prunable
+from cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device, torch_timer
 from search.config import TaskConfig, WorkloadConfig, build_task, register_configs
 
 log = logging.getLogger("hwprune.apply")
@@ -36,6 +40,7 @@ class ApplyConfig:
     out: str = MISSING
     task: TaskConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    device: str = "cpu"
     repeats: int = 20
     onnx: bool = True
 
@@ -47,7 +52,7 @@ def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: An
         plan: Plan file.
         out: Output directory.
         task: A composed `task` config node (e.g. `search.compose("config", ["task=sts", ...]).task`).
-        **settings: Other `ApplyConfig` fields (workload, repeats, onnx).
+        **settings: Other `ApplyConfig` fields (workload, device, repeats, onnx).
     """
     values: dict[str, Any] = {"task": task, "plan": str(plan), "out": str(out), **settings}
     merged = OmegaConf.merge(OmegaConf.structured(ApplyConfig), values)
@@ -77,15 +82,37 @@ def example_inputs(model: Any, batch: int, seq: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def measure_ms(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> float:
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            model(**inputs)
-            if i >= 3:  # warm-up runs
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """The dtype to time in: `dtype`, or for "auto" fp32 on CPU and bf16 (tensor cores) on CUDA."""
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(
+            f"workload.dtype={dtype!r} cannot be timed with torch; valid choices: {sorted(TORCH_DTYPES)} or 'auto'"
+        )
+    return TORCH_DTYPES[dtype]
+
+
+def measure_ms(
+    models: list[torch.nn.Module],
+    inputs: dict[str, torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+) -> list[float]:
+    """Median latency (ms) of each model on `device` in `dtype`, timed in interleaved rounds.
+
+    Models and inputs move to the device and dtype in place, so call this after anything that needs
+    them as they were (the task metric, the ONNX export).
+    """
+    feed = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    timers = []
+    for model in models:
+        model.to(device, dtype)
+        timers.append(torch_timer(partial(model, **feed), device))
+    samples = interleaved(timers, rounds=repeats, warmup=3)
+    return [statistics.median(times) for times in samples]
 
 
 def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
@@ -111,10 +138,22 @@ def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: P
     )
 
 
+def device_metadata(device: torch.device) -> dict[str, Any]:
+    """What the latencies were measured on: the CPU's name, or the GPU's with its NVML details."""
+    if device.type == "cuda":
+        index = device.index or 0
+        return {"type": "cuda", "name": torch.cuda.get_device_name(index), "nvml": nvml_metadata(index)}
+    return {"type": "cpu", "name": cost_models.cpu_name()}
+
+
 def run(cfg: ApplyConfig) -> dict[str, Any]:
     plan = prunable.PrunePlan.load(cfg.plan)
     if plan.model.source is None:
         raise ValueError(f"{cfg.plan}: the plan names no model source, so there is nothing to load")
+    device = torch_device(cfg.device)
+    dtype = timing_dtype(device, cfg.workload.dtype)
+    if cfg.repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {cfg.repeats}")
     model = prunable.load_model(plan.model.source, plan.model.class_name)
     plan.check(prunable.discover(model), weights_fingerprint=prunable.weights_fingerprint(model))
     out = Path(cfg.out)
@@ -125,11 +164,11 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     inputs = example_inputs(model, wl.batch_size, wl.seq_len)
     if cfg.onnx:
         export_onnx(pruned, inputs, out / "model.onnx")
-    dense_ms = measure_ms(model, inputs, cfg.repeats)
-    pruned_ms = measure_ms(pruned, inputs, cfg.repeats)
 
     task = build_task(cfg.task, plan.model.source)
     task.prepare(model)
+    metric_dense, metric_pruned = task.evaluate(model), task.evaluate(pruned)
+    dense_ms, pruned_ms = measure_ms([model, pruned], inputs, device=device, dtype=dtype, repeats=cfg.repeats)
     meta = dict(plan.metadata)
     predicted = None
     if meta.get("latency_ms") and meta.get("dense_latency_ms"):
@@ -146,15 +185,16 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
         "measured_speedup": dense_ms / pruned_ms,
         "latency_ms_dense": dense_ms,
         "latency_ms_pruned": pruned_ms,
-        "metric_dense": task.evaluate(model),
-        "metric_pruned": task.evaluate(pruned),
+        "metric_dense": metric_dense,
+        "metric_pruned": metric_pruned,
         "metric_name": task.metric_name,
         "workload": {
             **asdict(wl),
-            "dtype": "fp32",
-            "device": "cpu",
+            "dtype": next(name for name, d in TORCH_DTYPES.items() if d == dtype),
+            "device": device_metadata(device),
             "threads": torch.get_num_threads(),
             "repeats": cfg.repeats,
+            "timing": f"median of {cfg.repeats} interleaved rounds ({'CUDA events' if device.type == 'cuda' else 'wall clock'})",
         },
         "params_dense": sum(p.numel() for p in model.parameters()),
         "params_pruned": sum(p.numel() for p in pruned.parameters()),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-import time
 from collections.abc import Callable
 
 import hydra
@@ -22,7 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import cost_models
 import prunable
-from cost_models.profilers import JaxProfiler, OnnxRuntimeProfiler, Profiler, TorchProfiler
+from cost_models.profilers import (
+    TORCH_DTYPES,
+    JaxProfiler,
+    OnnxRuntimeProfiler,
+    Profiler,
+    TorchProfiler,
+    torch_timer,
+)
 from search._blocks import block_spec, real_block_factory
 from search.config import ProfileAppConfig, register_configs
 
@@ -55,22 +61,12 @@ def whole_model_timer(
     model: torch.nn.Module, workload: cost_models.Workload, device: str
 ) -> Callable[[], float]:
     """One timed forward (ms) of a whole model (torch), to subtract the blocks from."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[workload.dtype]
+    dtype = TORCH_DTYPES[workload.dtype]
     model = model.to(device, dtype)
     ids = torch.randint(1000, 2000, (workload.batch_size, workload.seq_len), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def run() -> float:
-        with torch.inference_mode():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(**inputs)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return (time.perf_counter() - t0) * 1e3
-
-    return run
+    return torch_timer(lambda: model(**inputs), device)
 
 
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,11 @@ from cost_models.profilers import (
     Timing,
     TorchProfiler,
     block_graph,
+    interleaved,
     nvml_metadata,
     repeat_timed,
+    torch_device,
+    torch_timer,
 )
 
 SPEC = BlockSpec(
@@ -79,6 +84,53 @@ def test_torch_profiler_stacks_blocks_and_reports_per_block_time() -> None:
     assert profiler.metadata()["stack"] == 3
     with pytest.raises(ValueError, match="stack must be >= 1, got 0"):
         TorchProfiler(stack=0)
+
+
+def test_interleaved_calls_every_timer_once_per_round_in_shuffled_orders() -> None:
+    calls: list[int] = []
+
+    def timer(k: int) -> Callable[[], float]:
+        def run() -> float:
+            calls.append(k)
+            return float(10 * k + len(calls))
+
+        return run
+
+    samples = interleaved([timer(0), timer(1), timer(2)], rounds=6, warmup=2, seed=3)
+    assert calls[:6] == [0, 0, 1, 1, 2, 2]  # warm-up, untimed
+    timed = calls[6:]
+    rounds = [timed[i : i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # orders change from round to round
+    assert [len(s) for s in samples] == [6, 6, 6]
+    # Each timer's samples are its own returns, in round order.
+    for k, ks in enumerate(samples):
+        assert all(10 * k <= v < 10 * k + 25 for v in ks) and ks == sorted(ks)
+    calls.clear()
+    interleaved([timer(0), timer(1), timer(2)], rounds=6, warmup=2, seed=3)
+    assert calls[6:] == timed  # the seed fixes the orders
+    with pytest.raises(ValueError, match="need rounds >= 1 and warmup >= 0, got rounds=0, warmup=1"):
+        interleaved([timer(0)], rounds=0)
+
+
+def test_torch_timer_times_a_run_on_cpu_and_validates_the_device() -> None:
+    import time
+
+    ran: list[bool] = []
+
+    def run() -> None:
+        ran.append(torch.is_inference_mode_enabled())
+        time.sleep(0.004)
+
+    ms = torch_timer(run, "cpu")()
+    assert ran == [True] and 3.9 <= ms < 50.0
+    assert torch_device("cuda:0" if torch.cuda.is_available() else "cpu").type in ("cpu", "cuda")
+    for bad in ("tpu", "gpu", "cuda:x"):
+        with pytest.raises(ValueError, match=rf"unknown torch device '{bad}'; valid choices: 'cpu', 'cuda'"):
+            torch_timer(run, bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cuda:1' requested but torch sees no CUDA device"):
+            torch_device("cuda:1")
 
 
 def test_reference_block_skips_empty_sublayers() -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+import cost_models
 import prunable
 from search._report import PARETO_COLUMNS, write_report
 from search._run import run_search
@@ -98,6 +99,10 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     ):
         assert key in saved
     assert saved["predicted_speedup"] > 1.0 and saved["measured_speedup"] > 0
+    measured_on = saved["workload"]
+    assert measured_on["device"] == {"type": "cpu", "name": cost_models.cpu_name()}
+    assert measured_on["dtype"] == "fp32" and measured_on["repeats"] == 2
+    assert measured_on["timing"] == "median of 2 interleaved rounds (wall clock)"
     assert saved["params_pruned"] < saved["params_dense"]
     assert result["metric_dense"] == pytest.approx(100.0, abs=1e-3)
     reloaded = prunable.load_pruned(tmp_path / "out")
@@ -129,6 +134,21 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(prunable.PlanError, match="plan was made for other weights"):
         run_apply(cfg)
     assert not (tmp_path / "never").exists()
+    # So does a device or dtype it cannot time in, naming the valid choices.
+    for setting, error, match in (
+        ({"device": "tpu"}, ValueError, r"unknown torch device 'tpu'; valid choices: 'cpu', 'cuda'"),
+        ({"workload": {"dtype": "int8"}}, ValueError, r"workload.dtype='int8' cannot be timed.*'bf16'"),
+        ({"repeats": 0}, ValueError, "repeats must be >= 1, got 0"),
+    ):
+        bad_cfg = apply_config(
+            plan=str(plan_path),
+            out=str(tmp_path / "never"),
+            task=compose("config", SMALL[:2]).task,
+            **setting,
+        )
+        with pytest.raises(error, match=match):
+            run_apply(bad_cfg)
+        assert not (tmp_path / "never").exists()
 
 
 def test_sweep_writes_a_device_comparison(run_dir: Path, tmp_path: Path) -> None:

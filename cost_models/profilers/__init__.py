@@ -1,12 +1,19 @@
 """Profilers that measure real per-block latency into `LatencyTable`s: torch, JAX/XLA, ONNX Runtime."""
 
-from cost_models.profilers._base import Profiler, Timing, repeat_timed
+from cost_models.profilers._base import Profiler, Timing, interleaved, repeat_timed
 from cost_models.profilers._jax import JaxProfiler
 from cost_models.profilers._nvml import nvml_metadata
 from cost_models.profilers._onnxruntime import OnnxRuntimeProfiler, block_graph
-from cost_models.profilers._torch import ReferenceBlock, TorchProfiler
+from cost_models.profilers._torch import (
+    TORCH_DTYPES,
+    ReferenceBlock,
+    TorchProfiler,
+    torch_device,
+    torch_timer,
+)
 
 __all__ = [
+    "TORCH_DTYPES",
     "JaxProfiler",
     "OnnxRuntimeProfiler",
     "Profiler",
@@ -14,6 +21,9 @@ __all__ = [
     "Timing",
     "TorchProfiler",
     "block_graph",
+    "interleaved",
     "nvml_metadata",
     "repeat_timed",
+    "torch_device",
+    "torch_timer",
 ]

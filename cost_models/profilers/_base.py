@@ -57,6 +57,37 @@ def repeat_timed(run: Callable[[], float], *, warmup: int, repeats: int) -> Timi
     return Timing.of([run() for _ in range(repeats)])
 
 
+def interleaved(
+    timers: Sequence[Callable[[], float]], *, rounds: int, warmup: int = 1, seed: int = 0
+) -> list[list[float]]:
+    """Latencies (ms) of several timed runs, `rounds` each, one call of every timer per round.
+
+    Each round calls the timers in a fresh shuffled order, so a shared machine's slow drifts (other
+    tenants, clocks) spread over every timer alike instead of biasing whichever ran during a slow
+    minute: what a speedup of one model over another needs to mean anything.
+
+    Args:
+        timers: Callables that run once and return the elapsed ms.
+        rounds: Timed calls of each timer.
+        warmup: Untimed calls of each timer first (allocations, weight pages, kernel choice).
+        seed: Seed of the round orders.
+
+    Returns:
+        One list of `rounds` latencies per timer, in the order given.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    for timer in timers:
+        for _ in range(warmup):
+            timer()
+    rng = random.Random(seed)
+    samples: list[list[float]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for k in rng.sample(range(len(timers)), len(timers)):
+            samples[k].append(timers[k]())
+    return samples
+
+
 class Profiler(ABC):
     """Measures real per-block latency on one backend.
 

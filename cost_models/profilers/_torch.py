@@ -68,6 +68,62 @@ class ReferenceBlock(nn.Module):
 BlockFactory = Callable[[BlockSpec, int, int], nn.Module]
 
 
+def torch_device(device: str) -> torch.device:
+    """`device` ("cpu", "cuda" or "cuda:<index>") as a torch device this process can run on.
+
+    Raises:
+        ValueError: `device` is none of those.
+        RuntimeError: A CUDA device that torch does not see.
+    """
+    valid = "valid choices: 'cpu', 'cuda', 'cuda:<index>'"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown torch device {device!r}; {valid}") from err
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown torch device {device!r}; {valid}")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            seen = f"only {count} CUDA device(s)" if count else "no CUDA device"
+            raise RuntimeError(f"device {device!r} requested but torch sees {seen}")
+    return parsed
+
+
+def torch_timer(run: Callable[[], object], device: torch.device | str = "cpu") -> Callable[[], float]:
+    """`run` (a forward pass, say) as a callable that runs it once and returns the elapsed ms.
+
+    On CUDA the time between events recorded on the stream before and after `run`: the device's
+    time, including any gaps where it waited for the host to launch the next kernel, without the
+    host's own time after the last launch. On CPU the wall clock. Runs under `torch.inference_mode`.
+
+    Args:
+        run: What to time; its result is discarded.
+        device: Where `run` computes: "cpu" or "cuda[:i]".
+    """
+    device = torch_device(str(device))
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def run_cuda() -> float:
+            with torch.inference_mode():
+                start.record()
+                run()
+                end.record()
+            torch.cuda.synchronize(device)
+            return float(start.elapsed_time(end))
+
+        return run_cuda
+
+    def run_cpu() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            run()
+            return (time.perf_counter() - t0) * 1e3
+
+    return run_cpu
+
+
 def reference_block(spec: BlockSpec, units: int, mlp: int) -> nn.Module:
     return ReferenceBlock(spec, units=units, mlp=mlp)
 
@@ -103,11 +159,7 @@ class TorchProfiler(Profiler):
         if stack < 1:
             raise ValueError(f"stack must be >= 1, got {stack}")
         self.stack = stack
-        if not (device == "cpu" or device.startswith("cuda")):
-            raise ValueError(f"unknown torch device {device!r}; valid choices: 'cpu', 'cuda', 'cuda:<index>'")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         self.block_factory = block_factory or reference_block
         if threads is not None:
             torch.set_num_threads(threads)
@@ -128,30 +180,9 @@ class TorchProfiler(Profiler):
                     torch.randn(shape, device=self.device, dtype=dtype),
                     torch.randn(shape, device=self.device, dtype=dtype),
                 )
-        t = repeat_timed(self._timer(nn.Sequential(*blocks), x), warmup=self.warmup, repeats=self.repeats)
+        stack = nn.Sequential(*blocks)
+        t = repeat_timed(torch_timer(lambda: stack(x), self.device), warmup=self.warmup, repeats=self.repeats)
         return t.scaled(1.0 / self.stack)
-
-    def _timer(self, block: nn.Module, x: torch.Tensor) -> Callable[[], float]:
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-            def run_cuda() -> float:
-                with torch.inference_mode():
-                    start.record()
-                    block(x)
-                    end.record()
-                torch.cuda.synchronize(self.device)
-                return float(start.elapsed_time(end))
-
-            return run_cuda
-
-        def run_cpu() -> float:
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                block(x)
-                return (time.perf_counter() - t0) * 1e3
-
-        return run_cpu
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata() | {

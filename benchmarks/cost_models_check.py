@@ -1,18 +1,24 @@
-"""Cost models against measurement on this machine's CPU, with the bundled all-MiniLM-L6-v2.
+"""Cost models against measurement on a device of this machine, with the bundled all-MiniLM-L6-v2.
 
 For each workload: random per-layer pruned configurations are physically pruned and timed end to end
-(median of interleaved rounds), and compared with the table model (from the committed `hwprune-profile` table),
-the roofline calibrated to that table, the uncalibrated roofline (measured CPU peaks) and a FLOPs
-proxy scaled to the dense model's measured latency. Also measures whole-model predictions per second.
+(median of interleaved rounds), and compared with the table model (from the `hwprune-profile` table),
+the roofline calibrated to that table, the uncalibrated roofline (the profile's peaks: measured on
+cpu_local, datasheet elsewhere) and a FLOPs proxy scaled to the dense model's measured latency. Also measures whole-model predictions per second.
 The measured latencies go to a CSV beside the report, so other models can be scored without re-timing.
 
-Usage (profiles each workload's table with the commands below, then checks it right away, so this
+The device is the hardware profile's (`--hardware`, a torch backend: `cpu_local` here, `gpu_h100`
+on the GPU machine, timed with CUDA events in the profile's first dtype). Results go to
+results/benchmarks/cost_models_<hardware>.md and .csv.
+
+Usage (profiles each workload's table with the commands below, then checks it right away, so the
 machine has as little time as possible to change speed between the two):
-    python benchmarks/cost_models_cpu.py --profile --configs 50 --repeats 90 \
-        --previous <an earlier run's cost_models_cpu.csv>
-Without --profile it checks the committed tables, which were made by:
+    python benchmarks/cost_models_check.py --profile --configs 50 --repeats 90 \
+        --previous <an earlier run's cost_models_cpu_local.csv>
+    python benchmarks/cost_models_check.py --hardware gpu_h100 --profile --configs 50 --repeats 90
+Without --profile it checks the tables under results/tables/<hardware>/, made on cpu_local by:
     hwprune-profile hardware=cpu_local workload=b1_s128 profiler.rounds=10 profiler.warmup=2
     hwprune-profile hardware=cpu_local workload=b32_s128 profiler.rounds=3 profiler.repeats=6 profiler.warmup=1
+(on a GPU, where a grid takes seconds: profiler.rounds=10).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import copy
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,16 +40,19 @@ from scipy.stats import kendalltau
 
 import cost_models
 import prunable
+from cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device, torch_timer
 from search._blocks import block_spec
 from search.config import load_hardware
 
-log = logging.getLogger("cost_models_cpu")
+log = logging.getLogger("cost_models_check")
 
 WORKLOADS = {"b1_s128": (1, 128), "b32_s128": (32, 128)}
+# A 2-core CPU needs ~10 and ~25 min per table with these; a GPU sweeps a grid in seconds.
 PROFILE_ARGS = {
     "b1_s128": "profiler.rounds=10 profiler.warmup=2",
     "b32_s128": "profiler.rounds=3 profiler.repeats=6 profiler.warmup=1",
 }
+GPU_PROFILE_ARGS = "profiler.rounds=10"
 STEP = 128  # the MLP step of the table grid and of the configurations
 DEFAULT = "table (additive fit, default)"
 
@@ -71,48 +81,55 @@ def spread_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.n
     return units, mlp
 
 
-def time_interleaved(models: list[torch.nn.Module], batch: int, seq: int, rounds: int) -> np.ndarray:
-    """(models, rounds) latencies in ms, each model timed once per round in a shuffled order.
+class Bench:
+    """Where the models run: the device, dtype and inputs of one workload."""
 
-    Round-robin timing spreads this shared machine's slow drifts (other tenants, clocks) over every
-    model alike instead of biasing whichever model happened to be timed during a slow minute.
-    """
-    ids = torch.randint(1000, 2000, (batch, seq))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    rng = np.random.default_rng(0)
-    samples: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for model in models:  # warm-up: allocations, weight pages, oneDNN kernel choice
-            model(**inputs)
-            model(**inputs)
-        for _ in range(rounds):
-            for k in rng.permutation(len(models)):
-                t0 = time.perf_counter()
-                models[k](**inputs)
-                samples[k].append((time.perf_counter() - t0) * 1e3)
-    return np.array(samples)
+    def __init__(self, device: str, dtype: str) -> None:
+        self.device, self.dtype, self.dtype_name = torch_device(device), TORCH_DTYPES[dtype], dtype
 
+    def inputs(self, batch: int, seq: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1000, 2000, (batch, seq), device=self.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-def speed_windows(model: torch.nn.Module, seconds: float, window: float = 10.0) -> np.ndarray:
-    """Medians (ms) of the dense model at batch 1 run back to back, one per `window` seconds.
+    def timer(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
+        model.to(self.device, self.dtype)
+        return torch_timer(lambda: model(**inputs), self.device)
 
-    How far this machine's speed wanders on its own over minutes: a bound on how well any absolute
-    latency, measured at one time, can predict one measured at another.
-    """
-    ids = torch.randint(1000, 2000, (1, 128))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    medians = []
-    with torch.inference_mode():
-        model(**inputs)
+    def time_interleaved(
+        self, models: list[torch.nn.Module], batch: int, seq: int, rounds: int
+    ) -> np.ndarray:
+        """(models, rounds) latencies in ms, each model timed once per round in a shuffled order.
+
+        Round-robin timing spreads a shared machine's slow drifts (other tenants, clocks) over every
+        model alike instead of biasing whichever model happened to be timed during a slow minute.
+        """
+        inputs = self.inputs(batch, seq)
+        timers = [self.timer(model, inputs) for model in models]
+        return np.array(interleaved(timers, rounds=rounds, warmup=2))
+
+    def speed_windows(self, model: torch.nn.Module, seconds: float, window: float = 10.0) -> np.ndarray:
+        """Medians (ms) of the dense model at batch 1 run back to back, one per `window` seconds.
+
+        How far this machine's speed wanders on its own over minutes: a bound on how well any absolute
+        latency, measured at one time, can predict one measured at another.
+        """
+        run = self.timer(model, self.inputs(1, 128))
+        run()
+        medians = []
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             times, start = [], time.perf_counter()
             while time.perf_counter() - start < window:
-                t0 = time.perf_counter()
-                model(**inputs)
-                times.append((time.perf_counter() - t0) * 1e3)
+                times.append(run())
             medians.append(float(np.median(times)))
-    return np.array(medians)
+        return np.array(medians)
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            nvml = nvml_metadata(self.device.index or 0)
+            details = ", ".join(f"{k} {v}" for k, v in nvml.items() if k != "name")
+            return f"{torch.cuda.get_device_name(self.device)} ({details}), torch {torch.__version__}"
+        return f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -170,30 +187,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="profile each table right before its check")
     parser.add_argument("--stability-seconds", type=float, default=120.0)
-    parser.add_argument("--out", default="results/benchmarks/cost_models_cpu.md")
+    parser.add_argument("--hardware", default="cpu_local", help="hardware profile (torch backend) to check")
+    parser.add_argument("--out", help="report path (default results/benchmarks/cost_models_<hardware>.md)")
     parser.add_argument(
         "--previous",
         help="measurements CSV of an earlier run (same --configs): adds how well that run predicts this one",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out = args.out or f"results/benchmarks/cost_models_{args.hardware}.md"
+    profile = load_hardware(args.hardware)
+    if profile.backend != "torch":
+        raise SystemExit(
+            f"--hardware {args.hardware}: the check times torch models, its backend is {profile.backend!r}"
+        )
+    profile = cost_models.local_profile(profile) if profile.measure_peaks else profile
+    dtype = profile.resolve_dtype("auto")
+    bench = Bench(profile.device, dtype)
 
     dense = prunable.load_model(prunable.MINILM, "BertModel")
     structure = prunable.discover(dense)
     spec = block_spec(structure)
     ref = prunable.model_ref(dense, with_weights=False)
-    profile = cost_models.local_profile(load_hardware("cpu_local"))
     previous = load_previous(args.previous, spec, args.configs)
     started = datetime.now(timezone.utc)
-    stability = speed_windows(dense, args.stability_seconds)
+    stability = bench.speed_windows(dense, args.stability_seconds)
     sections, measurements = [], []
     for name, (batch, seq) in WORKLOADS.items():
         if args.profile:
-            command = f"hwprune-profile hardware=cpu_local workload={name} {PROFILE_ARGS[name]}"
+            settings = GPU_PROFILE_ARGS if bench.device.type == "cuda" else PROFILE_ARGS[name]
+            command = f"hwprune-profile hardware={args.hardware} workload={name} {settings}"
             log.info("running %s", command)
             subprocess.run(command.split(), check=True)
-        workload = cost_models.Workload(batch_size=batch, seq_len=seq, dtype="fp32")
-        path = cost_models.find_table(f"results/tables/cpu_local/minilm_b{batch}_s{seq}.csv")
+        workload = cost_models.Workload(batch_size=batch, seq_len=seq, dtype=dtype)
+        path = cost_models.find_table(f"results/tables/{args.hardware}/minilm_b{batch}_s{seq}.csv")
         if path is None:
             raise SystemExit(
                 f"no table for {name}: run with --profile, or `hwprune-profile` as in the docstring"
@@ -214,7 +241,7 @@ def main() -> None:
                 structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
             )
             pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
-        samples = time_interleaved([dense, *pruned], batch, seq, rounds)
+        samples = bench.time_interleaved([dense, *pruned], batch, seq, rounds)
         del pruned
         timed = np.median(samples, axis=1)
         dense_ms, measured = float(timed[0]), timed[1:]
@@ -255,7 +282,7 @@ def main() -> None:
     pd.DataFrame(measurements).to_csv(Path(args.out).with_suffix(".csv"), index=False, float_format="%.4f")
     # Throughput on the last workload's models (prediction cost does not depend on the workload).
     rates = {m: throughput(model) for m, model in models.items() if m != "table (raw grid)"}
-    write(args, profile, sections, rates, stability, previous)
+    write(args, profile, bench, sections, rates, stability, previous)
 
 
 def previous_when(previous: pd.DataFrame) -> str:
@@ -267,24 +294,28 @@ def previous_when(previous: pd.DataFrame) -> str:
 def write(
     args: argparse.Namespace,
     profile: Any,
+    bench: Bench,
     sections: list[Any],
     rates: dict[str, float],
     stability: np.ndarray,
     previous: pd.DataFrame | None,
 ) -> None:
     lines = [
-        "# Cost models against measured CPU latency (all-MiniLM-L6-v2)",
+        f"# Cost models against measured latency on {profile.name} (all-MiniLM-L6-v2)",
         "",
-        f"Command: `python benchmarks/cost_models_cpu.py{' --profile' if args.profile else ''} "
-        f"--configs {args.configs} --repeats {args.repeats}"
+        "Command: `python benchmarks/cost_models_check.py"
+        + (f" --hardware {args.hardware}" if args.hardware != "cpu_local" else "")
+        + f"{' --profile' if args.profile else ''} --configs {args.configs} --repeats {args.repeats}"
         + (f" --previous {args.previous}" if args.previous else "")
         + "`"
         + (" (profiles each table, then checks it)" if args.profile else "")
         + f"; every measured latency is in `{Path(args.out).with_suffix('.csv').name}`.  ",
-        f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
-        f"Measured CPU peaks: fp32 {profile.peak_tflops['fp32'] * 1e3:.0f} GFLOP/s, "
-        f"copy {profile.memory_bandwidth_gbs:.1f} GB/s.  ",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every latency here was measured on this CPU.",
+        f"Machine: {bench.describe()}. "
+        + ("Measured peaks" if profile.measure_peaks else "Datasheet peaks")
+        + f" ({bench.dtype_name}): {profile.peak_tflops[bench.dtype_name] * 1e3:.0f} GFLOP/s, "
+        f"memory {profile.memory_bandwidth_gbs:.1f} GB/s.  ",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every latency here was measured on this "
+        f"{'GPU (CUDA events)' if bench.device.type == 'cuda' else 'CPU (wall clock)'}.",
         "",
         f"Two sets of {args.configs} random per-layer configurations (attention heads 0-12 and MLP width "
         "0-1536 in steps of 128, per layer): `uniform` draws every layer's widths independently, so "
@@ -292,12 +323,12 @@ def write(
         "configuration, uniform in [0, 1], then each layer's widths binomially around it, so sizes cover "
         "the range a search explores. Each configuration is physically pruned with `prunable.apply_plan` "
         "and timed end to end (median of interleaved rounds: the dense model and every configuration "
-        "timed once per round, in a shuffled order; fp32, sequence 128).",
+        f"timed once per round, in a shuffled order; {bench.dtype_name}, sequence 128).",
         "",
         "Models: `table (additive fit, default)` reads the profiled per-block table (real pruned MiniLM "
         "layers) as attention + MLP sub-layer latencies fitted to the whole grid, plus the measured time "
         "outside the blocks; `table (raw grid)` interpolates the raw grid instead; `calibrated` is the "
-        "roofline fitted to that table; `analytical` is the roofline from measured peaks alone; `table, "
+        "roofline fitted to that table; `analytical` is the roofline from the profile's peaks alone; `table, "
         "as speedup x dense now` is the default table's predicted speedup over the dense model (what the "
         "search ranks and `hwprune-apply` reports) times the dense model measured now, the same anchor "
         "the FLOPs proxy gets (the dense model's latency measured now, scaled by the configuration's "

@@ -4,11 +4,11 @@
     hwprune-apply plan=... out=... device=cuda workload.batch_size=32     # on the GPU it was searched for
 
 Loads the model the plan names, checks its fingerprints, prunes it physically, saves the pruned
-directory (`prunable.load_pruned`) and an ONNX export, then times the dense and the pruned model on
-`device` (CPU or a CUDA GPU: median of interleaved rounds, each round timing both in a shuffled
-order) after evaluating the task metric of both. The figures go to
-`<out>/apply.json`. A plan whose model cannot be found or does not match fails before anything is
-written.
+directory (`prunable.load_pruned`) and an ONNX export, evaluates the task metric of both models,
+then times both on `device` (CPU or a CUDA GPU: median of interleaved rounds, each round timing
+dense and pruned in a shuffled order). The figures go to `<out>/apply.json`. A plan whose model
+cannot be found or does not match, or a device or dtype that cannot be timed, fails before anything
+is written.
 """
 
 from __future__ import annotations

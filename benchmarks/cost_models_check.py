@@ -1,10 +1,11 @@
 """Cost models against measurement on a device of this machine, with the bundled all-MiniLM-L6-v2.
 
-For each workload: random per-layer pruned configurations are physically pruned and timed end to end
-(median of interleaved rounds), and compared with the table model (from the `hwprune-profile` table),
-the roofline calibrated to that table, the uncalibrated roofline (the profile's peaks: measured on
-cpu_local, datasheet elsewhere) and a FLOPs proxy scaled to the dense model's measured latency. Also measures whole-model predictions per second.
-The measured latencies go to a CSV beside the report, so other models can be scored without re-timing.
+For each workload: random per-layer pruned configurations are physically pruned and timed end to
+end (median of interleaved rounds), and compared with the table model (from the `hwprune-profile`
+table), the roofline calibrated to that table, the uncalibrated roofline (the profile's peaks:
+measured on cpu_local, datasheet elsewhere) and a FLOPs proxy scaled to the dense model's measured
+latency. Also measures whole-model predictions per second. The measured latencies go to a CSV
+beside the report, so other models can be scored without re-timing.
 
 The device is the hardware profile's (`--hardware`, a torch backend: `cpu_local` here, `gpu_h100`
 on the GPU machine, timed with CUDA events in the profile's first dtype). Results go to
@@ -47,7 +48,7 @@ from search.config import load_hardware
 log = logging.getLogger("cost_models_check")
 
 WORKLOADS = {"b1_s128": (1, 128), "b32_s128": (32, 128)}
-# A 2-core CPU needs ~10 and ~25 min per table with these; a GPU sweeps a grid in seconds.
+# These took 3.5 and 10 min per table on the 2-core CPU (2026-11-23); a GPU sweeps a grid in seconds.
 PROFILE_ARGS = {
     "b1_s128": "profiler.rounds=10 profiler.warmup=2",
     "b32_s128": "profiler.rounds=3 profiler.repeats=6 profiler.warmup=1",
@@ -92,7 +93,7 @@ class Bench:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def timer(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
-        model.to(self.device, self.dtype)
+        model.to(self.device, self.dtype)  # in place: the check needs no CPU fp32 copy afterwards
         return torch_timer(lambda: model(**inputs), self.device)
 
     def time_interleaved(

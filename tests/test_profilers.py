@@ -181,8 +181,13 @@ def test_jax_xla_cpu_profiler(workload: Workload) -> None:
 def test_timing_statistics() -> None:
     timing = Timing.of([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (timing.median_ms, timing.p10_ms, timing.p90_ms, timing.repeats) == (3.0, 1.0, 5.0, 5)
-    calls = []
-    result = repeat_timed(lambda: calls.append(1) or float(len(calls)), warmup=2, repeats=3)
+    calls: list[int] = []
+
+    def run() -> float:
+        calls.append(1)
+        return float(len(calls))
+
+    result = repeat_timed(run, warmup=2, repeats=3)
     assert len(calls) == 5 and result.median_ms == 4.0
 
 

@@ -29,7 +29,6 @@ import copy
 import logging
 import subprocess
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,10 @@ from scipy.stats import kendalltau
 
 import cost_models
 import prunable
-from cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device, torch_timer
+from cost_models.profilers import interleaved, nvml_metadata, torch_device
 from search._blocks import block_spec
 from search.config import load_hardware
+from search.profile_app import whole_model_timer
 
 log = logging.getLogger("cost_models_check")
 
@@ -82,55 +82,44 @@ def spread_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.n
     return units, mlp
 
 
-class Bench:
-    """Where the models run: the device, dtype and inputs of one workload."""
+def time_interleaved(
+    models: list[torch.nn.Module], workload: cost_models.Workload, device: str, rounds: int
+) -> np.ndarray:
+    """(models, rounds) latencies in ms, each model timed once per round in a shuffled order.
 
-    def __init__(self, device: str, dtype: str) -> None:
-        self.device, self.dtype, self.dtype_name = torch_device(device), TORCH_DTYPES[dtype], dtype
+    Round-robin timing spreads a shared machine's slow drifts (other tenants, clocks) over every
+    model alike instead of biasing whichever model happened to be timed during a slow minute.
+    """
+    timers = [whole_model_timer(model, workload, device) for model in models]
+    return np.array(interleaved(timers, rounds=rounds, warmup=2))
 
-    def inputs(self, batch: int, seq: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(1000, 2000, (batch, seq), device=self.device)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def timer(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
-        model.to(self.device, self.dtype)  # in place: the check needs no CPU fp32 copy afterwards
-        return torch_timer(lambda: model(**inputs), self.device)
+def speed_windows(
+    model: torch.nn.Module, dtype: str, device: str, seconds: float, window: float = 10.0
+) -> np.ndarray:
+    """Medians (ms) of the dense model at batch 1 run back to back, one per `window` seconds.
 
-    def time_interleaved(
-        self, models: list[torch.nn.Module], batch: int, seq: int, rounds: int
-    ) -> np.ndarray:
-        """(models, rounds) latencies in ms, each model timed once per round in a shuffled order.
+    How far this machine's speed wanders on its own over minutes: a bound on how well any absolute
+    latency, measured at one time, can predict one measured at another.
+    """
+    run = whole_model_timer(model, cost_models.Workload(batch_size=1, seq_len=128, dtype=dtype), device)
+    run()
+    medians = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < window:
+            times.append(run())
+        medians.append(float(np.median(times)))
+    return np.array(medians)
 
-        Round-robin timing spreads a shared machine's slow drifts (other tenants, clocks) over every
-        model alike instead of biasing whichever model happened to be timed during a slow minute.
-        """
-        inputs = self.inputs(batch, seq)
-        timers = [self.timer(model, inputs) for model in models]
-        return np.array(interleaved(timers, rounds=rounds, warmup=2))
 
-    def speed_windows(self, model: torch.nn.Module, seconds: float, window: float = 10.0) -> np.ndarray:
-        """Medians (ms) of the dense model at batch 1 run back to back, one per `window` seconds.
-
-        How far this machine's speed wanders on its own over minutes: a bound on how well any absolute
-        latency, measured at one time, can predict one measured at another.
-        """
-        run = self.timer(model, self.inputs(1, 128))
-        run()
-        medians = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            times, start = [], time.perf_counter()
-            while time.perf_counter() - start < window:
-                times.append(run())
-            medians.append(float(np.median(times)))
-        return np.array(medians)
-
-    def describe(self) -> str:
-        if self.device.type == "cuda":
-            nvml = nvml_metadata(self.device.index or 0)
-            details = ", ".join(f"{k} {v}" for k, v in nvml.items() if k != "name")
-            return f"{torch.cuda.get_device_name(self.device)} ({details}), torch {torch.__version__}"
-        return f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        nvml = nvml_metadata(device.index or 0)
+        details = ", ".join(f"{k} {v}" for k, v in nvml.items() if k != "name")
+        return f"{torch.cuda.get_device_name(device)} ({details}), torch {torch.__version__}"
+    return f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -204,7 +193,7 @@ def main() -> None:
         )
     profile = cost_models.local_profile(profile) if profile.measure_peaks else profile
     dtype = profile.resolve_dtype("auto")
-    bench = Bench(profile.device, dtype)
+    device = torch_device(profile.device)  # fails here, naming the device, before any work
 
     dense = prunable.load_model(prunable.MINILM, "BertModel")
     structure = prunable.discover(dense)
@@ -212,11 +201,11 @@ def main() -> None:
     ref = prunable.model_ref(dense, with_weights=False)
     previous = load_previous(args.previous, spec, args.configs)
     started = datetime.now(timezone.utc)
-    stability = bench.speed_windows(dense, args.stability_seconds)
+    stability = speed_windows(dense, dtype, profile.device, args.stability_seconds)
     sections, measurements = [], []
     for name, (batch, seq) in WORKLOADS.items():
         if args.profile:
-            settings = GPU_PROFILE_ARGS if bench.device.type == "cuda" else PROFILE_ARGS[name]
+            settings = GPU_PROFILE_ARGS if device.type == "cuda" else PROFILE_ARGS[name]
             command = f"hwprune-profile hardware={args.hardware} workload={name} {settings}"
             log.info("running %s", command)
             subprocess.run(command.split(), check=True)
@@ -242,7 +231,7 @@ def main() -> None:
                 structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
             )
             pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
-        samples = bench.time_interleaved([dense, *pruned], batch, seq, rounds)
+        samples = time_interleaved([dense, *pruned], workload, profile.device, rounds)
         del pruned
         timed = np.median(samples, axis=1)
         dense_ms, measured = float(timed[0]), timed[1:]
@@ -283,7 +272,7 @@ def main() -> None:
     pd.DataFrame(measurements).to_csv(Path(args.out).with_suffix(".csv"), index=False, float_format="%.4f")
     # Throughput on the last workload's models (prediction cost does not depend on the workload).
     rates = {m: throughput(model) for m, model in models.items() if m != "table (raw grid)"}
-    write(args, profile, bench, sections, rates, stability, previous)
+    write(args, profile, device, sections, rates, stability, previous)
 
 
 def previous_when(previous: pd.DataFrame) -> str:
@@ -295,7 +284,7 @@ def previous_when(previous: pd.DataFrame) -> str:
 def write(
     args: argparse.Namespace,
     profile: Any,
-    bench: Bench,
+    device: torch.device,
     sections: list[Any],
     rates: dict[str, float],
     stability: np.ndarray,
@@ -311,12 +300,12 @@ def write(
         + "`"
         + (" (profiles each table, then checks it)" if args.profile else "")
         + f"; every measured latency is in `{Path(args.out).with_suffix('.csv').name}`.  ",
-        f"Machine: {bench.describe()}. "
+        f"Machine: {describe(device)}. "
         + ("Measured peaks" if profile.measure_peaks else "Datasheet peaks")
-        + f" ({bench.dtype_name}): {profile.peak_tflops[bench.dtype_name] * 1e3:.0f} GFLOP/s, "
+        + f" ({sections[0][1].dtype}): {profile.peak_tflops[sections[0][1].dtype] * 1e3:.0f} GFLOP/s, "
         f"memory {profile.memory_bandwidth_gbs:.1f} GB/s.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every latency here was measured on this "
-        f"{'GPU (CUDA events)' if bench.device.type == 'cuda' else 'CPU (wall clock)'}.",
+        f"{'GPU (CUDA events)' if device.type == 'cuda' else 'CPU (wall clock)'}.",
         "",
         f"Two sets of {args.configs} random per-layer configurations (attention heads 0-12 and MLP width "
         "0-1536 in steps of 128, per layer): `uniform` draws every layer's widths independently, so "
@@ -324,7 +313,7 @@ def write(
         "configuration, uniform in [0, 1], then each layer's widths binomially around it, so sizes cover "
         "the range a search explores. Each configuration is physically pruned with `prunable.apply_plan` "
         "and timed end to end (median of interleaved rounds: the dense model and every configuration "
-        f"timed once per round, in a shuffled order; {bench.dtype_name}, sequence 128).",
+        f"timed once per round, in a shuffled order; {sections[0][1].dtype}, sequence 128).",
         "",
         "Models: `table (additive fit, default)` reads the profiled per-block table (real pruned MiniLM "
         "layers) as attention + MLP sub-layer latencies fitted to the whole grid, plus the measured time "

@@ -27,6 +27,7 @@ from cost_models.profilers import (
     OnnxRuntimeProfiler,
     Profiler,
     TorchProfiler,
+    torch_device,
     torch_timer,
 )
 from search._blocks import block_spec, real_block_factory
@@ -60,13 +61,12 @@ def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
 def whole_model_timer(
     model: torch.nn.Module, workload: cost_models.Workload, device: str
 ) -> Callable[[], float]:
-    """One timed forward (ms) of a whole model (torch), to subtract the blocks from."""
-    dtype = TORCH_DTYPES[workload.dtype]
-    model = model.to(device, dtype)
-    ids = torch.randint(1000, 2000, (workload.batch_size, workload.seq_len), device=device)
+    """One timed forward (ms) of a whole text model (torch) on `device`, in the workload's dtype."""
+    on = torch_device(device)  # a clear error before moving anything to a device torch lacks
+    model.to(on, TORCH_DTYPES[workload.dtype])  # in place: callers time the model they passed
+    ids = torch.randint(1000, 2000, (workload.batch_size, workload.seq_len), device=on)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    return torch_timer(lambda: model(**inputs), device)
+    return torch_timer(lambda: model(**inputs), on)
 
 
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:

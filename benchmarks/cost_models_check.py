@@ -219,7 +219,7 @@ def main() -> None:
         models: dict[str, cost_models.CostModel] = {
             DEFAULT: cost_models.TableModel(table=table, workload=workload),
             "table (raw grid)": cost_models.TableModel(table=table, workload=workload, fit="grid"),
-            "calibrated": cost_models.calibrate(profile, table),
+            "calibrated": cost_models.calibrate(profile, [table], spec=spec, workload=workload),
             "analytical": cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload),
         }
         sets = config_sets(spec, args.configs, batch)

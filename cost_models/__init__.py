@@ -3,16 +3,18 @@
 Depends on nothing else of hwprune: a model is a `BlockSpec` of plain numbers, a configuration is per
 layer the attention units and MLP neurons kept.
 
-    model = cost_models.cost_model_for(profile, spec, workload)   # table > calibrated > analytical
+    profile = cost_models.local_profile(profile)      # cpu_local: measured peaks (cached)
+    tables = cost_models.load_tables(profile)         # this device's profiled tables
+    model = cost_models.cost_model_for(profile, spec, workload, tables=tables)  # table > calibrated > analytical
     pred = model.predict(units, mlp)          # (N, layers) arrays -> pred.latency_ms (N,)
-    pred.source, pred.profile                 # "table" | "calibrated" | "analytical", "gpu_h100"
+    pred.source, pred.profile, pred.workload  # "table" | "calibrated" | "analytical", "gpu_h100", Workload
 """
 
 from cost_models._analytical import AnalyticalModel, Efficiency
 from cost_models._base import SOURCES, CostModel, Prediction
-from cost_models._calibrate import calibrate
+from cost_models._calibrate import CalibratedModel, calibrate
 from cost_models._cpu_peaks import cpu_name, local_profile, measure_peaks
-from cost_models._factory import cost_model_for, find_table
+from cost_models._factory import cost_model_for, find_table, load_tables
 from cost_models._hardware import BACKENDS, KINDS, HardwareProfile, width_step
 from cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
 from cost_models._table import TABLE_FITS, LatencyTable, TableModel
@@ -25,6 +27,7 @@ __all__ = [
     "TABLE_FITS",
     "AnalyticalModel",
     "BlockSpec",
+    "CalibratedModel",
     "CostModel",
     "Efficiency",
     "HardwareProfile",
@@ -36,6 +39,7 @@ __all__ = [
     "cost_model_for",
     "cpu_name",
     "find_table",
+    "load_tables",
     "local_profile",
     "measure_peaks",
     "width_step",

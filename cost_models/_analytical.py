@@ -1,12 +1,18 @@
 """Analytical roofline latency per operator of a transformer block, with tile and wave quantisation.
 
 Each operator costs max(compute, memory) + a launch overhead, where
-    compute = waves * (2 * tile_m * tile_n * K_padded) / (per-unit peak * compute efficiency)
+    compute = waves * (2 * tile_m * tile_n * K_padded) / (per-unit peak * efficiency) * (1 + half_rows / M)
     waves   = ceil(tiles / compute_units),  tiles = batch * ceil(M / tile_m) * ceil(N / tile_n)
     memory  = bytes moved / (bandwidth * memory efficiency)
 so latency steps up when a width crosses a tile boundary (a GPU's CTA tiles and its waves over SMs,
-a TPU's 128x128 MXU), instead of growing in a straight line with FLOPs. Widths are arrays; every
-formula is vectorised so one call scores thousands of candidate configurations.
+a TPU's 128x128 MXU), instead of growing in a straight line with FLOPs. `half_rows` is where a GEMM
+reaches half its peak efficiency as its row count M (tokens) grows: packing and loop overheads that
+the datasheet does not show, fitted by calibration (0 in the datasheet model). Widths are arrays;
+every formula is vectorised so one call scores thousands of candidate configurations.
+
+The model also prices what runs outside the blocks (embeddings, the final norm, an output head of
+`BlockSpec.head_width` columns), so whole-model latency, and the speedup of a pruned model over the
+dense one, count the part pruning does not touch.
 """
 
 from __future__ import annotations
@@ -22,15 +28,31 @@ from cost_models._spec import BlockSpec, Workload
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Fractions of peak a device reaches, and a scale on launch overhead (fitted by calibration)."""
+    """How a device falls short of its datasheet; calibration fits these to profiled tables.
+
+    Attributes:
+        compute: Fraction of peak FLOP/s the projection GEMMs reach.
+        attention: Fraction of peak the attention GEMMs (scores, context) reach: many small
+            head_dim-wide matrices, usually far less efficient than the projections.
+        memory: Fraction of peak bandwidth memory-bound operators reach.
+        overhead: Scale on the profile's launch overhead per operator.
+        half_rows: GEMM rows (tokens) at which a GEMM runs at half its efficiency (0: no ramp).
+        outside: Scale on the modelled latency outside the blocks.
+    """
 
     compute: float = 0.7
+    attention: float = 0.7
     memory: float = 0.8
     overhead: float = 1.0
+    half_rows: float = 0.0
+    outside: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (0 < self.compute <= 1.5 and 0 < self.memory <= 1.5 and self.overhead >= 0):
-            raise ValueError(f"efficiencies must be in (0, 1.5] and overhead >= 0, got {self}")
+        fractions = (self.compute, self.attention, self.memory)
+        if not all(0 < f <= 1.5 for f in fractions) or min(self.overhead, self.half_rows) < 0:
+            raise ValueError(f"efficiencies must be in (0, 1.5] and overhead, half_rows >= 0, got {self}")
+        if not self.outside > 0:
+            raise ValueError(f"Efficiency.outside must be positive, got {self.outside}")
 
 
 def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
@@ -45,7 +67,6 @@ class AnalyticalModel(CostModel):
         spec: Dense block shape.
         workload: What runs; dtype "auto" takes the profile's default.
         efficiency: Fractions of peak; calibration replaces the defaults.
-        base_ms: Fixed latency outside the blocks.
         source: Label of predictions ("analytical", or "calibrated" once fitted).
     """
 
@@ -56,7 +77,6 @@ class AnalyticalModel(CostModel):
         spec: BlockSpec,
         workload: Workload,
         efficiency: Efficiency | None = None,
-        base_ms: float = 0.0,
         source: str = "analytical",
     ) -> None:
         profile.validate()
@@ -65,8 +85,8 @@ class AnalyticalModel(CostModel):
         self.spec = spec
         self.workload = profile.resolve_workload(workload)
         self.efficiency = efficiency or Efficiency()
-        self.base_ms = base_ms
         self.source = source
+        self.base_ms = self.efficiency.outside * sum(self.outside_op_times().values()) * 1e3
 
     # ---------------------------------------------------------------- operator costs (seconds)
 
@@ -80,6 +100,7 @@ class AnalyticalModel(CostModel):
         batch: np.ndarray | int = 1,
         weight_bytes: np.ndarray | None = None,
         weights_resident: np.ndarray | bool = False,
+        attention: bool = False,
     ) -> np.ndarray:
         hw, eff, b = self.hardware, self.efficiency, self.workload.bytes_per_element
         m, n, k, batch = (np.asarray(x, dtype=np.int64) for x in (m, n, k, batch))
@@ -87,7 +108,9 @@ class AnalyticalModel(CostModel):
         waves = _ceil_div(tiles, hw.compute_units)
         k_pad = _ceil_div(k, hw.tile_k) * hw.tile_k
         per_unit_flops = hw.peak_tflops[self.workload.dtype] * 1e12 / hw.compute_units
-        compute = waves * (2.0 * hw.tile_m * hw.tile_n * k_pad) / (per_unit_flops * eff.compute)
+        fraction = eff.attention if attention else eff.compute
+        compute = waves * (2.0 * hw.tile_m * hw.tile_n * k_pad) / (per_unit_flops * fraction)
+        compute = compute * (1.0 + eff.half_rows / np.maximum(m, 1))
         if hw.pad_memory:
             m = _ceil_div(m, hw.tile_m) * hw.tile_m
             n = _ceil_div(n, hw.tile_n) * hw.tile_n
@@ -149,11 +172,23 @@ class AnalyticalModel(CostModel):
         # KV head, not per query head, which the explicit byte count says.
         kv_bytes = 2 * w.batch_size * units * w.attended * hd * w.bytes_per_element
         ops["attn_scores"] = self._gemm(
-            attn, w.seq_len, w.attended, hd, batch=w.batch_size * heads, weight_bytes=kv_bytes // 2
+            attn,
+            w.seq_len,
+            w.attended,
+            hd,
+            batch=w.batch_size * heads,
+            weight_bytes=kv_bytes // 2,
+            attention=True,
         )
         ops["softmax"] = self._elementwise(attn, w.batch_size * heads * w.seq_len, w.attended, 2.0)
         ops["attn_context"] = self._gemm(
-            attn, w.seq_len, hd, w.attended, batch=w.batch_size * heads, weight_bytes=kv_bytes // 2
+            attn,
+            w.seq_len,
+            hd,
+            w.attended,
+            batch=w.batch_size * heads,
+            weight_bytes=kv_bytes // 2,
+            attention=True,
         )
         ops["o_proj"] = project(attn, hidden, heads * hd)
         ops["mlp_up"] = project(ffn, mlp, hidden)
@@ -164,6 +199,23 @@ class AnalyticalModel(CostModel):
         ops["norms"] = 2 * self._elementwise(always, t, hidden, 2.0)
         ops["residuals"] = 2 * self._elementwise(always, t, hidden, 3.0)
         return ops
+
+    def outside_op_times(self) -> dict[str, float]:
+        """Seconds of what runs outside the blocks, which pruning leaves as it is.
+
+        The embedding gather and its combination/norm, the final norm, and the output head where
+        the model has one (for an LM in prefill, logits at every position, as `transformers` does).
+        """
+        s, w = self.spec, self.workload
+        one = np.ones((), dtype=bool)
+        ops = {
+            "embeddings": self._elementwise(one, w.tokens, s.hidden, 2.0),  # gather: read + write
+            "embedding_norm": self._elementwise(one, w.tokens, s.hidden, 3.0),
+            "final_norm": self._elementwise(one, w.tokens, s.hidden, 2.0),
+        }
+        if s.head_width:
+            ops["head"] = self._gemm(one, w.tokens, s.head_width, s.hidden)
+        return {name: float(t) for name, t in ops.items()}
 
     def block_latency_ms(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
         return sum(self.op_times(units, mlp).values()) * 1e3  # type: ignore[return-value]

@@ -22,11 +22,14 @@ class Prediction:
         source: "table" (profiled lookup), "calibrated" (analytical fitted to a table) or
             "analytical" (datasheet roofline).
         profile: Hardware profile the prediction is for.
+        workload: The workload it is for (dtype resolved): a label is only worth as much as what it
+            labels, so every prediction says which workload its number answers.
     """
 
     latency_ms: np.ndarray
     source: str
     profile: str
+    workload: Workload
 
     def __float__(self) -> float:
         return float(self.latency_ms)
@@ -67,7 +70,9 @@ class CostModel(ABC):
                     f"{name} widths must lie in [0, {top}], got range [{values.min()}, {values.max()}]"
                 )
         latency = self.block_latency_ms(u, m).sum(-1) + self.base_ms
-        return Prediction(latency_ms=latency, source=self.source, profile=self.profile)
+        return Prediction(
+            latency_ms=latency, source=self.source, profile=self.profile, workload=self.workload
+        )
 
     def dense_ms(self) -> float:
         """Latency of the unpruned model."""

@@ -22,13 +22,19 @@ DEFAULT_CACHE = Path(os.environ.get("HWPRUNE_CACHE", "~/.cache/hwprune")).expand
 
 
 def cpu_name() -> str:
+    """The CPU model, with family/model/stepping: a VM may show only "AMD EPYC", which is no model."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = [(k, fields[k]) for k in ("cpu family", "model", "stepping") if k in fields]
+    if numbers:
+        name += " (" + ", ".join(f"{k.removeprefix('cpu ')} {v}" for k, v in numbers) + ")"
+    return name
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from cost_models._analytical import AnalyticalModel
 from cost_models._base import CostModel
 from cost_models._calibrate import calibrate
-from cost_models._cpu_peaks import cpu_name, local_profile
+from cost_models._cpu_peaks import cpu_name
 from cost_models._hardware import HardwareProfile
 from cost_models._spec import BlockSpec, Workload
 from cost_models._table import LatencyTable, TableModel
@@ -26,37 +29,72 @@ def find_table(path: str) -> Path | None:
     return None
 
 
-def cost_model_for(profile: HardwareProfile, spec: BlockSpec, workload: Workload) -> CostModel:
-    """The most faithful cost model the profile's data allows.
+def load_tables(profile: HardwareProfile) -> list[LatencyTable]:
+    """The profile's tables that exist and were measured on this very device.
 
-    1. A profiled table of exactly this block shape and workload: table lookup ("table").
-    2. A profiled table of this device at another shape or workload: the roofline with efficiencies
-       fitted to it ("calibrated").
-    3. Otherwise the datasheet roofline ("analytical"); for cpu_local with measured peaks.
-
-    A CPU table counts only on the CPU model it was measured on.
+    A CPU table counts only on the CPU model and thread count it was measured with; every table
+    skipped is logged with the reason.
     """
-    profile.validate()
-    if profile.measure_peaks:
-        profile = local_profile(profile)
-    workload_resolved = profile.resolve_workload(workload)
-    usable = []
+    tables = []
     for entry in profile.tables:
         path = find_table(entry)
         if path is None:
             log.warning("hardware %s lists table %s, which does not exist; skipping it", profile.name, entry)
             continue
         table = LatencyTable.load(path)
-        measured_on = table.meta.get("host_cpu")
-        if profile.kind == "cpu" and measured_on != cpu_name():
-            log.info(
-                "table %s was measured on %r, this CPU is %r; not using it", path, measured_on, cpu_name()
+        if table.profile != profile.name:
+            log.warning(
+                "table %s was measured for %r, not %r; skipping it", path, table.profile, profile.name
             )
             continue
-        usable.append(table)
-    for table in usable:
-        if table.spec == spec and table.workload == workload_resolved:
-            return TableModel(table=table, fit=profile.table_fit)
-    if usable:
-        return calibrate(profile, usable[0])
-    return AnalyticalModel(profile=profile, spec=spec, workload=workload_resolved)
+        if profile.kind == "cpu":
+            here = (cpu_name(), torch.get_num_threads())
+            there = (table.meta.get("host_cpu"), table.meta.get("threads"))
+            if there != here:
+                log.info(
+                    "table %s was measured on %s x %s threads, this is %s x %s; not using it",
+                    path,
+                    *there,
+                    *here,
+                )
+                continue
+        log.info("table %s: %s", path, table.workload.describe())
+        tables.append(table)
+    return tables
+
+
+def cost_model_for(
+    profile: HardwareProfile,
+    spec: BlockSpec,
+    workload: Workload,
+    *,
+    tables: Sequence[LatencyTable] = (),
+) -> CostModel:
+    """The most faithful cost model of `spec` at `workload` that the device's tables allow.
+
+    1. A table of exactly this block shape and workload: table lookup ("table").
+    2. Tables of this device at other shapes or workloads: the roofline with efficiencies fitted to
+       all of them, predicting this shape and workload ("calibrated").
+    3. No table: the datasheet roofline ("analytical").
+
+    Whatever the source, the model answers for `spec` and `workload` (dtype resolved): its
+    predictions report that workload. The function has no side effects; measuring a CPU's peaks
+    (`local_profile`) and reading tables (`load_tables`) are the caller's visible steps.
+
+    Args:
+        profile: The target device.
+        spec: The dense block shape of the model.
+        workload: What the model runs.
+        tables: Profiled tables of this device (`load_tables`).
+    """
+    profile.validate()
+    resolved = profile.resolve_workload(workload)
+    for table in tables:
+        if table.profile != profile.name:
+            raise ValueError(f"a table of {table.profile!r} was passed for hardware {profile.name!r}")
+    for table in tables:
+        if table.spec == spec and table.workload == resolved:
+            return TableModel(table=table, workload=resolved, fit=profile.table_fit)
+    if tables:
+        return calibrate(profile, tables, spec=spec, workload=resolved)
+    return AnalyticalModel(profile=profile, spec=spec, workload=resolved)

@@ -25,6 +25,8 @@ class BlockSpec:
         num_layers: Blocks in the model.
         gated_mlp: SwiGLU-style MLP (gate and up projections).
         norm: "layernorm" or "rmsnorm".
+        head_width: Outputs of the projection after the last block (an LM head's vocabulary, a
+            classifier's labels); 0 where the model ends with its hidden states.
     """
 
     hidden: int
@@ -35,11 +37,14 @@ class BlockSpec:
     num_layers: int
     gated_mlp: bool = False
     norm: str = "layernorm"
+    head_width: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden", "head_dim", "heads", "kv_heads", "mlp", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BlockSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_width < 0:
+            raise ValueError(f"BlockSpec.head_width must be >= 0, got {self.head_width}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.norm not in NORMS:

@@ -12,8 +12,20 @@ import cost_models
 import prunable
 
 
-def block_spec(structure: prunable.Structure) -> cost_models.BlockSpec:
-    """The dense block shape of a (uniform) structure, as the cost models see it."""
+def head_width(model: nn.Module) -> int:
+    """Output columns of the model's head after the last block (an LM's vocabulary), 0 without one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return int(head.out_features) if isinstance(head, nn.Linear) else 0
+
+
+def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_models.BlockSpec:
+    """The dense block shape of a (uniform) structure, as the cost models see it.
+
+    Args:
+        structure: The model's (dense, uniform) structure.
+        head_width: Output columns of its head (`head_width(model)`), priced outside the blocks.
+    """
     first = structure.layers[0]
     if any(layer != first for layer in structure.layers):
         raise ValueError(f"cost models need the dense, uniform structure; got {structure.describe()}")
@@ -26,6 +38,7 @@ def block_spec(structure: prunable.Structure) -> cost_models.BlockSpec:
         num_layers=structure.num_layers,
         gated_mlp=first.gated_mlp,
         norm="rmsnorm" if structure.family == "llama" else "layernorm",
+        head_width=head_width,
     )
 
 

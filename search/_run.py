@@ -18,7 +18,7 @@ from rich.progress import track
 import cost_models
 import hessian
 import prunable
-from search._blocks import block_spec
+from search._blocks import block_spec, head_width
 from search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
 from search._space import SaliencyProxy, SearchSpace
 from search._study import Constraints, SearchObjective, open_storage, run_study
@@ -88,11 +88,13 @@ def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
 
 def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     profile = cfg.hardware.validate()
+    if profile.measure_peaks:
+        profile = cost_models.local_profile(profile)
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
-    spec = block_spec(structure)
+    spec = block_spec(structure, head_width=head_width(model))
     workload = cfg.workload.build()
-    cost_model = cost_models.cost_model_for(profile, spec, workload)
+    cost_model = cost_models.cost_model_for(profile, spec, workload, tables=cost_models.load_tables(profile))
     log.info(
         "%s on %s (%s): latency from the %s model",
         cfg.model.name,

@@ -38,12 +38,11 @@ import pandas as pd
 import torch
 from scipy.stats import kendalltau
 
-import cost_models
-import prunable
-from cost_models.profilers import interleaved, nvml_metadata, torch_device
-from search._blocks import block_spec
-from search.config import load_hardware
-from search.profile_app import whole_model_timer
+from hwprune import cost_models, prunable
+from hwprune.cost_models.profilers import interleaved, nvml_metadata, torch_device
+from hwprune.search._blocks import block_spec
+from hwprune.search.config import load_hardware
+from hwprune.search.profile_app import whole_model_timer
 
 log = logging.getLogger("cost_models_check")
 

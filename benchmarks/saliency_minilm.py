@@ -30,10 +30,8 @@ import torch
 import transformers
 from scipy.stats import spearmanr
 
-import cost_models
-import hessian
-import prunable
-from search.tasks import STSTask, embed_batch
+from hwprune import cost_models, hessian, prunable
+from hwprune.search.tasks import STSTask, embed_batch
 
 log = logging.getLogger("saliency_minilm")
 

@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-import cost_models
-from search import compose
-from search._report import write_report
-from search._run import run_search
-from search.apply_app import apply_config
-from search.apply_app import run as run_apply
-from search.config import AppConfig
+from hwprune import cost_models
+from hwprune.search import compose
+from hwprune.search._report import write_report
+from hwprune.search._run import run_search
+from hwprune.search.apply_app import apply_config
+from hwprune.search.apply_app import run as run_apply
+from hwprune.search.config import AppConfig
 
 log = logging.getLogger("search_minilm_sts")
 

@@ -10,14 +10,14 @@ layer the attention units and MLP neurons kept.
     pred.source, pred.profile, pred.workload  # "table" | "calibrated" | "analytical", "gpu_h100", Workload
 """
 
-from cost_models._analytical import AnalyticalModel, Efficiency
-from cost_models._base import SOURCES, CostModel, Prediction
-from cost_models._calibrate import CalibratedModel, calibrate
-from cost_models._cpu_peaks import cpu_name, local_profile, measure_peaks
-from cost_models._factory import cost_model_for, find_table, load_tables
-from cost_models._hardware import BACKENDS, KINDS, HardwareProfile, width_step
-from cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
-from cost_models._table import TABLE_FITS, LatencyTable, TableModel
+from hwprune.cost_models._analytical import AnalyticalModel, Efficiency
+from hwprune.cost_models._base import SOURCES, CostModel, Prediction
+from hwprune.cost_models._calibrate import CalibratedModel, calibrate
+from hwprune.cost_models._cpu_peaks import cpu_name, local_profile, measure_peaks
+from hwprune.cost_models._factory import cost_model_for, find_table, load_tables
+from hwprune.cost_models._hardware import BACKENDS, KINDS, HardwareProfile, width_step
+from hwprune.cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
+from hwprune.cost_models._table import TABLE_FITS, LatencyTable, TableModel
 
 __all__ = [
     "BACKENDS",

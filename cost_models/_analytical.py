@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cost_models._base import CostModel
-from cost_models._hardware import HardwareProfile
-from cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models._base import CostModel
+from hwprune.cost_models._hardware import HardwareProfile
+from hwprune.cost_models._spec import BlockSpec, Workload
 
 
 @dataclass(frozen=True)

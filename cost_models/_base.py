@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models._spec import BlockSpec, Workload
 
 SOURCES = ("table", "calibrated", "analytical")
 

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import least_squares
 
-from cost_models._analytical import AnalyticalModel, Efficiency
-from cost_models._hardware import HardwareProfile
-from cost_models._spec import BlockSpec, Workload
-from cost_models._table import LatencyTable, TableModel
+from hwprune.cost_models._analytical import AnalyticalModel, Efficiency
+from hwprune.cost_models._hardware import HardwareProfile
+from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models._table import LatencyTable, TableModel
 
 log = logging.getLogger(__name__)
 

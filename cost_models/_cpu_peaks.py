@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cost_models._hardware import HardwareProfile
+from hwprune.cost_models._hardware import HardwareProfile
 
 log = logging.getLogger(__name__)
 

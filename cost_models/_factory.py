@@ -8,22 +8,23 @@ from pathlib import Path
 
 import torch
 
-from cost_models._analytical import AnalyticalModel
-from cost_models._base import CostModel
-from cost_models._calibrate import calibrate
-from cost_models._cpu_peaks import cpu_name
-from cost_models._hardware import HardwareProfile
-from cost_models._spec import BlockSpec, Workload
-from cost_models._table import LatencyTable, TableModel
+from hwprune.cost_models._analytical import AnalyticalModel
+from hwprune.cost_models._base import CostModel
+from hwprune.cost_models._calibrate import calibrate
+from hwprune.cost_models._cpu_peaks import cpu_name
+from hwprune.cost_models._hardware import HardwareProfile
+from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models._table import LatencyTable, TableModel
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The tables shipped with hwprune (results/tables in a source checkout, package data when installed).
+SHIPPED_TABLES = Path(__file__).parent / "tables"
 
 
 def find_table(path: str) -> Path | None:
-    """`path` as given, or relative to the repository root; None if neither exists."""
-    for candidate in (Path(path).expanduser(), REPO_ROOT / path):
+    """`path` as given (absolute or from the working directory), else among the shipped tables."""
+    for candidate in (Path(path).expanduser(), SHIPPED_TABLES / path):
         if candidate.is_file():
             return candidate
     return None

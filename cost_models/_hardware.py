@@ -1,7 +1,7 @@
 """Hardware profiles: the numbers an analytical latency model needs about a device.
 
 Each profile is one YAML file in the Hydra group `conf/hardware/`, validated against the
-`HardwareProfile` dataclass (registered in Hydra's ConfigStore by `search.config`), so a wrong
+`HardwareProfile` dataclass (registered in Hydra's ConfigStore by `hwprune.search.config`), so a wrong
 type, a missing field or an unknown profile name fails when the config is composed.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 
 from omegaconf import MISSING
 
-from cost_models._spec import DTYPE_BYTES, Workload
-from cost_models._table import TABLE_FITS
+from hwprune.cost_models._spec import DTYPE_BYTES, Workload
+from hwprune.cost_models._table import TABLE_FITS
 
 KINDS = ("gpu", "tpu", "npu", "cpu")
 BACKENDS = ("torch", "jax", "onnxruntime")
@@ -40,8 +40,9 @@ class HardwareProfile:
         backend: Profiler backend for measured tables: "torch", "jax" or "onnxruntime".
         device: Device string for the backend ("cuda", "cpu", "tpu").
         execution_provider: ONNX Runtime execution provider (backend "onnxruntime").
-        tables: Profiled latency tables (CSV files with JSON sidecars), absolute or relative to the
-            working directory or the repository root; empty where the device was not measured.
+        tables: Profiled latency tables (CSV files with JSON sidecars): absolute, relative to the
+            working directory, or relative to the tables shipped with hwprune (results/tables in
+            the checkout); empty where the device was not measured.
         table_fit: How a table is read: "additive" (attention + MLP sub-layer latencies fitted to
             the whole grid, averaging out timing noise) or "grid" (raw measurements interpolated).
         measure_peaks: Replace the peaks by a micro-benchmark of this machine (cpu_local).

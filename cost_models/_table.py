@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cost_models._base import CostModel
-from cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models._base import CostModel
+from hwprune.cost_models._spec import BlockSpec, Workload
 
 COLUMNS = ["units", "heads", "mlp", "latency_ms", "p10_ms", "p90_ms", "repeats"]
 

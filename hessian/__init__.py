@@ -8,14 +8,14 @@ Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fi
 `fisher` (OBD diagonal Fisher), `hutchinson` (HAWQ-V2 layer traces), `taylor`, `magnitude`, `random`.
 """
 
-from hessian._base import Saliency, UnitScores
-from hessian._cache import cached_score
-from hessian._calibration import Batch, Calibration, Objective, OutputDistance
-from hessian._fisher import FisherSaliency
-from hessian._hutchinson import HutchinsonSaliency
-from hessian._magnitude import MagnitudeSaliency, RandomSaliency
-from hessian._nvit import NViTSaliency
-from hessian._taylor import TaylorSaliency
+from hwprune.hessian._base import Saliency, UnitScores
+from hwprune.hessian._cache import cached_score
+from hwprune.hessian._calibration import Batch, Calibration, Objective, OutputDistance
+from hwprune.hessian._fisher import FisherSaliency
+from hwprune.hessian._hutchinson import HutchinsonSaliency
+from hwprune.hessian._magnitude import MagnitudeSaliency, RandomSaliency
+from hwprune.hessian._nvit import NViTSaliency
+from hwprune.hessian._taylor import TaylorSaliency
 
 METHODS: tuple[type[Saliency], ...] = (
     NViTSaliency,

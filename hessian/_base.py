@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-import prunable
-from hessian._calibration import Calibration
+from hwprune import prunable
+from hwprune.hessian._calibration import Calibration
 
 
 @dataclass

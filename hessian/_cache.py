@@ -9,9 +9,9 @@ from pathlib import Path
 
 from torch import nn
 
-import prunable
-from hessian._base import Saliency, UnitScores
-from hessian._calibration import Calibration
+from hwprune import prunable
+from hwprune.hessian._base import Saliency, UnitScores
+from hwprune.hessian._calibration import Calibration
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import torch
 from rich.progress import track
 from torch import nn
 
-import prunable
-from hessian._base import SeededSaliency, frozen, unit_sums
-from hessian._calibration import Calibration, check_finite
+from hwprune import prunable
+from hwprune.hessian._base import SeededSaliency, frozen, unit_sums
+from hwprune.hessian._calibration import Calibration, check_finite
 
 
 class FisherSaliency(SeededSaliency):

@@ -14,9 +14,9 @@ import torch
 from rich.progress import track
 from torch import nn
 
-import prunable
-from hessian._base import frozen
-from hessian._calibration import Calibration, check_finite
+from hwprune import prunable
+from hwprune.hessian._base import frozen
+from hwprune.hessian._calibration import Calibration, check_finite
 
 
 class GateGrads(NamedTuple):

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import prunable
-from hessian._base import Saliency, frozen, unit_sums
-from hessian._calibration import Calibration, check_finite
+from hwprune import prunable
+from hwprune.hessian._base import Saliency, frozen, unit_sums
+from hwprune.hessian._calibration import Calibration, check_finite
 
 log = logging.getLogger(__name__)
 

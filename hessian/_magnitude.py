@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import prunable
-from hessian._base import Saliency, SeededSaliency, unit_sums
-from hessian._calibration import Calibration
+from hwprune import prunable
+from hwprune.hessian._base import Saliency, SeededSaliency, unit_sums
+from hwprune.hessian._calibration import Calibration
 
 
 class MagnitudeSaliency(Saliency):

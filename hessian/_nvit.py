@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-import prunable
-from hessian._base import SeededSaliency
-from hessian._calibration import Calibration
-from hessian._gate_grads import mean_over_samples, per_sample_gate_grads
+from hwprune import prunable
+from hwprune.hessian._base import SeededSaliency
+from hwprune.hessian._calibration import Calibration
+from hwprune.hessian._gate_grads import mean_over_samples, per_sample_gate_grads
 
 
 class NViTSaliency(SeededSaliency):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import prunable
-from hessian._base import Saliency
-from hessian._calibration import Calibration
-from hessian._gate_grads import mean_over_samples
+from hwprune import prunable
+from hwprune.hessian._base import Saliency
+from hwprune.hessian._calibration import Calibration
+from hwprune.hessian._gate_grads import mean_over_samples
 
 
 class TaylorSaliency(Saliency):

@@ -9,14 +9,14 @@ prunable.save_pruned(model, plan, "out/")       # reload with prunable.load_prun
 
 from typing import Any
 
-from prunable._coupling import Coupling, LayerCouplings
-from prunable._discover import discover, weights_fingerprint
-from prunable._families import Skipped, supported_model_types
-from prunable._gates import Gates, couplings, gated
-from prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
-from prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
-from prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
-from prunable._surgery import apply_plan, pruned_block
+from hwprune.prunable._coupling import Coupling, LayerCouplings
+from hwprune.prunable._discover import discover, weights_fingerprint
+from hwprune.prunable._families import Skipped, supported_model_types
+from hwprune.prunable._gates import Gates, couplings, gated
+from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
+from hwprune.prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
+from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
+from hwprune.prunable._surgery import apply_plan, pruned_block
 
 MINILM = "bundled:all-MiniLM-L6-v2"
 

@@ -7,8 +7,8 @@ import hashlib
 import torch
 from torch import nn
 
-from prunable._families import family_of
-from prunable._structure import Structure
+from hwprune.prunable._families import family_of
+from hwprune.prunable._structure import Structure
 
 
 def discover(model: nn.Module) -> Structure:

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from prunable._coupling import LayerCouplings
-from prunable._families import family_of
-from prunable._structure import Structure, UnitKind
+from hwprune.prunable._coupling import LayerCouplings
+from hwprune.prunable._families import family_of
+from hwprune.prunable._structure import Structure, UnitKind
 
 if TYPE_CHECKING:
-    from prunable._plan import PrunePlan
+    from hwprune.prunable._plan import PrunePlan
 
 
 def couplings(model: nn.Module) -> list[LayerCouplings]:
@@ -122,7 +122,7 @@ class Gates:
 @contextmanager
 def gated(model: nn.Module, structure: Structure | None = None) -> Iterator[Gates]:
     """Attach gates for the duration of a `with` block."""
-    from prunable._discover import discover
+    from hwprune.prunable._discover import discover
 
     gates = Gates(model, structure if structure is not None else discover(model))
     try:

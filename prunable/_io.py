@@ -17,10 +17,10 @@ import transformers
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
-from prunable._discover import discover
-from prunable._families import family_of
-from prunable._plan import PrunePlan
-from prunable._surgery import apply_plan
+from hwprune.prunable._discover import discover
+from hwprune.prunable._families import family_of
+from hwprune.prunable._plan import PrunePlan
+from hwprune.prunable._surgery import apply_plan
 
 log = logging.getLogger(__name__)
 

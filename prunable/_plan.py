@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from prunable._structure import LayerStructure, Structure
+from hwprune.prunable._structure import LayerStructure, Structure
 
 PLAN_FORMAT = "hwprune.plan"
 PLAN_VERSION = 1

@@ -6,9 +6,9 @@ import logging
 
 from torch import nn
 
-from prunable._discover import discover, weights_fingerprint
-from prunable._families import family_of
-from prunable._plan import PrunePlan
+from hwprune.prunable._discover import discover, weights_fingerprint
+from hwprune.prunable._families import family_of
+from hwprune.prunable._plan import PrunePlan
 
 log = logging.getLogger(__name__)
 

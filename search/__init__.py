@@ -6,8 +6,8 @@ model's structure into the plain numbers cost models take, and
 `ParetoLocalSearchSampler` is the default Optuna sampler of the search.
 """
 
-from search._blocks import block_spec
-from search._sampler import ParetoLocalSearchSampler
-from search.config import compose, load_hardware
+from hwprune.search._blocks import block_spec
+from hwprune.search._sampler import ParetoLocalSearchSampler
+from hwprune.search.config import compose, load_hardware
 
 __all__ = ["ParetoLocalSearchSampler", "block_spec", "compose", "load_hardware"]

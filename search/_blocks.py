@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import cost_models
-import prunable
+from hwprune import cost_models, prunable
 
 
 def head_width(model: nn.Module) -> int:

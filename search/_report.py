@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
-from search._pareto import pareto_mask
-from search._run import RunOutcome
+from hwprune.search._pareto import pareto_mask
+from hwprune.search._run import RunOutcome
 
 log = logging.getLogger("hwprune.search")
 

@@ -15,15 +15,13 @@ import torch
 from hydra.utils import instantiate
 from rich.progress import track
 
-import cost_models
-import hessian
-import prunable
-from search._blocks import block_spec, head_width
-from search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
-from search._space import SaliencyProxy, SearchSpace
-from search._study import Constraints, SearchObjective, open_storage, run_study
-from search.config import AppConfig, build_task
-from search.tasks import Task
+from hwprune import cost_models, hessian, prunable
+from hwprune.search._blocks import block_spec, head_width
+from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
+from hwprune.search._space import SaliencyProxy, SearchSpace
+from hwprune.search._study import Constraints, SearchObjective, open_storage, run_study
+from hwprune.search.config import AppConfig, build_task
+from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.search")
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import hessian
-import prunable
+from hwprune import hessian, prunable
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from rich.progress import Progress
 
-import cost_models
-from search._space import SaliencyProxy, SearchSpace
+from hwprune import cost_models
+from hwprune.search._space import SaliencyProxy, SearchSpace
 
 log = logging.getLogger(__name__)
 

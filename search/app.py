@@ -21,15 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from search.config import AppConfig, register_configs
+from hwprune.search.config import AppConfig, register_configs
 
 log = logging.getLogger("hwprune.search")
 
 
-@hydra.main(config_path="pkg://conf", config_name="config", version_base=None)
+@hydra.main(config_path="pkg://hwprune.conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from search._report import write_report
-    from search._run import run_search
+    from hwprune.search._report import write_report
+    from hwprune.search._run import run_search
 
     app = OmegaConf.to_object(cfg)  # fails here, before any work, on a missing required field
     assert isinstance(app, AppConfig)

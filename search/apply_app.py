@@ -26,10 +26,9 @@ import hydra
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-import cost_models
-import prunable
-from cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device, torch_timer
-from search.config import TaskConfig, WorkloadConfig, build_task, register_configs
+from hwprune import cost_models, prunable
+from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device, torch_timer
+from hwprune.search.config import TaskConfig, WorkloadConfig, build_task, register_configs
 
 log = logging.getLogger("hwprune.apply")
 
@@ -217,7 +216,7 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="pkg://conf", config_name="apply", version_base=None)
+@hydra.main(config_path="pkg://hwprune.conf", config_name="apply", version_base=None)
 def main(cfg: DictConfig) -> None:
     app = OmegaConf.to_object(cfg)
     assert isinstance(app, ApplyConfig)

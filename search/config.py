@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-import cost_models
+from hwprune import cost_models
 
 
 @dataclass
@@ -41,7 +41,7 @@ class WorkloadConfig:
 
 @dataclass
 class STSBuild:
-    _target_: str = "search.tasks.STSTask"
+    _target_: str = "hwprune.search.tasks.STSTask"
     train_path: str = MISSING
     eval_path: str = MISSING
     calibration_samples: int = 512
@@ -52,7 +52,7 @@ class STSBuild:
 
 @dataclass
 class FidelityBuild:
-    _target_: str = "search.tasks.FidelityTask"
+    _target_: str = "hwprune.search.tasks.FidelityTask"
     text_path: str | None = None
     calibration_samples: int = 256
     eval_samples: int = 256
@@ -63,7 +63,7 @@ class FidelityBuild:
 
 @dataclass
 class ClassificationBuild:
-    _target_: str = "search.tasks.ClassificationTask"
+    _target_: str = "hwprune.search.tasks.ClassificationTask"
     calibration_samples: int = 256
     batch_size: int = 64
     seed: int = 0
@@ -71,7 +71,7 @@ class ClassificationBuild:
 
 @dataclass
 class LMBuild:
-    _target_: str = "search.tasks.LMTask"
+    _target_: str = "hwprune.search.tasks.LMTask"
     text_path: str | None = None
     block_size: int = 128
     calibration_blocks: int = 64
@@ -189,7 +189,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize_config_module
 
     register_configs()
-    with initialize_config_module("conf", version_base=None):
+    with initialize_config_module("hwprune.conf", version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
@@ -209,7 +209,7 @@ def build_task(task: TaskConfig, model_source: str) -> Any:
     if task.tokenizer != "none":
         from transformers import AutoTokenizer
 
-        import prunable
+        from hwprune import prunable
 
         try:
             kwargs["tokenizer"] = AutoTokenizer.from_pretrained(str(prunable.resolve_source(model_source)))

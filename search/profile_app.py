@@ -19,9 +19,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import cost_models
-import prunable
-from cost_models.profilers import (
+from hwprune import cost_models, prunable
+from hwprune.cost_models.profilers import (
     TORCH_DTYPES,
     JaxProfiler,
     OnnxRuntimeProfiler,
@@ -30,8 +29,8 @@ from cost_models.profilers import (
     torch_device,
     torch_timer,
 )
-from search._blocks import block_spec, real_block_factory
-from search.config import ProfileAppConfig, register_configs
+from hwprune.search._blocks import block_spec, real_block_factory
+from hwprune.search.config import ProfileAppConfig, register_configs
 
 log = logging.getLogger("hwprune.profile")
 
@@ -119,7 +118,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     return table
 
 
-@hydra.main(config_path="pkg://conf", config_name="profile", version_base=None)
+@hydra.main(config_path="pkg://hwprune.conf", config_name="profile", version_base=None)
 def main(cfg: DictConfig) -> None:
     app = OmegaConf.to_object(cfg)
     assert isinstance(app, ProfileAppConfig)

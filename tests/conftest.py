@@ -188,7 +188,7 @@ def run(case: Case, model: nn.Module, gen_seed: int = 1) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def minilm() -> nn.Module:
-    import prunable
+    from hwprune import prunable
 
     return prunable.load_model(prunable.MINILM, "BertModel")
 

@@ -10,8 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
-from search.config import compose as compose_config
-from search.config import load_hardware, register_configs
+from hwprune.search.config import compose as compose_config
+from hwprune.search.config import load_hardware, register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PROFILES = sorted(p.stem for p in (CONF / "hardware").glob("*.yaml"))
@@ -128,7 +128,7 @@ def test_search_options_build_their_samplers(option: str) -> None:
 def test_saliency_options_build_their_methods(option: str) -> None:
     from hydra.utils import instantiate
 
-    import hessian
+    from hwprune import hessian
 
     cfg = compose_config("config", [f"saliency={option}"])
     method = instantiate(cfg.saliency.method)
@@ -137,7 +137,7 @@ def test_saliency_options_build_their_methods(option: str) -> None:
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "task").glob("*.yaml")))
 def test_task_options_compose(option: str) -> None:
-    from search.config import AppConfig
+    from hwprune.search.config import AppConfig
 
     overrides = [f"task={option}"]
     if option == "sts":
@@ -159,7 +159,7 @@ def test_unknown_task_option_lists_the_choices() -> None:
 def test_default_search_is_pareto_local_search() -> None:
     from hydra.utils import instantiate
 
-    from search import ParetoLocalSearchSampler
+    from hwprune.search import ParetoLocalSearchSampler
 
     cfg = compose_config("config", [])
     assert isinstance(instantiate(cfg.search.sampler), ParetoLocalSearchSampler)

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cost_models
-from cost_models import AnalyticalModel, BlockSpec, LatencyTable, TableModel, Workload
-from search.config import load_hardware as load_profile
+from hwprune import cost_models
+from hwprune.cost_models import AnalyticalModel, BlockSpec, LatencyTable, TableModel, Workload
+from hwprune.search.config import load_hardware as load_profile
 from tests.test_configs import PROFILES
 
 MINILM = BlockSpec(hidden=384, head_dim=32, heads=12, kv_heads=12, mlp=1536, num_layers=6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import prunable
+from hwprune import prunable
 from tests.conftest import Case, run
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-import prunable
+from hwprune import prunable
 from tests.conftest import CASES, Case, run
 from tests.test_surgery import random_plan
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import prunable
+from hwprune import prunable
 from tests.conftest import CASES
 from tests.test_surgery import random_plan
 

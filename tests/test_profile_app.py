@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import cost_models
-from search.config import ProfileAppConfig, compose
-from search.profile_app import run
+from hwprune import cost_models
+from hwprune.search.config import ProfileAppConfig, compose
+from hwprune.search.profile_app import run
 
 TINY = ["profiler.repeats=2", "profiler.warmup=1", "profiler.unit_step=6", "profiler.mlp_step=768"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cost_models import BlockSpec, LatencyTable, TableModel, Workload
-from cost_models.profilers import (
+from hwprune.cost_models import BlockSpec, LatencyTable, TableModel, Workload
+from hwprune.cost_models.profilers import (
     JaxProfiler,
     OnnxRuntimeProfiler,
     Profiler,

@@ -1,24 +1,43 @@
-"""The README's Python example runs as written."""
+"""The README's Python example runs as written, against the installed `hwprune` alone."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
 README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = README.parent
+# The card's folders are importable from the checkout root; users only ever have `hwprune`.
+TOP_LEVEL = r"(cost_models|prunable|hessian|search|conf)"
 
 
-def test_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_api_example_runs(tmp_path: Path) -> None:
     text = README.read_text()
     section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {}
-    exec(compile(code.group(1), "README.md", "exec"), namespace)
-    pred = namespace["pred"]
-    assert pred.source == "analytical" and pred.profile == "tpu_v5e"  # type: ignore[attr-defined]
-    assert pred.latency_ms[1] < pred.latency_ms[0]  # type: ignore[attr-defined]
+    report = "\nimport json\nprint(json.dumps({'source': pred.source, 'profile': pred.profile, 'lat': pred.latency_ms.tolist()}))\n"
+    # Run from an empty directory so that nothing but the installed package can be imported.
+    done = subprocess.run(
+        [sys.executable, "-c", code.group(1) + report], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    pred = json.loads(done.stdout.strip().splitlines()[-1])
+    assert pred["source"] == "analytical" and pred["profile"] == "tpu_v5e"
+    assert pred["lat"][1] < pred["lat"][0]
     assert (tmp_path / "plan.yaml").is_file() and (tmp_path / "pruned" / "hwprune.json").is_file()
+
+
+def test_nothing_imports_the_folders_by_their_bare_names() -> None:
+    """`import search` works only from the checkout root (pytest's path); installed, it is `hwprune.search`."""
+    bare = re.compile(rf"^\s*(import {TOP_LEVEL}\b|from {TOP_LEVEL}[. ])", re.M)
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=REPO, capture_output=True, text=True)
+    offenders = [
+        f"{path}: {match.group(0).strip()}"
+        for path in tracked.stdout.split()
+        for match in bare.finditer((REPO / path).read_text())
+    ]
+    assert offenders == []

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hessian
-import prunable
+from hwprune import hessian, prunable
 from tests.conftest import CASES
 
 FAMILIES = ["bert", "llama_gqa", "gpt2"]

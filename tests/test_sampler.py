@@ -10,8 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import ParetoLocalSearchSampler
-from search._pareto import exact_front, hypervolume, hypervolume_subset
+from hwprune.search import ParetoLocalSearchSampler
+from hwprune.search._pareto import exact_front, hypervolume, hypervolume_subset
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 LAYERS, OPTIONS = 5, 9

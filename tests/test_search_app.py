@@ -10,14 +10,13 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-import cost_models
-import prunable
-from search._report import PARETO_COLUMNS, write_report
-from search._run import run_search
-from search.app import CompareDevices
-from search.apply_app import apply_config
-from search.apply_app import run as run_apply
-from search.config import AppConfig, compose
+from hwprune import cost_models, prunable
+from hwprune.search._report import PARETO_COLUMNS, write_report
+from hwprune.search._run import run_search
+from hwprune.search.app import CompareDevices
+from hwprune.search.apply_app import apply_config
+from hwprune.search.apply_app import run as run_apply
+from hwprune.search.config import AppConfig, compose
 
 SMALL = [
     "task.build.calibration_samples=24",

@@ -11,15 +11,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import hessian
-import prunable
-from cost_models import AnalyticalModel, Workload
-from search import ParetoLocalSearchSampler
-from search._blocks import block_spec
-from search._pareto import exact_front, hypervolume, pareto_mask
-from search._space import SaliencyProxy, SearchSpace
-from search._study import Constraints, SearchObjective, open_storage, run_study
-from search.config import load_hardware
+from hwprune import hessian, prunable
+from hwprune.cost_models import AnalyticalModel, Workload
+from hwprune.search import ParetoLocalSearchSampler
+from hwprune.search._blocks import block_spec
+from hwprune.search._pareto import exact_front, hypervolume, pareto_mask
+from hwprune.search._space import SaliencyProxy, SearchSpace
+from hwprune.search._study import Constraints, SearchObjective, open_storage, run_study
+from hwprune.search.config import load_hardware
 from tests.conftest import CASES
 
 

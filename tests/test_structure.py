@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-import prunable
+from hwprune import prunable
 from tests.conftest import CASES
 
 EXPECTED = {

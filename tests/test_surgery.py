@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import prunable
+from hwprune import prunable
 from tests.conftest import CASES, Case, run
 
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 import transformers
 
-import hessian
-import prunable
-from search.config import TaskConfig, build_task
-from search.tasks import (
+from hwprune import hessian, prunable
+from hwprune.search.config import TaskConfig, build_task
+from hwprune.search.tasks import (
     ClassificationTask,
     FidelityTask,
     LMTask,
@@ -147,7 +146,7 @@ def test_classification_recipe_trains_a_real_vit(tmp_path: Path) -> None:
         TaskConfig(
             name="classification",
             tokenizer="none",
-            build={"_target_": "search.tasks.ClassificationTask", "calibration_samples": 8},
+            build={"_target_": "hwprune.search.tasks.ClassificationTask", "calibration_samples": 8},
         ),
         str(path),
     )
@@ -174,7 +173,9 @@ def test_lm_perplexity_with_byte_level_ids(tmp_path: Path) -> None:
 
 def test_required_tokenizer_missing_is_a_clear_error(tmp_path: Path) -> None:
     path = train_vit_digits(tmp_path / "vit", epochs=1)
-    cfg = TaskConfig(name="fidelity", tokenizer="required", build={"_target_": "search.tasks.FidelityTask"})
+    cfg = TaskConfig(
+        name="fidelity", tokenizer="required", build={"_target_": "hwprune.search.tasks.FidelityTask"}
+    )
     with pytest.raises(ValueError, match="task 'fidelity' needs a tokenizer"):
         build_task(cfg, str(path))
     with pytest.raises(ValueError, match=r"task.tokenizer 'maybe' invalid; valid choices: \['required'"):

@@ -1,10 +1,10 @@
 """Profilers that measure real per-block latency into `LatencyTable`s: torch, JAX/XLA, ONNX Runtime."""
 
-from cost_models.profilers._base import Profiler, Timing, interleaved, repeat_timed
-from cost_models.profilers._jax import JaxProfiler
-from cost_models.profilers._nvml import nvml_metadata
-from cost_models.profilers._onnxruntime import OnnxRuntimeProfiler, block_graph
-from cost_models.profilers._torch import (
+from hwprune.cost_models.profilers._base import Profiler, Timing, interleaved, repeat_timed
+from hwprune.cost_models.profilers._jax import JaxProfiler
+from hwprune.cost_models.profilers._nvml import nvml_metadata
+from hwprune.cost_models.profilers._onnxruntime import OnnxRuntimeProfiler, block_graph
+from hwprune.cost_models.profilers._torch import (
     TORCH_DTYPES,
     ReferenceBlock,
     TorchProfiler,

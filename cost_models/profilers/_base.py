@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import pandas as pd
 from rich.progress import Progress
 
-from cost_models._spec import BlockSpec, Workload
-from cost_models._table import LatencyTable
+from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models._table import LatencyTable
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,6 @@ class Profiler(ABC):
 
 
 def _cpu() -> str:
-    from cost_models._cpu_peaks import cpu_name
+    from hwprune.cost_models._cpu_peaks import cpu_name
 
     return cpu_name()

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from cost_models._spec import BlockSpec, Workload
-from cost_models.profilers._base import Profiler, Timing, repeat_timed
+from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
 
 JAX_DTYPES = ("fp32", "bf16", "fp16")
 

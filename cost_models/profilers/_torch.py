@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cost_models._spec import BlockSpec, Workload
-from cost_models.profilers._base import Profiler, Timing, repeat_timed
-from cost_models.profilers._nvml import nvml_metadata
+from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
+from hwprune.cost_models.profilers._nvml import nvml_metadata
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

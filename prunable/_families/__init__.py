@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunable._families._base import Family, Skipped
-from prunable._families._bert import BertFamily
-from prunable._families._gpt2 import GPT2Family
-from prunable._families._llama import LlamaFamily
-from prunable._families._vit import ViTFamily
+from hwprune.prunable._families._base import Family, Skipped
+from hwprune.prunable._families._bert import BertFamily
+from hwprune.prunable._families._gpt2 import GPT2Family
+from hwprune.prunable._families._llama import LlamaFamily
+from hwprune.prunable._families._vit import ViTFamily
 
 FAMILIES: tuple[Family, ...] = (BertFamily(), ViTFamily(), GPT2Family(), LlamaFamily())
 

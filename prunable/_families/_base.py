@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prunable._coupling import LayerCouplings
-from prunable._structure import LayerStructure, Structure
+from hwprune.prunable._coupling import LayerCouplings
+from hwprune.prunable._structure import LayerStructure, Structure
 
 
 class Skipped(nn.Module):
@@ -120,7 +120,7 @@ def qkvo_couplings(
     Query head h reads key/value head h // rep (the layout `repeat_kv` assumes), so group g owns
     query rows [g*rep*hd, (g+1)*rep*hd) and key/value rows [g*hd, (g+1)*hd).
     """
-    from prunable._coupling import Coupling, contiguous_index
+    from hwprune.prunable._coupling import Coupling, contiguous_index
 
     q_index = contiguous_index(kv_heads, rep * head_dim)  # (groups, rep*hd)
     kv_index = contiguous_index(kv_heads, head_dim)  # (groups, hd)

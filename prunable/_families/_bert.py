@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunable._coupling import Coupling, LayerCouplings, contiguous_index
-from prunable._families._base import Family, Skipped
-from prunable._structure import LayerStructure, Structure
+from hwprune.prunable._coupling import Coupling, LayerCouplings, contiguous_index
+from hwprune.prunable._families._base import Family, Skipped
+from hwprune.prunable._structure import LayerStructure, Structure
 
 
 class BertFamily(Family):

@@ -1,11 +1,16 @@
 """Tasks: calibration data and objectives for saliency, and the real metric of the Pareto front."""
 
-from search.tasks._base import Task
-from search.tasks._classification import ClassificationTask, CrossEntropy, digits_split, train_vit_digits
-from search.tasks._fidelity import PYDOC_SOURCE, FidelityTask, file_passages, pydoc_passages
-from search.tasks._lm import LMTask, NextTokenLoss
-from search.tasks._sts import CosineSimilarityLoss, STSTask, read_sts
-from search.tasks._text import embed_batch, embed_texts, length_batches, mean_pool
+from hwprune.search.tasks._base import Task
+from hwprune.search.tasks._classification import (
+    ClassificationTask,
+    CrossEntropy,
+    digits_split,
+    train_vit_digits,
+)
+from hwprune.search.tasks._fidelity import PYDOC_SOURCE, FidelityTask, file_passages, pydoc_passages
+from hwprune.search.tasks._lm import LMTask, NextTokenLoss
+from hwprune.search.tasks._sts import CosineSimilarityLoss, STSTask, read_sts
+from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches, mean_pool
 
 __all__ = [
     "PYDOC_SOURCE",

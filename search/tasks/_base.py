@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import nn
 
-import hessian
+from hwprune import hessian
 
 
 class Task(ABC):

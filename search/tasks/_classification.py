@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import hessian
-from search.tasks._base import Task
+from hwprune import hessian
+from hwprune.search.tasks._base import Task
 
 log = logging.getLogger(__name__)
 

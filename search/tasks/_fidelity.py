@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-import hessian
-from search.tasks._base import Task
-from search.tasks._text import embed_batch, embed_texts, length_batches
+from hwprune import hessian
+from hwprune.search.tasks._base import Task
+from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
 
 PYDOC_SOURCE = "Python's bundled documentation (pydoc_data.topics)"
 

@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-import hessian
-from search.tasks._base import Task
-from search.tasks._fidelity import PYDOC_SOURCE, pydoc_passages
+from hwprune import hessian
+from hwprune.search.tasks._base import Task
+from hwprune.search.tasks._fidelity import PYDOC_SOURCE, pydoc_passages
 
 
 def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:

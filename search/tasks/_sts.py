@@ -12,9 +12,9 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-import hessian
-from search.tasks._base import Task
-from search.tasks._text import embed_batch, embed_texts, length_batches
+from hwprune import hessian
+from hwprune.search.tasks._base import Task
+from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
 
 STS_FORMAT = (
     "tab-separated, no header, no quoting: genre, file, year, id, score (0-5), sentence 1, sentence 2 "

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import hessian
+from hwprune import hessian
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ prunable.save_pruned(model, plan, "out/")       # reload with prunable.load_prun
 
 from typing import Any
 
-from hwprune.prunable._coupling import Coupling, LayerCouplings
+from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap
 from hwprune.prunable._discover import discover, weights_fingerprint
 from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import Gates, couplings, gated
@@ -46,6 +46,7 @@ __all__ = [
     "PrunePlan",
     "Skipped",
     "Structure",
+    "Tap",
     "UnitKind",
     "apply_plan",
     "couplings",

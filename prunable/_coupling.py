@@ -88,6 +88,14 @@ def contiguous_index(units: int, width: int, offset: int = 0) -> torch.Tensor:
     return offset + torch.arange(units * width).reshape(units, width)
 
 
+@dataclass(frozen=True)
+class Tap:
+    """Where a tensor of the forward pass can be read: a module's first input, or its output."""
+
+    module: nn.Module
+    output: bool = False
+
+
 @dataclass
 class LayerCouplings:
     """Everything one block's units are coupled to, plus where their gates act.
@@ -99,6 +107,9 @@ class LayerCouplings:
         mlp_gate_site: Module whose input is the MLP activation (B, T, width).
         heads_per_unit: Query heads per attention unit (the GQA group size).
         head_dim: Width of one head, to view the gate site's input per head.
+        attn_residual: Where the residual stream that the attention output is added to can be read,
+            before the attention runs (the input of the norm in front of it, or of the block).
+        mlp_residual: The same for the MLP output.
     """
 
     heads: list[Coupling] = field(default_factory=list)
@@ -107,6 +118,8 @@ class LayerCouplings:
     mlp_gate_site: nn.Module | None = None
     heads_per_unit: int = 1
     head_dim: int = 0
+    attn_residual: Tap | None = None
+    mlp_residual: Tap | None = None
 
     def of(self, kind: str) -> list[Coupling]:
         if kind == "heads":

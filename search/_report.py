@@ -26,6 +26,9 @@ PARETO_COLUMNS = [
     "latency_source",
     "speedup",
     "metric",
+    "metric_unrecovered",
+    "recovery",
+    "recovery_seconds",
     "metric_name",
     "params",
     "flops",
@@ -66,6 +69,9 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "latency_source": outcome.cost_model.source,
             "speedup": dense_ms / c.latency_ms,
             "metric": c.metric,
+            "metric_unrecovered": c.metric_unrecovered,
+            "recovery": c.recovery,
+            "recovery_seconds": c.recovery_seconds,
             "metric_name": outcome.task.metric_name,
             "params": c.params,
             "flops": c.flops,
@@ -84,10 +90,27 @@ def plot(outcome: RunOutcome, pareto: pd.DataFrame, trials: pd.DataFrame, path: 
     metric = outcome.task.metric_name
     search = pareto[pareto.kind == "search"].sort_values("latency_ms")
     front = search[~search.dominated.astype(bool)]
-    ax.scatter(search.latency_ms, search.metric, c="tab:blue", alpha=0.4, label="re-scored search candidates")
+    recovered = (pareto.recovery != "none").any()
+    if recovered:
+        pruned = pareto[pareto.kind != "dense"]
+        ax.scatter(
+            pruned.latency_ms,
+            pruned.metric_unrecovered,
+            marker="x",
+            c="gray",
+            alpha=0.6,
+            label="before recovery",
+        )
+    after = f" after {pareto.recovery[pareto.kind != 'dense'].iloc[0]}" if recovered else ""
+    ax.scatter(search.latency_ms, search.metric, c="tab:blue", alpha=0.4, label=f"search candidates{after}")
     ax.plot(front.latency_ms, front.metric, "o-", c="tab:blue", label="front (real metric)")
+    for r in front.itertuples():
+        ax.annotate(r.label, (r.latency_ms, r.metric), fontsize=7, xytext=(3, 3), textcoords="offset points")
     uniform = pareto[pareto.kind == "uniform"]
-    ax.scatter(uniform.latency_ms, uniform.metric, marker="s", c="tab:orange", label="uniform pruning")
+    if len(uniform):
+        ax.scatter(
+            uniform.latency_ms, uniform.metric, marker="s", c="tab:orange", label=f"uniform pruning{after}"
+        )
     dense = pareto[pareto.kind == "dense"]
     ax.scatter(dense.latency_ms, dense.metric, marker="*", s=200, c="black", label="dense")
     ax.set_xlabel(f"predicted latency, ms ({outcome.cost_model.source}, {outcome.cost_model.profile})")
@@ -133,7 +156,16 @@ def plot_html(outcome: RunOutcome, pareto: pd.DataFrame, path: Path) -> bool:
         y="metric",
         color="kind",
         symbol="dominated",
-        hover_data=["label", "plan_path", "speedup", "params", "units", "mlp"],
+        hover_data=[
+            "label",
+            "plan_path",
+            "speedup",
+            "metric_unrecovered",
+            "recovery",
+            "params",
+            "units",
+            "mlp",
+        ],
         title=f"{outcome.cfg.model.name} / {outcome.cfg.task.name} on {outcome.cost_model.profile}",
         labels={
             "latency_ms": f"predicted latency (ms, {outcome.cost_model.source})",
@@ -164,8 +196,10 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         f"- Latency source: **{cm.source}** (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
         "to a profiled table, `analytical` = datasheet roofline)",
         f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",
-        f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler['_target_']}`, MLP step "
+        f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler._target_}`, MLP step "
         f"{outcome.space.mlp_choices[1] - outcome.space.mlp_choices[0]}",
+        f"- Recovery of every re-scored pruned plan before its metric: `{cfg.recovery.name}`"
+        + ("" if cfg.recovery.name == "none" else f" ({cfg.recovery.samples} training samples of the task)"),
     ]
     if outcome.hv_ratio is not None:
         lines.append(
@@ -177,22 +211,25 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         "",
         "## Front (re-scored on the task, non-dominated)",
         "",
-        "| plan | predicted ms | speedup | metric | params |",
-        "| --- | --- | --- | --- | --- |",
+        "| plan | predicted ms | speedup | metric | before recovery | recovery (s) | params |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in best.itertuples():
         lines.append(
-            f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | {r.params:,} |"
+            f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | "
+            f"{r.metric_unrecovered:.3f} | {r.recovery} ({r.recovery_seconds:.1f}) | {r.params:,} |"
         )
     lines += [
         "",
         "## Uniform pruning baselines",
         "",
-        "| plan | predicted ms | speedup | metric |",
-        "| --- | --- | --- | --- |",
+        "| plan | predicted ms | speedup | metric | before recovery |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for r in pareto[pareto.kind == "uniform"].itertuples():
-        lines.append(f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} |")
+        lines.append(
+            f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | {r.metric_unrecovered:.3f} |"
+        )
     lines += [
         "",
         "Files: `trials.csv`, `pareto.csv`, `pareto.png`"

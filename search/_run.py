@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,6 @@ import numpy as np
 import optuna
 import torch
 from hydra.utils import instantiate
-from rich.progress import track
 
 from hwprune import cost_models, hessian, prunable
 from hwprune.search._blocks import block_spec, head_width
@@ -21,6 +20,7 @@ from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervo
 from hwprune.search._space import SaliencyProxy, SearchSpace
 from hwprune.search._study import Constraints, SearchObjective, open_storage, run_study
 from hwprune.search.config import AppConfig, build_task
+from hwprune.search.recovery import NoRecovery, Recovery
 from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.search")
@@ -35,7 +35,10 @@ class Candidate:
     mlp: np.ndarray
     latency_ms: float
     proxy_loss: float
-    metric: float = float("nan")
+    metric: float = float("nan")  # after recovery: what a user of the plan gets
+    metric_unrecovered: float = float("nan")
+    recovery: str = "none"
+    recovery_seconds: float = 0.0
     params: int = 0
     flops: float = 0.0
     plan_path: str = ""
@@ -86,6 +89,10 @@ def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
 
 def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     profile = cfg.hardware.validate()
+    # Every configured method is built before anything expensive, so bad settings fail first.
+    method: hessian.Saliency = instantiate(cfg.saliency.method)
+    recovery: Recovery = instantiate(cfg.recovery.method)
+    sampler = instantiate(cfg.search.sampler)
     if profile.measure_peaks:
         profile = cost_models.local_profile(profile)
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
@@ -104,7 +111,6 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     task: Task = build_task(cfg.task, cfg.model.source)
     task.prepare(model)
     calibration = task.calibration(model)
-    method: hessian.Saliency = instantiate(cfg.saliency.method)
     scores = hessian.cached_score(method, model, calibration, cache_dir=cfg.saliency.cache_dir)
 
     step = cfg.search.mlp_step or cost_models.width_step(profile, spec.mlp)
@@ -128,7 +134,6 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
             seeds.append((opt_units[exact.choices[p]], opt_mlp[exact.choices[p]]))
 
     storage, single = open_storage(cfg.search.storage, run_dir)
-    sampler = instantiate(cfg.search.sampler)
     started = time.perf_counter()
     study = run_study(
         objective,
@@ -167,7 +172,15 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         t = front[i]
         u, m = np.array(t.user_attrs["units"]), np.array(t.user_attrs["mlp"])
         candidates.append(Candidate("search", u, m, t.values[0], t.values[1], label=f"trial {t.number}"))
-    evaluate(candidates, model, task, proxy, cost_model, run_dir, profile.name, cfg)
+    rescore = Rescoring(
+        task=task,
+        recovery=recovery,
+        recovery_samples=cfg.recovery.samples,
+        recovery_seed=cfg.recovery.seed,
+        source=cfg.model.source,
+        hardware=profile.name,
+    )
+    rescore.evaluate(candidates, model, proxy, cost_model, run_dir)
     return RunOutcome(
         cfg,
         run_dir,
@@ -184,44 +197,92 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     )
 
 
-def evaluate(
-    candidates: list[Candidate],
-    model: torch.nn.Module,
-    task: Task,
-    proxy: SaliencyProxy,
-    cost_model: cost_models.CostModel,
-    run_dir: Path,
-    hardware: str,
-    cfg: AppConfig,
-) -> None:
-    """Prune each candidate physically, measure its task metric, and write its plan file."""
-    ref = prunable.model_ref(model, source=cfg.model.source)
-    plans = run_dir / "plans"
-    for c in track(candidates, description="evaluating candidates", transient=True):
-        plan = proxy.plan(
-            c.units,
-            c.mlp,
-            ref,
-            hardware=hardware,
-            metadata={
-                "latency_ms": c.latency_ms,
-                "dense_latency_ms": candidates[0].latency_ms,
-                "latency_source": cost_model.source,
-                "proxy_loss": c.proxy_loss,
-                "workload": cost_model.workload.describe(),
-                "saliency": proxy.scores.method,
-                "label": c.label,
-            },
+@dataclass
+class Rescoring:
+    """Prunes candidates for real, recovers them, measures the task metric and writes their plans.
+
+    Attributes:
+        task: The task whose metric is measured (prepared with the dense model).
+        recovery: Applied to every pruned candidate (not the dense model) before its metric.
+        recovery_samples: Training samples the task lends to recovery.
+        recovery_seed: Seed of that draw.
+        source: The model's source, recorded in the plans.
+        hardware: The target's profile name, recorded in the plans.
+    """
+
+    task: Task
+    recovery: Recovery
+    recovery_samples: int
+    recovery_seed: int
+    source: str
+    hardware: str
+
+    def evaluate(
+        self,
+        candidates: list[Candidate],
+        model: torch.nn.Module,
+        proxy: SaliencyProxy,
+        cost_model: cost_models.CostModel,
+        run_dir: Path,
+    ) -> None:
+        """Fill in each candidate's metrics and plan file; mark the dominated ones."""
+        task, recovers = self.task, not isinstance(self.recovery, NoRecovery)
+        data = (
+            task.recovery_data(samples=self.recovery_samples, seed=self.recovery_seed) if recovers else None
         )
-        pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=False)
-        c.metric = task.evaluate(pruned)
-        c.params = sum(p.numel() for p in pruned.parameters())
-        c.flops = float(cost_model.spec.flops(cost_model.workload, c.units, c.mlp))
-        name = c.label.replace(" ", "_").replace("%", "pct")
-        c.plan_path = str(plan.save(plans / f"{name}.yaml").relative_to(run_dir))
-        log.info("%-12s %8.3f ms  %s %.3f", c.label, c.latency_ms, task.metric_name, c.metric)
-    real = [c for c in candidates if c.kind in ("dense", "search")]
-    sign = 1.0 if task.higher_is_better else -1.0
-    mask = pareto_mask(np.array([c.latency_ms for c in real]), -sign * np.array([c.metric for c in real]))
-    for c, keep in zip(real, mask, strict=True):
-        c.dominated = not bool(keep)
+        ref = prunable.model_ref(model, source=self.source)
+        plans = run_dir / "plans"
+        for i, c in enumerate(candidates, start=1):
+            plan = proxy.plan(c.units, c.mlp, ref, hardware=self.hardware)
+            pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=False)
+            c.metric = c.metric_unrecovered = task.evaluate(pruned)
+            recipe = None
+            if data is not None and c.kind != "dense":
+                report = self.recovery.recover(pruned, model, data)
+                c.metric, c.recovery, c.recovery_seconds = (
+                    task.evaluate(pruned),
+                    report.method,
+                    report.seconds,
+                )
+                recipe = {
+                    **report.recipe(),
+                    "data_samples": self.recovery_samples,
+                    "data_seed": self.recovery_seed,
+                }
+            c.params = sum(p.numel() for p in pruned.parameters())
+            c.flops = float(cost_model.spec.flops(cost_model.workload, c.units, c.mlp))
+            plan = replace(
+                plan,
+                metadata={
+                    "latency_ms": c.latency_ms,
+                    "dense_latency_ms": candidates[0].latency_ms,
+                    "latency_source": cost_model.source,
+                    "workload": asdict(cost_model.workload),
+                    "proxy_loss": c.proxy_loss,
+                    "saliency": proxy.scores.method,
+                    "label": c.label,
+                    "task": task.description,
+                    "metric_name": task.metric_name,
+                    "metric": c.metric,
+                    "metric_unrecovered": c.metric_unrecovered,
+                    "recovery": recipe,
+                },
+            )
+            name = c.label.replace(" ", "_").replace("%", "pct")
+            c.plan_path = str(plan.save(plans / f"{name}.yaml").relative_to(run_dir))
+            recovered = f" (unrecovered {c.metric_unrecovered:.3f}, {c.recovery} {c.recovery_seconds:.1f} s)"
+            log.info(
+                "[%d/%d] %-12s %8.3f ms  %s %.3f%s",
+                i,
+                len(candidates),
+                c.label,
+                c.latency_ms,
+                task.metric_name,
+                c.metric,
+                recovered if recipe else "",
+            )
+        real = [c for c in candidates if c.kind in ("dense", "search")]
+        sign = 1.0 if task.higher_is_better else -1.0
+        mask = pareto_mask(np.array([c.latency_ms for c in real]), -sign * np.array([c.metric for c in real]))
+        for c, keep in zip(real, mask, strict=True):
+            c.dominated = not bool(keep)

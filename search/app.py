@@ -19,9 +19,9 @@ import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from hwprune.search.config import AppConfig, register_configs
+from hwprune.search.config import AppConfig, register_configs, to_object
 
 log = logging.getLogger("hwprune.search")
 
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     from hwprune.search._report import write_report
     from hwprune.search._run import run_search
 
-    app = OmegaConf.to_object(cfg)  # fails here, before any work, on a missing required field
+    app = to_object(cfg)  # fails here, before any work, on an unknown key or a missing field
     assert isinstance(app, AppConfig)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     outcome = run_search(app, run_dir)

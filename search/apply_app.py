@@ -16,32 +16,66 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import statistics
-from dataclasses import asdict, dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device, torch_timer
-from hwprune.search.config import TaskConfig, WorkloadConfig, build_task, register_configs
+from hwprune.search.config import RecoveryConfig, TaskConfig, build_task, register_configs, to_object
+from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
 
 log = logging.getLogger("hwprune.apply")
 
 
 @dataclass
+class ApplyWorkload:
+    """The workload to time; every field left unset is the one the plan was searched for."""
+
+    batch_size: int | None = None
+    seq_len: int | None = None
+    dtype: str | None = None
+    phase: str | None = None
+    kv_len: int | None = None
+
+
+@dataclass
 class ApplyConfig:
+    """Settings of `hwprune-apply`.
+
+    Attributes:
+        plan: The plan file.
+        out: Output directory; must not exist or be empty (see `overwrite`).
+        task: The task to evaluate (and to draw recovery data from).
+        workload: What to time; unset fields come from the plan.
+        recovery: A recovery option to run instead of the plan's recorded recipe (None: the plan's).
+        device: "cpu", "cuda" or "cuda:<i>".
+        repeats: Interleaved timing rounds.
+        onnx: Also export `model.onnx`.
+        overwrite: Replace a non-empty `out`.
+        check_weights: Refuse a plan made for other weights (false: apply it to a fine-tuned
+            checkpoint of the same architecture on purpose).
+    """
+
     plan: str = MISSING
     out: str = MISSING
     task: TaskConfig = MISSING
-    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    workload: ApplyWorkload = field(default_factory=ApplyWorkload)
+    recovery: RecoveryConfig | None = None
     device: str = "cpu"
     repeats: int = 20
     onnx: bool = True
+    overwrite: bool = False
+    check_weights: bool = True
 
 
 def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: Any) -> ApplyConfig:
@@ -55,7 +89,8 @@ def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: An
     """
     values: dict[str, Any] = {"task": task, "plan": str(plan), "out": str(out), **settings}
     merged = OmegaConf.merge(OmegaConf.structured(ApplyConfig), values)
-    cfg = OmegaConf.to_object(merged)
+    assert isinstance(merged, DictConfig)
+    cfg = to_object(merged)
     assert isinstance(cfg, ApplyConfig)
     return cfg
 
@@ -99,8 +134,8 @@ def measure_ms(
     device: torch.device,
     dtype: torch.dtype,
     repeats: int,
-) -> list[float]:
-    """Median latency (ms) of each model on `device` in `dtype`, timed in interleaved rounds.
+) -> list[list[float]]:
+    """Latencies (ms, one per round) of each model on `device` in `dtype`, in interleaved rounds.
 
     Models and inputs move to the device and dtype in place, so call this after anything that needs
     them as they were (the task metric, the ONNX export).
@@ -110,8 +145,7 @@ def measure_ms(
     for model in models:
         model.to(device, dtype)
         timers.append(torch_timer(partial(model, **feed), device))
-    samples = interleaved(timers, rounds=repeats, warmup=3)
-    return [statistics.median(times) for times in samples]
+    return [list(times) for times in interleaved(timers, rounds=repeats, warmup=3)]
 
 
 def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
@@ -145,34 +179,155 @@ def device_metadata(device: torch.device) -> dict[str, Any]:
     return {"type": "cpu", "name": cost_models.cpu_name()}
 
 
+def planned_workload(plan: prunable.PrunePlan) -> cost_models.Workload | None:
+    """The workload the plan's latency was predicted for, or None for plans that do not say."""
+    recorded = plan.metadata.get("workload")
+    return cost_models.Workload(**recorded) if isinstance(recorded, dict) else None
+
+
+def timed_workload(cfg: ApplyConfig, plan: prunable.PrunePlan) -> tuple[cost_models.Workload, list[str]]:
+    """The workload to time (the plan's, with any field the user set), and the fields that differ."""
+    planned = planned_workload(plan)
+    base = planned or cost_models.Workload(dtype="auto")
+    given = {k: v for k, v in asdict(cfg.workload).items() if v is not None}
+    workload = replace(base, **given)
+    changed = [k for k, v in given.items() if planned is not None and getattr(planned, k) != v]
+    return workload, changed
+
+
+def recovery_of(cfg: ApplyConfig, plan: prunable.PrunePlan) -> tuple[Recovery, int, int]:
+    """The recovery to run: the one asked for, else the plan's recorded recipe, else none."""
+    if cfg.recovery is not None:
+        return instantiate(cfg.recovery.method), cfg.recovery.samples, cfg.recovery.seed
+    recipe = plan.metadata.get("recovery")
+    if not recipe:
+        return NoRecovery(), 0, 0
+    return from_recipe(recipe), int(recipe.get("data_samples", 2048)), int(recipe.get("data_seed", 0))
+
+
+def check_out(cfg: ApplyConfig, plan: prunable.PrunePlan) -> Path:
+    """The output directory, refused where writing it would lose something."""
+    out = Path(cfg.out).expanduser().resolve()
+    assert plan.model.source is not None
+    source = Path(prunable.resolve_source(plan.model.source)).resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise ValueError(f"out={cfg.out} would write over the model's own directory {source}; choose another")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise ValueError(f"out={cfg.out} exists and is not empty; pass overwrite=true to replace it")
+    return out
+
+
 def run(cfg: ApplyConfig) -> dict[str, Any]:
+    """Prune, recover, save, evaluate and time the plan; every setting is checked first.
+
+    The result is written into a temporary directory beside `out` and moved into place only when
+    everything succeeded, so a failure leaves `out` as it was.
+    """
     plan = prunable.PrunePlan.load(cfg.plan)
     if plan.model.source is None:
         raise ValueError(f"{cfg.plan}: the plan names no model source, so there is nothing to load")
     device = torch_device(cfg.device)
-    dtype = timing_dtype(device, cfg.workload.dtype)
+    workload, changed = timed_workload(cfg, plan)
+    dtype = timing_dtype(device, workload.dtype)
     if cfg.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {cfg.repeats}")
+    if workload.phase == "decode":
+        raise ValueError(
+            "hwprune-apply times prefill only so far; decode plans can be applied with workload.phase=prefill"
+        )
+    out = check_out(cfg, plan)
+    recovery, samples, seed = recovery_of(cfg, plan)
+    if changed:
+        log.warning(
+            "timing %s, but the plan's speedup was predicted for %s (%s differ): the two answer different questions",
+            workload.describe(),
+            planned_workload(plan).describe(),  # type: ignore[union-attr]
+            ", ".join(changed),
+        )
+    else:
+        log.info("timing %s, the workload the plan was searched for", workload.describe())
+
     model = prunable.load_model(plan.model.source, plan.model.class_name)
-    plan.check(prunable.discover(model), weights_fingerprint=prunable.weights_fingerprint(model))
-    out = Path(cfg.out)
-
-    pruned = prunable.apply_plan(copy.deepcopy(model), plan)
-    prunable.save_pruned(pruned, plan, out)
-    wl = cfg.workload
-    inputs = example_inputs(model, wl.batch_size, wl.seq_len)
-    if cfg.onnx:
-        export_onnx(pruned, inputs, out / "model.onnx")
-
+    fingerprint = prunable.weights_fingerprint(model) if cfg.check_weights else None
+    plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
+    pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=cfg.check_weights)
     task = build_task(cfg.task, plan.model.source)
     task.prepare(model)
-    metric_dense, metric_pruned = task.evaluate(model), task.evaluate(pruned)
-    dense_ms, pruned_ms = measure_ms([model, pruned], inputs, device=device, dtype=dtype, repeats=cfg.repeats)
-    meta = dict(plan.metadata)
+    metric_dense, metric_unrecovered = task.evaluate(model), task.evaluate(pruned)
+    metric_pruned, report = metric_unrecovered, None
+    if not isinstance(recovery, NoRecovery):
+        report = recovery.recover(pruned, model, task.recovery_data(samples=samples, seed=seed))
+        metric_pruned = task.evaluate(pruned)
+        plan = replace(
+            plan,
+            metadata={
+                **plan.metadata,
+                "recovery": {**report.recipe(), "data_samples": samples, "data_seed": seed},
+            },
+        )
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        prunable.save_pruned(pruned, plan, staging)
+        inputs = example_inputs(model, workload.batch_size, workload.seq_len)
+        if cfg.onnx:
+            export_onnx(pruned, inputs, staging / "model.onnx")
+        dense_t, pruned_t = measure_ms(
+            [model, pruned], inputs, device=device, dtype=dtype, repeats=cfg.repeats
+        )
+        result = _result(cfg, plan, workload, device, dtype, dense_t, pruned_t, task.metric_name)
+        result |= {
+            "metric_dense": metric_dense,
+            "metric_pruned": metric_pruned,
+            "metric_unrecovered": metric_unrecovered,
+            "recovery": report.recipe() if report else None,
+            "recovery_seconds": report.seconds if report else 0.0,
+            "workload_differs_from_plan": changed,
+            "params_dense": sum(p.numel() for p in model.parameters()),
+            "params_pruned": sum(p.numel() for p in pruned.parameters()),
+            "onnx": str(out / "model.onnx") if cfg.onnx else None,
+        }
+        (staging / "apply.json").write_text(json.dumps(result, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
+    log.info(
+        "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f%s; wrote %s",
+        pred,
+        plan.hardware,
+        result["measured_speedup"],
+        result["latency_ms_dense"],
+        result["latency_ms_pruned"],
+        task.metric_name,
+        metric_dense,
+        metric_pruned,
+        f" ({report.method}: {metric_unrecovered:.3f} before, {report.seconds:.1f} s)" if report else "",
+        out,
+    )
+    return result
+
+
+def _result(
+    cfg: ApplyConfig,
+    plan: prunable.PrunePlan,
+    workload: cost_models.Workload,
+    device: torch.device,
+    dtype: torch.dtype,
+    dense: list[float],
+    pruned: list[float],
+    metric_name: str,
+) -> dict[str, Any]:
+    """apply.json's timing part: predicted and measured speedup, latencies with their quartiles."""
+    meta = plan.metadata
     predicted = None
     if meta.get("latency_ms") and meta.get("dense_latency_ms"):
         predicted = float(meta["dense_latency_ms"]) / float(meta["latency_ms"])
-    result = {
+    dense_ms, pruned_ms = statistics.median(dense), statistics.median(pruned)
+    result: dict[str, Any] = {
         "plan": str(Path(cfg.plan).resolve()),
         "hardware": plan.hardware,
         "predicted_speedup": predicted,
@@ -184,41 +339,39 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
         "measured_speedup": dense_ms / pruned_ms,
         "latency_ms_dense": dense_ms,
         "latency_ms_pruned": pruned_ms,
-        "metric_dense": metric_dense,
-        "metric_pruned": metric_pruned,
-        "metric_name": task.metric_name,
+        "latency_ms_dense_quartiles": statistics.quantiles(dense, n=4) if len(dense) > 1 else [dense_ms] * 3,
+        "latency_ms_pruned_quartiles": statistics.quantiles(pruned, n=4)
+        if len(pruned) > 1
+        else [pruned_ms] * 3,
+        "metric_name": metric_name,
         "workload": {
-            **asdict(wl),
+            **asdict(workload),
             "dtype": next(name for name, d in TORCH_DTYPES.items() if d == dtype),
             "device": device_metadata(device),
             "threads": torch.get_num_threads(),
             "repeats": cfg.repeats,
             "timing": f"median of {cfg.repeats} interleaved rounds ({'CUDA events' if device.type == 'cuda' else 'wall clock'})",
         },
-        "params_dense": sum(p.numel() for p in model.parameters()),
-        "params_pruned": sum(p.numel() for p in pruned.parameters()),
-        "onnx": str(out / "model.onnx") if cfg.onnx else None,
     }
-    (out / "apply.json").write_text(json.dumps(result, indent=2))
-    pred = f"{predicted:.2f}x" if predicted else "n/a"
-    log.info(
-        "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f; wrote %s",
-        pred,
-        plan.hardware,
-        result["measured_speedup"],
-        dense_ms,
-        pruned_ms,
-        task.metric_name,
-        result["metric_dense"],
-        result["metric_pruned"],
-        out,
-    )
+    predicted_dense = meta.get("dense_latency_ms")
+    if predicted_dense:
+        ratio = dense_ms / float(predicted_dense)
+        result["dense_measured_over_predicted"] = ratio
+        if not 2 / 3 <= ratio <= 1.5:
+            log.warning(
+                "the dense model measured %.2f ms here, %.2fx the %.2f ms predicted for %s: another device, a "
+                "loaded machine or a stale table; the speedup is still measured in interleaved rounds",
+                dense_ms,
+                ratio,
+                float(predicted_dense),
+                plan.hardware,
+            )
     return result
 
 
 @hydra.main(config_path="pkg://hwprune.conf", config_name="apply", version_base=None)
 def main(cfg: DictConfig) -> None:
-    app = OmegaConf.to_object(cfg)
+    app = to_object(cfg)
     assert isinstance(app, ApplyConfig)
     run(app)
 

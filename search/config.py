@@ -102,12 +102,156 @@ class TaskConfig:
 
 
 @dataclass
+class NViTMethod:
+    _target_: str = "hwprune.hessian.NViTSaliency"
+    seed: int = 0
+    first_order: bool = False
+
+
+@dataclass
+class FisherMethod:
+    _target_: str = "hwprune.hessian.FisherSaliency"
+    seed: int = 0
+
+
+@dataclass
+class HutchinsonMethod:
+    _target_: str = "hwprune.hessian.HutchinsonSaliency"
+    max_probes: int = 64
+    min_probes: int = 8
+    tol: float = 0.02
+    patience: int = 3
+    seed: int = 0
+
+
+@dataclass
+class TaylorMethod:
+    _target_: str = "hwprune.hessian.TaylorSaliency"
+
+
+@dataclass
+class MagnitudeMethod:
+    _target_: str = "hwprune.hessian.MagnitudeSaliency"
+
+
+@dataclass
+class RandomMethod:
+    _target_: str = "hwprune.hessian.RandomSaliency"
+    seed: int = 0
+
+
+SALIENCY_METHODS = {
+    "nvit": NViTMethod,
+    "fisher": FisherMethod,
+    "hutchinson": HutchinsonMethod,
+    "taylor": TaylorMethod,
+    "magnitude": MagnitudeMethod,
+    "random": RandomMethod,
+}
+
+
+@dataclass
 class SaliencyConfig:
-    """A saliency method (`_target_` a `hessian.Saliency`) and where its scores are cached."""
+    """A saliency method (`_target_` a `hessian.Saliency`, typed per option) and its score cache."""
 
     name: str = MISSING
     method: Any = MISSING
     cache_dir: str | None = "~/.cache/hwprune/saliency"
+
+
+@dataclass
+class PLSSamplerConfig:
+    _target_: str = "hwprune.search.ParetoLocalSearchSampler"
+    seed: int | None = None
+    n_startup_trials: int = 10
+    move_p: float = 0.8
+    max_retries: int = 50
+
+
+@dataclass
+class NSGA2SamplerConfig:
+    _target_: str = "optuna.samplers.NSGAIISampler"
+    seed: int | None = None
+    population_size: int = 50
+
+
+@dataclass
+class TPESamplerConfig:
+    _target_: str = "optuna.samplers.TPESampler"
+    seed: int | None = None
+    multivariate: bool = True
+
+
+@dataclass
+class RandomSamplerConfig:
+    _target_: str = "optuna.samplers.RandomSampler"
+    seed: int | None = None
+
+
+@dataclass
+class GPSamplerConfig:
+    _target_: str = "optuna.samplers.GPSampler"
+    seed: int | None = None
+
+
+SAMPLERS = {
+    "pls": PLSSamplerConfig,
+    "nsga2": NSGA2SamplerConfig,
+    "tpe": TPESamplerConfig,
+    "random": RandomSamplerConfig,
+    "gp": GPSamplerConfig,
+}
+
+
+@dataclass
+class NoRecoveryMethod:
+    _target_: str = "hwprune.search.recovery.NoRecovery"
+
+
+@dataclass
+class ReconstructMethod:
+    """`hwprune.search.recovery.Reconstruct`: per-unit scales and bias compensation, seconds."""
+
+    _target_: str = "hwprune.search.recovery.Reconstruct"
+    samples: int = 128
+    ridge: float = 1.0
+    bias: bool = True
+
+
+@dataclass
+class DistillMethod:
+    """`hwprune.search.recovery.Distill`: distillation to the dense model, minutes."""
+
+    _target_: str = "hwprune.search.recovery.Distill"
+    steps: int = 300
+    lr: float = 1e-4
+    hidden_weight: float = 1.0
+    output_weight: float = 1.0
+    label_weight: float = 0.0
+    temperature: float = 2.0
+    weight_decay: float = 0.0
+    held_out: int = 4
+    seed: int = 0
+
+
+@dataclass
+class RecoveryConfig:
+    """Recovery after pruning: every re-scored candidate gets it before its metric is measured.
+
+    Attributes:
+        name: The option's name ("none", "reconstruct", "distill").
+        method: The recovery (`_target_` a `hwprune.search.recovery.Recovery`) and its settings.
+        samples: Training samples the task lends to recovery (never its evaluation data).
+        seed: Seed of that draw.
+    """
+
+    name: str = MISSING
+    method: Any = MISSING
+    samples: int = 2048
+    seed: int = 0
+
+
+RECOVERY_METHODS = {"none": NoRecoveryMethod, "reconstruct": ReconstructMethod, "distill": DistillMethod}
 
 
 @dataclass
@@ -135,6 +279,7 @@ class AppConfig:
     hardware: cost_models.HardwareProfile = MISSING
     saliency: SaliencyConfig = MISSING
     search: SearchConfig = MISSING
+    recovery: RecoveryConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
 
@@ -172,14 +317,47 @@ def register_configs() -> None:
     cs.store(group="task/build", name="fidelity", node=FidelityBuild)
     cs.store(group="task/build", name="classification", node=ClassificationBuild)
     cs.store(group="task/build", name="lm", node=LMBuild)
-    cs.store(group="saliency", name="schema", node=SaliencyConfig)
-    cs.store(group="search", name="schema", node=SearchConfig)
+    for name, method in SALIENCY_METHODS.items():
+        cs.store(group="saliency", name=f"schema_{name}", node=SaliencyConfig(name=name, method=method()))
+    for name, sampler in SAMPLERS.items():
+        cs.store(group="search", name=f"schema_{name}", node=SearchConfig(sampler=sampler()))
+    for name, method in RECOVERY_METHODS.items():
+        cs.store(group="recovery", name=f"schema_{name}", node=RecoveryConfig(name=name, method=method()))
     cs.store(name="profile_schema", node=ProfileAppConfig)
     cs.store(name="app_schema", node=AppConfig)
 
 
+def check_keys(cfg: DictConfig, path: str = "") -> None:
+    """Fail on any key that a node's schema does not declare, naming it and the valid keys.
+
+    Hydra's `+key=value` appends to a config even where a dataclass schema types the node, and
+    `OmegaConf.to_object` then drops the key without a word: `+saliency.method.frist_order=true`
+    would silently do nothing. This walk makes such a typo an error.
+    """
+    import dataclasses
+
+    schema = OmegaConf.get_type(cfg)
+    if schema is not None and dataclasses.is_dataclass(schema):
+        declared = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(str(k) for k in cfg if str(k) not in declared)
+        if unknown:
+            raise ValueError(
+                f"unknown key {path + unknown[0]!r} ({schema.__name__}); valid keys: {sorted(declared)}"
+            )
+    for key in cfg:
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_keys(child, f"{path}{key!s}.")
+
+
 def to_object(cfg: DictConfig) -> object:
-    """Instantiate the dataclasses of a composed config; raises on any missing required field."""
+    """Check every key against its schema, then instantiate the dataclasses of a composed config.
+
+    Raises:
+        ValueError: A key no schema declares.
+        omegaconf.errors.MissingMandatoryValue: A required field left unset.
+    """
+    check_keys(cfg)
     return OmegaConf.to_object(cfg)
 
 

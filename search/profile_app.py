@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import (
@@ -30,7 +30,7 @@ from hwprune.cost_models.profilers import (
     torch_timer,
 )
 from hwprune.search._blocks import block_spec, real_block_factory
-from hwprune.search.config import ProfileAppConfig, register_configs
+from hwprune.search.config import ProfileAppConfig, register_configs, to_object
 
 log = logging.getLogger("hwprune.profile")
 
@@ -120,7 +120,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
 
 @hydra.main(config_path="pkg://hwprune.conf", config_name="profile", version_base=None)
 def main(cfg: DictConfig) -> None:
-    app = OmegaConf.to_object(cfg)
+    app = to_object(cfg)
     assert isinstance(app, ProfileAppConfig)
     run(app, command="hwprune-profile " + " ".join(sys.argv[1:]))
 

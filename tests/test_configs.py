@@ -163,3 +163,44 @@ def test_default_search_is_pareto_local_search() -> None:
 
     cfg = compose_config("config", [])
     assert isinstance(instantiate(cfg.search.sampler), ParetoLocalSearchSampler)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+saliency.method.frist_order=true", r"unknown key 'saliency.method.frist_order' \(NViTMethod\)"),
+        ("+search.sampler.seeed=3", r"unknown key 'search.sampler.seeed' \(PLSSamplerConfig\)"),
+        ("+recovery.method.stesp=5", r"unknown key 'recovery.method.stesp' \(ReconstructMethod\)"),
+        ("+search.n_trails=5", r"unknown key 'search.n_trails' \(SearchConfig\); valid keys: \[.*'n_trials'"),
+    ],
+)
+def test_appended_typos_fail_before_any_work(override: str, message: str) -> None:
+    """Hydra's `+key=` appends even to a typed node; to_object must refuse rather than drop it."""
+    from hwprune.search.config import to_object
+
+    cfg = compose_config("config", [override])
+    with pytest.raises(ValueError, match=message):
+        to_object(cfg)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["saliency.method.seed=abc", "saliency.method.first_order=maybe", "recovery.method.steps=many"],
+)
+def test_typed_method_settings_reject_wrong_types_at_compose(override: str) -> None:
+    base = ["recovery=distill"] if override.startswith("recovery") else []
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("config", [*base, override])
+    assert isinstance(err.value.__cause__, ValidationError)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "recovery").glob("*.yaml")))
+def test_recovery_options_build_their_methods(option: str) -> None:
+    from hydra.utils import instantiate
+
+    from hwprune.search.config import to_object
+    from hwprune.search.recovery import Recovery
+
+    app = to_object(compose_config("config", [f"recovery={option}"]))
+    method = instantiate(app.recovery.method)  # type: ignore[attr-defined]
+    assert isinstance(method, Recovery) and method.name == option

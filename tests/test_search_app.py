@@ -100,7 +100,16 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     assert saved["predicted_speedup"] > 1.0 and saved["measured_speedup"] > 0
     measured_on = saved["workload"]
     assert measured_on["device"] == {"type": "cpu", "name": cost_models.cpu_name()}
-    assert measured_on["dtype"] == "fp32" and measured_on["repeats"] == 2
+    # The plan was searched for gpu_h100 at batch 1 x 128 in bf16: that is what is timed by default.
+    assert measured_on["dtype"] == "bf16" and measured_on["batch_size"] == 1 and measured_on["repeats"] == 2
+    assert saved["workload_differs_from_plan"] == []
+    # The plan's recovery recipe ran again, and the saved weights are the recovered ones.
+    assert saved["recovery"]["method"] == "reconstruct" and saved["recovery_seconds"] > 0
+    assert saved["metric_pruned"] == pytest.approx(pareto[pareto.kind == "uniform"].metric.iloc[0], abs=1e-3)
+    assert saved["metric_unrecovered"] == pytest.approx(
+        pareto[pareto.kind == "uniform"].metric_unrecovered.iloc[0], abs=1e-3
+    )
+    assert len(saved["latency_ms_dense_quartiles"]) == 3
     assert measured_on["timing"] == "median of 2 interleaved rounds (wall clock)"
     assert saved["params_pruned"] < saved["params_dense"]
     assert result["metric_dense"] == pytest.approx(100.0, abs=1e-3)
@@ -133,6 +142,9 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(prunable.PlanError, match="plan was made for other weights"):
         run_apply(cfg)
     assert not (tmp_path / "never").exists()
+    # Unless the user says the weights differ on purpose (a fine-tuned checkpoint).
+    cfg.check_weights, cfg.onnx, cfg.repeats, cfg.out = False, False, 1, str(tmp_path / "tuned")
+    assert run_apply(cfg)["measured_speedup"] > 0
     # So does a device or dtype it cannot time in, naming the valid choices.
     for setting, error, match in (
         ({"device": "tpu"}, ValueError, r"unknown torch device 'tpu'; valid choices: 'cpu', 'cuda'"),
@@ -160,3 +172,45 @@ def test_sweep_writes_a_device_comparison(run_dir: Path, tmp_path: Path) -> None
     assert (table.dense_ms > 0).all() and np.isfinite(table.best_within_1pt_speedup).all()
     markdown = (tmp_path / "comparison.md").read_text()
     assert markdown.startswith("# Devices compared") and "| hardware=tpu_v5e | analytical |" in markdown
+
+
+def test_apply_never_loses_an_output_directory(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hwprune.search import apply_app
+
+    plan = str(run_dir / "plans" / "dense.yaml")
+    task = compose("config", SMALL[:2]).task
+
+    def settings(out: Path, **extra: object) -> apply_app.ApplyConfig:
+        return apply_config(plan=plan, out=str(out), task=task, repeats=1, onnx=False, **extra)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"out=.*out exists and is not empty; pass overwrite=true"):
+        run_apply(settings(out))
+    assert (out / "keep.txt").read_text() == "mine"
+    source = prunable.resolve_source(prunable.MINILM)
+    with pytest.raises(ValueError, match="would write over the model's own directory"):
+        run_apply(settings(Path(source), overwrite=True))
+    with pytest.raises(ValueError, match="would write over the model's own directory"):
+        run_apply(settings(Path(source) / "pruned", overwrite=True))
+
+    # A failure after work began leaves neither a half-written `out` nor a staging directory.
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(apply_app, "measure_ms", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_apply(settings(tmp_path / "late"))
+    assert not (tmp_path / "late").exists() and not list(tmp_path.glob(".late.*"))
+    monkeypatch.undo()
+
+    # overwrite=true replaces the directory whole; a workload other than the plan's is recorded.
+    with caplog.at_level("WARNING"):
+        result = run_apply(settings(out, overwrite=True, workload={"batch_size": 2, "dtype": "fp32"}))
+    assert not (out / "keep.txt").exists() and (out / "apply.json").is_file()
+    assert sorted(result["workload_differs_from_plan"]) == ["batch_size", "dtype"]
+    assert result["workload"]["batch_size"] == 2 and result["workload"]["seq_len"] == 128
+    assert "the plan's speedup was predicted for prefill batch 1 x seq 128, bf16" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwprune.prunable._coupling import Coupling, LayerCouplings, contiguous_index
+from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
 from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._structure import LayerStructure, Structure
 
@@ -26,13 +26,17 @@ class BertFamily(Family):
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
         layer = self.layer_structure(block, config)
-        out = LayerCouplings(heads_per_unit=1, head_dim=layer.head_dim)
+        out = LayerCouplings(
+            heads_per_unit=1,
+            head_dim=layer.head_dim,
+        )
         if layer.num_heads:
             attn, proj = block.attention.self, block.attention.output.dense
             index = contiguous_index(layer.num_heads, layer.head_dim)  # (heads, hd)
             out.heads = [Coupling(m, "out", index) for m in (attn.query, attn.key, attn.value)]
             out.heads.append(Coupling(proj, "in", index))
             out.attn_gate_site = proj
+            out.attn_residual = Tap(block.attention.self.query)
         if layer.mlp_width:
             index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
             out.mlp = [
@@ -40,6 +44,7 @@ class BertFamily(Family):
                 Coupling(block.output.dense, "in", index),
             ]
             out.mlp_gate_site = block.output.dense
+            out.mlp_residual = Tap(block.intermediate.dense)
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

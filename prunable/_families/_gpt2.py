@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from hwprune.prunable._coupling import Coupling, LayerCouplings, contiguous_index
+from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
 from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._structure import LayerStructure, Structure
 
@@ -24,7 +24,10 @@ class GPT2Family(Family):
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
         layer = self.layer_structure(block, config)
-        out = LayerCouplings(heads_per_unit=1, head_dim=layer.head_dim)
+        out = LayerCouplings(
+            heads_per_unit=1,
+            head_dim=layer.head_dim,
+        )
         if layer.num_heads:
             per_head = contiguous_index(layer.num_heads, layer.head_dim)  # (heads, hd)
             width = layer.num_heads * layer.head_dim
@@ -35,10 +38,12 @@ class GPT2Family(Family):
                 Coupling(block.attn.c_proj, "in", per_head),
             ]
             out.attn_gate_site = block.attn.c_proj
+            out.attn_residual = Tap(block.ln_1)
         if layer.mlp_width:
             index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
             out.mlp = [Coupling(block.mlp.c_fc, "out", index), Coupling(block.mlp.c_proj, "in", index)]
             out.mlp_gate_site = block.mlp.c_proj
+            out.mlp_residual = Tap(block.ln_2)
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

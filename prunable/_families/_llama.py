@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwprune.prunable._coupling import Coupling, LayerCouplings, contiguous_index
+from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
 from hwprune.prunable._families._base import Family, Skipped, qkvo_couplings
 from hwprune.prunable._structure import LayerStructure, Structure
 
@@ -32,7 +32,10 @@ class LlamaFamily(Family):
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
         layer = self.layer_structure(block, config)
-        out = LayerCouplings(heads_per_unit=layer.heads_per_group, head_dim=layer.head_dim)
+        out = LayerCouplings(
+            heads_per_unit=layer.heads_per_group,
+            head_dim=layer.head_dim,
+        )
         if layer.num_heads:
             a = block.self_attn
             out.heads = qkvo_couplings(
@@ -45,12 +48,14 @@ class LlamaFamily(Family):
                 head_dim=layer.head_dim,
             )
             out.attn_gate_site = a.o_proj
+            out.attn_residual = Tap(block.input_layernorm)
         if layer.mlp_width:
             m = block.mlp
             index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
             out.mlp = [Coupling(m.gate_proj, "out", index), Coupling(m.up_proj, "out", index)]
             out.mlp.append(Coupling(m.down_proj, "in", index))
             out.mlp_gate_site = m.down_proj
+            out.mlp_residual = Tap(block.post_attention_layernorm)
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwprune.prunable._coupling import Coupling, LayerCouplings, contiguous_index
+from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
 from hwprune.prunable._families._base import Family, Skipped, qkvo_couplings
 from hwprune.prunable._structure import LayerStructure, Structure
 
@@ -24,7 +24,10 @@ class ViTFamily(Family):
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
         layer = self.layer_structure(block, config)
-        out = LayerCouplings(heads_per_unit=1, head_dim=layer.head_dim)
+        out = LayerCouplings(
+            heads_per_unit=1,
+            head_dim=layer.head_dim,
+        )
         if layer.num_heads:
             a = block.attention
             out.heads = qkvo_couplings(
@@ -37,10 +40,12 @@ class ViTFamily(Family):
                 head_dim=layer.head_dim,
             )
             out.attn_gate_site = a.o_proj
+            out.attn_residual = Tap(block.layernorm_before)
         if layer.mlp_width:
             index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
             out.mlp = [Coupling(block.mlp.fc1, "out", index), Coupling(block.mlp.fc2, "in", index)]
             out.mlp_gate_site = block.mlp.fc2
+            out.mlp_residual = Tap(block.layernorm_after)
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

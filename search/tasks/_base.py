@@ -8,6 +8,7 @@ from typing import ClassVar
 from torch import nn
 
 from hwprune import hessian
+from hwprune.search.recovery._base import RecoveryData
 
 
 class Task(ABC):
@@ -30,6 +31,13 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module) -> float:
         """The task metric of `model` on the evaluation data."""
+
+    @abstractmethod
+    def recovery_data(self, *, samples: int, seed: int = 0) -> RecoveryData:
+        """Up to `samples` training inputs for recovery, never drawn from the evaluation data.
+
+        Batches carry the task's labels where it has them (for recovery that mixes them in).
+        """
 
     @property
     def description(self) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian
+from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class ClassificationTask(Task):
     def __init__(self, *, calibration_samples: int = 256, batch_size: int = 64, seed: int = 0) -> None:
         x_train, y_train, x_test, y_test = digits_split(seed)
         n = min(calibration_samples, len(x_train))
-        self.calib = (torch.from_numpy(x_train[:n]), torch.from_numpy(y_train[:n]).long())
+        self.train = (torch.from_numpy(x_train), torch.from_numpy(y_train).long())
+        self.calib = (self.train[0][:n], self.train[1][:n])
         self.test = (torch.from_numpy(x_test), torch.from_numpy(y_test).long())
         self.batch_size = batch_size
 
@@ -80,6 +82,11 @@ class ClassificationTask(Task):
 
     def calibration(self, model: nn.Module) -> hessian.Calibration:
         return hessian.Calibration(self._batches(*self.calib), CrossEntropy(), f"{len(self.calib[0])} digits")
+
+    def recovery_data(self, *, samples: int, seed: int = 0) -> RecoveryData:
+        order = torch.randperm(len(self.train[0]), generator=torch.Generator().manual_seed(seed))[:samples]
+        x, y = self.train[0][order], self.train[1][order]
+        return RecoveryData(self._batches(x, y), CrossEntropy(), f"{len(x)} training digits")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> float:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian
+from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
 
@@ -92,6 +93,8 @@ class FidelityTask(Task):
         random.Random(seed).shuffle(passages)
         self.calib_texts = passages[:calibration_samples]
         self.eval_texts = passages[calibration_samples : calibration_samples + eval_samples]
+        # Recovery may use every passage the metric does not: calibration ones first, then the rest.
+        self.train_texts = self.calib_texts + passages[calibration_samples + eval_samples :]
         self.source = PYDOC_SOURCE if text_path is None else str(text_path)
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
         self._reference: torch.Tensor | None = None
@@ -112,6 +115,19 @@ class FidelityTask(Task):
         objective = hessian.OutputDistance(output=embed_batch, name="embedding-distance")
         objective.set_reference(model, batches)
         return hessian.Calibration(batches, objective, f"{len(self.calib_texts)} passages of {self.source}")
+
+    def recovery_data(self, *, samples: int, seed: int = 0) -> RecoveryData:
+        texts = list(self.train_texts)
+        random.Random(seed).shuffle(texts)
+        texts = texts[:samples]
+        batches = [
+            hessian.Batch(inputs=dict(b.inputs))
+            for b in length_batches(
+                self.tokenizer, texts, batch_size=self.batch_size, max_length=self.max_length
+            )[0]
+        ]
+        random.Random(seed).shuffle(batches)  # length-sorted batches, in no particular order
+        return RecoveryData(batches, None, f"{len(texts)} passages of {self.source} (none evaluated on)")
 
     def evaluate(self, model: nn.Module) -> float:
         if self._reference is None:

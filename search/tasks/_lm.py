@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian
+from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._fidelity import PYDOC_SOURCE, pydoc_passages
 
@@ -74,6 +75,7 @@ class LMTask(Task):
             )
         blocks = ids[: n_blocks * block_size].view(n_blocks, block_size)  # (N, T)
         self.calib, self.eval_set = blocks[:calibration_blocks], blocks[n_blocks - eval_blocks :]
+        self.train_blocks = blocks[: n_blocks - eval_blocks]  # everything before the evaluation blocks
         self.batch_size = batch_size
 
     @property
@@ -89,6 +91,15 @@ class LMTask(Task):
     def calibration(self, model: nn.Module) -> hessian.Calibration:
         return hessian.Calibration(
             self._batches(self.calib), NextTokenLoss(), f"{len(self.calib)} blocks of {self.source}"
+        )
+
+    def recovery_data(self, *, samples: int, seed: int = 0) -> RecoveryData:
+        order = torch.randperm(len(self.train_blocks), generator=torch.Generator().manual_seed(seed))
+        blocks = self.train_blocks[order[:samples]]
+        return RecoveryData(
+            self._batches(blocks),
+            NextTokenLoss(),
+            f"{len(blocks)} blocks of {self.source} before the evaluated ones",
         )
 
     @torch.no_grad()

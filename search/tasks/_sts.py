@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from hwprune import hessian
+from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
 
@@ -138,9 +139,8 @@ class STSTask(Task):
     def description(self) -> str:
         return f"STS-B ({self.train_path.name} -> {self.eval_path.name})"
 
-    def calibration(self, model: nn.Module) -> hessian.Calibration:
-        n_total = len(self.train.scores)
-        picks = random.Random(self.seed).sample(range(n_total), min(self.calibration_samples, n_total))
+    def _pair_batches(self, picks: list[int]) -> list[hessian.Batch]:
+        """Batches of train pairs: rows [first sentences; second sentences], targets score / 5."""
         batches = []
         for start in range(0, len(picks), self.batch_size):
             idx = picks[start : start + self.batch_size]
@@ -156,10 +156,29 @@ class STSTask(Task):
                     targets=self.train.scores[idx] / 5.0,
                 )
             )
+        return batches
+
+    def calibration(self, model: nn.Module) -> hessian.Calibration:
+        n_total = len(self.train.scores)
+        picks = random.Random(self.seed).sample(range(n_total), min(self.calibration_samples, n_total))
         return hessian.Calibration(
-            batches=batches,
+            batches=self._pair_batches(picks),
             objective=CosineSimilarityLoss(),
             description=f"{len(picks)} pairs of {self.train_path.name} (seed {self.seed})",
+        )
+
+    def recovery_data(self, *, samples: int, seed: int = 0) -> RecoveryData:
+        n_total = len(self.train.scores)
+        draw = random.Random(seed)
+        picks = draw.sample(range(n_total), min(samples, n_total))
+        # Pairs of similar length share a batch (far less padding), batches come in seeded order.
+        picks.sort(key=lambda i: max(len(self.train.first[i]), len(self.train.second[i])))
+        batches = self._pair_batches(picks)
+        draw.shuffle(batches)
+        return RecoveryData(
+            batches=batches,
+            objective=CosineSimilarityLoss(),
+            description=f"{len(picks)} pairs of {self.train_path.name} (seed {seed})",
         )
 
     def evaluate(self, model: nn.Module) -> float:

@@ -1,0 +1,44 @@
+"""Recovery after pruning: the pruned model is brought back towards its dense teacher.
+
+    recovery = Distill(steps=300)                  # or Reconstruct(), NoRecovery()
+    report = recovery.recover(pruned, dense, task.recovery_data(samples=2048))
+    report.recipe(), report.seconds, report.held_out_before, report.held_out_after
+
+`reconstruct` is retraining-free (seconds: per-unit scales and bias compensation by least squares);
+`distill` trains the pruned model against the dense one (minutes). Both leave the teacher untouched.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from hwprune.search.recovery._base import NoRecovery, Recovery, RecoveryData, RecoveryReport
+from hwprune.search.recovery._distill import Distill
+from hwprune.search.recovery._reconstruct import Reconstruct
+
+METHODS: tuple[type[Recovery], ...] = (NoRecovery, Reconstruct, Distill)
+
+
+def from_recipe(recipe: Mapping[str, Any]) -> Recovery:
+    """The recovery a plan's recorded recipe describes (`RecoveryReport.recipe()`).
+
+    Raises:
+        ValueError: An unknown method, naming the valid ones.
+    """
+    methods = {m.name: m for m in METHODS}
+    name = recipe.get("method")
+    if name not in methods:
+        raise ValueError(f"unknown recovery method {name!r} in the recipe; valid methods: {sorted(methods)}")
+    settings = {k: v for k, v in recipe.items() if k not in ("method", "data_samples", "data_seed")}
+    return methods[name](**settings)
+
+
+__all__ = [
+    "METHODS",
+    "Distill",
+    "NoRecovery",
+    "Reconstruct",
+    "Recovery",
+    "RecoveryData",
+    "RecoveryReport",
+    "from_recipe",
+]

@@ -1,0 +1,109 @@
+"""What every recovery method takes and returns: a pruned student, its dense teacher, training data."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hwprune import hessian
+
+
+@dataclass(frozen=True)
+class RecoveryData:
+    """Inputs to recover on, disjoint from the data the task's metric is measured on.
+
+    Attributes:
+        batches: Model inputs; `targets` set where the task has labels.
+        objective: The task's supervised per-sample loss over batches with targets, or None.
+        description: What the data is, for reports.
+    """
+
+    batches: list[hessian.Batch]
+    objective: hessian.Objective | None
+    description: str
+
+    def __post_init__(self) -> None:
+        if not self.batches:
+            raise ValueError(f"recovery data {self.description!r} has no batches")
+
+
+@dataclass
+class RecoveryReport:
+    """What a recovery did: the recipe, its cost, and its own held-out measure of success.
+
+    Attributes:
+        method: Recovery method name ("none", "reconstruct", "distill").
+        params: The recipe's settings (enough to run it again).
+        seconds: Wall time of the recovery.
+        held_out_before: The method's own loss on held-out inputs before recovering.
+        held_out_after: The same after recovering (lower is better).
+        details: Anything else worth a line in a report (steps, per-layer errors, ...).
+    """
+
+    method: str
+    params: dict[str, Any]
+    seconds: float = 0.0
+    held_out_before: float | None = None
+    held_out_after: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def recipe(self) -> dict[str, Any]:
+        """The method and settings, as a plan records them for `hwprune-apply` to repeat."""
+        return {"method": self.method, **self.params}
+
+
+class Recovery(ABC):
+    """Restores a pruned model's accuracy against its dense teacher, in place.
+
+    The teacher is never modified: implementations run it under `torch.no_grad` only. A recovery is
+    deterministic under its seed.
+    """
+
+    name: ClassVar[str]
+
+    def recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
+        """Recover `student` (a pruned copy of `teacher`) in place; return what was done."""
+        started = time.perf_counter()
+        was_training = student.training
+        teacher.eval()
+        student.eval()  # no dropout: recovery is deterministic, and dropout fights distillation
+        try:
+            report = self._recover(student, teacher, data)
+        finally:
+            student.train(was_training)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    @abstractmethod
+    def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
+        """The method itself; `recover` times it and sets the models' modes."""
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The settings that define this recipe."""
+
+
+class NoRecovery(Recovery):
+    """Leaves the pruned model as it is."""
+
+    name = "none"
+
+    def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
+        return RecoveryReport(method=self.name, params={})
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+
+def valid_rows(batch: hessian.Batch, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (n_valid, D): the token rows the attention mask keeps (all rows without a mask)."""
+    mask = batch.inputs.get("attention_mask")
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D)
+    if mask is None or mask.shape != hidden.shape[:-1]:
+        return flat
+    return flat[mask.reshape(-1).to(torch.bool)]

@@ -1,0 +1,199 @@
+"""Knowledge distillation of the pruned model to its dense teacher (the "Distill" of Prune -> Distill).
+
+Per batch the student matches the teacher layer by layer (hidden-state MSE, each layer scaled by the
+teacher's mean square so all layers count alike, as in CoFi's layer distillation) and at the output:
+the KL divergence of temperature-softened logits for models with a head (LMs, classifiers), or the
+cosine of mean-pooled embeddings for encoders used as sentence embedders. Optionally the task's own
+labelled loss is mixed in. Training is a bounded number of AdamW steps with warm-up and linear decay,
+deterministic under the seed; progress is logged every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from hwprune import hessian
+from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport, valid_rows
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0
+
+
+def _pooled(batch: hessian.Batch, hidden: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens the mask keeps: (B, T, D) -> (B, D)."""
+    mask = batch.inputs.get("attention_mask")
+    if mask is None or mask.shape != hidden.shape[:-1]:
+        return hidden.mean(1)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+def _pair_layers(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state indices to match: every student layer, its teacher counterpart."""
+    return [(s, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)]
+
+
+class Distill(Recovery):
+    """Distillation to the dense model on the task's unlabelled (or labelled) training inputs.
+
+    Args:
+        steps: Optimiser steps (batches).
+        lr: Peak AdamW learning rate (linear warm-up over 5 % of the steps, then linear decay).
+        hidden_weight: Weight of the layer-wise hidden-state loss.
+        output_weight: Weight of the output loss (logit KL, or pooled-embedding cosine).
+        label_weight: Weight of the task's labelled loss on batches with targets (0: label-free).
+        temperature: Softening of logits in the KL term.
+        weight_decay: AdamW weight decay.
+        held_out: Batches kept out of training to report the distillation loss before and after.
+        seed: Seed of the batch order.
+    """
+
+    name = "distill"
+
+    def __init__(
+        self,
+        *,
+        steps: int = 300,
+        lr: float = 1e-4,
+        hidden_weight: float = 1.0,
+        output_weight: float = 1.0,
+        label_weight: float = 0.0,
+        temperature: float = 2.0,
+        weight_decay: float = 0.0,
+        held_out: int = 4,
+        seed: int = 0,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"distill.steps must be >= 1, got {steps}")
+        if held_out < 0:
+            raise ValueError(f"distill.held_out must be >= 0, got {held_out}")
+        if not lr > 0:
+            raise ValueError(f"distill.lr must be positive, got {lr}")
+        for key, value in (
+            ("hidden_weight", hidden_weight),
+            ("output_weight", output_weight),
+            ("label_weight", label_weight),
+            ("weight_decay", weight_decay),
+        ):
+            if value < 0:
+                raise ValueError(f"distill.{key} must be >= 0, got {value}")
+        if hidden_weight + output_weight + label_weight == 0:
+            raise ValueError(
+                "distill needs a positive hidden_weight, output_weight or label_weight; all are 0"
+            )
+        if not temperature > 0:
+            raise ValueError(f"distill.temperature must be positive, got {temperature}")
+        self.steps, self.lr, self.temperature = steps, lr, temperature
+        self.hidden_weight, self.output_weight, self.label_weight = hidden_weight, output_weight, label_weight
+        self.weight_decay, self.held_out, self.seed = weight_decay, held_out, seed
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "lr": self.lr,
+            "hidden_weight": self.hidden_weight,
+            "output_weight": self.output_weight,
+            "label_weight": self.label_weight,
+            "temperature": self.temperature,
+            "weight_decay": self.weight_decay,
+            "held_out": self.held_out,
+            "seed": self.seed,
+        }
+
+    def loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        batch: hessian.Batch,
+        objective: hessian.Objective | None = None,
+    ) -> torch.Tensor:
+        """The distillation loss of `student` on one batch (the teacher runs without gradients)."""
+        with torch.no_grad():
+            t_out = teacher(**batch.inputs, output_hidden_states=True)
+        s_out = student(**batch.inputs, output_hidden_states=True)
+        total = torch.zeros((), dtype=s_out.hidden_states[-1].dtype)
+        if self.hidden_weight:
+            pairs = _pair_layers(len(s_out.hidden_states) - 1, len(t_out.hidden_states) - 1)
+            terms = []
+            for s_i, t_i in pairs:
+                s_rows = valid_rows(batch, s_out.hidden_states[s_i])  # (n, D)
+                t_rows = valid_rows(batch, t_out.hidden_states[t_i])
+                terms.append((s_rows - t_rows).pow(2).mean() / t_rows.pow(2).mean().clamp_min(1e-12))
+            total = total + self.hidden_weight * torch.stack(terms).mean()
+        if self.output_weight:
+            total = total + self.output_weight * self._output_loss(batch, s_out, t_out)
+        if self.label_weight and objective is not None and batch.targets is not None:
+            total = total + self.label_weight * objective.losses(student, batch).mean()
+        return total
+
+    def _output_loss(self, batch: hessian.Batch, s_out: Any, t_out: Any) -> torch.Tensor:
+        logits = getattr(s_out, "logits", None)
+        if logits is not None:
+            tau = self.temperature
+            t_logp = torch.log_softmax(t_out.logits / tau, dim=-1)  # (B, [T,] V)
+            s_logp = torch.log_softmax(logits / tau, dim=-1)
+            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (B, [T])
+            if kl.dim() == 2:
+                kl = valid_rows(batch, kl.unsqueeze(-1)).squeeze(-1)  # (n,) real tokens only
+            return kl.mean() * tau**2
+        s_emb = _pooled(batch, s_out.hidden_states[-1])  # (B, D)
+        t_emb = _pooled(batch, t_out.hidden_states[-1])
+        return (1 - nn.functional.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+
+    @torch.no_grad()
+    def held_out_loss(
+        self, student: nn.Module, teacher: nn.Module, batches: list[hessian.Batch]
+    ) -> float | None:
+        """Mean distillation loss (without the label term) over `batches`; None without batches."""
+        if not batches:
+            return None
+        return float(torch.stack([self.loss(student, teacher, b) for b in batches]).mean())
+
+    def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
+        held = data.batches[-self.held_out :] if 0 < self.held_out < len(data.batches) else []
+        train = data.batches[: len(data.batches) - len(held)]
+        before = self.held_out_loss(student, teacher, held)
+        params = list(student.parameters())
+        trainable = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        # The teacher runs under no_grad only (see `loss`): no gradient can reach it.
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        warmup = max(1, self.steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warmup, max(0.0, (self.steps - s) / max(1, self.steps - warmup)))
+        )
+        order = torch.Generator().manual_seed(self.seed)
+        queue: list[int] = []
+        last_log, running = time.perf_counter(), []
+        for step in range(self.steps):
+            if not queue:
+                queue = torch.randperm(len(train), generator=order).tolist()
+            batch = train[queue.pop()]
+            loss = self.loss(student, teacher, batch, data.objective)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            running.append(float(loss.detach()))
+            if time.perf_counter() - last_log > LOG_EVERY_S or step + 1 == self.steps:
+                log.info("distill step %d/%d: loss %.4f", step + 1, self.steps, sum(running) / len(running))
+                last_log, running = time.perf_counter(), []
+        opt.zero_grad(set_to_none=True)
+        for p, flag in zip(params, trainable, strict=True):
+            p.requires_grad_(flag)
+        after = self.held_out_loss(student, teacher, held)
+        return RecoveryReport(
+            method=self.name,
+            params=self.params(),
+            held_out_before=before,
+            held_out_after=after,
+            details={"train_batches": len(train), "held_out_batches": len(held), "data": data.description},
+        )

@@ -40,9 +40,8 @@ from scipy.stats import kendalltau
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved, nvml_metadata, torch_device
-from hwprune.search._blocks import block_spec
+from hwprune.search._blocks import block_spec, model_timer
 from hwprune.search.config import load_hardware
-from hwprune.search.profile_app import whole_model_timer
 
 log = logging.getLogger("cost_models_check")
 
@@ -89,7 +88,7 @@ def time_interleaved(
     Round-robin timing spreads a shared machine's slow drifts (other tenants, clocks) over every
     model alike instead of biasing whichever model happened to be timed during a slow minute.
     """
-    timers = [whole_model_timer(model, workload, device) for model in models]
+    timers = [model_timer(model, workload, device) for model in models]
     return np.array(interleaved(timers, rounds=rounds, warmup=2))
 
 
@@ -101,7 +100,7 @@ def speed_windows(
     How far this machine's speed wanders on its own over minutes: a bound on how well any absolute
     latency, measured at one time, can predict one measured at another.
     """
-    run = whole_model_timer(model, cost_models.Workload(batch_size=1, seq_len=128, dtype=dtype), device)
+    run = model_timer(model, cost_models.Workload(batch_size=1, seq_len=128, dtype=dtype), device)
     run()
     medians = []
     end = time.perf_counter() + seconds

@@ -1,8 +1,10 @@
 """Analytical roofline latency per operator of a transformer block, with tile and wave quantisation.
 
 Each operator costs max(compute, memory) + a launch overhead, where
-    compute = waves * (2 * tile_m * tile_n * K_padded) / (per-unit peak * efficiency) * (1 + half_rows / M)
-    waves   = ceil(tiles / compute_units),  tiles = batch * ceil(M / tile_m) * ceil(N / tile_n)
+    compute = waves * (2 * rows * tile_n * K_padded / split) / (per-unit peak * efficiency) * (1 + half_rows / M)
+    waves   = ceil(tiles * split / compute_units),  tiles = batch * ceil(M / tile_m) * ceil(N / tile_n)
+    split   = compute_units // tiles when the tiles cannot fill the device (split-K), else 1
+    rows    = tile_m, or M rounded up to min_tile_m for a GEMM of fewer rows (decode's GEMV kernels)
     memory  = bytes moved / (bandwidth * memory efficiency)
 so latency steps up when a width crosses a tile boundary (a GPU's CTA tiles and its waves over SMs,
 a TPU's 128x128 MXU), instead of growing in a straight line with FLOPs. `half_rows` is where a GEMM
@@ -105,11 +107,18 @@ class AnalyticalModel(CostModel):
         hw, eff, b = self.hardware, self.efficiency, self.workload.bytes_per_element
         m, n, k, batch = (np.asarray(x, dtype=np.int64) for x in (m, n, k, batch))
         tiles = batch * _ceil_div(m, hw.tile_m) * _ceil_div(n, hw.tile_n)
-        waves = _ceil_div(tiles, hw.compute_units)
         k_pad = _ceil_div(k, hw.tile_k) * hw.tile_k
+        # Too few output tiles to fill the device: the reduction is split across the idle units
+        # (split-K, flash-decoding), each taking a share of K.
+        split = np.clip(hw.compute_units // np.maximum(tiles, 1), 1, np.maximum(k_pad // hw.tile_k, 1))
+        waves = _ceil_div(tiles * split, hw.compute_units)
+        # A GEMM of a few rows (decode: one per sequence) runs a small-M kernel, padded to
+        # min_tile_m rows rather than a full tile: its time is then the weights' bytes, not FLOPs.
+        skinny = hw.min_tile_m or hw.tile_m
+        rows = np.minimum(hw.tile_m, _ceil_div(m, skinny) * skinny)
         per_unit_flops = hw.peak_tflops[self.workload.dtype] * 1e12 / hw.compute_units
         fraction = eff.attention if attention else eff.compute
-        compute = waves * (2.0 * hw.tile_m * hw.tile_n * k_pad) / (per_unit_flops * fraction)
+        compute = waves * (2.0 * rows * hw.tile_n * k_pad / split) / (per_unit_flops * fraction)
         compute = compute * (1.0 + eff.half_rows / np.maximum(m, 1))
         if hw.pad_memory:
             m = _ceil_div(m, hw.tile_m) * hw.tile_m
@@ -144,10 +153,7 @@ class AnalyticalModel(CostModel):
         cap = self.hardware.on_chip_memory_mib
         if cap is None:
             return np.zeros(np.broadcast(units, mlp).shape, dtype=bool)
-        s = self.spec
-        heads = units * s.heads_per_unit
-        params = s.hidden * s.head_dim * (2 * heads + 2 * units) + s.hidden * mlp * (3 if s.gated_mlp else 2)
-        return params * self.workload.bytes_per_element <= cap * 2**20
+        return self.spec.params(units, mlp) * self.workload.bytes_per_element <= cap * 2**20
 
     # ---------------------------------------------------------------- the block
 

@@ -27,7 +27,7 @@ _START = np.log([0.7, 0.7, 0.8, 1.0, 32.0])
 _LOW = np.log([0.01, 0.01, 0.01, 1e-3, 1e-2])
 _HIGH = np.log([1.5, 1.5, 1.5, 1e3, 1e5])
 # A weak pull towards the start keeps parameters that a grid barely constrains at sensible values.
-_PRIOR_WEIGHT = 0.02
+_PRIOR_WEIGHT = 0.002
 
 
 class CalibratedModel(AnalyticalModel):
@@ -107,7 +107,17 @@ def calibrate(
         per_table = [e / np.sqrt(len(e)) for e in log_errors(efficiency(x))]  # each table counts once
         return np.concatenate([*per_table, _PRIOR_WEIGHT * (x - _START)])
 
-    fit = least_squares(residuals, _START, bounds=(_LOW, _HIGH))
+    # A few starts (attention far below the projections, a slow or fast ramp in rows): the
+    # efficiencies trade off against each other, and one start can stop in a worse optimum.
+    fits = [
+        least_squares(residuals, start, bounds=(_LOW, _HIGH))
+        for start in (
+            _START,
+            _START + np.log([1.0, 0.3, 1.0, 1.0, 10.0]),
+            _START + np.log([0.5, 0.3, 0.7, 3.0, 0.1]),
+        )
+    ]
+    fit = min(fits, key=lambda f: float(f.cost))
     eff = efficiency(fit.x)
     errors = tuple(float(np.sqrt(np.mean(np.expm1(e) ** 2))) for e in log_errors(eff))
     eff = Efficiency(**{**eff.__dict__, "outside": _outside_scale(profile, tables, eff)})

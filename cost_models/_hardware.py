@@ -31,6 +31,8 @@ class HardwareProfile:
         tile_m: Rows of one unit of matrix work (GPU CTA tile, TPU sublanes, CPU register block).
         tile_n: Columns of one unit of matrix work (GPU CTA tile, TPU MXU width, SIMD lanes).
         tile_k: Reduction depth the matrix unit pads to.
+        min_tile_m: Rows a GEMM with fewer rows than `tile_m` is padded to (the small-M and GEMV
+            kernels a library picks for decode); None pads every GEMM to `tile_m`.
         pad_memory: Tensors are stored padded to the tiles (TPU's (8, 128) layout), so padding costs
             bandwidth as well as compute.
         on_chip_memory_mib: Memory weights can stay resident in (NPU SRAM, TPU VMEM); weights that
@@ -56,6 +58,7 @@ class HardwareProfile:
     tile_m: int = MISSING
     tile_n: int = MISSING
     tile_k: int = MISSING
+    min_tile_m: int | None = None
     launch_overhead_us: float = MISSING
     dtypes: list[str] = MISSING
     pad_memory: bool = False
@@ -96,6 +99,10 @@ class HardwareProfile:
         for key in ("compute_units", "tile_m", "tile_n", "tile_k"):
             if getattr(self, key) < 1:
                 raise ValueError(f"hardware {self.name}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.min_tile_m is not None and not 1 <= self.min_tile_m <= self.tile_m:
+            raise ValueError(
+                f"hardware {self.name}: min_tile_m must be in [1, tile_m={self.tile_m}], got {self.min_tile_m}"
+            )
         if self.launch_overhead_us < 0:
             raise ValueError(
                 f"hardware {self.name}: launch_overhead_us must be >= 0, got {self.launch_overhead_us}"

@@ -50,15 +50,20 @@ class BlockSpec:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; valid choices: {list(NORMS)}")
 
-    def flops(self, workload: Workload, units: ArrayLike, mlp: ArrayLike) -> np.ndarray:
-        """Forward FLOPs of the blocks (2 per multiply-add) at per-layer widths (..., layers)."""
+    def params(self, units: ArrayLike, mlp: ArrayLike) -> np.ndarray:
+        """Projection weights of a block (biases and norms aside) at its widths, elementwise."""
         u, m = np.asarray(units, dtype=np.float64), np.asarray(mlp, dtype=np.float64)
         heads = u * self.heads_per_unit
-        proj = 2 * self.hidden * self.head_dim * (2 * heads + 2 * u) + 2 * self.hidden * m * (
-            3 if self.gated_mlp else 2
-        )
+        attention = (
+            self.hidden * self.head_dim * (2 * heads + 2 * u)
+        )  # Q and O per query head, K and V per group
+        return attention + self.hidden * m * (3 if self.gated_mlp else 2)
+
+    def flops(self, workload: Workload, units: ArrayLike, mlp: ArrayLike) -> np.ndarray:
+        """Forward FLOPs of the blocks (2 per multiply-add) at per-layer widths (..., layers)."""
+        heads = np.asarray(units, dtype=np.float64) * self.heads_per_unit
         attn = 2 * 2 * workload.attended * self.head_dim * heads  # scores and context, per query token
-        return (workload.tokens * (proj + attn)).sum(-1)
+        return (workload.tokens * (2 * self.params(units, mlp) + attn)).sum(-1)
 
     @property
     def heads_per_unit(self) -> int:
@@ -77,19 +82,22 @@ class Workload:
 
     Attributes:
         batch_size: Sequences per forward.
-        seq_len: Tokens per sequence (patches for ViT); for decode, the new tokens per step (1).
+        seq_len: Tokens per sequence (patches for ViT); for decode, the new tokens per step. 0 (the
+            default) means the phase's own: 128 for prefill, 1 for decode (one generated token).
         dtype: Compute dtype, one of DTYPE_BYTES, or "auto" for the target device's default.
         phase: "prefill" (also encoders) or "decode" (one step against a KV cache).
         kv_len: Cached tokens attended to in decode.
     """
 
     batch_size: int = 1
-    seq_len: int = 128
+    seq_len: int = 0
     dtype: str = "fp32"
     phase: str = "prefill"
     kv_len: int = 0
 
     def __post_init__(self) -> None:
+        if self.seq_len == 0:  # frozen: the phase's default is filled in once, here
+            object.__setattr__(self, "seq_len", 1 if self.phase == "decode" else 128)
         if self.batch_size < 1 or self.seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {self.batch_size}, {self.seq_len}")
         if self.dtype not in DTYPE_BYTES and self.dtype != "auto":

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from rich.progress import track
 from torch import nn
 
 from hwprune import prunable
+from hwprune._progress import progress
 from hwprune.hessian._base import SeededSaliency, frozen, unit_sums
 from hwprune.hessian._calibration import Calibration, check_finite
+
+log = logging.getLogger(__name__)
 
 
 class FisherSaliency(SeededSaliency):
@@ -39,9 +43,7 @@ class FisherSaliency(SeededSaliency):
         with frozen(model):
             for p in params:
                 p.requires_grad_(True)
-            for b, batch in enumerate(
-                track(calibration.batches, description="fisher saliency", transient=True)
-            ):
+            for b, batch in enumerate(progress(calibration.batches, "fisher saliency, batches", logger=log)):
                 for s in range(batch.n_samples):
                     loss = objective.curvature_losses(model, batch.select([s]), generator).sum()
                     check_finite(loss, what="loss", batch_index=b, method=self.name)

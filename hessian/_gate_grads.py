@@ -7,16 +7,19 @@ do not interact in a transformer's forward. Rows of one sample (a sentence pair)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
-from rich.progress import track
 from torch import nn
 
 from hwprune import prunable
+from hwprune._progress import progress
 from hwprune.hessian._base import frozen
 from hwprune.hessian._calibration import Calibration, check_finite
+
+log = logging.getLogger(__name__)
 
 
 class GateGrads(NamedTuple):
@@ -46,9 +49,7 @@ def per_sample_gate_grads(
     generator = torch.Generator().manual_seed(seed)
     objective = calibration.objective
     with frozen(model), prunable.gated(model, structure) as gates:
-        for b, batch in enumerate(
-            track(calibration.batches, description=f"{method} saliency", transient=True)
-        ):
+        for b, batch in enumerate(progress(calibration.batches, f"{method} saliency, batches", logger=log)):
             gates.reset(batch_size=batch.rows, requires_grad=True)
             slope = None
             if curvature:

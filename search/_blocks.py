@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from hwprune import cost_models, prunable
+from hwprune.cost_models.profilers import TORCH_DTYPES, torch_device, torch_timer
 
 
 def head_width(model: nn.Module) -> int:
@@ -41,20 +43,61 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
     )
 
 
+def _cache_keyword(block: nn.Module) -> str:
+    """What a decoder layer calls its KV cache argument (`cache` in transformers 5.24+)."""
+    params = inspect.signature(block.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class RealBlock(nn.Module):
-    """One of the model's own layers at reduced width, callable on hidden states alone."""
+    """One of the model's own layers at reduced width, callable on hidden states alone.
+
+    For decode, `prepare_decode` gives the layer a real KV cache of `kv_len` random tokens; every
+    call then runs one decode step against it and drops the new tokens again, so each timed step
+    is the same step.
+    """
 
     def __init__(self, model: nn.Module, block: nn.Module) -> None:
         super().__init__()
         self.block = block
         self.rotary = getattr(getattr(model, "base_model", model), "rotary_emb", None)
+        self.cache: Any = None
+        self.kv_len = 0
+
+    def prepare_decode(self, batch_size: int, kv_len: int) -> None:
+        """Attach a KV cache holding `kv_len` tokens for each of `batch_size` sequences."""
+        attn = getattr(self.block, "self_attn", None)
+        if self.rotary is None or attn is None:
+            raise ValueError(
+                f"timing decode steps needs a LLaMA-family decoder layer with a KV cache, not "
+                f"{type(self.block).__name__}; profile with profiler.real_blocks=false for a reference block"
+            )
+        self.kv_len = kv_len
+        if isinstance(attn, prunable.Skipped):
+            return  # no attention left: the layer reads and writes no cache
+        from transformers import DynamicCache
+
+        param = next(self.block.parameters())
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        shape = (batch_size, kv_heads, kv_len, attn.head_dim)  # (B, kv heads, cached tokens, hd)
+        gen = torch.Generator(device=param.device).manual_seed(0)
+        keys, values = (
+            torch.randn(shape, generator=gen, device=param.device).to(param.dtype) for _ in range(2)
+        )
+        self.cache = DynamicCache()
+        self.cache.update(keys, values, attn.layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kwargs: dict[str, Any] = {}
         if self.rotary is not None:  # LLaMA-family layers take their rotary embeddings as input
-            positions = torch.arange(x.shape[1], device=x.device)[None]
+            positions = torch.arange(self.kv_len, self.kv_len + x.shape[1], device=x.device)[None]
             kwargs["position_embeddings"] = self.rotary(x, positions)
+        if self.cache is not None:
+            kwargs[_cache_keyword(self.block)] = self.cache
+            kwargs["use_cache"] = True
         out = self.block(x, **kwargs)
+        if self.cache is not None:
+            self.cache.crop(-x.shape[1])  # back to kv_len: the next call times the same step
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -68,3 +111,67 @@ def real_block_factory(
 
     factory.__name__ = f"{type(model).__name__}.layer{layer}"
     return factory
+
+
+def model_inputs(
+    model: nn.Module, workload: cost_models.Workload, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Inputs of one forward at `workload`: images for ViT, else token ids (with a full mask in prefill)."""
+    config: Any = model.config
+    gen = torch.Generator().manual_seed(seed)
+    b, t = workload.batch_size, workload.seq_len
+    if config.model_type == "vit":
+        size = config.image_size
+        return {"pixel_values": torch.randn(b, config.num_channels, size, size, generator=gen)}
+    ids = torch.randint(0, config.vocab_size, (b, t), generator=gen)
+    if workload.phase == "decode":
+        return {"input_ids": ids}  # one query per sequence sees every cached token: no mask needed
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def prefilled_cache(model: nn.Module, batch_size: int, kv_len: int) -> Any:
+    """A KV cache holding `kv_len` random tokens per sequence in every layer, at each layer's width."""
+    from transformers import DynamicCache
+
+    structure = prunable.discover(model)
+    param = next(model.parameters())
+    gen = torch.Generator(device=param.device).manual_seed(0)
+    cache = DynamicCache()
+    for i, layer in enumerate(structure.layers):
+        shape = (batch_size, layer.num_kv_heads, kv_len, layer.head_dim)  # 0 heads where attention went
+        keys, values = (
+            torch.randn(shape, generator=gen, device=param.device).to(param.dtype) for _ in range(2)
+        )
+        cache.update(keys, values, i)
+    return cache
+
+
+def model_timer(model: nn.Module, workload: cost_models.Workload, device: str) -> Callable[[], float]:
+    """One timed forward (ms) of `model` at `workload` on `device`, in the workload's (resolved) dtype.
+
+    Prefill runs the whole input; decode runs one step of `seq_len` new tokens against a KV cache of
+    `kv_len` tokens per sequence, then drops the new tokens again, so every call times the same step.
+    The model moves to the device and dtype in place: callers time the model they passed.
+    """
+    if workload.dtype not in TORCH_DTYPES:
+        raise ValueError(
+            f"workload.dtype={workload.dtype!r} cannot be timed with torch; valid: {sorted(TORCH_DTYPES)}"
+        )
+    on = torch_device(device)  # a clear error before moving anything to a device torch lacks
+    dtype = TORCH_DTYPES[workload.dtype]
+    model.to(on, dtype)
+    inputs = {
+        k: v.to(on, dtype) if v.is_floating_point() else v.to(on)
+        for k, v in model_inputs(model, workload).items()
+    }
+    if workload.phase != "decode":
+        return torch_timer(lambda: model(**inputs), on)
+    if prunable.discover(model).family != "llama":
+        raise ValueError(f"timing decode steps needs a LLaMA-family decoder, not {type(model).__name__}")
+    cache = prefilled_cache(model, workload.batch_size, workload.kv_len)
+
+    def step() -> None:
+        model(**inputs, past_key_values=cache, use_cache=True)
+        cache.crop(-workload.seq_len)
+
+    return torch_timer(step, on)

@@ -134,6 +134,21 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
             seeds.append((opt_units[exact.choices[p]], opt_mlp[exact.choices[p]]))
 
     storage, single = open_storage(cfg.search.storage, run_dir)
+    ref = prunable.model_ref(model, source=cfg.model.source)
+    identity = {
+        "model": {
+            "source": cfg.model.source,
+            "structure": ref.structure_fingerprint,
+            "weights": ref.weights_fingerprint,
+        },
+        "task": task.description,
+        "hardware": profile.name,
+        "workload": asdict(cost_model.workload),
+        "latency_source": cost_model.source,
+        "saliency": {k: scores.meta.get(k) for k in ("params", "calibration")} | {"method": scores.method},
+        "space": {"units": list(space.unit_choices), "mlp": list(space.mlp_choices)},
+        "constraints": asdict(constraints),
+    }
     started = time.perf_counter()
     study = run_study(
         objective,
@@ -142,6 +157,8 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         single_process=single,
         n_trials=cfg.search.n_trials,
         seeds=seeds,
+        identity=identity,
+        study_name=cfg.search.study_name,
     )
     study_seconds = time.perf_counter() - started
 
@@ -168,7 +185,14 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
                 label=f"uniform {f:.0%}",
             )
         )
-    for i in spread(np.arange(len(front)), f_lat, cfg.search.rescore):
+    # The dense seed is on every front (the slowest point, no loss): it is re-scored once, as dense.
+    seen = {(tuple(c.units), tuple(c.mlp)) for c in candidates if c.kind == "dense"}
+    fresh = [
+        i
+        for i, t in enumerate(front)
+        if (tuple(t.user_attrs["units"]), tuple(t.user_attrs["mlp"])) not in seen
+    ]
+    for i in spread(np.array(fresh, dtype=int), f_lat, cfg.search.rescore):
         t = front[i]
         u, m = np.array(t.user_attrs["units"]), np.array(t.user_attrs["mlp"])
         candidates.append(Candidate("search", u, m, t.values[0], t.values[1], label=f"trial {t.number}"))
@@ -177,7 +201,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         recovery=recovery,
         recovery_samples=cfg.recovery.samples,
         recovery_seed=cfg.recovery.seed,
-        source=cfg.model.source,
+        model_ref=ref,
         hardware=profile.name,
     )
     rescore.evaluate(candidates, model, proxy, cost_model, run_dir)
@@ -206,7 +230,7 @@ class Rescoring:
         recovery: Applied to every pruned candidate (not the dense model) before its metric.
         recovery_samples: Training samples the task lends to recovery.
         recovery_seed: Seed of that draw.
-        source: The model's source, recorded in the plans.
+        model_ref: The dense model's reference (source and fingerprints), recorded in the plans.
         hardware: The target's profile name, recorded in the plans.
     """
 
@@ -214,7 +238,7 @@ class Rescoring:
     recovery: Recovery
     recovery_samples: int
     recovery_seed: int
-    source: str
+    model_ref: prunable.ModelRef
     hardware: str
 
     def evaluate(
@@ -230,7 +254,7 @@ class Rescoring:
         data = (
             task.recovery_data(samples=self.recovery_samples, seed=self.recovery_seed) if recovers else None
         )
-        ref = prunable.model_ref(model, source=self.source)
+        ref = self.model_ref
         plans = run_dir / "plans"
         for i, c in enumerate(candidates, start=1):
             plan = proxy.plan(c.units, c.mlp, ref, hardware=self.hardware)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,14 +15,28 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from rich.progress import Progress
 
 from hwprune import cost_models
+from hwprune._progress import Progress
 from hwprune.search._space import SaliencyProxy, SearchSpace
 
 log = logging.getLogger(__name__)
 
-STUDY_NAME = "hwprune"
+IDENTITY_ATTR = "hwprune_identity"
+
+
+def study_name_for(identity: Mapping[str, Any]) -> str:
+    """A study name derived from what the study is about: one study per identity in a shared storage."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return f"hwprune-{digest[:12]}"
+
+
+def identity_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """`key: recorded -> wanted` for every part of two identities that differs."""
+    keys = sorted(set(recorded) | set(wanted))
+    return [
+        f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in keys if recorded.get(k) != wanted.get(k)
+    ]
 
 
 @dataclass(frozen=True)
@@ -49,11 +66,7 @@ class Constraints:
 
 def block_params(spec: cost_models.BlockSpec, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
     """Weights of the blocks (biases and norms aside) at the given widths, summed over layers."""
-    heads = units * spec.heads_per_unit
-    per_layer = spec.hidden * spec.head_dim * (2 * heads + 2 * units) + spec.hidden * mlp * (
-        3 if spec.gated_mlp else 2
-    )
-    return np.asarray(per_layer).sum(-1)
+    return spec.params(units, mlp).sum(-1)
 
 
 def open_storage(storage: str | None, run_dir: Path) -> tuple[Any, bool]:
@@ -125,21 +138,52 @@ def run_study(
     single_process: bool,
     n_trials: int,
     seeds: list[tuple[np.ndarray, np.ndarray]],
+    identity: Mapping[str, Any] | None = None,
+    study_name: str | None = None,
 ) -> optuna.Study:
     """Create or resume the study and run it until it holds `n_trials` finished trials.
 
     Seeds (dense, uniform ratios, exact-front points) are enqueued once; a resumed study skips those
     it already has. Trials left running by a killed process are marked failed (single-process
     storage only: with a shared database they may belong to another worker).
+
+    Args:
+        identity: What the study is about (model, task, hardware, workload, saliency, space). It is
+            recorded in a new study; resuming or joining a study recorded for anything else stops
+            with an error naming the differences, before any trial runs. A single-process storage
+            (a run directory's journal) holds one identity only.
+        study_name: The study's name; default derived from `identity`.
+
+    Raises:
+        ValueError: The storage holds this study (or, for a run directory, any study) for
+            another identity.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    identity = dict(identity or {})
+    name = study_name or (study_name_for(identity) if identity else "hwprune")
+    if single_process and identity:
+        for other in optuna.get_all_study_names(storage):
+            recorded = optuna.load_study(study_name=other, storage=storage).user_attrs.get(IDENTITY_ATTR)
+            if recorded is not None and recorded != identity:
+                raise ValueError(
+                    f"this run directory holds a study made for other settings ({'; '.join(identity_differences(recorded, identity))}); "
+                    "resume it with the settings it was made with, or start a new run directory"
+                )
     study = optuna.create_study(
-        study_name=STUDY_NAME,
+        study_name=name,
         storage=storage,
         sampler=sampler,
         directions=["minimize", "minimize"],
         load_if_exists=True,
     )
+    recorded = study.user_attrs.get(IDENTITY_ATTR)
+    if identity and recorded is None:
+        study.set_user_attr(IDENTITY_ATTR, identity)
+    elif identity and recorded != identity:
+        raise ValueError(
+            f"study {name!r} was made for other settings ({'; '.join(identity_differences(recorded or {}, identity))}); "
+            "join it with the same settings or give this search another search.study_name"
+        )
     if single_process:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
@@ -159,11 +203,6 @@ def run_study(
     if done:
         log.info("resuming study: %d trials finished, %d to go", done, remaining)
     if remaining:
-        with Progress(transient=True) as progress:
-            task = progress.add_task("search", total=remaining)
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                callbacks=[lambda s, t: progress.advance(task)],
-            )
+        tracker = Progress("search, trials", remaining, logger=log)
+        study.optimize(objective, n_trials=remaining, callbacks=[lambda s, t: tracker.advance()])
     return study

@@ -19,63 +19,22 @@ import logging
 import shutil
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device, torch_timer
-from hwprune.search.config import RecoveryConfig, TaskConfig, build_task, register_configs, to_object
+from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device
+from hwprune.search._blocks import model_inputs, model_timer
+from hwprune.search.config import ApplyConfig, build_task, register_configs, to_object
 from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
 
 log = logging.getLogger("hwprune.apply")
-
-
-@dataclass
-class ApplyWorkload:
-    """The workload to time; every field left unset is the one the plan was searched for."""
-
-    batch_size: int | None = None
-    seq_len: int | None = None
-    dtype: str | None = None
-    phase: str | None = None
-    kv_len: int | None = None
-
-
-@dataclass
-class ApplyConfig:
-    """Settings of `hwprune-apply`.
-
-    Attributes:
-        plan: The plan file.
-        out: Output directory; must not exist or be empty (see `overwrite`).
-        task: The task to evaluate (and to draw recovery data from).
-        workload: What to time; unset fields come from the plan.
-        recovery: A recovery option to run instead of the plan's recorded recipe (None: the plan's).
-        device: "cpu", "cuda" or "cuda:<i>".
-        repeats: Interleaved timing rounds.
-        onnx: Also export `model.onnx`.
-        overwrite: Replace a non-empty `out`.
-        check_weights: Refuse a plan made for other weights (false: apply it to a fine-tuned
-            checkpoint of the same architecture on purpose).
-    """
-
-    plan: str = MISSING
-    out: str = MISSING
-    task: TaskConfig = MISSING
-    workload: ApplyWorkload = field(default_factory=ApplyWorkload)
-    recovery: RecoveryConfig | None = None
-    device: str = "cpu"
-    repeats: int = 20
-    onnx: bool = True
-    overwrite: bool = False
-    check_weights: bool = True
 
 
 def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: Any) -> ApplyConfig:
@@ -107,15 +66,6 @@ class _TextEncoder(torch.nn.Module):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def example_inputs(model: Any, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    config = model.config
-    if config.model_type == "vit":
-        size = config.image_size
-        return {"pixel_values": torch.randn(batch, config.num_channels, size, size)}
-    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
 def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
     """The dtype to time in: `dtype`, or for "auto" fp32 on CPU and bf16 (tensor cores) on CUDA."""
     if dtype == "auto":
@@ -128,23 +78,14 @@ def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
 
 
 def measure_ms(
-    models: list[torch.nn.Module],
-    inputs: dict[str, torch.Tensor],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    repeats: int,
+    models: list[torch.nn.Module], workload: cost_models.Workload, *, device: torch.device, repeats: int
 ) -> list[list[float]]:
-    """Latencies (ms, one per round) of each model on `device` in `dtype`, in interleaved rounds.
+    """Latencies (ms, one per round) of each model at `workload`, timed in interleaved rounds.
 
-    Models and inputs move to the device and dtype in place, so call this after anything that needs
-    them as they were (the task metric, the ONNX export).
+    Models move to the device and the workload's dtype in place, so call this after anything that
+    needs them as they were (the task metric, the ONNX export).
     """
-    feed = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
-    timers = []
-    for model in models:
-        model.to(device, dtype)
-        timers.append(torch_timer(partial(model, **feed), device))
+    timers = [model_timer(model, workload, str(device)) for model in models]
     return [list(times) for times in interleaved(timers, rounds=repeats, warmup=3)]
 
 
@@ -229,12 +170,9 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     device = torch_device(cfg.device)
     workload, changed = timed_workload(cfg, plan)
     dtype = timing_dtype(device, workload.dtype)
+    workload = replace(workload, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
     if cfg.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {cfg.repeats}")
-    if workload.phase == "decode":
-        raise ValueError(
-            "hwprune-apply times prefill only so far; decode plans can be applied with workload.phase=prefill"
-        )
     out = check_out(cfg, plan)
     recovery, samples, seed = recovery_of(cfg, plan)
     if changed:
@@ -269,13 +207,11 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         prunable.save_pruned(pruned, plan, staging)
-        inputs = example_inputs(model, workload.batch_size, workload.seq_len)
-        if cfg.onnx:
-            export_onnx(pruned, inputs, staging / "model.onnx")
-        dense_t, pruned_t = measure_ms(
-            [model, pruned], inputs, device=device, dtype=dtype, repeats=cfg.repeats
-        )
-        result = _result(cfg, plan, workload, device, dtype, dense_t, pruned_t, task.metric_name)
+        if cfg.onnx:  # the exported graph is the prefill forward, with dynamic batch and length
+            prefill = replace(workload, phase="prefill", seq_len=max(workload.seq_len, 2), kv_len=0)
+            export_onnx(pruned, model_inputs(pruned, prefill), staging / "model.onnx")
+        dense_t, pruned_t = measure_ms([model, pruned], workload, device=device, repeats=cfg.repeats)
+        result = _result(cfg, plan, workload, device, dense_t, pruned_t, task.metric_name)
         result |= {
             "metric_dense": metric_dense,
             "metric_pruned": metric_pruned,
@@ -316,7 +252,6 @@ def _result(
     plan: prunable.PrunePlan,
     workload: cost_models.Workload,
     device: torch.device,
-    dtype: torch.dtype,
     dense: list[float],
     pruned: list[float],
     metric_name: str,
@@ -346,7 +281,6 @@ def _result(
         "metric_name": metric_name,
         "workload": {
             **asdict(workload),
-            "dtype": next(name for name, d in TORCH_DTYPES.items() if d == dtype),
             "device": device_metadata(device),
             "threads": torch.get_num_threads(),
             "repeats": cfg.repeats,
@@ -378,7 +312,4 @@ def main(cfg: DictConfig) -> None:
 
 def entry() -> None:
     register_configs()
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="apply_schema", node=ApplyConfig)
     main()

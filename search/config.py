@@ -30,10 +30,16 @@ class WorkloadConfig:
     """Mirror of `cost_models.Workload` (which is frozen) for overriding from the command line."""
 
     batch_size: int = 1
-    seq_len: int = 128
+    seq_len: int = 0  # 0: 128 for prefill, 1 (one new token) for decode
     dtype: str = "auto"
     phase: str = "prefill"
     kv_len: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            self.build()  # the one home of the workload's checks
+        except ValueError as err:
+            raise ValueError(f"workload: {err}") from None
 
     def build(self) -> cost_models.Workload:
         return cost_models.Workload(**self.__dict__)
@@ -250,6 +256,10 @@ class RecoveryConfig:
     samples: int = 2048
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"recovery.samples={self.samples} is invalid; valid: >= 1")
+
 
 RECOVERY_METHODS = {"none": NoRecoveryMethod, "reconstruct": ReconstructMethod, "distill": DistillMethod}
 
@@ -270,6 +280,49 @@ class SearchConfig:
     latency_budget_ms: float | None = None
     latency_budget_fraction: float | None = None
     params_budget_fraction: float | None = None
+    study_name: str | None = None
+
+    def __post_init__(self) -> None:
+        """Range checks that need no model: they fail in `to_object`, before anything loads."""
+        checks = [
+            ("n_trials", self.n_trials, self.n_trials >= 1, ">= 1"),
+            ("rescore", self.rescore, self.rescore >= 0, ">= 0"),
+            ("unit_step", self.unit_step, self.unit_step >= 1, ">= 1"),
+            (
+                "mlp_step",
+                self.mlp_step,
+                self.mlp_step is None or self.mlp_step >= 1,
+                ">= 1 (or null: the device's tile)",
+            ),
+            ("exact_seeds", self.exact_seeds, self.exact_seeds >= 0, ">= 0"),
+            (
+                "uniform_baselines",
+                self.uniform_baselines,
+                all(0 < f < 1 for f in self.uniform_baselines),
+                "fractions in (0, 1)",
+            ),
+            (
+                "latency_budget_ms",
+                self.latency_budget_ms,
+                self.latency_budget_ms is None or self.latency_budget_ms > 0,
+                "> 0 (or null)",
+            ),
+            (
+                "latency_budget_fraction",
+                self.latency_budget_fraction,
+                self.latency_budget_fraction is None or 0 < self.latency_budget_fraction < 1,
+                "in (0, 1) of the dense latency (or null)",
+            ),
+            (
+                "params_budget_fraction",
+                self.params_budget_fraction,
+                self.params_budget_fraction is None or 0 < self.params_budget_fraction < 1,
+                "in (0, 1) of the dense parameters (or null)",
+            ),
+        ]
+        for key, value, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"search.{key}={value!r} is invalid; valid: {valid}")
 
 
 @dataclass
@@ -281,6 +334,47 @@ class AppConfig:
     search: SearchConfig = MISSING
     recovery: RecoveryConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+
+
+@dataclass
+class ApplyWorkload:
+    """The workload to time; every field left unset is the one the plan was searched for."""
+
+    batch_size: int | None = None
+    seq_len: int | None = None
+    dtype: str | None = None
+    phase: str | None = None
+    kv_len: int | None = None
+
+
+@dataclass
+class ApplyConfig:
+    """Settings of `hwprune-apply`.
+
+    Attributes:
+        plan: The plan file.
+        out: Output directory; must not exist or be empty (see `overwrite`).
+        task: The task to evaluate (and to draw recovery data from).
+        workload: What to time; unset fields come from the plan.
+        recovery: A recovery option to run instead of the plan's recorded recipe (None: the plan's).
+        device: "cpu", "cuda" or "cuda:<i>".
+        repeats: Interleaved timing rounds.
+        onnx: Also export `model.onnx`.
+        overwrite: Replace a non-empty `out`.
+        check_weights: Refuse a plan made for other weights (false: apply it to a fine-tuned
+            checkpoint of the same architecture on purpose).
+    """
+
+    plan: str = MISSING
+    out: str = MISSING
+    task: TaskConfig = MISSING
+    workload: ApplyWorkload = field(default_factory=ApplyWorkload)
+    recovery: RecoveryConfig | None = None
+    device: str = "cpu"
+    repeats: int = 20
+    onnx: bool = True
+    overwrite: bool = False
+    check_weights: bool = True
 
 
 @dataclass
@@ -325,6 +419,7 @@ def register_configs() -> None:
         cs.store(group="recovery", name=f"schema_{name}", node=RecoveryConfig(name=name, method=method()))
     cs.store(name="profile_schema", node=ProfileAppConfig)
     cs.store(name="app_schema", node=AppConfig)
+    cs.store(name="apply_schema", node=ApplyConfig)
 
 
 def check_keys(cfg: DictConfig, path: str = "") -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from collections.abc import Callable
 
 import hydra
 import torch
@@ -21,15 +20,12 @@ from omegaconf import DictConfig
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import (
-    TORCH_DTYPES,
     JaxProfiler,
     OnnxRuntimeProfiler,
     Profiler,
     TorchProfiler,
-    torch_device,
-    torch_timer,
 )
-from hwprune.search._blocks import block_spec, real_block_factory
+from hwprune.search._blocks import block_spec, head_width, model_timer, real_block_factory
 from hwprune.search.config import ProfileAppConfig, register_configs, to_object
 
 log = logging.getLogger("hwprune.profile")
@@ -57,22 +53,11 @@ def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
     )
 
 
-def whole_model_timer(
-    model: torch.nn.Module, workload: cost_models.Workload, device: str
-) -> Callable[[], float]:
-    """One timed forward (ms) of a whole text model (torch) on `device`, in the workload's dtype."""
-    on = torch_device(device)  # a clear error before moving anything to a device torch lacks
-    model.to(on, TORCH_DTYPES[workload.dtype])  # in place: callers time the model they passed
-    ids = torch.randint(1000, 2000, (workload.batch_size, workload.seq_len), device=on)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return torch_timer(lambda: model(**inputs), on)
-
-
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     profile = cfg.hardware.validate()
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
-    spec = block_spec(structure)
+    spec = block_spec(structure, head_width=head_width(model))
     workload = cfg.workload.build()
     workload = profile.resolve_workload(workload)
     step = cfg.profiler.mlp_step or cost_models.width_step(profile, spec.mlp)
@@ -98,8 +83,8 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
         )
         empty = prunable.apply_plan(copy.deepcopy(model), empty_plan, check_weights=False)
         references = {
-            "dense_model": whole_model_timer(model, workload, profile.device),
-            "empty_model": whole_model_timer(empty, workload, profile.device),
+            "dense_model": model_timer(model, workload, profile.device),
+            "empty_model": model_timer(empty, workload, profile.device),
         }
     table = profiler.profile(
         spec,

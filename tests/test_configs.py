@@ -204,3 +204,21 @@ def test_recovery_options_build_their_methods(option: str) -> None:
     app = to_object(compose_config("config", [f"recovery={option}"]))
     method = instantiate(app.recovery.method)  # type: ignore[attr-defined]
     assert isinstance(method, Recovery) and method.name == option
+
+
+def test_apply_takes_the_plans_settings_unless_told_otherwise() -> None:
+    from hwprune.search.config import ApplyConfig, to_object
+
+    plain = to_object(compose_config("apply", ["plan=p.yaml", "out=o"]))
+    assert isinstance(plain, ApplyConfig) and plain.recovery is None  # None: the plan's recipe
+    assert all(v is None for v in vars(plain.workload).values())  # None: the plan's workload
+    told = to_object(
+        compose_config(
+            "apply",
+            ["plan=p.yaml", "out=o", "recovery=distill", "recovery.method.steps=7", "workload.batch_size=4"],
+        )
+    )
+    assert isinstance(told, ApplyConfig) and told.recovery is not None
+    assert told.recovery.method.steps == 7 and told.workload.batch_size == 4 and told.workload.seq_len is None
+    with pytest.raises(ValueError, match=r"unknown key 'overwrit' \(ApplyConfig\)"):
+        to_object(compose_config("apply", ["plan=p.yaml", "out=o", "+overwrit=true"]))

@@ -58,3 +58,64 @@ def test_devices_absent_here_fail_with_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"JAX has no 'tpu' device here"):
         run(config(tmp_path, "hardware=tpu_v5e", "workload.dtype=fp32"), command="test")
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        vocab_size=120,
+        max_position_embeddings=128,
+    )
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_decode_tables_time_real_decode_steps_against_a_real_cache(tmp_path: Path, tiny_llama: Path) -> None:
+    overrides = [
+        f"model.source={tiny_llama}",
+        "model.class_name=LlamaForCausalLM",
+        "model.name=tiny",
+        "profiler.unit_step=1",
+        "profiler.mlp_step=48",
+        "workload=decode_b1_kv2048",
+        "workload.batch_size=2",
+        "workload.kv_len=32",
+    ]
+    table = run(config(tmp_path, "hardware=cpu_local", *overrides), command="test")
+    assert table.workload.phase == "decode" and table.workload.seq_len == 1 and table.workload.kv_len == 32
+    assert table.spec.head_width == 120  # the LM head is priced outside the blocks
+    assert len(table.frame) == 9 and (table.frame.latency_ms > 0).all()  # units {0, 1, 2} x mlp {0, 48, 96}
+    assert table.meta["dense_model_ms"] > 0 and table.meta["block"] == "LlamaForCausalLM.layer0"
+
+
+def test_model_timer_decode_steps_leave_the_cache_as_they_found_it(tiny_llama: Path) -> None:
+    from hwprune import prunable
+    from hwprune.search._blocks import RealBlock, model_timer, prefilled_cache
+
+    model = prunable.load_model(str(tiny_llama), "LlamaForCausalLM")
+    workload = cost_models.Workload(batch_size=3, phase="decode", kv_len=20)
+    step = model_timer(model, workload, "cpu")
+    assert step() > 0 and step() > 0
+    cache = prefilled_cache(model, 3, 20)
+    assert cache.get_seq_length() == 20
+    block = RealBlock(model, prunable.pruned_block(model, 0, units=1, neurons=48))
+    block.prepare_decode(3, 20)
+    import torch
+
+    with torch.no_grad():
+        out = block(torch.randn(3, 1, 64))
+        again = block(torch.randn(3, 1, 64))
+    assert out.shape == again.shape == (3, 1, 64) and block.cache.get_seq_length() == 20
+    bert = prunable.load_model(prunable.MINILM, "BertModel")
+    with pytest.raises(ValueError, match="timing decode steps needs a LLaMA-family decoder"):
+        model_timer(bert, workload, "cpu")

@@ -124,7 +124,10 @@ def test_torch_timer_times_a_run_on_cpu_and_validates_the_device() -> None:
 
     ms = torch_timer(run, "cpu")()
     assert ran == [True] and 3.9 <= ms < 50.0
-    assert torch_device("cuda:0" if torch.cuda.is_available() else "cpu").type in ("cpu", "cuda")
+    assert torch_device("cpu") == torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(RuntimeError, match=rf"device 'cuda:{gpus}' requested but torch sees"):
+        torch_device(f"cuda:{gpus}")  # one past the last GPU this process has (there may be none)
     for bad in ("tpu", "gpu", "cuda:x"):
         with pytest.raises(ValueError, match=rf"unknown torch device '{bad}'; valid choices: 'cpu', 'cuda'"):
             torch_timer(run, bad)
@@ -191,12 +194,50 @@ def test_timing_statistics() -> None:
     assert len(calls) == 5 and result.median_ms == 4.0
 
 
-def test_nvml_metadata_reports_why_when_absent() -> None:
+def test_nvml_metadata_reads_the_device_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    class NVMLError(Exception):
+        pass
+
+    def fake_nvml(*, init_fails: bool) -> types.ModuleType:
+        nvml = types.ModuleType("pynvml")
+        nvml.NVMLError = NVMLError  # type: ignore[attr-defined]
+        nvml.NVML_CLOCK_SM, nvml.NVML_CLOCK_MEM, nvml.NVML_TEMPERATURE_GPU = 0, 1, 0  # type: ignore[attr-defined]
+
+        def init() -> None:
+            if init_fails:
+                raise NVMLError("Driver Not Loaded")
+
+        calls = {
+            "nvmlInit": init,
+            "nvmlShutdown": lambda: None,
+            "nvmlDeviceGetHandleByIndex": lambda i: f"gpu{i}",
+            "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(total=80 * 2**30),
+            "nvmlDeviceGetName": lambda h: b"NVIDIA H100 80GB HBM3",
+            "nvmlSystemGetDriverVersion": lambda: "560.35",
+            "nvmlDeviceGetClockInfo": lambda h, c: 1980 if c == 0 else 2619,
+            "nvmlDeviceGetMaxClockInfo": lambda h, c: 1980 if c == 0 else 2619,
+            "nvmlDeviceGetPowerManagementLimit": lambda h: 700_000,
+            "nvmlDeviceGetTemperature": lambda h, t: 41,
+        }
+        for name, fn in calls.items():
+            setattr(nvml, name, fn)
+        return nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(init_fails=False))
     meta = nvml_metadata(0)
-    if "error" in meta:
-        assert "NVML" in meta["error"] or "nvidia-ml-py" in meta["error"]
-    else:  # on a machine with an NVIDIA GPU
-        assert {"name", "driver", "sm_clock_mhz", "power_limit_w", "memory_total_mib"} <= set(meta)
+    assert meta["name"] == "NVIDIA H100 80GB HBM3" and meta["driver"] == "560.35"
+    assert (
+        meta["power_limit_w"] == 700.0
+        and meta["memory_total_mib"] == 80 * 1024
+        and meta["temperature_c"] == 41
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(init_fails=True))
+    assert nvml_metadata(0) == {"error": "NVML unavailable: Driver Not Loaded"}
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # what `import` sees when the package is absent
+    assert nvml_metadata(0)["error"].startswith("nvidia-ml-py not importable")
 
 
 def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() -> None:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import optuna
 import pytest
+from optuna.samplers import BaseSampler
+from optuna.testing.pytest_samplers import BasicSamplerTestCase, MultiObjectiveSamplerTestCase
 from optuna.trial import TrialState
 
 from hwprune.search import ParetoLocalSearchSampler
@@ -145,3 +147,17 @@ def test_hypervolume_subset_is_the_greedy_optimum() -> None:
     every = hypervolume_subset(exact.latency, exact.loss, reference, len(exact.latency) + 5)
     assert sorted(every) == list(range(len(exact.latency)))
     assert list(itertools.islice(every, 1)) == [first]
+
+
+class TestOptunaBasicSamplerSuite(BasicSamplerTestCase):
+    """Optuna's own conformance suite for samplers, run against ours."""
+
+    @pytest.fixture
+    def sampler(self) -> Callable[[], BaseSampler]:
+        return lambda: ParetoLocalSearchSampler(seed=0, n_startup_trials=3)
+
+
+class TestOptunaMultiObjectiveSamplerSuite(MultiObjectiveSamplerTestCase):
+    @pytest.fixture
+    def sampler(self) -> Callable[[], BaseSampler]:
+        return lambda: ParetoLocalSearchSampler(seed=0, n_startup_trials=3)

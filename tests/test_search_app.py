@@ -69,11 +69,15 @@ def test_run_writes_the_output_contract(run_dir: Path) -> None:
 
 
 def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    resumed = tmp_path / "resumed"  # a copy: the shared run directory stays as other tests expect it
+    shutil.copytree(run_dir, resumed)
     app = app_config(tmp_path, "hardware=gpu_h100", "search.n_trials=36")
     app.saliency.cache_dir = str(run_dir.parent / "cache")
-    before = pd.read_csv(run_dir / "trials.csv")
-    write_report(run_search(app, run_dir))
-    after = pd.read_csv(run_dir / "trials.csv")
+    before = pd.read_csv(resumed / "trials.csv")
+    write_report(run_search(app, resumed))
+    after = pd.read_csv(resumed / "trials.csv")
     assert len(after) == 36
     pd.testing.assert_frame_equal(after.iloc[:30].reset_index(drop=True), before, check_dtype=False)
 

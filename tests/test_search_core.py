@@ -22,14 +22,19 @@ from hwprune.search.config import load_hardware
 from tests.conftest import CASES
 
 
-@pytest.fixture(scope="module")
-def setup() -> tuple[prunable.Structure, hessian.UnitScores]:
+def structure_and_scores() -> tuple[prunable.Structure, hessian.UnitScores]:
+    """A tiny BERT's structure and random scores: enough to search over."""
     model = CASES["bert"].build()
     structure = prunable.discover(model)
     scores = hessian.RandomSaliency(seed=3).score(
         model, hessian.Calibration([hessian.Batch({"x": torch.zeros(1)})], None)
     )  # type: ignore[arg-type]
     return structure, scores
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[prunable.Structure, hessian.UnitScores]:
+    return structure_and_scores()
 
 
 def test_space_choices_and_validation(setup) -> None:  # type: ignore[no-untyped-def]

@@ -180,3 +180,97 @@ def test_required_tokenizer_missing_is_a_clear_error(tmp_path: Path) -> None:
         build_task(cfg, str(path))
     with pytest.raises(ValueError, match=r"task.tokenizer 'maybe' invalid; valid choices: \['required'"):
         TaskConfig(name="x", tokenizer="maybe", build={})
+
+
+def _rows(batch: hessian.Batch) -> set[tuple]:
+    """Each row of a batch as a hashable value: unpadded token ids, or the image's bytes."""
+    if "pixel_values" in batch.inputs:
+        return {tuple(x.flatten().tolist()) for x in batch.inputs["pixel_values"]}
+    ids, mask = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
+    return {
+        tuple(r[m.bool()].tolist()) if mask is not None else tuple(r.tolist())
+        for r, m in zip(ids, mask if mask is not None else ids, strict=True)
+    }
+
+
+def _task_cases(tmp_path: Path, tokenizer) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """(task, model, rows the metric is measured on) for every task, small."""
+    train = write_sts(tmp_path / "train.tsv", ROWS)
+    dev_rows = [
+        ("g", "f", "y", "8", "1.0", "Birds fly south.", "Geese migrate in winter."),
+        ("g", "f", "y", "9", "4.5", "The sun is hot.", "The sun is very hot."),
+        ("g", "f", "y", "10", "0.2", "Trains run late.", "Cheese is made of milk."),
+    ]
+    sts = STSTask(
+        train_path=train,
+        eval_path=write_sts(tmp_path / "dev.tsv", dev_rows),
+        tokenizer=tokenizer,
+        calibration_samples=3,
+        batch_size=2,
+    )
+    sts_eval = {tuple(tokenizer(row[c])["input_ids"]) for row in dev_rows for c in (5, 6)}
+    fidelity = FidelityTask(tokenizer=tokenizer, calibration_samples=8, eval_samples=8)
+    fidelity_eval = {
+        tuple(tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in fidelity.eval_texts
+    }
+    text = tmp_path / "lm.txt"
+    text.write_text("".join(f"line {i} of a small text for a language model.\n" for i in range(120)))
+    lm = LMTask(
+        tokenizer=None, text_path=text, block_size=32, calibration_blocks=4, eval_blocks=4, batch_size=2
+    )
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_head=2, n_layer=2, vocab_size=256)
+    ).eval()
+    lm_eval = {tuple(r.tolist()) for r in lm.eval_set}
+    digits = ClassificationTask(calibration_samples=16)
+    vit = transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=10,
+        )
+    ).eval()
+    digits_eval = {tuple(x.flatten().tolist()) for x in digits.test[0]}
+    minilm = prunable.load_model(prunable.MINILM, "BertModel")
+    return [
+        ("sts", sts, minilm, sts_eval),
+        ("fidelity", fidelity, minilm, fidelity_eval),
+        ("lm", lm, gpt2, lm_eval),
+        ("classification", digits, vit, digits_eval),
+    ]
+
+
+def test_task_conformance(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Every task: calibration with per-sample losses, a deterministic finite metric, and recovery
+    data that runs through the model, is seeded, and never contains what the metric is measured on."""
+    for name, task, model, eval_rows in _task_cases(tmp_path, tokenizer):
+        task.prepare(model)
+        calib = task.calibration(model)
+        assert calib.batches, name
+        losses = (
+            calib.objective.losses(model, calib.batches[0])
+            if not isinstance(calib.objective, hessian.OutputDistance)
+            else None
+        )
+        assert losses is None or (
+            losses.shape == (calib.batches[0].n_samples,) and torch.isfinite(losses).all()
+        ), name
+        metric = task.evaluate(model)
+        assert math.isfinite(metric) and task.evaluate(model) == metric, name
+        data = task.recovery_data(samples=6, seed=1)
+        assert data.batches and sum(b.n_samples for b in data.batches) <= 6, name
+        with torch.no_grad():
+            model(**data.batches[0].inputs)
+        recovery_rows = set().union(*(_rows(b) for b in data.batches))
+        assert recovery_rows and not recovery_rows & eval_rows, (
+            f"{name}: recovery data overlaps the evaluation data"
+        )
+        again = task.recovery_data(samples=6, seed=1)
+        assert _rows(again.batches[0]) == _rows(data.batches[0]), f"{name}: recovery data is not seeded"
+        if data.objective is not None and data.batches[0].targets is not None:
+            assert torch.isfinite(data.objective.losses(model, data.batches[0])).all(), name

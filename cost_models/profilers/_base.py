@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import pandas as pd
-from rich.progress import Progress
 
+from hwprune._progress import Progress
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models._table import LatencyTable
 
@@ -152,16 +152,17 @@ class Profiler(ABC):
             for _ in range(self.warmup):
                 reference()
         try:
-            with Progress(transient=True) as progress:
-                task = progress.add_task(f"profiling {profile} ({self.backend})", total=len(points) * rounds)
-                for _ in range(rounds):
-                    order = points if rounds == 1 else rng.sample(points, len(points))
-                    for units, mlp in order:
-                        t = self.measure_block(spec, workload, units=units, mlp=mlp)
-                        samples[units, mlp].extend(t.samples_ms or [t.median_ms])
-                        progress.advance(task)
-                    for name, reference in references.items():
-                        reference_ms[name].extend(reference() for _ in range(self.repeats))
+            tracker = Progress(
+                f"profiling {profile} ({self.backend}), grid points", len(points) * rounds, logger=log
+            )
+            for _ in range(rounds):
+                order = points if rounds == 1 else rng.sample(points, len(points))
+                for units, mlp in order:
+                    t = self.measure_block(spec, workload, units=units, mlp=mlp)
+                    samples[units, mlp].extend(t.samples_ms or [t.median_ms])
+                    tracker.advance()
+                for name, reference in references.items():
+                    reference_ms[name].extend(reference() for _ in range(self.repeats))
         finally:
             self.repeats = repeats
         rows = []

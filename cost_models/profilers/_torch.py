@@ -41,6 +41,17 @@ class ReferenceBlock(nn.Module):
             self.down = nn.Linear(mlp, hidden)
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def prepare_decode(self, batch_size: int, kv_len: int) -> None:
+        """Attach a KV cache of `kv_len` random tokens per sequence: calls are then decode steps."""
+        if not self.units:
+            return  # no attention: nothing reads a cache
+        param = next(self.parameters())
+        shape = (batch_size, self.units, kv_len, self.spec.head_dim)  # (B, kv heads, cached, hd)
+        self.cache = (
+            torch.randn(shape, device=param.device, dtype=param.dtype),
+            torch.randn(shape, device=param.device, dtype=param.dtype),
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.spec.head_dim
@@ -174,12 +185,11 @@ class TorchProfiler(Profiler):
         ]
         x = torch.randn(workload.batch_size, workload.seq_len, spec.hidden, device=self.device, dtype=dtype)
         for block in blocks:
-            if workload.phase == "decode" and isinstance(block, ReferenceBlock) and units:
-                shape = (workload.batch_size, units, workload.kv_len, spec.head_dim)
-                block.cache = (
-                    torch.randn(shape, device=self.device, dtype=dtype),
-                    torch.randn(shape, device=self.device, dtype=dtype),
-                )
+            if workload.phase == "decode":
+                prepare = getattr(block, "prepare_decode", None)
+                if prepare is None:
+                    raise ValueError(f"{type(block).__name__} cannot run decode steps: it has no KV cache")
+                prepare(workload.batch_size, workload.kv_len)
         stack = nn.Sequential(*blocks)
         t = repeat_timed(torch_timer(lambda: stack(x), self.device), warmup=self.warmup, repeats=self.repeats)
         return t.scaled(1.0 / self.stack)

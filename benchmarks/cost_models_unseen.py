@@ -1,0 +1,227 @@
+"""Cost models where no table was profiled: other workloads and another model, measured on this CPU.
+
+Users rarely run exactly the shape and workload a device was profiled for. This check times, end to
+end, random per-layer pruned configurations at workloads that have no table of their own, and
+compares them with what `cost_model_for` answers there (the roofline calibrated to every cpu_local
+table), the uncalibrated roofline (measured peaks) and a FLOPs proxy:
+
+- the bundled MiniLM at batch 8 x 64 tokens and batch 4 x 256 tokens (prefill);
+- a random-init LLaMA-GQA decoder (hidden 512, 8 query / 2 KV heads, 8 layers, MLP 1536, vocabulary
+  32000) decoding one token per sequence against a 1024-token KV cache, at batch 1 and 16.
+
+Each configuration is physically pruned; dense and pruned models are timed in interleaved rounds
+(median). Errors are reported as a speedup over the dense model (what the search ranks and
+hwprune-apply reports) and absolute. Output: results/benchmarks/cost_models_unseen.md and .csv.
+
+Usage:
+    python benchmarks/cost_models_unseen.py --configs 50 --decode-configs 30 --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cost_models_check import STEP, describe, metrics, spread_configs, time_interleaved
+
+from hwprune import cost_models, prunable
+from hwprune.search._blocks import block_spec, head_width
+from hwprune.search.config import load_hardware
+
+log = logging.getLogger("cost_models_unseen")
+
+
+def llama_gqa() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def check(
+    name: str,
+    dense: torch.nn.Module,
+    workload: cost_models.Workload,
+    profile: cost_models.HardwareProfile,
+    tables: list[cost_models.LatencyTable],
+    n: int,
+    rounds: int,
+) -> tuple[list[dict[str, object]], pd.DataFrame]:
+    structure = prunable.discover(dense)
+    spec = block_spec(structure, head_width=head_width(dense))
+    calibrated = cost_models.cost_model_for(profile, spec, workload, tables=tables)
+    if calibrated.source != "calibrated":
+        raise SystemExit(
+            f"{name}: expected no table for {workload.describe()}, got source {calibrated.source}"
+        )
+    analytical = cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload)
+    units, mlp = spread_configs(spec, n, seed=zlib.crc32(name.encode()))
+    ref = prunable.model_ref(dense, with_weights=False)
+    pruned = []
+    for k in range(n):
+        plan = prunable.PrunePlan.from_units(
+            structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
+        )
+        pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
+    log.info("%s: timing dense + %d configurations, %d rounds", name, n, rounds)
+    samples = time_interleaved([dense, *pruned], workload, "cpu", rounds)  # (1 + n, rounds)
+    timed = np.median(samples, axis=1)
+    dense_ms, measured = float(timed[0]), timed[1:]
+    even = np.median(samples[:, 0::2], axis=1)
+    odd = np.median(samples[:, 1::2], axis=1)
+    full_u, full_m = np.full(spec.num_layers, spec.units), np.full(spec.num_layers, spec.mlp)
+    flops = spec.flops(workload, units, mlp) + 2 * workload.tokens * spec.hidden * spec.head_width
+    dense_flops = (
+        float(spec.flops(workload, full_u, full_m)) + 2 * workload.tokens * spec.hidden * spec.head_width
+    )
+    predictions = {
+        "calibrated": calibrated.predict(units, mlp).latency_ms,
+        "analytical": analytical.predict(units, mlp).latency_ms,
+        "FLOPs proxy (x measured dense)": dense_ms * flops / dense_flops,
+    }
+    dense_pred = {
+        "calibrated": calibrated.dense_ms(),
+        "analytical": analytical.dense_ms(),
+        "FLOPs proxy (x measured dense)": dense_ms,
+    }
+    rows = []
+    for model_name, pred in predictions.items():
+        as_speedup = metrics(dense_pred[model_name] / pred, dense_ms / measured)
+        absolute = metrics(pred, measured)
+        rows.append(
+            {
+                "case": name,
+                "workload": workload.describe(),
+                "model": model_name,
+                "dense predicted ms": dense_pred[model_name],
+                "speedup within 10 %": as_speedup["within10"],
+                "speedup MAPE %": as_speedup["mape"],
+                "speedup tau": as_speedup["tau"],
+                "absolute within 10 %": absolute["within10"],
+                "absolute MAPE %": absolute["mape"],
+            }
+        )
+    even_speedup, odd_speedup = even[0] / even[1:], odd[0] / odd[1:]
+    noise, noise_abs = metrics(even_speedup, odd_speedup), metrics(even[1:], odd[1:])
+    rows.append(
+        {
+            "case": name,
+            "workload": workload.describe(),
+            "model": "this machine, even vs odd rounds",
+            "dense predicted ms": float(even[0]),
+            "speedup within 10 %": noise["within10"],
+            "speedup MAPE %": noise["mape"],
+            "speedup tau": noise["tau"],
+            "absolute within 10 %": noise_abs["within10"],
+            "absolute MAPE %": noise_abs["mape"],
+        }
+    )
+    raw = pd.DataFrame({"case": name, "measured_ms": measured, "dense_ms": dense_ms})
+    for model_name, pred in predictions.items():
+        raw[model_name] = pred
+    for i in range(spec.num_layers):
+        raw[f"units{i}"], raw[f"mlp{i}"] = units[:, i], mlp[:, i]
+    log.info(
+        "%s: dense measured %.2f ms, calibrated %.2f, analytical %.2f",
+        name,
+        dense_ms,
+        *list(dense_pred.values())[:2],
+    )
+    return rows, raw
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", type=int, default=50, help="pruned MiniLM configurations per workload")
+    parser.add_argument(
+        "--decode-configs", type=int, default=30, help="pruned LLaMA configurations per batch"
+    )
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--out", default="results/benchmarks/cost_models_unseen.md")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("hwprune.prunable._surgery").setLevel(logging.WARNING)
+    started = datetime.now(timezone.utc)
+    profile = cost_models.local_profile(load_hardware("cpu_local"))
+    tables = cost_models.load_tables(profile)
+    if not tables:
+        raise SystemExit("no cpu_local table was measured on this CPU: run hwprune-profile first (README)")
+    minilm = prunable.load_model(prunable.MINILM, "BertModel")
+    llama = llama_gqa()
+    cases = [
+        ("minilm b8 x 64", minilm, cost_models.Workload(batch_size=8, seq_len=64), args.configs),
+        ("minilm b4 x 256", minilm, cost_models.Workload(batch_size=4, seq_len=256), args.configs),
+        (
+            "llama-gqa decode b1 kv1024",
+            llama,
+            cost_models.Workload(batch_size=1, phase="decode", kv_len=1024),
+            args.decode_configs,
+        ),
+        (
+            "llama-gqa decode b16 kv1024",
+            llama,
+            cost_models.Workload(batch_size=16, phase="decode", kv_len=1024),
+            args.decode_configs,
+        ),
+    ]
+    rows, raws = [], []
+    for name, model, workload, n in cases:
+        case_rows, raw = check(name, model, workload, profile, tables, n, args.repeats)
+        rows += case_rows
+        raws.append(raw)
+    report = pd.DataFrame(rows)
+    out = Path(args.out)
+    pd.concat(raws).to_csv(out.with_suffix(".csv"), index=False)
+    fitted = ", ".join(f"{t.spec.num_layers}x{t.spec.hidden} {t.workload.describe()}" for t in tables)
+    lines = [
+        "# Cost models where no table was profiled (measured)",
+        "",
+        f"Command: `python benchmarks/cost_models_unseen.py --configs {args.configs} --decode-configs "
+        f"{args.decode_configs} --repeats {args.repeats}`  ",
+        f"Machine: {describe(torch.device('cpu'))}.  ",
+        f"Date: {started:%Y-%m-%d %H:%M} UTC; {args.repeats} interleaved rounds per configuration, median.  ",
+        f"Calibrated on the cpu_local tables of this CPU: {fitted}.  ",
+        "Configurations: per-layer widths drawn around a keep ratio uniform in [0, 1] (empty to dense), "
+        f"MLP in steps of {STEP}. `speedup` compares predicted and measured dense/pruned ratios; "
+        "`absolute` the latencies themselves. The FLOPs proxy is anchored to the measured dense latency, "
+        "so its absolute error uses a measurement the other models do not have. The last row per case is "
+        "this machine against itself (median of even rounds vs odd rounds): the noise floor.",
+        "",
+        markdown(report),
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", out)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

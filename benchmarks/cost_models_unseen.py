@@ -41,20 +41,12 @@ from hwprune.search.config import load_hardware
 log = logging.getLogger("cost_models_unseen")
 
 
-def llama_gqa() -> torch.nn.Module:
-    import transformers
+LLAMA_CONFIG = Path(__file__).parent / "models" / "llama_gqa_512.json"
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=512,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+
+def llama_gqa() -> torch.nn.Module:
+    """The random-init LLaMA-GQA whose decode tables cpu_local ships (same config, same seed)."""
+    return prunable.load_model(f"random:{LLAMA_CONFIG}", "LlamaForCausalLM")
 
 
 def check(

@@ -39,6 +39,9 @@ class Efficiency:
         memory: Fraction of peak bandwidth memory-bound operators reach.
         overhead: Scale on the profile's launch overhead per operator.
         half_rows: GEMM rows (tokens) at which a GEMM runs at half its efficiency (0: no ramp).
+        ramp_floor_rows: The ramp stays flat below this many rows: calibration sets it to the
+            fewest rows its tables' GEMMs had, so a ramp fitted on prefill is not extrapolated to
+            the one-row GEMMs of a decode step (which run as memory-bound GEMV kernels).
         outside: Scale on the modelled latency outside the blocks.
     """
 
@@ -47,11 +50,16 @@ class Efficiency:
     memory: float = 0.8
     overhead: float = 1.0
     half_rows: float = 0.0
+    ramp_floor_rows: float = 1.0
     outside: float = 1.0
 
     def __post_init__(self) -> None:
         fractions = (self.compute, self.attention, self.memory)
-        if not all(0 < f <= 1.5 for f in fractions) or min(self.overhead, self.half_rows) < 0:
+        if (
+            not all(0 < f <= 1.5 for f in fractions)
+            or min(self.overhead, self.half_rows) < 0
+            or self.ramp_floor_rows < 1
+        ):
             raise ValueError(f"efficiencies must be in (0, 1.5] and overhead, half_rows >= 0, got {self}")
         if not self.outside > 0:
             raise ValueError(f"Efficiency.outside must be positive, got {self.outside}")
@@ -119,7 +127,7 @@ class AnalyticalModel(CostModel):
         per_unit_flops = hw.peak_tflops[self.workload.dtype] * 1e12 / hw.compute_units
         fraction = eff.attention if attention else eff.compute
         compute = waves * (2.0 * rows * hw.tile_n * k_pad / split) / (per_unit_flops * fraction)
-        compute = compute * (1.0 + eff.half_rows / np.maximum(m, 1))
+        compute = compute * (1.0 + eff.half_rows / np.maximum(m, eff.ramp_floor_rows))
         if hw.pad_memory:
             m = _ceil_div(m, hw.tile_m) * hw.tile_m
             n = _ceil_div(n, hw.tile_n) * hw.tile_n
@@ -196,6 +204,10 @@ class AnalyticalModel(CostModel):
             weight_bytes=kv_bytes // 2,
             attention=True,
         )
+        if w.phase == "decode":
+            # transformers' DynamicCache appends by concatenation: every step copies the whole
+            # cache (read + write) besides reading it for attention; a static or paged cache would not.
+            ops["kv_append"] = self._elementwise(attn, w.batch_size * units * w.attended, 2 * hd, 2.0)
         ops["o_proj"] = project(attn, hidden, heads * hd)
         ops["mlp_up"] = project(ffn, mlp, hidden)
         if s.gated_mlp:

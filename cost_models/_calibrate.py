@@ -88,11 +88,19 @@ def calibrate(
             raise ValueError(f"calibration needs >= 3 measured points per table, one has {len(table.frame)}")
     targets = [_targets(profile, t) for t in tables]
     fit_ramp = len({t.workload.tokens for t in tables}) > 1
+    # The fewest rows of any fitted GEMM (attention's are seq_len, the projections' batch x seq_len):
+    # the ramp is known only down to there.
+    floor = float(min(min(t.workload.tokens, t.workload.seq_len) for t in tables))
 
     def efficiency(x: np.ndarray) -> Efficiency:
         e = np.exp(x)
         return Efficiency(
-            compute=e[0], attention=e[1], memory=e[2], overhead=e[3], half_rows=e[4] if fit_ramp else 0.0
+            compute=e[0],
+            attention=e[1],
+            memory=e[2],
+            overhead=e[3],
+            half_rows=e[4] if fit_ramp else 0.0,
+            ramp_floor_rows=floor,
         )
 
     def log_errors(eff: Efficiency) -> list[np.ndarray]:

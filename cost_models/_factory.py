@@ -75,7 +75,8 @@ def cost_model_for(
 
     1. A table of exactly this block shape and workload: table lookup ("table").
     2. Tables of this device at other shapes or workloads: the roofline with efficiencies fitted to
-       all of them, predicting this shape and workload ("calibrated").
+       those of the same phase (prefill or decode; all of them where that phase has none),
+       predicting this shape and workload ("calibrated").
     3. No table: the datasheet roofline ("analytical").
 
     Whatever the source, the model answers for `spec` and `workload` (dtype resolved): its
@@ -97,5 +98,8 @@ def cost_model_for(
         if table.spec == spec and table.workload == resolved:
             return TableModel(table=table, workload=resolved, fit=profile.table_fit)
     if tables:
-        return calibrate(profile, tables, spec=spec, workload=resolved)
+        # Prefill and decode run different kernels (large GEMMs against few-row GEMV and a cache):
+        # one phase's efficiencies do not transfer to the other when that phase was measured.
+        same_phase = [t for t in tables if t.workload.phase == resolved.phase]
+        return calibrate(profile, same_phase or list(tables), spec=spec, workload=resolved)
     return AnalyticalModel(profile=profile, spec=spec, workload=resolved)

@@ -38,10 +38,19 @@ def _bundled_minilm() -> Path:
 BUNDLED = {"bundled:all-MiniLM-L6-v2": _bundled_minilm}
 
 
+RANDOM_PREFIX = "random:"
+
+
 def resolve_source(source: str) -> Path:
-    """The local directory a model source names: a bundled name or an existing path."""
+    """The local directory a model source names: a bundled name, an existing path, or for
+    `random:<config.json>` the directory of that config."""
     if source in BUNDLED:
         return BUNDLED[source]()
+    if source.startswith(RANDOM_PREFIX):
+        config = Path(source.removeprefix(RANDOM_PREFIX)).expanduser()
+        if not config.is_file():
+            raise FileNotFoundError(f"model source {source!r}: no config file at {config}")
+        return config.parent
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -60,7 +69,25 @@ def model_class(name: str) -> Any:
 
 
 def load_model(source: str, class_name: str = "AutoModel", **kwargs: Any) -> Any:
-    """Load a model from a local source, in eval mode, never touching the network."""
+    """Load a model from a local source, in eval mode, never touching the network.
+
+    Args:
+        source: "bundled:all-MiniLM-L6-v2", a directory with config.json and weights, or
+            "random:<path to a config.json>" for a random-init model of that config (seed 0, so
+            the same weights every time): the architecture without the checkpoint, for profiling
+            latency and for tests.
+        class_name: The `transformers` class to load it as.
+    """
+    if source.startswith(RANDOM_PREFIX):
+        import torch
+
+        resolve_source(source)  # a clear error for a missing file, before transformers looks elsewhere
+        config = transformers.AutoConfig.from_pretrained(
+            str(Path(source.removeprefix(RANDOM_PREFIX)).expanduser())
+        )
+        torch.manual_seed(0)
+        log.info("%s: a random-init %s (seed 0), not a trained checkpoint", source, class_name)
+        return model_class(class_name)._from_config(config, **kwargs).eval()
     path = resolve_source(source)
     model = model_class(class_name).from_pretrained(str(path), local_files_only=True, **kwargs)
     return model.eval()

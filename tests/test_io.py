@@ -105,3 +105,25 @@ def test_minilm_prune_save_reload(minilm: torch.nn.Module, tmp_path: Path) -> No
     with torch.no_grad():
         again = prunable.load_pruned(tmp_path)(input_ids=ids).last_hidden_state
     assert torch.equal(again, pruned)
+
+
+def test_random_source_builds_the_same_random_model_from_a_config(tmp_path: Path) -> None:
+    import json
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "vocab_size": 64,
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config))
+    a = prunable.load_model(f"random:{path}", "LlamaForCausalLM")
+    b = prunable.load_model(f"random:{path}", "LlamaForCausalLM")
+    assert prunable.discover(a).layers[0].num_kv_heads == 2 and not a.training
+    assert prunable.weights_fingerprint(a) == prunable.weights_fingerprint(b)  # seeded: one model per config
+    with pytest.raises(FileNotFoundError, match=r"random:.*missing\.json': no config file"):
+        prunable.load_model(f"random:{tmp_path / 'missing.json'}", "LlamaForCausalLM")

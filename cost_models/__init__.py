@@ -3,6 +3,7 @@
 Depends on nothing else of hwprune: a model is a `BlockSpec` of plain numbers, a configuration is per
 layer the attention units and MLP neurons kept.
 
+    profile = cost_models.load_profile("cpu_local")     # or "gpu_h100", ... (conf/hardware/*.yaml)
     profile = cost_models.local_profile(profile)      # cpu_local: measured peaks (cached)
     tables = cost_models.load_tables(profile)         # this device's profiled tables
     model = cost_models.cost_model_for(profile, spec, workload, tables=tables)  # table > calibrated > analytical
@@ -15,7 +16,14 @@ from hwprune.cost_models._base import SOURCES, CostModel, Prediction
 from hwprune.cost_models._calibrate import CalibratedModel, calibrate
 from hwprune.cost_models._cpu_peaks import cpu_name, local_profile, measure_peaks
 from hwprune.cost_models._factory import cost_model_for, find_table, load_tables
-from hwprune.cost_models._hardware import BACKENDS, KINDS, HardwareProfile, width_step
+from hwprune.cost_models._hardware import (
+    BACKENDS,
+    KINDS,
+    HardwareProfile,
+    load_profile,
+    profile_names,
+    width_step,
+)
 from hwprune.cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
 from hwprune.cost_models._table import TABLE_FITS, LatencyTable, TableModel
 
@@ -39,8 +47,10 @@ __all__ = [
     "cost_model_for",
     "cpu_name",
     "find_table",
+    "load_profile",
     "load_tables",
     "local_profile",
     "measure_peaks",
+    "profile_names",
     "width_step",
 ]

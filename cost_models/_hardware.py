@@ -7,7 +7,10 @@ type, a missing field or an unknown profile name fails when the config is compos
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
 
 from omegaconf import MISSING
 
@@ -122,6 +125,48 @@ class HardwareProfile:
                 f"hardware {self.name} does not run {dtype!r}; its dtypes: {self.dtypes} (or 'auto')"
             )
         return dtype
+
+
+def profile_names() -> list[str]:
+    """The hardware profiles shipped with hwprune (its conf/hardware/*.yaml)."""
+    folder = resources.files("hwprune.conf") / "hardware"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name: str) -> HardwareProfile:
+    """A validated hardware profile: a shipped one by name, or a YAML file of the same fields.
+
+    The same files the Hydra apps compose, read as plain data (Hydra's `defaults` list aside), so
+    cost models need nothing but this package to know their devices.
+
+    Raises:
+        ValueError: An unknown name (listing the shipped ones), an unknown or missing field, or a
+            value the profile's checks refuse.
+    """
+    import yaml
+
+    path = Path(name).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        shipped = resources.files("hwprune.conf") / "hardware" / f"{name}.yaml"
+        if not shipped.is_file():
+            raise ValueError(f"unknown hardware profile {name!r}; valid choices: {profile_names()}")
+        text = shipped.read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        raise ValueError(f"hardware profile file {path} does not exist")
+    data = yaml.safe_load(text) or {}
+    data.pop("defaults", None)
+    declared = {f.name: f for f in dataclasses.fields(HardwareProfile)}
+    unknown = sorted(set(data) - set(declared))
+    if unknown:
+        raise ValueError(
+            f"hardware profile {name!r}: unknown key {unknown[0]!r}; valid keys: {sorted(declared)}"
+        )
+    missing = sorted(k for k, f in declared.items() if f.default is MISSING and k not in data)
+    if missing:
+        raise ValueError(f"hardware profile {name!r}: missing required {missing}")
+    return HardwareProfile(**data).validate()
 
 
 def width_step(profile: HardwareProfile, width: int, *, target_steps: int = 12) -> int:

@@ -467,11 +467,8 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
 
 
 def load_hardware(name: str) -> cost_models.HardwareProfile:
-    """The validated hardware profile `conf/hardware/<name>.yaml`."""
-    cfg = compose("profile", [f"hardware={name}"])
-    profile = OmegaConf.to_object(cfg.hardware)
-    assert isinstance(profile, cost_models.HardwareProfile)
-    return profile.validate()
+    """The validated hardware profile `conf/hardware/<name>.yaml` (`cost_models.load_profile`)."""
+    return cost_models.load_profile(name)
 
 
 def build_task(task: TaskConfig, model_source: str) -> Any:

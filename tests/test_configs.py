@@ -44,7 +44,12 @@ def test_all_required_profiles_exist() -> None:
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_profile_composes_and_validates(name: str) -> None:
+    from hwprune.cost_models import HardwareProfile
+
+    composed = OmegaConf.to_object(compose_profile_app(f"hardware={name}").hardware)
+    assert isinstance(composed, HardwareProfile)
     profile = load_profile(name)
+    assert profile == composed.validate()  # cost_models' own loader reads what Hydra composes
     assert profile.name == name
     assert profile.sources, f"{name} names no datasheet"
     assert profile.dtypes[0] in profile.peak_tflops
@@ -222,3 +227,17 @@ def test_apply_takes_the_plans_settings_unless_told_otherwise() -> None:
     assert told.recovery.method.steps == 7 and told.workload.batch_size == 4 and told.workload.seq_len is None
     with pytest.raises(ValueError, match=r"unknown key 'overwrit' \(ApplyConfig\)"):
         to_object(compose_config("apply", ["plan=p.yaml", "out=o", "+overwrit=true"]))
+
+
+def test_cost_models_loads_its_own_profiles(tmp_path: Path) -> None:
+    from hwprune import cost_models
+
+    assert cost_models.profile_names() == PROFILES
+    with pytest.raises(
+        ValueError, match=r"unknown hardware profile 'gpu_h1000'; valid choices: \[.*'gpu_h100'"
+    ):
+        cost_models.load_profile("gpu_h1000")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((CONF / "hardware" / "gpu_t4.yaml").read_text().replace("peak_tflops:", "peak_tflop:"))
+    with pytest.raises(ValueError, match=r"unknown key 'peak_tflop'; valid keys"):
+        cost_models.load_profile(str(typo))

@@ -135,7 +135,13 @@ def main() -> None:
     )
     parser.add_argument("--work", default="results/benchmarks/recovery_minilm_sts_runs")
     parser.add_argument("--out", default="results/benchmarks/recovery_minilm_sts.md")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["saliency", "vit", "default"])
+    parser.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        choices=[*RECOVERIES, "apply", "saliency", "vit", "default"],
+        help="sections to read back from an earlier run's work directory instead of running them",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("hwprune.prunable._surgery").setLevel(logging.WARNING)
@@ -161,13 +167,18 @@ def main() -> None:
             "recovery.method.lr=3e-4",
         ],
     }
-    fronts = {name: search([*common, *recovery_args[name]], work / name) for name in RECOVERIES}
+    fronts = {
+        name: pd.read_csv(work / name / "pareto.csv")
+        if name in args.reuse
+        else search([*common, *recovery_args[name]], work / name)
+        for name in RECOVERIES
+    }
     table = front_table(fronts)
     dense = float(table[table.kind == "dense"].none.iloc[0])
 
     applied = []
     distilled = fronts["distill"]
-    for points in (0.5, 1.5):
+    for points in (0.5, 1.5) if "apply" not in args.reuse else ():
         pick = best_within(distilled, dense, points)
         if pick is None:
             log.info("no distilled plan within %.1f points", points)
@@ -195,9 +206,13 @@ def main() -> None:
             }
         )
         (work / "applied.json").write_text(json.dumps(applied, indent=2))
+    if "apply" in args.reuse:
+        applied = json.loads((work / "applied.json").read_text())
 
     saliency_rows: list[dict[str, Any]] = []
-    if "saliency" not in args.skip:
+    if "saliency" in args.reuse:
+        saliency_rows = json.loads((work / "saliency.json").read_text())
+    else:
         app = to_object(compose("config", common))
         assert isinstance(app, AppConfig)
         picks = [work / "none" / "plans" / "uniform_50pct.yaml"]
@@ -205,39 +220,45 @@ def main() -> None:
         if pick is not None:
             picks.append(work / "distill" / pick.plan_path)
         saliency_rows = saliency_after_recovery(app, picks, args.saliency_steps)
+        (work / "saliency.json").write_text(json.dumps(saliency_rows, indent=2))
 
-    vit_table = None
-    if "vit" not in args.skip:
-        from hwprune.search.tasks import train_vit_digits
+    from hwprune.search.tasks import train_vit_digits
 
-        model_dir = work / "vit_digits_model"
-        if not (model_dir / "config.json").is_file():
-            train_vit_digits(model_dir)
-        vit_common = [
-            "model=vit_digits",
-            f"model.source={model_dir}",
-            "task=classification",
-            "hardware=cpu_local",
-            "workload.seq_len=16",
-            f"search.n_trials={args.trials}",
-            f"search.rescore={args.rescore}",
-        ]
-        vit_args = {
-            "none": ["recovery=none"],
-            "reconstruct": ["recovery=reconstruct"],
-            "distill": ["recovery=distill", "recovery.method.steps=300", "recovery.method.lr=1e-3"],
-        }
-        vit_fronts = {n: search([*vit_common, *vit_args[n]], work / f"vit_{n}") for n in RECOVERIES}
-        vit_table = front_table(vit_fronts)
+    model_dir = work / "vit_digits_model"
+    if not (model_dir / "config.json").is_file():
+        train_vit_digits(model_dir)
+    vit_common = [
+        "model=vit_digits",
+        f"model.source={model_dir}",
+        "task=classification",
+        "hardware=cpu_local",
+        "workload.seq_len=16",
+        f"search.n_trials={args.trials}",
+        f"search.rescore={args.rescore}",
+    ]
+    vit_args = {
+        "none": ["recovery=none"],
+        "reconstruct": ["recovery=reconstruct"],
+        "distill": ["recovery=distill", "recovery.method.steps=300", "recovery.method.lr=1e-3"],
+    }
+    vit_fronts = {
+        n: pd.read_csv(work / f"vit_{n}" / "pareto.csv")
+        if "vit" in args.reuse
+        else search([*vit_common, *vit_args[n]], work / f"vit_{n}")
+        for n in RECOVERIES
+    }
+    vit_table = front_table(vit_fronts)
 
-    default_seconds = None
-    if "default" not in args.skip:
-        run = work / "default_run"
+    run = work / "default_run"
+    if "default" in args.reuse:
+        default_seconds = json.loads((work / "default.json").read_text())["seconds"]
+    else:
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
         subprocess.run(["hwprune-search", f"hydra.run.dir={run}"], check=True, capture_output=True)
         default_seconds = time.perf_counter() - t0
-        default_front = pd.read_csv(run / "pareto.csv")
+        (work / "default.json").write_text(json.dumps({"seconds": default_seconds}))
+    default_front = pd.read_csv(run / "pareto.csv")
 
     lines = [
         "# Recovery after pruning (measured)",
@@ -266,26 +287,24 @@ def main() -> None:
             "",
             markdown(pd.DataFrame(saliency_rows)),
         ]
-    if vit_table is not None:
-        lines += [
-            "",
-            "## ViT digits (accuracy x 100 on the held-out split)",
-            "",
-            "distill: 300 steps, AdamW 1e-3, logit KL + hidden states on the training split.",
-            "",
-            markdown(vit_table),
-        ]
-    if default_seconds is not None:
-        rec = default_front[default_front.kind != "dense"]
-        lines += [
-            "",
-            "## The embedded default (`hwprune-search`, recovery `reconstruct`)",
-            "",
-            f"Wall time {default_seconds:.0f} s end to end (install excluded); recovery "
-            f"{rec.recovery_seconds.sum():.0f} s over {len(rec)} plans; fidelity after recovery minus before: "
-            f"median {float((rec.metric - rec.metric_unrecovered).median()):+.2f}, "
-            f"min {float((rec.metric - rec.metric_unrecovered).min()):+.2f}.",
-        ]
+    lines += [
+        "",
+        "## ViT digits (accuracy x 100 on the held-out split)",
+        "",
+        "distill: 300 steps, AdamW 1e-3, logit KL + hidden states on the training split.",
+        "",
+        markdown(vit_table),
+    ]
+    rec = default_front[default_front.kind != "dense"]
+    lines += [
+        "",
+        "## The embedded default (`hwprune-search`, recovery `reconstruct`)",
+        "",
+        f"Wall time {default_seconds:.0f} s end to end (install excluded); recovery "
+        f"{rec.recovery_seconds.sum():.0f} s over {len(rec)} plans; fidelity after recovery minus before: "
+        f"median {float((rec.metric - rec.metric_unrecovered).median()):+.2f}, "
+        f"min {float((rec.metric - rec.metric_unrecovered).min()):+.2f}.",
+    ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     log.info("wrote %s", args.out)
 

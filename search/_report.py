@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
+from hwprune import cost_models
 from hwprune.search._pareto import pareto_mask
 from hwprune.search._run import RunOutcome
 
@@ -185,6 +186,9 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
     plot(outcome, pareto, trials, d / "pareto.png")
     has_html = plot_html(outcome, pareto, d / "pareto.html")
     cfg, cm = outcome.cfg, outcome.cost_model
+    fit = ""
+    if isinstance(cm, cost_models.CalibratedModel):
+        fit = f" (fitted to {len(cm.fit_error)} table(s) of this device, within {max(cm.fit_error):.0%} of them)"
     dense = pareto[pareto.kind == "dense"].iloc[0]
     best = pareto[(pareto.kind == "search") & ~pareto.dominated.astype(bool)].sort_values("latency_ms")
     lines = [
@@ -193,7 +197,7 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         f"- Model: `{cfg.model.source}` ({outcome.structure.describe()})",
         f"- Task: {outcome.task.description}; metric `{outcome.task.metric_name}`",
         f"- Device: `{cm.profile}`, workload {cm.workload.describe()}",
-        f"- Latency source: **{cm.source}** (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
+        f"- Latency source: **{cm.source}**{fit} (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
         "to a profiled table, `analytical` = datasheet roofline)",
         f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",
         f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler._target_}`, MLP step "

@@ -25,6 +25,9 @@ from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.search")
 
+# A calibrated model further than this from its own tables is flagged in the log and the report.
+ROUGH_FIT = 0.15
+
 
 @dataclass
 class Candidate:
@@ -107,6 +110,12 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         cost_model.workload.describe(),
         cost_model.source,
     )
+    if isinstance(cost_model, cost_models.CalibratedModel) and max(cost_model.fit_error) > ROUGH_FIT:
+        log.warning(
+            "the calibrated model fits the tables it was fitted to only within %s: treat its latencies "
+            "as rough (profile this workload for a table)",
+            ", ".join(f"{e:.0%}" for e in cost_model.fit_error),
+        )
 
     task: Task = build_task(cfg.task, cfg.model.source)
     task.prepare(model)

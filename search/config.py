@@ -229,8 +229,8 @@ class DistillMethod:
     """`hwprune.search.recovery.Distill`: distillation to the dense model, minutes."""
 
     _target_: str = "hwprune.search.recovery.Distill"
-    steps: int = 300
-    lr: float = 1e-4
+    steps: int = 400
+    lr: float = 3e-4
     hidden_weight: float = 1.0
     output_weight: float = 1.0
     label_weight: float = 0.0

@@ -196,3 +196,21 @@ def test_merge_batches_pads_to_the_longest_and_keeps_samples_apart() -> None:
     unmasked = hessian.Batch(inputs={"input_ids": torch.ones(1, 2, dtype=torch.long)})
     with pytest.raises(ValueError, match="without an attention mask cannot be merged"):
         merge_batches([unmasked, hessian.Batch(inputs={"input_ids": torch.ones(1, 4, dtype=torch.long)})])
+
+
+def test_reconstruct_reverts_a_fit_that_moves_the_output_away_from_the_teacher() -> None:
+    """Its own fitted error can fall while the output the user sees gets worse: then nothing changes."""
+
+    class Harmful(Reconstruct):
+        def _fit(self, projection, index, x, y):  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                projection.weight.mul_(-3.0)  # anything but a reconstruction
+            return 1.0, 0.5
+
+    case = CASES["bert"]
+    dense, student, _ = pruned_pair(case)
+    pruned_state = {k: v.clone() for k, v in student.state_dict().items()}
+    report = Harmful(samples=12).recover(student, dense, data_for(case))
+    assert report.details["reverted"] and report.held_out_after == report.held_out_before
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, pruned_state[key]), key

@@ -100,6 +100,48 @@ class NoRecovery(Recovery):
         return {}
 
 
+def pooled(batch: hessian.Batch, hidden: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens the mask keeps: (B, T, D) -> (B, D)."""
+    mask = batch.inputs.get("attention_mask")
+    if mask is None or mask.shape != hidden.shape[:-1]:
+        return hidden.mean(1)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+def output_loss(
+    batch: hessian.Batch, student_out: Any, teacher_out: Any, *, temperature: float = 2.0
+) -> torch.Tensor:
+    """How far the student's output is from the teacher's, as the model's user sees it.
+
+    The KL divergence of temperature-softened logits for models with a head (LMs, classifiers),
+    or 1 - cosine of the mean-pooled last hidden states for encoders used as sentence embedders.
+    Both outputs need `hidden_states` (run with `output_hidden_states=True`).
+    """
+    logits = getattr(student_out, "logits", None)
+    if logits is not None:
+        t_logp = torch.log_softmax(teacher_out.logits / temperature, dim=-1)  # (B, [T,] V)
+        s_logp = torch.log_softmax(logits / temperature, dim=-1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (B, [T])
+        if kl.dim() == 2:
+            kl = valid_rows(batch, kl.unsqueeze(-1)).squeeze(-1)  # (n,) real tokens only
+        return kl.mean() * temperature**2
+    s_emb = pooled(batch, student_out.hidden_states[-1])  # (B, D)
+    t_emb = pooled(batch, teacher_out.hidden_states[-1])
+    return (1 - torch.nn.functional.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+
+
+@torch.no_grad()
+def held_out_output_loss(student: nn.Module, teacher: nn.Module, batches: list[hessian.Batch]) -> float:
+    """Mean `output_loss` of the student over `batches`."""
+    losses = []
+    for batch in batches:
+        s = student(**batch.inputs, output_hidden_states=True)
+        t = teacher(**batch.inputs, output_hidden_states=True)
+        losses.append(float(output_loss(batch, s, t)))
+    return sum(losses) / max(len(losses), 1)
+
+
 def valid_rows(batch: hessian.Batch, hidden: torch.Tensor) -> torch.Tensor:
     """(B, T, D) -> (n_valid, D): the token rows the attention mask keeps (all rows without a mask)."""
     mask = batch.inputs.get("attention_mask")

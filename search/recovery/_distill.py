@@ -18,20 +18,11 @@ import torch
 from torch import nn
 
 from hwprune import hessian
-from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport, valid_rows
+from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport, output_loss, valid_rows
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
-
-
-def _pooled(batch: hessian.Batch, hidden: torch.Tensor) -> torch.Tensor:
-    """Mean over the tokens the mask keeps: (B, T, D) -> (B, D)."""
-    mask = batch.inputs.get("attention_mask")
-    if mask is None or mask.shape != hidden.shape[:-1]:
-        return hidden.mean(1)
-    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
 
 def _pair_layers(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -59,8 +50,8 @@ class Distill(Recovery):
     def __init__(
         self,
         *,
-        steps: int = 300,
-        lr: float = 1e-4,
+        steps: int = 400,
+        lr: float = 3e-4,
         hidden_weight: float = 1.0,
         output_weight: float = 1.0,
         label_weight: float = 0.0,
@@ -127,24 +118,12 @@ class Distill(Recovery):
                 terms.append((s_rows - t_rows).pow(2).mean() / t_rows.pow(2).mean().clamp_min(1e-12))
             total = total + self.hidden_weight * torch.stack(terms).mean()
         if self.output_weight:
-            total = total + self.output_weight * self._output_loss(batch, s_out, t_out)
+            total = total + self.output_weight * output_loss(
+                batch, s_out, t_out, temperature=self.temperature
+            )
         if self.label_weight and objective is not None and batch.targets is not None:
             total = total + self.label_weight * objective.losses(student, batch).mean()
         return total
-
-    def _output_loss(self, batch: hessian.Batch, s_out: Any, t_out: Any) -> torch.Tensor:
-        logits = getattr(s_out, "logits", None)
-        if logits is not None:
-            tau = self.temperature
-            t_logp = torch.log_softmax(t_out.logits / tau, dim=-1)  # (B, [T,] V)
-            s_logp = torch.log_softmax(logits / tau, dim=-1)
-            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (B, [T])
-            if kl.dim() == 2:
-                kl = valid_rows(batch, kl.unsqueeze(-1)).squeeze(-1)  # (n,) real tokens only
-            return kl.mean() * tau**2
-        s_emb = _pooled(batch, s_out.hidden_states[-1])  # (B, D)
-        t_emb = _pooled(batch, t_out.hidden_states[-1])
-        return (1 - nn.functional.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
 
     @torch.no_grad()
     def held_out_loss(

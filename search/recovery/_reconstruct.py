@@ -22,6 +22,7 @@ whole weight matrices the same way overfits and made pruned MiniLM worse on held
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,15 @@ from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from hwprune import hessian, prunable
-from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport, valid_rows
+from hwprune.search.recovery._base import (
+    Recovery,
+    RecoveryData,
+    RecoveryReport,
+    held_out_output_loss,
+    valid_rows,
+)
+
+log = logging.getLogger(__name__)
 
 
 def linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,8 +172,10 @@ class Reconstruct(Recovery):
     def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
         fit, held = split_samples(data.batches, self.samples)
         batch = merge_batches(fit)
-        before = output_error(student, teacher, held) if held else None
+        before = held_out_output_loss(student, teacher, held) if held else None
         sites = _sites(student, teacher)
+        refitted = {id(p) for site in sites for p in site.projection.parameters()}
+        kept = {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in refitted}
         dense_sums = _dense_sums(teacher, sites, batch)
         errors: list[dict[str, Any]] = []
 
@@ -193,13 +204,26 @@ class Reconstruct(Recovery):
         finally:
             for handle in handles:
                 handle.remove()
-        after = output_error(student, teacher, held) if held else None
+        after = held_out_output_loss(student, teacher, held) if held else None
+        reverted = before is not None and after is not None and after > before
+        if reverted:
+            # Least squares on the residual stream lowered its fitted error but moved the output
+            # the user sees further from the teacher's: keep the pruned weights as they were.
+            params = dict(student.named_parameters())
+            with torch.no_grad():
+                for name, original in kept.items():
+                    params[name].copy_(original)
+            log.info(
+                "reconstruct: held-out output loss %.4f -> %.4f; reverted to the pruned weights",
+                before,
+                after,
+            )
         return RecoveryReport(
             method=self.name,
             params=self.params(),
             held_out_before=before,
-            held_out_after=after,
-            details={"sites": errors, "fit_samples": batch.n_samples},
+            held_out_after=before if reverted else after,
+            details={"sites": errors, "fit_samples": batch.n_samples, "reverted": reverted},
         )
 
     def _fit(

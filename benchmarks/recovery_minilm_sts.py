@@ -13,7 +13,7 @@ cpu_local at batch 32 x 128:
 5. The embedded default (`hwprune-search`, default recovery) end to end, wall time.
 
 Usage:
-    python benchmarks/recovery_minilm_sts.py --stsb ../shared/data/stsb --trials 1000 --rescore 6
+    python benchmarks/recovery_minilm_sts.py --stsb ../shared/data/stsb --trials 1000 --rescore 8 --window 1.5 4.5
 Output: results/benchmarks/recovery_minilm_sts.md (and the runs under recovery_minilm_sts_runs/).
 """
 
@@ -127,7 +127,15 @@ def main() -> None:
     )
     parser.add_argument("--stsb", required=True, help="directory with sts-train.csv and sts-dev.csv")
     parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument("--rescore", type=int, default=6)
+    parser.add_argument("--rescore", type=int, default=8)
+    parser.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=(1.5, 4.5),
+        metavar=("MIN", "MAX"),
+        help="predicted speedups the re-scored front points are spread over",
+    )
     parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--apply-repeats", type=int, default=10)
     parser.add_argument(
@@ -157,6 +165,9 @@ def main() -> None:
         "workload=b32_s128",
         f"search.n_trials={args.trials}",
         f"search.rescore={args.rescore}",
+        f"search.rescore_min_speedup={args.window[0]}",
+        f"search.rescore_max_speedup={args.window[1]}",
+        "search.uniform_baselines=[0.5]",
     ]
     recovery_args = {
         "none": ["recovery=none"],

@@ -201,7 +201,20 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         for i, t in enumerate(front)
         if (tuple(t.user_attrs["units"]), tuple(t.user_attrs["mlp"])) not in seen
     ]
-    for i in spread(np.array(fresh, dtype=int), f_lat, cfg.search.rescore):
+    # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
+    low, high = cfg.search.rescore_min_speedup, cfg.search.rescore_max_speedup or np.inf
+    wanted = [i for i in fresh if low <= objective.dense_ms / f_lat[i] <= high]
+    if len(wanted) < len(fresh):
+        log.info(
+            "re-scoring %d of %d front points: predicted speedup in [%.2f, %s]",
+            min(len(wanted), cfg.search.rescore),
+            len(fresh),
+            low,
+            f"{high:.2f}" if np.isfinite(high) else "inf",
+        )
+    if fresh and not wanted:
+        log.warning("no front point has a predicted speedup in [%.2f, %.2f]: none re-scored", low, high)
+    for i in spread(np.array(wanted, dtype=int), f_lat, cfg.search.rescore):
         t = front[i]
         u, m = np.array(t.user_attrs["units"]), np.array(t.user_attrs["mlp"])
         candidates.append(Candidate("search", u, m, t.values[0], t.values[1], label=f"trial {t.number}"))

@@ -273,6 +273,8 @@ class SearchConfig:
     sampler: Any = MISSING
     storage: str | None = None
     rescore: int = 8
+    rescore_min_speedup: float = 1.0
+    rescore_max_speedup: float | None = None
     mlp_step: int | None = None
     unit_step: int = 1
     uniform_baselines: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
@@ -287,6 +289,13 @@ class SearchConfig:
         checks = [
             ("n_trials", self.n_trials, self.n_trials >= 1, ">= 1"),
             ("rescore", self.rescore, self.rescore >= 0, ">= 0"),
+            ("rescore_min_speedup", self.rescore_min_speedup, self.rescore_min_speedup >= 1, ">= 1"),
+            (
+                "rescore_max_speedup",
+                self.rescore_max_speedup,
+                self.rescore_max_speedup is None or self.rescore_max_speedup > self.rescore_min_speedup,
+                f"> search.rescore_min_speedup={self.rescore_min_speedup} (or null: no upper bound)",
+            ),
             ("unit_step", self.unit_step, self.unit_step >= 1, ">= 1"),
             (
                 "mlp_step",

@@ -19,6 +19,11 @@ from tests.test_search_core import make_objective, structure_and_scores
         ("search.n_trials=0", r"search\.n_trials=0 is invalid; valid: >= 1"),
         ("search.n_trials=-5", r"search\.n_trials=-5 is invalid; valid: >= 1"),
         ("search.rescore=-3", r"search\.rescore=-3 is invalid; valid: >= 0"),
+        ("search.rescore_min_speedup=0.5", r"search\.rescore_min_speedup=0\.5 is invalid; valid: >= 1"),
+        (
+            "search.rescore_max_speedup=1.0",
+            r"search\.rescore_max_speedup=1\.0 is invalid; valid: > search\.rescore_min_speedup=1\.0",
+        ),
         (
             "search.latency_budget_fraction=1.5",
             r"search\.latency_budget_fraction=1\.5 is invalid; valid: in \(0, 1\)",

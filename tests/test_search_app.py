@@ -82,6 +82,29 @@ def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(after.iloc[:30].reset_index(drop=True), before, check_dtype=False)
 
 
+def test_rescoring_spends_its_recoveries_in_the_asked_speedup_window(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    window = tmp_path / "window"  # the same study, resumed: only the re-scored choice differs
+    shutil.copytree(run_dir, window)
+    app = app_config(
+        tmp_path,
+        "hardware=gpu_h100",
+        "search.rescore=3",
+        "search.rescore_min_speedup=1.5",
+        "search.rescore_max_speedup=3",
+    )
+    app.saliency.cache_dir = str(run_dir.parent / "cache")
+    outcome = run_search(app, window)
+    searched = [c.latency_ms for c in outcome.candidates if c.kind == "search"]
+    dense_ms = outcome.candidates[0].latency_ms
+    assert 1 <= len(searched) <= 3
+    assert all(1.5 <= dense_ms / lat <= 3 for lat in searched), [dense_ms / lat for lat in searched]
+    # Without the window the spread reaches the front's ends, outside it.
+    everywhere = pd.read_csv(run_dir / "pareto.csv")
+    assert not everywhere[everywhere.kind == "search"].speedup.between(1.5, 3).all()
+
+
 def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     pareto = pd.read_csv(run_dir / "pareto.csv")
     plan_path = run_dir / pareto[pareto.kind == "uniform"].plan_path.iloc[0]

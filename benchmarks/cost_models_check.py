@@ -208,7 +208,8 @@ def main() -> None:
             log.info("running %s", command)
             subprocess.run(command.split(), check=True)
         workload = cost_models.Workload(batch_size=batch, seq_len=seq, dtype=dtype)
-        path = cost_models.find_table(f"results/tables/{args.hardware}/minilm_b{batch}_s{seq}.csv")
+        where = cost_models.table_dir(profile.name, profile.kind)
+        path = next(iter(cost_models.find_tables(f"results/tables/{where}/minilm_b{batch}_s{seq}.csv")), None)
         if path is None:
             raise SystemExit(
                 f"no table for {name}: run with --profile, or `hwprune-profile` as in the docstring"

@@ -14,8 +14,8 @@ layer the attention units and MLP neurons kept.
 from hwprune.cost_models._analytical import AnalyticalModel, Efficiency
 from hwprune.cost_models._base import SOURCES, CostModel, Prediction
 from hwprune.cost_models._calibrate import CalibratedModel, calibrate
-from hwprune.cost_models._cpu_peaks import cpu_name, local_profile, measure_peaks
-from hwprune.cost_models._factory import cost_model_for, find_table, load_tables
+from hwprune.cost_models._cpu_peaks import cpu_name, local_profile, machine_key, measure_peaks, table_dir
+from hwprune.cost_models._factory import cost_model_for, find_tables, load_tables
 from hwprune.cost_models._hardware import (
     BACKENDS,
     KINDS,
@@ -46,11 +46,13 @@ __all__ = [
     "calibrate",
     "cost_model_for",
     "cpu_name",
-    "find_table",
+    "find_tables",
     "load_profile",
     "load_tables",
     "local_profile",
+    "machine_key",
     "measure_peaks",
     "profile_names",
+    "table_dir",
     "width_step",
 ]

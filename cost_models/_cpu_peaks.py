@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,6 +36,24 @@ def cpu_name() -> str:
     if numbers:
         name += " (" + ", ".join(f"{k.removeprefix('cpu ')} {v}" for k, v in numbers) + ")"
     return name
+
+
+def machine_key() -> str:
+    """This CPU and thread count as a directory name: where the tables profiled on it live.
+
+    E.g. "amd-epyc-family-25-model-17-stepping-1-x2". Tables of one profile measured on several
+    machines sit side by side, one directory each, and `load_tables` keeps this machine's.
+    """
+    name = cpu_name().lower()
+    for noise in ("(r)", "(tm)", "processor", "cpu @"):
+        name = name.replace(noise, " ")
+    return re.sub(r"[^a-z0-9.]+", "-", name).strip("-") + f"-x{torch.get_num_threads()}"
+
+
+def table_dir(profile: str, kind: str) -> str:
+    """Where tables of the hardware profile named `profile` live (under results/tables, or the
+    shipped tables): one directory per machine when `kind` is "cpu", where the name is no device."""
+    return f"{profile}/{machine_key()}" if kind == "cpu" else profile
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +23,14 @@ log = logging.getLogger(__name__)
 SHIPPED_TABLES = Path(__file__).parent / "tables"
 
 
-def find_table(path: str) -> Path | None:
-    """`path` as given (absolute or from the working directory), else among the shipped tables."""
-    for candidate in (Path(path).expanduser(), SHIPPED_TABLES / path):
-        if candidate.is_file():
-            return candidate
-    return None
+def find_tables(entry: str) -> list[Path]:
+    """The table files `entry` names: a path or a glob pattern (`cpu_local/*/minilm_*.csv`), as given
+    (absolute or from the working directory), else among the shipped tables. Sorted; may be empty."""
+    for root in (Path(), SHIPPED_TABLES):  # an absolute entry ignores the root
+        found = sorted(Path(p) for p in glob.glob(str(root / Path(entry).expanduser())))
+        if files := [p for p in found if p.is_file()]:
+            return files
+    return []
 
 
 def load_tables(profile: HardwareProfile) -> list[LatencyTable]:
@@ -37,11 +40,12 @@ def load_tables(profile: HardwareProfile) -> list[LatencyTable]:
     skipped is logged with the reason.
     """
     tables = []
+    paths = []
     for entry in profile.tables:
-        path = find_table(entry)
-        if path is None:
+        if not (found := find_tables(entry)):
             log.warning("hardware %s lists table %s, which does not exist; skipping it", profile.name, entry)
-            continue
+        paths += found
+    for path in paths:
         table = LatencyTable.load(path)
         if table.profile != profile.name:
             log.warning(

@@ -411,6 +411,8 @@ class ProfileAppConfig:
 
 def register_configs() -> None:
     """Register every group's schema (idempotent)."""
+    if not OmegaConf.has_resolver("hwprune.table_dir"):  # conf/profile.yaml's default `out`
+        OmegaConf.register_new_resolver("hwprune.table_dir", cost_models.table_dir)
     cs = ConfigStore.instance()
     cs.store(group="hardware", name="schema", node=cost_models.HardwareProfile)
     cs.store(group="model", name="schema", node=ModelConfig)

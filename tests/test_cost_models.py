@@ -384,6 +384,32 @@ def test_load_tables_keeps_only_this_device(tmp_path: Path, caplog: pytest.LogCa
     assert cost_models.load_tables(wrong) == []
 
 
+def test_tables_of_several_machines_sit_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A glob entry finds every machine's directory; only this machine's tables are used."""
+    import torch
+
+    here = {"host_cpu": cost_models.cpu_name(), "threads": torch.get_num_threads()}
+    key = cost_models.machine_key()
+    assert key.endswith(f"-x{torch.get_num_threads()}") and "/" not in key and " " not in key
+    assert cost_models.table_dir("cpu_local", "cpu") == f"cpu_local/{key}"
+    assert cost_models.table_dir("gpu_h100", "gpu") == "gpu_h100"
+    for machine, meta in {key: here, "other-cpu-x2": {**here, "host_cpu": "Other CPU"}}.items():
+        for batch in (1, 8):
+            table = replace(
+                synthetic_table(MINILM, Workload(batch_size=batch)), profile="cpu_local", meta=meta
+            )
+            table.save(tmp_path / "cpu_local" / machine / f"minilm_b{batch}_s128.csv")
+    shipped = cost_models.find_tables("cpu_local/*/*.csv")  # from the package: nothing here has it
+    assert len(shipped) >= 6 and all(p.parent.parent.name == "cpu_local" for p in shipped)
+    monkeypatch.chdir(tmp_path)  # a relative entry is read from the working directory first
+    assert len(cost_models.find_tables("cpu_local/*/*.csv")) == 4
+    assert cost_models.find_tables("cpu_local/nothing-*/*.csv") == []
+    profile = replace(load_profile("cpu_local"), tables=["cpu_local/*/*.csv"])
+    tables = cost_models.load_tables(profile)
+    assert sorted(t.workload.batch_size for t in tables) == [1, 8]
+    assert all(t.meta == here for t in tables)
+
+
 def test_cpu_local_uses_measured_peaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 

@@ -32,6 +32,16 @@ def test_torch_cpu_profiles_real_model_layers(tmp_path: Path) -> None:
     assert cost_models.TableModel(table=loaded).dense_ms() > 0
 
 
+def test_default_out_is_a_directory_of_this_machine_on_a_cpu() -> None:
+    cpu = OmegaConf.to_object(compose("profile", ["hardware=cpu_local", "workload=b8_s128"]))
+    gpu = OmegaConf.to_object(compose("profile", ["hardware=gpu_h100", "workload=b8_s128"]))
+    assert isinstance(cpu, ProfileAppConfig) and isinstance(gpu, ProfileAppConfig)
+    assert cpu.out == f"results/tables/cpu_local/{cost_models.machine_key()}/minilm_b8_s128.csv"
+    assert gpu.out == "results/tables/gpu_h100/minilm_b8_s128.csv"
+    # and the shipped profile's glob finds what lands there
+    assert "cpu_local/*/*.csv" in cost_models.load_profile("cpu_local").tables
+
+
 def test_onnxruntime_backend_profiles_a_reference_block(tmp_path: Path) -> None:
     table = run(
         config(

@@ -181,6 +181,14 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
     d = outcome.run_dir
     trials = trials_frame(outcome)
     trials.to_csv(d / "trials.csv", index=False)
+    if "rescored_by" in outcome.extras:  # a worker of a shared study that another worker re-scores
+        (d / "report.md").write_text(
+            f"# hwprune worker: study `{outcome.study.study_name}`\n\n"
+            f"The study is complete ({len(trials)} trials, `trials.csv`). Its front is re-scored by "
+            f"{outcome.extras['rescored_by']}: the report, front and plans are there.\n"
+        )
+        log.info("wrote %s", d / "report.md")
+        return pd.DataFrame(columns=PARETO_COLUMNS)
     pareto = pareto_frame(outcome)
     pareto.to_csv(d / "pareto.csv", index=False)
     plot(outcome, pareto, trials, d / "pareto.png")

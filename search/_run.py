@@ -18,7 +18,8 @@ from hwprune import cost_models, hessian, prunable
 from hwprune.search._blocks import block_spec, head_width
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
 from hwprune.search._space import SaliencyProxy, SearchSpace
-from hwprune.search._study import Constraints, SearchObjective, open_storage, run_study
+from hwprune.search._storage import open_storage
+from hwprune.search._study import Constraints, SearchObjective, rescoring_turn, run_study
 from hwprune.search.config import AppConfig, build_task
 from hwprune.search.recovery import NoRecovery, Recovery
 from hwprune.search.tasks import Task
@@ -90,12 +91,52 @@ def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
     return [int(order[p]) for p in picks]
 
 
+def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
+    """Refuse a latency budget no configuration meets, before the saliency and the study run."""
+    zeros = np.zeros(cost_model.spec.num_layers, dtype=int)
+    fastest = float(cost_model.predict(zeros, zeros).latency_ms)  # every prunable unit removed
+    dense = cost_model.dense_ms()
+    for key, budget, limit, unit in (
+        ("latency_budget_ms", cfg.search.latency_budget_ms, fastest, "ms"),
+        (
+            "latency_budget_fraction",
+            cfg.search.latency_budget_fraction,
+            fastest / dense,
+            "of the dense latency",
+        ),
+    ):
+        if budget is not None and budget < limit:
+            raise ValueError(
+                f"search.{key}={budget} is unreachable: the fastest configuration (every prunable unit "
+                f"removed) predicts {limit:.4g} {unit} on {cost_model.profile} ({cost_model.workload.describe()}); "
+                f"valid: >= {limit:.4g}"
+            )
+
+
+def check_lengths(model: torch.nn.Module, workload: cost_models.Workload) -> None:
+    """Refuse a workload longer than the model's position table, before anything expensive."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    tokens = workload.seq_len + workload.kv_len
+    if isinstance(limit, int) and tokens > limit:
+        what = f"workload.seq_len={workload.seq_len}" + (
+            f" + workload.kv_len={workload.kv_len}" if workload.kv_len else ""
+        )
+        raise ValueError(
+            f"{what} exceeds the model's max_position_embeddings={limit}; valid: <= {limit} tokens"
+        )
+
+
 def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     profile = cfg.hardware.validate()
     # Every configured method is built before anything expensive, so bad settings fail first.
     method: hessian.Saliency = instantiate(cfg.saliency.method)
     recovery: Recovery = instantiate(cfg.recovery.method)
     sampler = instantiate(cfg.search.sampler)
+    # The study's storage first: a server that cannot be reached, or a run directory another
+    # process holds, fails before the model loads.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(cfg.search.storage, run_dir, heartbeat_s=cfg.search.heartbeat_s)
+    storage.hold_single_worker()
     if profile.measure_peaks:
         profile = cost_models.local_profile(profile)
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
@@ -110,6 +151,8 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         cost_model.workload.describe(),
         cost_model.source,
     )
+    check_budget(cfg, cost_model)
+    check_lengths(model, cost_model.workload)
     if isinstance(cost_model, cost_models.CalibratedModel) and max(cost_model.fit_error) > ROUGH_FIT:
         log.warning(
             "the calibrated model fits the tables it was fitted to only within %s: treat its latencies "
@@ -142,7 +185,6 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         for p in hypervolume_subset(exact.latency, exact.loss, reference, cfg.search.exact_seeds):
             seeds.append((opt_units[exact.choices[p]], opt_mlp[exact.choices[p]]))
 
-    storage, single = open_storage(cfg.search.storage, run_dir)
     ref = prunable.model_ref(model, source=cfg.model.source)
     identity = {
         "model": {
@@ -163,7 +205,6 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         objective,
         sampler=sampler,
         storage=storage,
-        single_process=single,
         n_trials=cfg.search.n_trials,
         seeds=seeds,
         identity=identity,
@@ -181,6 +222,48 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         )
         log.info("hypervolume of the Optuna front / exact front: %.4f", hv_ratio)
 
+    outcome = RunOutcome(
+        cfg,
+        run_dir,
+        structure,
+        cost_model,
+        task,
+        scores,
+        space,
+        study,
+        exact,
+        [],
+        hv_ratio,
+        extras={"study_seconds": study_seconds},
+    )
+    # Re-scoring prunes and recovers every candidate: on a shared study one worker does it.
+    with rescoring_turn(study, storage, run_dir) as elsewhere:
+        if elsewhere is not None:
+            log.info(
+                "the front of study %s is re-scored by %s; this worker wrote its trials only",
+                study.study_name,
+                elsewhere,
+            )
+            outcome.extras["rescored_by"] = elsewhere
+            return outcome
+        outcome.candidates = rescore_front(cfg, outcome, objective, proxy, model, recovery, ref, profile.name)
+    return outcome
+
+
+def rescore_front(
+    cfg: AppConfig,
+    outcome: RunOutcome,
+    objective: SearchObjective,
+    proxy: SaliencyProxy,
+    model: torch.nn.Module,
+    recovery: Recovery,
+    ref: prunable.ModelRef,
+    hardware: str,
+) -> list[Candidate]:
+    """Dense, uniform baselines and spread front points, pruned, recovered and measured on the task."""
+    space, cost_model, study, task = outcome.space, outcome.cost_model, outcome.study, outcome.task
+    front = study.best_trials
+    f_lat = np.array([t.values[0] for t in front])
     candidates = [Candidate("dense", *space.dense(), objective.dense_ms, 0.0, label="dense")]
     for f in cfg.search.uniform_baselines:
         u, m = space.uniform(f)
@@ -224,23 +307,10 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         recovery_samples=cfg.recovery.samples,
         recovery_seed=cfg.recovery.seed,
         model_ref=ref,
-        hardware=profile.name,
+        hardware=hardware,
     )
-    rescore.evaluate(candidates, model, proxy, cost_model, run_dir)
-    return RunOutcome(
-        cfg,
-        run_dir,
-        structure,
-        cost_model,
-        task,
-        scores,
-        space,
-        study,
-        exact,
-        candidates,
-        hv_ratio,
-        extras={"study_seconds": study_seconds},
-    )
+    rescore.evaluate(candidates, model, proxy, cost_model, outcome.run_dir)
+    return candidates
 
 
 @dataclass

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from hwprune import cost_models
 from hwprune._progress import Progress
 from hwprune.search._space import SaliencyProxy, SearchSpace
+from hwprune.search._storage import StudyStorage, process_is_gone, worker_id
 
 log = logging.getLogger(__name__)
 
 IDENTITY_ATTR = "hwprune_identity"
+RESCORED_ATTR = "hwprune_rescored_by"
 
 
 def study_name_for(identity: Mapping[str, Any]) -> str:
@@ -69,22 +72,6 @@ def block_params(spec: cost_models.BlockSpec, units: np.ndarray, mlp: np.ndarray
     return spec.params(units, mlp).sum(-1)
 
 
-def open_storage(storage: str | None, run_dir: Path) -> tuple[Any, bool]:
-    """The study storage, and whether it is the single-process default (a journal in the run dir).
-
-    Args:
-        storage: None for `<run_dir>/study.journal`; a path ending in .journal/.log for a journal
-            file; anything else is an Optuna RDB URL (sqlite:///..., postgresql://...).
-    """
-    if storage is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(run_dir / "study.journal"))), True
-    if storage.endswith((".journal", ".log")):
-        Path(storage).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(Path(storage).expanduser()))), False
-    return storage, False
-
-
 class SearchObjective:
     """Scores one trial: predicted latency on the target and summed saliency of the removed units."""
 
@@ -106,7 +93,10 @@ class SearchObjective:
         return self.space.widths(np.array(ui), np.array(mi))
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        units, mlp = self.suggest(trial)
+        return self.score(trial, *self.suggest(trial))
+
+    def score(self, trial: optuna.Trial, units: np.ndarray, mlp: np.ndarray) -> tuple[float, float]:
+        """The objectives of the suggested widths; constraints and widths recorded on the trial."""
         latency = float(self.cost_model.predict(units, mlp).latency_ms)
         loss = float(self.proxy.loss(units, mlp)[0])
         params = float(block_params(self.cost_model.spec, units, mlp))
@@ -134,18 +124,20 @@ def run_study(
     objective: SearchObjective,
     *,
     sampler: optuna.samplers.BaseSampler,
-    storage: Any,
-    single_process: bool,
+    storage: StudyStorage,
     n_trials: int,
     seeds: list[tuple[np.ndarray, np.ndarray]],
     identity: Mapping[str, Any] | None = None,
     study_name: str | None = None,
+    poll_s: float = 1.0,
 ) -> optuna.Study:
-    """Create or resume the study and run it until it holds `n_trials` finished trials.
+    """Create, resume or join the study and run it until it holds `n_trials` finished trials.
 
-    Seeds (dense, uniform ratios, exact-front points) are enqueued once; a resumed study skips those
-    it already has. Trials left running by a killed process are marked failed (single-process
-    storage only: with a shared database they may belong to another worker).
+    Seeds (dense, uniform ratios, exact-front points) are enqueued once. On a single-process storage,
+    trials left running by a killed process are marked failed. On a shared storage this is one worker
+    of several: `n_trials` is the study's total, no configuration is run twice, and trials of
+    workers that died are failed (by heartbeat on PostgreSQL, by process id on a journal file) and run
+    again by whoever is left.
 
     Args:
         identity: What the study is about (model, task, hardware, workload, saliency, space). It is
@@ -153,17 +145,44 @@ def run_study(
             with an error naming the differences, before any trial runs. A single-process storage
             (a run directory's journal) holds one identity only.
         study_name: The study's name; default derived from `identity`.
+        poll_s: How often a worker whose budget is all handed out checks on the others' trials.
 
     Raises:
         ValueError: The storage holds this study (or, for a run directory, any study) for
-            another identity.
+            another identity, or another process holds a single-process storage.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage.hold_single_worker()
     identity = dict(identity or {})
     name = study_name or (study_name_for(identity) if identity else "hwprune")
-    if single_process and identity:
-        for other in optuna.get_all_study_names(storage):
-            recorded = optuna.load_study(study_name=other, storage=storage).user_attrs.get(IDENTITY_ATTR)
+    with storage.lock("create"):  # workers starting together create the study and its seeds once
+        study = _open_study(objective, sampler, storage, name, identity, seeds)
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done:
+        log.info("resuming study %s: %d of %d trials finished", name, done, n_trials)
+    if not storage.shared:
+        if remaining := max(n_trials - done, 0):
+            tracker = Progress("search, trials", remaining, logger=log)
+            study.optimize(objective, n_trials=remaining, callbacks=[lambda s, t: tracker.advance()])
+        return study
+    _work_shared(study, objective, storage, n_trials, poll_s)
+    return study
+
+
+def _open_study(
+    objective: SearchObjective,
+    sampler: optuna.samplers.BaseSampler,
+    storage: StudyStorage,
+    name: str,
+    identity: dict[str, Any],
+    seeds: list[tuple[np.ndarray, np.ndarray]],
+) -> optuna.Study:
+    """The study `name`, checked against `identity`, with its seeds enqueued once."""
+    if storage.kind == "run_dir" and identity:
+        for other in optuna.get_all_study_names(storage.storage):
+            recorded = optuna.load_study(study_name=other, storage=storage.storage).user_attrs.get(
+                IDENTITY_ATTR
+            )
             if recorded is not None and recorded != identity:
                 raise ValueError(
                     f"this run directory holds a study made for other settings ({'; '.join(identity_differences(recorded, identity))}); "
@@ -171,7 +190,7 @@ def run_study(
                 )
     study = optuna.create_study(
         study_name=name,
-        storage=storage,
+        storage=storage.storage,
         sampler=sampler,
         directions=["minimize", "minimize"],
         load_if_exists=True,
@@ -184,25 +203,161 @@ def run_study(
             f"study {name!r} was made for other settings ({'; '.join(identity_differences(recorded or {}, identity))}); "
             "join it with the same settings or give this search another search.study_name"
         )
-    if single_process:
+    if not storage.shared:  # this process holds the storage: whatever is running was interrupted
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
             log.info("trial %d was left running by an interrupted run; marked failed", t.number)
-    known = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
+    known = {_key(t.params) for t in study.get_trials(deepcopy=False)}
     known |= {
-        tuple(sorted(t.system_attrs.get("fixed_params", {}).items()))
+        _key(t.system_attrs.get("fixed_params", {}))
         for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     }
     for units, mlp in seeds:
         params = objective.params_of(units, mlp)
-        if tuple(sorted(params.items())) not in known:
+        if _key(params) not in known:
             study.enqueue_trial(params, skip_if_exists=True)
-            known.add(tuple(sorted(params.items())))
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    remaining = max(n_trials - done, 0)
-    if done:
-        log.info("resuming study: %d trials finished, %d to go", done, remaining)
-    if remaining:
-        tracker = Progress("search, trials", remaining, logger=log)
-        study.optimize(objective, n_trials=remaining, callbacks=[lambda s, t: tracker.advance()])
+            known.add(_key(params))
     return study
+
+
+def _key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+def _params_key(trial: optuna.trial.FrozenTrial) -> tuple[tuple[str, Any], ...]:
+    """The widths a trial has, or will have when it runs (a queued trial's fixed parameters)."""
+    if trial.state == TrialState.WAITING:
+        return _key(trial.system_attrs.get("fixed_params", {}))
+    return _key(trial.params)
+
+
+LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+
+
+class _SharedTrial:
+    """The objective as one worker of several runs it: within the study's budget, never a repeat.
+
+    Trial numbers are handed out by the storage in order, so a trial with `n_trials` live (finished,
+    running or queued) trials before it is surplus: pruned unrun, and the study finishes with
+    exactly `n_trials` complete. A trial whose widths another live trial already has is pruned too.
+    """
+
+    def __init__(self, objective: SearchObjective, n_trials: int, worker: str) -> None:
+        self.objective, self.n_trials, self.worker = objective, n_trials, worker
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", self.worker)
+        live = trial.study.get_trials(deepcopy=False, states=LIVE)
+        if sum(t.number < trial.number for t in live) >= self.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned("the study's trial budget is handed out")
+        units, mlp = self.objective.suggest(trial)
+        twin = self._earlier_twin(trial)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin)
+            raise optuna.TrialPruned(f"trial {twin} has the same widths")
+        return self.objective.score(trial, units, mlp)
+
+    def _earlier_twin(self, trial: optuna.Trial, patience_s: float = 5.0) -> int | None:
+        """The number of an earlier live trial with this trial's widths, if any.
+
+        An earlier trial still being suggested (fewer parameters than ours) may become a twin: wait
+        for its parameters (milliseconds), so that of two equal trials the later one always yields.
+        """
+        mine, size = _key(trial.params), len(trial.params)
+        deadline = time.monotonic() + patience_s
+        while True:
+            earlier = [
+                t for t in trial.study.get_trials(deepcopy=False, states=LIVE) if t.number < trial.number
+            ]
+            twin = next((t.number for t in earlier if _params_key(t) == mine), None)
+            if twin is not None:
+                return twin
+            pending = [t for t in earlier if t.state == TrialState.RUNNING and len(t.params) < size]
+            if not pending or time.monotonic() > deadline:  # a worker stuck that long is dying
+                return None
+            time.sleep(0.005)
+
+
+def _work_shared(
+    study: optuna.Study, objective: SearchObjective, storage: StudyStorage, n_trials: int, poll_s: float
+) -> None:
+    """Run trials until the study holds `n_trials` complete ones, whoever ran them."""
+    worker = worker_id()
+    guarded = _SharedTrial(objective, n_trials, worker)
+    at_start = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    tracker = Progress(f"search, trials of study {study.study_name}", max(n_trials - at_start, 0), logger=log)
+    while True:
+        _fail_dead_workers(study, storage)
+        trials = study.get_trials(deepcopy=False)
+        count = {s: sum(t.state == s for t in trials) for s in LIVE}
+        complete = count[TrialState.COMPLETE]
+        tracker.advance(max(complete - at_start - tracker.done, 0))  # every worker's trials count
+        if complete >= n_trials:
+            break
+        if sum(count.values()) >= n_trials and not count[TrialState.WAITING]:
+            time.sleep(poll_s)  # the rest is running elsewhere: wait for it to finish or go stale
+            continue
+        study.optimize(guarded, n_trials=1)
+    mine = sum(
+        t.user_attrs.get("worker") == worker
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    )
+    log.info(
+        "study %s complete: %d trials, %d of them by this worker (%s)",
+        study.study_name,
+        n_trials,
+        mine,
+        worker,
+    )
+
+
+def _fail_dead_workers(study: optuna.Study, storage: StudyStorage) -> None:
+    """Fail (and queue again) running trials whose worker is gone.
+
+    PostgreSQL finds them by heartbeat; a journal file, which has none, by the process id of the
+    trial's worker on this machine (a journal is shared by one machine's processes).
+    """
+    if storage.heartbeat:
+        optuna.storages.fail_stale_trials(study)
+        return
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        # A trial is tagged right after it starts; untagged for a minute, its worker died in between.
+        started = t.datetime_start or now
+        if worker is None and now - started < timedelta(seconds=60):
+            continue
+        if worker is not None and not process_is_gone(worker):
+            continue
+        with storage.lock("reap"):  # two workers must not both fail and re-queue it
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number not in {r.number for r in running}:
+                continue
+            study.tell(t.number, state=TrialState.FAIL)
+            if t.params:
+                study.enqueue_trial(t.params)
+        log.warning("trial %d's worker %s is gone: marked failed and queued again", t.number, worker)
+
+
+@contextlib.contextmanager
+def rescoring_turn(study: optuna.Study, storage: StudyStorage, run_dir: Path) -> Iterator[str | None]:
+    """Whose turn it is to re-score the study's front: yields None for this process, else who has it.
+
+    A single-process study is always re-scored here. Of the workers of a shared study, the first to
+    finish takes the storage's lock and re-scores; the study then records who did (only when the
+    re-scoring succeeded: if it fails, the next worker to finish, or any rerun, does it).
+    """
+    if not storage.shared:
+        yield None
+        return
+    with storage.lock(f"rescore:{study.study_name}", wait=False) as mine:
+        if not mine:
+            yield "another worker, re-scoring now"
+            return
+        done = study.user_attrs.get(RESCORED_ATTR)
+        if done:
+            yield f"worker {done['worker']} into {done['run_dir']}"
+            return
+        yield None
+        study.set_user_attr(RESCORED_ATTR, {"worker": worker_id(), "run_dir": str(run_dir.resolve())})

@@ -21,12 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from hwprune.search._cli import one_line_errors
 from hwprune.search.config import AppConfig, register_configs, to_object
 
 log = logging.getLogger("hwprune.search")
 
 
 @hydra.main(config_path="pkg://hwprune.conf", config_name="config", version_base=None)
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     from hwprune.search._report import write_report
     from hwprune.search._run import run_search
@@ -38,8 +40,27 @@ def main(cfg: DictConfig) -> None:
     write_report(outcome)
 
 
+# "Close to dense" in the comparison: fractions of the dense model's metric, so a threshold means
+# the same for Spearman x 100 (dense ~87), fidelity (dense 100) and perplexity (lower is better).
+TOLERANCES = (0.01, 0.02, 0.05)
+
+
+def higher_is_better(metric_name: str) -> bool:
+    """The direction of a task metric, from the task that defines it."""
+    from hwprune.search import tasks
+
+    for task in (tasks.STSTask, tasks.FidelityTask, tasks.ClassificationTask, tasks.LMTask):
+        if task.metric_name == metric_name:
+            return task.higher_is_better
+    return True
+
+
 class CompareDevices(Callback):
-    """After a multirun, one table comparing the devices' fronts (comparison.md / .csv in the sweep dir)."""
+    """After a multirun, one table comparing the devices' fronts (comparison.md / .csv in the sweep dir).
+
+    Per device: the dense latency and metric, and the fastest re-scored plan whose metric is within
+    1 %, 2 % and 5 % of the dense model's (on the worse side; the metric's direction respected).
+    """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
@@ -48,27 +69,37 @@ class CompareDevices(Callback):
             frame = pd.read_csv(pareto_path)
             dense = frame[frame.kind == "dense"].iloc[0]
             front = frame[(frame.kind == "search") & (frame.dominated == False)]  # noqa: E712
-            close = front[(front.metric - dense.metric).abs() <= 1.0]
-            best = close.sort_values("latency_ms").iloc[0] if len(close) else dense
-            rows.append(
-                {
-                    "run": pareto_path.parent.name,
-                    "latency_source": dense.latency_source,
-                    "dense_ms": dense.latency_ms,
-                    "dense_metric": dense.metric,
-                    "best_within_1pt_ms": best.latency_ms,
-                    "best_within_1pt_speedup": best.speedup,
-                    "best_within_1pt_metric": best.metric,
-                    "fastest_ms": front.latency_ms.min() if len(front) else float("nan"),
-                    "front_points": len(front),
-                    "plan": str(pareto_path.parent / best.plan_path),
+            sign = 1.0 if higher_is_better(str(dense.metric_name)) else -1.0
+            loss = sign * (dense.metric - front.metric)  # how much worse than dense, in metric units
+            row = {
+                "run": pareto_path.parent.name,
+                "latency_source": dense.latency_source,
+                "metric": dense.metric_name,
+                "dense_ms": dense.latency_ms,
+                "dense_metric": dense.metric,
+            }
+            for tol in TOLERANCES:
+                close = front[loss <= tol * abs(dense.metric)]
+                best = close.sort_values("latency_ms").iloc[0] if len(close) else dense
+                row |= {
+                    f"within_{tol:.0%}_speedup": best.speedup,
+                    f"within_{tol:.0%}_metric": best.metric,
+                    f"within_{tol:.0%}_plan": best.label,
                 }
-            )
+            row |= {
+                "fastest_ms": front.latency_ms.min() if len(front) else float("nan"),
+                "front_points": len(front),
+            }
+            rows.append(row)
         if not rows:
             return
         table = pd.DataFrame(rows)
         table.to_csv(sweep / "comparison.csv", index=False)
-        header = "# Devices compared (predicted latency; metric re-scored on the task)\n\n"
+        header = (
+            "# Devices compared (predicted latency; metric re-scored on the task)\n\n"
+            "`within_X`: the fastest front plan whose metric is at most X of the dense model's metric worse "
+            "(`dense` where no plan is).\n\n"
+        )
         (sweep / "comparison.md").write_text(header + markdown_table(table))
         log.info("wrote %s", sweep / "comparison.csv")
 

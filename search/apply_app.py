@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device
 from hwprune.search._blocks import model_inputs, model_timer
+from hwprune.search._cli import one_line_errors
 from hwprune.search.config import ApplyConfig, build_task, register_configs, to_object
 from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
 
@@ -304,6 +305,7 @@ def _result(
 
 
 @hydra.main(config_path="pkg://hwprune.conf", config_name="apply", version_base=None)
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     app = to_object(cfg)
     assert isinstance(app, ApplyConfig)

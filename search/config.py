@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hwprune import cost_models
+from hwprune.search._storage import check_storage
 
 
 @dataclass
@@ -272,6 +273,7 @@ class SearchConfig:
     seed: int = 0
     sampler: Any = MISSING
     storage: str | None = None
+    heartbeat_s: int = 10
     rescore: int = 8
     rescore_min_speedup: float = 1.0
     rescore_max_speedup: float | None = None
@@ -289,6 +291,7 @@ class SearchConfig:
         checks = [
             ("n_trials", self.n_trials, self.n_trials >= 1, ">= 1"),
             ("rescore", self.rescore, self.rescore >= 0, ">= 0"),
+            ("heartbeat_s", self.heartbeat_s, self.heartbeat_s >= 1, ">= 1 (seconds)"),
             ("rescore_min_speedup", self.rescore_min_speedup, self.rescore_min_speedup >= 1, ">= 1"),
             (
                 "rescore_max_speedup",
@@ -332,6 +335,7 @@ class SearchConfig:
         for key, value, ok, valid in checks:
             if not ok:
                 raise ValueError(f"search.{key}={value!r} is invalid; valid: {valid}")
+        check_storage(self.storage)
 
 
 @dataclass

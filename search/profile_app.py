@@ -26,6 +26,7 @@ from hwprune.cost_models.profilers import (
     TorchProfiler,
 )
 from hwprune.search._blocks import block_spec, head_width, model_timer, real_block_factory
+from hwprune.search._cli import one_line_errors
 from hwprune.search.config import ProfileAppConfig, register_configs, to_object
 
 log = logging.getLogger("hwprune.profile")
@@ -104,6 +105,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
 
 
 @hydra.main(config_path="pkg://hwprune.conf", config_name="profile", version_base=None)
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     app = to_object(cfg)
     assert isinstance(app, ProfileAppConfig)

@@ -8,7 +8,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hwprune.search._study import open_storage, run_study
+from hwprune.search._storage import StudyStorage, open_storage
+from hwprune.search._study import run_study
 from hwprune.search.config import compose, to_object
 from tests.test_search_core import make_objective, structure_and_scores
 
@@ -39,6 +40,11 @@ from tests.test_search_core import make_objective, structure_and_scores
         ("workload.phase=train", r"workload: unknown phase 'train'; valid choices: \['prefill', 'decode'\]"),
         ("workload.phase=decode", r"workload: decode needs kv_len >= 1"),
         ("recovery.samples=0", r"recovery\.samples=0 is invalid; valid: >= 1"),
+        ("search.heartbeat_s=0", r"search\.heartbeat_s=0 is invalid; valid: >= 1"),
+        (
+            "search.storage=mysql://db/x",
+            r"search\.storage='mysql://db/x' is not supported; valid: null \(a journal in the run directory\)",
+        ),
     ],
 )
 def test_values_fail_when_the_config_is_built(override: str, message: str) -> None:
@@ -50,13 +56,12 @@ def test_values_fail_when_the_config_is_built(override: str, message: str) -> No
 
 
 def run_small_study(
-    objective, storage, single: bool, identity: dict, name: str | None = None
+    objective, storage: StudyStorage, identity: dict, name: str | None = None
 ) -> optuna.Study:  # type: ignore[no-untyped-def]
     return run_study(
         objective,
         sampler=optuna.samplers.RandomSampler(seed=0),
         storage=storage,
-        single_process=single,
         n_trials=3,
         seeds=[],
         identity=identity,
@@ -69,8 +74,7 @@ def test_a_run_directory_holds_one_identity(tmp_path: Path) -> None:
     identity = {"hardware": "cpu_local", "workload": {"batch_size": 1}, "task": "fidelity"}
 
     def study(**changes: object) -> optuna.Study:
-        storage, single = open_storage(None, tmp_path)
-        return run_small_study(objective, storage, single, identity | changes)
+        return run_small_study(objective, open_storage(None, tmp_path), identity | changes)
 
     first = study()
     assert first.user_attrs["hwprune_identity"] == identity and first.study_name.startswith("hwprune-")
@@ -79,17 +83,17 @@ def test_a_run_directory_holds_one_identity(tmp_path: Path) -> None:
         ValueError, match=r"holds a study made for other settings \(hardware: 'cpu_local' -> 'gpu_h100'\)"
     ):
         study(hardware="gpu_h100")
-    storage, _ = open_storage(None, tmp_path)
+    storage = open_storage(None, tmp_path).storage
     assert optuna.get_all_study_names(storage) == [first.study_name]  # nothing was added
 
 
 def test_a_shared_study_is_joined_only_with_the_same_identity(tmp_path: Path) -> None:
     objective = make_objective(structure_and_scores())
-    storage, single = open_storage(str(tmp_path / "shared.journal"), tmp_path)
-    assert not single
+    storage = open_storage(str(tmp_path / "shared.journal"), tmp_path)
+    assert storage.shared
 
     def study(identity: dict, name: str | None = None) -> optuna.Study:
-        return run_small_study(objective, storage, False, identity, name)
+        return run_small_study(objective, storage, identity, name)
 
     cpu, gpu = study({"hardware": "cpu_local"}), study({"hardware": "gpu_h100"})
     assert cpu.study_name != gpu.study_name  # one study per identity in a shared storage
@@ -98,3 +102,44 @@ def test_a_shared_study_is_joined_only_with_the_same_identity(tmp_path: Path) ->
         ValueError, match=r"study 'mine' was made for other settings \(hardware: 'cpu_local' -> 'gpu_h100'\)"
     ):
         study({"hardware": "gpu_h100"}, name="mine")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "search.latency_budget_ms=0.001",
+            r"search\.latency_budget_ms=0\.001 is unreachable: the fastest configuration .* predicts [0-9.]+ ms "
+            r"on cpu_local .*; valid: >= ",
+        ),
+        ("search.latency_budget_fraction=0.001", r"search\.latency_budget_fraction=0\.001 is unreachable"),
+        (
+            "workload.seq_len=4096",
+            r"workload\.seq_len=4096 exceeds the model's max_position_embeddings=512; valid: <= 512 tokens",
+        ),
+    ],
+)
+def test_what_needs_the_model_fails_before_the_saliency(override: str, message: str, tmp_path: Path) -> None:
+    from hwprune.search._run import run_search
+
+    app = to_object(compose("config", [override, f"saliency.cache_dir={tmp_path / 'cache'}"]))
+    with pytest.raises(ValueError, match=message):
+        run_search(app, tmp_path / "run")  # type: ignore[arg-type]
+    assert not (tmp_path / "cache").exists()  # no saliency was computed
+    written = sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith("."))
+    assert written == ["study.journal"]  # the (empty) study, opened first; nothing else (locks are hidden)
+
+
+def test_the_command_line_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        ["hwprune-search", "search.n_trials=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in (done.stderr + done.stdout).splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and errors[0].endswith("search.n_trials=0 is invalid; valid: >= 1")

@@ -17,7 +17,8 @@ from hwprune.search import ParetoLocalSearchSampler
 from hwprune.search._blocks import block_spec
 from hwprune.search._pareto import exact_front, hypervolume, pareto_mask
 from hwprune.search._space import SaliencyProxy, SearchSpace
-from hwprune.search._study import Constraints, SearchObjective, open_storage, run_study
+from hwprune.search._storage import open_storage
+from hwprune.search._study import Constraints, SearchObjective, run_study
 from hwprune.search.config import load_hardware
 from tests.conftest import CASES
 
@@ -119,12 +120,10 @@ def test_study_resumes_without_repeating_trials(setup, tmp_path: Path) -> None: 
     seeds = [objective.space.dense(), objective.space.uniform(0.5)]
 
     def study(n: int) -> optuna.Study:
-        storage, single = open_storage(None, tmp_path)
         return run_study(
             objective,
             sampler=optuna.samplers.RandomSampler(seed=0),
-            storage=storage,
-            single_process=single,
+            storage=open_storage(None, tmp_path),
             n_trials=n,
             seeds=seeds,
         )
@@ -146,12 +145,10 @@ def test_study_resumes_without_repeating_trials(setup, tmp_path: Path) -> None: 
 
 def test_constraints_mark_trials_infeasible(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     objective = make_objective(setup, Constraints(latency_fraction=0.5))
-    storage, single = open_storage(None, tmp_path)
     study = run_study(
         objective,
         sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=10),
-        storage=storage,
-        single_process=single,
+        storage=open_storage(None, tmp_path),
         n_trials=30,
         seeds=[objective.space.dense()],
     )
@@ -165,10 +162,14 @@ def test_constraints_mark_trials_infeasible(setup, tmp_path: Path) -> None:  # t
 
 
 def test_storage_urls(tmp_path: Path) -> None:
-    _, single = open_storage(str(tmp_path / "x" / "s.journal"), tmp_path)
-    assert not single and (tmp_path / "x").is_dir()
-    url, single = open_storage(f"sqlite:///{tmp_path}/s.db", tmp_path)
-    assert url.startswith("sqlite:///") and not single
+    journal = open_storage(str(tmp_path / "x" / "s.journal"), tmp_path)
+    assert journal.kind == "journal" and journal.shared and (tmp_path / "x").is_dir()
+    sqlite = open_storage(f"sqlite:///{tmp_path}/s.db", tmp_path)
+    assert sqlite.kind == "sqlite" and not sqlite.shared and sqlite.storage.startswith("sqlite:///")
+    default = open_storage(None, tmp_path / "run")
+    assert default.kind == "run_dir" and not default.shared and (tmp_path / "run").is_dir()
+    with pytest.raises(ValueError, match=r"search\.storage='mysql://x/y' is not supported; valid: null"):
+        open_storage("mysql://x/y", tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -184,9 +185,6 @@ def test_storage_urls(tmp_path: Path) -> None:
 )
 def test_every_selectable_sampler_runs_multi_objective(setup, tmp_path: Path, sampler) -> None:  # type: ignore[no-untyped-def]
     objective = make_objective(setup)
-    storage, single = open_storage(None, tmp_path)
-    study = run_study(
-        objective, sampler=sampler, storage=storage, single_process=single, n_trials=8, seeds=[]
-    )
+    study = run_study(objective, sampler=sampler, storage=open_storage(None, tmp_path), n_trials=8, seeds=[])
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
     assert all(len(t.values) == 2 for t in study.best_trials)

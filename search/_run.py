@@ -18,7 +18,7 @@ from hwprune import cost_models, hessian, prunable
 from hwprune.search._blocks import block_spec, head_width
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
 from hwprune.search._space import SaliencyProxy, SearchSpace
-from hwprune.search._storage import open_storage
+from hwprune.search._storage import open_storage, worker_seed
 from hwprune.search._study import Constraints, SearchObjective, rescoring_turn, run_study
 from hwprune.search.config import AppConfig, build_task
 from hwprune.search.recovery import NoRecovery, Recovery
@@ -137,6 +137,14 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = open_storage(cfg.search.storage, run_dir, heartbeat_s=cfg.search.heartbeat_s)
     storage.hold_single_worker()
+    if storage.shared:
+        seed = worker_seed(cfg.search.seed)
+        log.info(
+            "a worker of a shared study: sampler seed %d (search.seed %d and this process)",
+            seed,
+            cfg.search.seed,
+        )
+        sampler = instantiate(cfg.search.sampler, seed=seed)
     if profile.measure_peaks:
         profile = cost_models.local_profile(profile)
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)

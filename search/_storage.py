@@ -226,6 +226,13 @@ def worker_id() -> str:
     return f"{os.uname().nodename}:{os.getpid()}"
 
 
+def worker_seed(seed: int) -> int:
+    """A sampler seed of this worker's own, derived from `seed`: workers of one study that share a
+    seed propose the same widths, and all but the first of each are pruned as duplicates."""
+    digest = hashlib.sha256(f"{seed}:{worker_id()}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2**31
+
+
 def process_is_gone(worker: str) -> bool:
     """Whether `worker` (`<host>:<pid>`) is a process of this machine that no longer exists."""
     host, _, pid = worker.rpartition(":")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -165,7 +166,9 @@ def run_study(
             tracker = Progress("search, trials", remaining, logger=log)
             study.optimize(objective, n_trials=remaining, callbacks=[lambda s, t: tracker.advance()])
         return study
-    _work_shared(study, objective, storage, n_trials, poll_s)
+    with warnings.catch_warnings():  # Optuna flags its heartbeat API experimental on every use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _work_shared(study, objective, storage, n_trials, poll_s)
     return study
 
 

@@ -136,6 +136,20 @@ def test_a_killed_workers_trial_is_failed_and_run_again(shared: str, tmp_path: P
     assert len(rerun) == 1 and rerun[0].number > hung
 
 
+def test_workers_draw_sampler_seeds_of_their_own() -> None:
+    from hwprune.search._storage import worker_seed
+
+    here = worker_seed(0)
+    assert here == worker_seed(0) and here != worker_seed(1) and 0 <= here < 2**31
+    other = subprocess.run(
+        [sys.executable, "-c", "from hwprune.search._storage import worker_seed; print(worker_seed(0))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(other.stdout) != here  # another process, another seed
+
+
 def test_sqlite_serves_one_worker_and_says_what_to_use(tmp_path: Path) -> None:
     spec = f"sqlite:///{tmp_path / 'study.db'}"
     first = Worker(spec, 20, hang_at=3)

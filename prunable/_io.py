@@ -89,8 +89,49 @@ def load_model(source: str, class_name: str = "AutoModel", **kwargs: Any) -> Any
         log.info("%s: a random-init %s (seed 0), not a trained checkpoint", source, class_name)
         return model_class(class_name)._from_config(config, **kwargs).eval()
     path = resolve_source(source)
-    model = model_class(class_name).from_pretrained(str(path), local_files_only=True, **kwargs)
+    # transformers prints a many-line load report of every unused or missing weight; one line here
+    # says the same and what to do about it.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = model_class(class_name).from_pretrained(
+            str(path), local_files_only=True, output_loading_info=True, **kwargs
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    report_loading(source, class_name, model, info)
     return model.eval()
+
+
+def report_loading(source: str, class_name: str, model: Any, info: dict[str, Any]) -> None:
+    """One log line for weights a checkpoint has that the model does not use, or lacks."""
+    arch = next(iter(getattr(model.config, "architectures", None) or []), None)
+    loaded = type(model).__name__
+    hint = ""
+    if arch and arch != loaded:
+        hint = f"; the checkpoint is a {arch}: model.class_name={arch} loads it whole"
+    unused, missing = list(info.get("unexpected_keys", [])), list(info.get("missing_keys", []))
+    missing += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
+    if missing:
+        log.warning(
+            "%s as %s (%s): %d weights missing or of another shape, left at their initial values (%s)%s",
+            source,
+            class_name,
+            loaded,
+            len(missing),
+            ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else ""),
+            hint,
+        )
+    elif unused:
+        log.info(
+            "%s as %s (%s): %d checkpoint weights unused (%s)%s",
+            source,
+            class_name,
+            loaded,
+            len(unused),
+            ", ".join(sorted(unused)[:3]) + (", ..." if len(unused) > 3 else ""),
+            hint,
+        )
 
 
 def save_pruned(model: Any, plan: PrunePlan, directory: str | Path) -> Path:

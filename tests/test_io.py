@@ -127,3 +127,26 @@ def test_random_source_builds_the_same_random_model_from_a_config(tmp_path: Path
     assert prunable.weights_fingerprint(a) == prunable.weights_fingerprint(b)  # seeded: one model per config
     with pytest.raises(FileNotFoundError, match=r"random:.*missing\.json': no config file"):
         prunable.load_model(f"random:{tmp_path / 'missing.json'}", "LlamaForCausalLM")
+
+
+def test_a_head_checkpoint_loads_with_one_line_naming_its_class(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = transformers.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=2)
+    transformers.DistilBertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    capfd.readouterr()
+    with caplog.at_level("INFO", logger="hwprune.prunable._io"):
+        base = prunable.load_model(str(tmp_path / "mlm"))
+    assert type(base).__name__ == "DistilBertModel"
+    lines = [r.getMessage() for r in caplog.records if r.name == "hwprune.prunable._io"]
+    assert len(lines) == 1 and "5 checkpoint weights unused (vocab_layer_norm.bias" in lines[0]
+    assert lines[0].endswith(
+        "the checkpoint is a DistilBertForMaskedLM: model.class_name=DistilBertForMaskedLM loads it whole"
+    )
+    assert "LOAD REPORT" not in "".join(
+        capfd.readouterr()
+    )  # transformers' own many-line table is not printed
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hwprune.prunable._io"):
+        whole = prunable.load_model(str(tmp_path / "mlm"), "DistilBertForMaskedLM")
+    assert type(whole).__name__ == "DistilBertForMaskedLM" and not caplog.records  # nothing unused

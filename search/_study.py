@@ -247,6 +247,7 @@ class _SharedTrial:
 
     def __init__(self, objective: SearchObjective, n_trials: int, worker: str) -> None:
         self.objective, self.n_trials, self.worker = objective, n_trials, worker
+        self.given_up: set[int] = set()  # earlier trials that stayed half-suggested: never waited for again
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", self.worker)
@@ -276,8 +277,15 @@ class _SharedTrial:
             twin = next((t.number for t in earlier if _params_key(t) == mine), None)
             if twin is not None:
                 return twin
-            pending = [t for t in earlier if t.state == TrialState.RUNNING and len(t.params) < size]
-            if not pending or time.monotonic() > deadline:  # a worker stuck that long is dying
+            pending = [
+                t.number
+                for t in earlier
+                if t.state == TrialState.RUNNING and len(t.params) < size and t.number not in self.given_up
+            ]
+            if not pending:
+                return None
+            if time.monotonic() > deadline:  # a worker stuck that long is dead or dying
+                self.given_up.update(pending)
                 return None
             time.sleep(0.005)
 
@@ -315,32 +323,37 @@ def _work_shared(
     )
 
 
-def _fail_dead_workers(study: optuna.Study, storage: StudyStorage) -> None:
-    """Fail (and queue again) running trials whose worker is gone.
+def _fail_dead_workers(study: optuna.Study, storage: StudyStorage, untagged_s: float = 120.0) -> None:
+    """Fail running trials whose worker is gone (those it had started running are queued again).
 
     PostgreSQL finds them by heartbeat; a journal file, which has none, by the process id of the
-    trial's worker on this machine (a journal is shared by one machine's processes).
+    trial's worker on this machine (a journal is shared by one machine's processes). A trial still
+    without its worker tag after `untagged_s` never reached the objective: its worker died while
+    sampling, before Optuna's first heartbeat, which Optuna's own check never counts as stale.
     """
     if storage.heartbeat:
         optuna.storages.fail_stale_trials(study)
-        return
     now = datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
-        # A trial is tagged right after it starts; untagged for a minute, its worker died in between.
-        started = t.datetime_start or now
-        if worker is None and now - started < timedelta(seconds=60):
-            continue
-        if worker is not None and not process_is_gone(worker):
+        if worker is None:
+            if now - (t.datetime_start or now) < timedelta(seconds=untagged_s):
+                continue
+        elif storage.heartbeat or not process_is_gone(worker):
             continue
         with storage.lock("reap"):  # two workers must not both fail and re-queue it
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t.number not in {r.number for r in running}:
                 continue
             study.tell(t.number, state=TrialState.FAIL)
-            if t.params:
+            if worker is not None and t.params:
                 study.enqueue_trial(t.params)
-        log.warning("trial %d's worker %s is gone: marked failed and queued again", t.number, worker)
+        log.warning(
+            "trial %d's worker %s is gone: marked failed%s",
+            t.number,
+            worker or "(untagged)",
+            " and queued again" if worker else "",
+        )
 
 
 @contextlib.contextmanager

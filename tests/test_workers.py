@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hwprune.search._storage import StudyStorage, open_storage
+from hwprune.search._storage import StudyStorage, open_storage, worker_id
 from hwprune.search._study import RESCORED_ATTR, rescoring_turn, study_name_for
 from tests._worker import IDENTITY
 
@@ -207,3 +207,28 @@ def test_the_front_is_rescored_once(kind: str, tmp_path: Path, request: pytest.F
     single = open_storage(None, tmp_path / "run")
     with rescoring_turn(study, single, tmp_path / "run") as who:
         assert who is None  # one process: always this one
+
+
+def test_a_trial_whose_worker_died_while_sampling_is_failed_and_not_waited_for(
+    shared: str, tmp_path: Path
+) -> None:
+    from hwprune.search._study import _fail_dead_workers, _SharedTrial
+    from tests.test_search_core import make_objective, structure_and_scores
+
+    storage = open_storage(shared, tmp_path, heartbeat_s=1)
+    study = optuna.create_study(storage=storage.storage, study_name="s", directions=["minimize"] * 2)
+    dead = study.ask()  # RUNNING, no worker tag and no heartbeat: as if killed inside the sampler
+    dead.suggest_int("units_0", 0, 4)
+    later = study.ask()
+    later.set_user_attr("worker", worker_id())  # a live worker's trial
+    objective = make_objective(structure_and_scores())
+    objective.suggest(later)
+    guarded = _SharedTrial(objective, 10, "test:1")
+    started = time.monotonic()
+    assert guarded._earlier_twin(later, patience_s=0.3) is None  # waited once for the half-suggested trial
+    assert guarded._earlier_twin(later, patience_s=0.3) is None and time.monotonic() - started < 0.6
+    _fail_dead_workers(study, storage)  # too young to call dead
+    assert study.get_trials(states=(TrialState.RUNNING,))[0].number == dead.number
+    _fail_dead_workers(study, storage, untagged_s=0)
+    assert [t.number for t in study.get_trials(states=(TrialState.FAIL,))] == [dead.number]
+    assert study.get_trials(states=(TrialState.WAITING,)) == []  # it never ran: nothing to queue again

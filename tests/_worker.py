@@ -35,6 +35,7 @@ def main() -> None:
         if calls[0] == hang_at:
             print(f"HANG {trial.number}", flush=True)
             time.sleep(3600)
+        time.sleep(0.05)  # a trial that takes a moment, so that workers started together overlap
         return score(trial, units, mlp)
 
     objective.score = maybe_hang  # type: ignore[method-assign]

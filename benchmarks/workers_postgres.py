@@ -39,6 +39,7 @@ import torch
 from optuna.trial import TrialState
 
 from hwprune import cost_models
+from hwprune.search.app import markdown_table
 
 log = logging.getLogger("workers_benchmark")
 SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -128,12 +129,6 @@ def run(kind: str, storage_spec: str, workers: int, trials: int, work: Path, kil
     }
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -177,7 +172,7 @@ def main() -> None:
         "its default workload), `search.rescore=2`; the workers share the machine's cores. With a kill, the last "
         "worker gets SIGKILL once half the trials are complete and is started again.",
         "",
-        markdown(frame),
+        markdown_table(frame),
         "",
         "`run twice`: complete trials whose widths another complete trial has. `FAIL`: the killed worker's "
         "trial (failed by heartbeat on PostgreSQL, by its dead process id on the journal) — run again by "

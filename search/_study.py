@@ -299,8 +299,9 @@ def _work_shared(
     at_start = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     tracker = Progress(f"search, trials of study {study.study_name}", max(n_trials - at_start, 0), logger=log)
     while True:
-        _fail_dead_workers(study, storage)
         trials = study.get_trials(deepcopy=False)
+        if _fail_dead_workers(study, storage, trials):
+            continue  # states changed: count again
         count = {s: sum(t.state == s for t in trials) for s in LIVE}
         complete = count[TrialState.COMPLETE]
         tracker.advance(max(complete - at_start - tracker.done, 0))  # every worker's trials count
@@ -308,6 +309,8 @@ def _work_shared(
             break
         if sum(count.values()) >= n_trials and not count[TrialState.WAITING]:
             time.sleep(poll_s)  # the rest is running elsewhere: wait for it to finish or go stale
+            if storage.heartbeat:  # Optuna checks heartbeats before each trial it runs, not while we wait
+                optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(guarded, n_trials=1)
     mine = sum(
@@ -323,18 +326,22 @@ def _work_shared(
     )
 
 
-def _fail_dead_workers(study: optuna.Study, storage: StudyStorage, untagged_s: float = 120.0) -> None:
-    """Fail running trials whose worker is gone (those it had started running are queued again).
+def _fail_dead_workers(
+    study: optuna.Study,
+    storage: StudyStorage,
+    trials: list[optuna.trial.FrozenTrial],
+    untagged_s: float = 120.0,
+) -> bool:
+    """Fail running trials (of `trials`, just fetched) whose worker is gone; True if any was.
 
-    PostgreSQL finds them by heartbeat; a journal file, which has none, by the process id of the
-    trial's worker on this machine (a journal is shared by one machine's processes). A trial still
+    Those that had reached the objective are queued again. PostgreSQL's heartbeats are Optuna's
+    own check (before every trial it runs); a journal file, which has none, finds a dead worker by
+    the process id of its trials on this machine (a journal is shared by one machine). A trial still
     without its worker tag after `untagged_s` never reached the objective: its worker died while
     sampling, before Optuna's first heartbeat, which Optuna's own check never counts as stale.
     """
-    if storage.heartbeat:
-        optuna.storages.fail_stale_trials(study)
-    now = datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    now, failed = datetime.now(), False
+    for t in (t for t in trials if t.state == TrialState.RUNNING):
         worker = t.user_attrs.get("worker")
         if worker is None:
             if now - (t.datetime_start or now) < timedelta(seconds=untagged_s):
@@ -348,12 +355,14 @@ def _fail_dead_workers(study: optuna.Study, storage: StudyStorage, untagged_s: f
             study.tell(t.number, state=TrialState.FAIL)
             if worker is not None and t.params:
                 study.enqueue_trial(t.params)
+        failed = True
         log.warning(
             "trial %d's worker %s is gone: marked failed%s",
             t.number,
             worker or "(untagged)",
             " and queued again" if worker else "",
         )
+    return failed
 
 
 @contextlib.contextmanager

@@ -227,8 +227,8 @@ def test_a_trial_whose_worker_died_while_sampling_is_failed_and_not_waited_for(
     started = time.monotonic()
     assert guarded._earlier_twin(later, patience_s=0.3) is None  # waited once for the half-suggested trial
     assert guarded._earlier_twin(later, patience_s=0.3) is None and time.monotonic() - started < 0.6
-    _fail_dead_workers(study, storage)  # too young to call dead
+    assert not _fail_dead_workers(study, storage, study.get_trials())  # too young to call dead
     assert study.get_trials(states=(TrialState.RUNNING,))[0].number == dead.number
-    _fail_dead_workers(study, storage, untagged_s=0)
+    assert _fail_dead_workers(study, storage, study.get_trials(), untagged_s=0)
     assert [t.number for t in study.get_trials(states=(TrialState.FAIL,))] == [dead.number]
     assert study.get_trials(states=(TrialState.WAITING,)) == []  # it never ran: nothing to queue again

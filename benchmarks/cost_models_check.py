@@ -29,6 +29,7 @@ import copy
 import logging
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,32 @@ def spread_configs(spec: cost_models.BlockSpec, n: int, seed: int) -> tuple[np.n
 
 
 def time_interleaved(
-    models: list[torch.nn.Module], workload: cost_models.Workload, device: str, rounds: int
+    models: Iterable[torch.nn.Module], workload: cost_models.Workload, device: str, rounds: int
 ) -> np.ndarray:
     """(models, rounds) latencies in ms, each model timed once per round in a shuffled order.
 
     Round-robin timing spreads a shared machine's slow drifts (other tenants, clocks) over every
     model alike instead of biasing whichever model happened to be timed during a slow minute.
+    Each model moves to the device as it comes (`models` may be a generator), so a GPU run holds
+    one host copy at a time, and pruned copies of a model already moved are made on the device.
     """
     timers = [model_timer(model, workload, device) for model in models]
     return np.array(interleaved(timers, rounds=rounds, warmup=2))
+
+
+def pruned_models(dense: torch.nn.Module, units: np.ndarray, mlp: np.ndarray) -> Iterator[torch.nn.Module]:
+    """`dense`, then one physically pruned copy per row of (configurations, layers) `units` and `mlp`.
+
+    A generator: with `time_interleaved` the dense model is on the device before it is copied.
+    """
+    structure = prunable.discover(dense)
+    ref = prunable.model_ref(dense, with_weights=False)
+    yield dense
+    for k in range(len(units)):
+        plan = prunable.PrunePlan.from_units(
+            structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
+        )
+        yield prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False)
 
 
 def speed_windows(
@@ -178,6 +196,13 @@ def main() -> None:
     parser.add_argument("--hardware", default="cpu_local", help="hardware profile (torch backend) to check")
     parser.add_argument("--out", help="report path (default results/benchmarks/cost_models_<hardware>.md)")
     parser.add_argument(
+        "--model-source",
+        default=prunable.MINILM,
+        help="the MiniLM to time (default the bundled checkpoint); random:benchmarks/models/"
+        "all_minilm_l6_v2.json is its architecture with random weights, the same latency, for "
+        "machines without the checkpoint",
+    )
+    parser.add_argument(
         "--previous",
         help="measurements CSV of an earlier run (same --configs): adds how well that run predicts this one",
     )
@@ -193,10 +218,8 @@ def main() -> None:
     dtype = profile.resolve_dtype("auto")
     device = torch_device(profile.device)  # fails here, naming the device, before any work
 
-    dense = prunable.load_model(prunable.MINILM, "BertModel")
-    structure = prunable.discover(dense)
-    spec = block_spec(structure)
-    ref = prunable.model_ref(dense, with_weights=False)
+    dense = prunable.load_model(args.model_source, "BertModel")
+    spec = block_spec(prunable.discover(dense))
     previous = load_previous(args.previous, spec, args.configs)
     started = datetime.now(timezone.utc)
     stability = speed_windows(dense, dtype, profile.device, args.stability_seconds)
@@ -204,7 +227,10 @@ def main() -> None:
     for name, (batch, seq) in WORKLOADS.items():
         if args.profile:
             settings = GPU_PROFILE_ARGS if device.type == "cuda" else PROFILE_ARGS[name]
-            command = f"hwprune-profile hardware={args.hardware} workload={name} {settings}"
+            source = "" if args.model_source == prunable.MINILM else f" model.source={args.model_source}"
+            command = (
+                f"hwprune-profile hardware={args.hardware} workload={name}{source} overwrite=true {settings}"
+            )
             log.info("running %s", command)
             subprocess.run(command.split(), check=True)
         workload = cost_models.Workload(batch_size=batch, seq_len=seq, dtype=dtype)
@@ -224,14 +250,7 @@ def main() -> None:
         sets = config_sets(spec, args.configs, batch)
         units, mlp = stacked(sets)
         rounds = args.repeats if batch == 1 else max(3, args.repeats // 3)
-        pruned = []
-        for k in range(len(units)):
-            plan = prunable.PrunePlan.from_units(
-                structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
-            )
-            pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
-        samples = time_interleaved([dense, *pruned], workload, profile.device, rounds)
-        del pruned
+        samples = time_interleaved(pruned_models(dense, units, mlp), workload, profile.device, rounds)
         timed = np.median(samples, axis=1)
         dense_ms, measured = float(timed[0]), timed[1:]
         # Halves of the rounds: how well this machine predicts itself, a ceiling for any model.
@@ -296,6 +315,7 @@ def write(
         + (f" --hardware {args.hardware}" if args.hardware != "cpu_local" else "")
         + f"{' --profile' if args.profile else ''} --configs {args.configs} --repeats {args.repeats}"
         + (f" --previous {args.previous}" if args.previous else "")
+        + (f" --model-source {args.model_source}" if args.model_source != prunable.MINILM else "")
         + "`"
         + (" (profiles each table, then checks it)" if args.profile else "")
         + f"; every measured latency is in `{Path(args.out).with_suffix('.csv').name}`.  ",
@@ -304,7 +324,13 @@ def write(
         + f" ({sections[0][1].dtype}): {profile.peak_tflops[sections[0][1].dtype] * 1e3:.0f} GFLOP/s, "
         f"memory {profile.memory_bandwidth_gbs:.1f} GB/s.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every latency here was measured on this "
-        f"{'GPU (CUDA events)' if device.type == 'cuda' else 'CPU (wall clock)'}.",
+        f"{'GPU (CUDA events)' if device.type == 'cuda' else 'CPU (wall clock)'}."
+        + (
+            f" Weights: `{args.model_source}`, the all-MiniLM-L6-v2 architecture with random weights "
+            "(latency does not depend on the values)."
+            if args.model_source != prunable.MINILM
+            else ""
+        ),
         "",
         f"Two sets of {args.configs} random per-layer configurations (attention heads 0-12 and MLP width "
         "0-1536 in steps of 128, per layer): `uniform` draws every layer's widths independently, so "

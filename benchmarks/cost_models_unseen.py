@@ -1,4 +1,4 @@
-"""Cost models where no table was profiled: other workloads and another model, measured on this CPU.
+"""Cost models where no table was profiled: other workloads and another model, measured on a device.
 
 Users rarely run exactly the shape and workload a device was profiled for. This check times, end to
 end, random per-layer pruned configurations at workloads that have no table of their own, and
@@ -13,14 +13,19 @@ Each configuration is physically pruned; dense and pruned models are timed in in
 (median). Errors are reported as a speedup over the dense model (what the search ranks and
 hwprune-apply reports) and absolute. Output: results/benchmarks/cost_models_unseen.md and .csv.
 
+On another torch device (`--hardware gpu_h200` on the GPU machine) the same cases run in the
+profile's default dtype against that profile's tables; `--llama` picks the decoder (its tables must
+be among them), `--kv-len` the decode cache.
+
 Usage:
     python benchmarks/cost_models_unseen.py --configs 50 --decode-configs 30 --repeats 15
+    python benchmarks/cost_models_unseen.py --hardware gpu_h200 --llama benchmarks/models/llama_gqa_2048.json \
+        --model-source random:benchmarks/models/all_minilm_l6_v2.json     # see benchmarks/gpu_h200.sh
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 import zlib
@@ -32,9 +37,10 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cost_models_check import STEP, describe, metrics, spread_configs, time_interleaved
+from cost_models_check import STEP, describe, metrics, pruned_models, spread_configs, time_interleaved
 
 from hwprune import cost_models, prunable
+from hwprune.cost_models.profilers import torch_device
 from hwprune.search._blocks import block_spec, head_width
 from hwprune.search.config import load_hardware
 
@@ -44,9 +50,9 @@ log = logging.getLogger("cost_models_unseen")
 LLAMA_CONFIG = Path(__file__).parent / "models" / "llama_gqa_512.json"
 
 
-def llama_gqa() -> torch.nn.Module:
-    """The random-init LLaMA-GQA whose decode tables cpu_local ships (same config, same seed)."""
-    return prunable.load_model(f"random:{LLAMA_CONFIG}", "LlamaForCausalLM")
+def llama_gqa(config: Path = LLAMA_CONFIG) -> torch.nn.Module:
+    """The random-init LLaMA-GQA of `config` (seed 0): the model its decode tables were profiled with."""
+    return prunable.load_model(f"random:{config}", "LlamaForCausalLM")
 
 
 def check(
@@ -67,15 +73,9 @@ def check(
         )
     analytical = cost_models.AnalyticalModel(profile=profile, spec=spec, workload=workload)
     units, mlp = spread_configs(spec, n, seed=zlib.crc32(name.encode()))
-    ref = prunable.model_ref(dense, with_weights=False)
-    pruned = []
-    for k in range(n):
-        plan = prunable.PrunePlan.from_units(
-            structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
-        )
-        pruned.append(prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False))
     log.info("%s: timing dense + %d configurations, %d rounds", name, n, rounds)
-    samples = time_interleaved([dense, *pruned], workload, "cpu", rounds)  # (1 + n, rounds)
+    samples = time_interleaved(pruned_models(dense, units, mlp), workload, profile.device, rounds)
+    # samples: (1 + n, rounds), the dense model first
     timed = np.median(samples, axis=1)
     dense_ms, measured = float(timed[0]), timed[1:]
     even = np.median(samples[:, 0::2], axis=1)
@@ -150,30 +150,60 @@ def main() -> None:
         "--decode-configs", type=int, default=30, help="pruned LLaMA configurations per batch"
     )
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
-    parser.add_argument("--out", default="results/benchmarks/cost_models_unseen.md")
+    parser.add_argument("--hardware", default="cpu_local", help="hardware profile (torch backend) to check")
+    parser.add_argument(
+        "--out", help="report path (default results/benchmarks/cost_models_unseen[_<hardware>].md)"
+    )
+    parser.add_argument(
+        "--model-source",
+        default=prunable.MINILM,
+        help="the MiniLM to time (default the bundled checkpoint; random:benchmarks/models/"
+        "all_minilm_l6_v2.json where it is not installed)",
+    )
+    parser.add_argument(
+        "--llama", type=Path, default=LLAMA_CONFIG, help="config.json of the LLaMA-GQA decoder"
+    )
+    parser.add_argument("--kv-len", type=int, default=1024, help="cached tokens of the decode cases")
     args = parser.parse_args()
+    suffix = "" if args.hardware == "cpu_local" else f"_{args.hardware}"
+    args.out = args.out or f"results/benchmarks/cost_models_unseen{suffix}.md"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("hwprune.prunable._surgery").setLevel(logging.WARNING)
     started = datetime.now(timezone.utc)
-    profile = cost_models.local_profile(load_hardware("cpu_local"))
+    profile = load_hardware(args.hardware)
+    if profile.backend != "torch":
+        raise SystemExit(
+            f"--hardware {args.hardware}: this check times torch models, not {profile.backend!r}"
+        )
+    profile = cost_models.local_profile(profile) if profile.measure_peaks else profile
+    device = torch_device(profile.device)  # fails here, naming the device, before any work
+    dtype = profile.resolve_dtype("auto")
     tables = cost_models.load_tables(profile)
     if not tables:
-        raise SystemExit("no cpu_local table was measured on this CPU: run hwprune-profile first (README)")
-    minilm = prunable.load_model(prunable.MINILM, "BertModel")
-    llama = llama_gqa()
+        raise SystemExit(
+            f"no {profile.name} table was measured on this device: run hwprune-profile first (README)"
+        )
+    minilm = prunable.load_model(args.model_source, "BertModel")
+    llama = llama_gqa(args.llama)
+    kv = args.kv_len
     cases = [
-        ("minilm b8 x 64", minilm, cost_models.Workload(batch_size=8, seq_len=64), args.configs),
-        ("minilm b4 x 256", minilm, cost_models.Workload(batch_size=4, seq_len=256), args.configs),
+        ("minilm b8 x 64", minilm, cost_models.Workload(batch_size=8, seq_len=64, dtype=dtype), args.configs),
         (
-            "llama-gqa decode b1 kv1024",
+            "minilm b4 x 256",
+            minilm,
+            cost_models.Workload(batch_size=4, seq_len=256, dtype=dtype),
+            args.configs,
+        ),
+        (
+            f"llama-gqa decode b1 kv{kv}",
             llama,
-            cost_models.Workload(batch_size=1, phase="decode", kv_len=1024),
+            cost_models.Workload(batch_size=1, phase="decode", kv_len=kv, dtype=dtype),
             args.decode_configs,
         ),
         (
-            "llama-gqa decode b16 kv1024",
+            f"llama-gqa decode b16 kv{kv}",
             llama,
-            cost_models.Workload(batch_size=16, phase="decode", kv_len=1024),
+            cost_models.Workload(batch_size=16, phase="decode", kv_len=kv, dtype=dtype),
             args.decode_configs,
         ),
     ]
@@ -190,10 +220,16 @@ def main() -> None:
         "# Cost models where no table was profiled (measured)",
         "",
         f"Command: `python benchmarks/cost_models_unseen.py --configs {args.configs} --decode-configs "
-        f"{args.decode_configs} --repeats {args.repeats}`  ",
-        f"Machine: {describe(torch.device('cpu'))}.  ",
+        f"{args.decode_configs} --repeats {args.repeats}"
+        + (f" --hardware {args.hardware}" if args.hardware != "cpu_local" else "")
+        + (f" --model-source {args.model_source}" if args.model_source != prunable.MINILM else "")
+        + (f" --llama {args.llama}" if args.llama != LLAMA_CONFIG else "")
+        + (f" --kv-len {kv}" if kv != 1024 else "")
+        + "`  ",
+        f"Machine: {describe(device)}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC; {args.repeats} interleaved rounds per configuration, median.  ",
-        f"Calibrated on the cpu_local tables of this CPU: {fitted}.  ",
+        f"Calibrated on the {profile.name} tables of this device: {fitted}. "
+        f"LLaMA-GQA: `{args.llama.name}` (random init). Timed in {dtype}.  ",
         "Configurations: per-layer widths drawn around a keep ratio uniform in [0, 1] (empty to dense), "
         f"MLP in steps of {STEP}. `speedup` compares predicted and measured dense/pruned ratios; "
         "`absolute` the latencies themselves. The FLOPs proxy is anchored to the measured dense latency, "

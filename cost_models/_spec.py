@@ -125,6 +125,17 @@ class Workload:
             raise ValueError("workload dtype 'auto' must be resolved against a hardware profile first")
         return DTYPE_BYTES[self.dtype]
 
+    def tag(self) -> str:
+        """A short file-name tag: "b32_s128" for prefill, "decode_b1_kv2048" for one-token decode.
+
+        The dtype is left out: a table's dtype is its device's default unless set, and is in its
+        metadata either way.
+        """
+        if self.phase != "decode":
+            return f"b{self.batch_size}_s{self.seq_len}"
+        new = f"_s{self.seq_len}" if self.seq_len != 1 else ""
+        return f"decode_b{self.batch_size}{new}_kv{self.kv_len}"
+
     def describe(self) -> str:
         extra = f", kv_len {self.kv_len}" if self.phase == "decode" else ""
         return f"{self.phase} batch {self.batch_size} x seq {self.seq_len}, {self.dtype}{extra}"

@@ -411,12 +411,19 @@ class ProfileAppConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     out: str = MISSING
+    overwrite: bool = False  # replace a table already at `out` (else profiling refuses to start)
 
 
 def register_configs() -> None:
     """Register every group's schema (idempotent)."""
     if not OmegaConf.has_resolver("hwprune.table_dir"):  # conf/profile.yaml's default `out`
         OmegaConf.register_new_resolver("hwprune.table_dir", cost_models.table_dir)
+    if not OmegaConf.has_resolver("hwprune.workload_tag"):  # and its file name
+
+        def workload_tag(batch_size: int, seq_len: int, phase: str, kv_len: int) -> str:
+            return cost_models.Workload(batch_size=batch_size, seq_len=seq_len, phase=phase, kv_len=kv_len).tag()
+
+        OmegaConf.register_new_resolver("hwprune.workload_tag", workload_tag)
     cs = ConfigStore.instance()
     cs.store(group="hardware", name="schema", node=cost_models.HardwareProfile)
     cs.store(group="model", name="schema", node=ModelConfig)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -55,6 +56,10 @@ def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
 
 
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise ValueError(
+            f"out={cfg.out} already holds a table; pass overwrite=true to replace it, or another out="
+        )
     profile = cfg.hardware.validate()
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
@@ -115,3 +120,7 @@ def main(cfg: DictConfig) -> None:
 def entry() -> None:
     register_configs()
     main()
+
+
+if __name__ == "__main__":  # `python -m hwprune.search.profile_app`, where the package is not installed
+    entry()

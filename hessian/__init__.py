@@ -3,12 +3,14 @@
     calibration = hessian.Calibration(batches, objective)
     scores = hessian.NViTSaliency().score(model, calibration)       # one score per unit
     scores = hessian.cached_score(hessian.FisherSaliency(), model, calibration, cache_dir="~/.cache/hwprune")
+    options = hessian.ScoringOptions(device="cuda", dtype="bf16", max_samples=4)   # where, in what pieces
+    scores = hessian.NViTSaliency().score(model, calibration, options=options)
 
 Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fisher/Gauss-Newton),
 `fisher` (OBD diagonal Fisher), `hutchinson` (HAWQ-V2 layer traces), `taylor`, `magnitude`, `random`.
 """
 
-from hwprune.hessian._base import Saliency, UnitScores
+from hwprune.hessian._base import SCORING_DTYPES, Saliency, ScoringOptions, UnitScores
 from hwprune.hessian._cache import cached_score
 from hwprune.hessian._calibration import Batch, Calibration, Objective, OutputDistance
 from hwprune.hessian._fisher import FisherSaliency
@@ -29,6 +31,7 @@ METHODS: tuple[type[Saliency], ...] = (
 
 __all__ = [
     "METHODS",
+    "SCORING_DTYPES",
     "Batch",
     "Calibration",
     "FisherSaliency",
@@ -39,6 +42,7 @@ __all__ = [
     "OutputDistance",
     "RandomSaliency",
     "Saliency",
+    "ScoringOptions",
     "TaylorSaliency",
     "UnitScores",
     "cached_score",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,24 +90,108 @@ class UnitScores:
         return cls(header["method"], header["structure_fingerprint"], heads, mlp, header["meta"])
 
 
+SCORING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """Where and in what pieces a saliency method runs: memory and speed, not the scores.
+
+    Attributes:
+        device: Where to score ("cpu", "cuda", "cuda:1"); None scores where the model is. A model
+            elsewhere moves there for the scoring and back after it, unchanged.
+        dtype: "bf16", "fp16" or "fp32" to score a copy in that dtype (made parameter by parameter,
+            on `device`); None scores in the model's own. Part of the score cache key.
+        max_samples: Calibration samples per forward and backward pass; None takes each calibration
+            batch whole. Activation memory is in proportion to it; scores are the same up to
+            floating-point summation order (samples do not interact in a forward pass).
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in SCORING_DTYPES:
+            raise ValueError(
+                f"unknown scoring dtype {self.dtype!r}; valid choices: {[*SCORING_DTYPES, None]}"
+            )
+        if self.max_samples is not None and (isinstance(self.max_samples, bool) or self.max_samples < 1):
+            raise ValueError(f"max_samples must be >= 1 or None, got {self.max_samples!r}")
+        if self.device is not None:
+            try:
+                kind = torch.device(self.device).type
+            except (RuntimeError, TypeError):
+                kind = None
+            if kind not in ("cpu", "cuda", "mps"):
+                raise ValueError(
+                    f"unknown scoring device {self.device!r}; valid choices: 'cpu', 'cuda[:i]', 'mps', None"
+                )
+
+
+@contextmanager
+def placed(model: nn.Module, options: ScoringOptions) -> Iterator[nn.Module]:
+    """`model` on the options' device and in their dtype, for the duration of the block.
+
+    Same dtype: the model itself, moved (exactly) to the device and back. Another dtype: a copy,
+    each parameter converted on its own so the host never holds a second full-precision model.
+    """
+    param = next(model.parameters())
+    home = param.device  # read now: moving the model changes what its parameters report
+    device = torch.device(options.device) if options.device is not None else home
+    dtype = SCORING_DTYPES[options.dtype] if options.dtype is not None else param.dtype
+    if dtype == param.dtype:
+        if device == home:
+            yield model
+            return
+        model.to(device)
+        try:
+            yield model
+        finally:
+            model.to(home)
+        return
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device, dtype if t.is_floating_point() else t.dtype)
+
+    # deepcopy takes the memo's entry for any object it has: every tensor is copied converted.
+    memo: dict[int, Any] = {id(p): nn.Parameter(convert(p), p.requires_grad) for p in model.parameters()}
+    memo |= {id(b): convert(b) for b in model.buffers()}
+    scored = copy.deepcopy(model, memo)
+    try:
+        yield scored
+    finally:
+        del scored, memo
+
+
 class Saliency(ABC):
     """Scores every prunable unit of a model on calibration data.
 
-    Subclasses implement `_score`; `score` wraps it with evaluation mode, the structure check and
-    the result check, so every method returns finite scores of the right shapes or raises.
+    Subclasses implement `_score`; `score` wraps it with evaluation mode, placement (device, dtype),
+    the structure check and the result check, so every method returns finite scores of the right
+    shapes or raises.
     """
 
     name: ClassVar[str]
 
-    def score(self, model: nn.Module, calibration: Calibration) -> UnitScores:
-        """One score per unit of `prunable.discover(model)`."""
+    def score(
+        self, model: nn.Module, calibration: Calibration, *, options: ScoringOptions | None = None
+    ) -> UnitScores:
+        """One score per unit of `prunable.discover(model)`.
+
+        Args:
+            options: Device, dtype and samples per pass (default: where the model is, in its
+                dtype, whole batches).
+        """
+        options = options or ScoringOptions()
         structure = prunable.discover(model)
         if not calibration.batches:
             raise ValueError(f"{self.name}: calibration has no batches")
         was_training = model.training
         model.eval()  # dropout off: saliency of the deterministic network
         try:
-            heads, mlp = self._score(model, structure, calibration)
+            with placed(model, options) as scored:
+                heads, mlp = self._score(scored, structure, calibration, options)
         finally:
             model.train(was_training)
         scores = UnitScores(
@@ -116,6 +201,7 @@ class Saliency(ABC):
             mlp=[m.detach().double().cpu() for m in mlp],
             meta={
                 "params": self.params(),
+                "scoring": {k: v for k, v in asdict(options).items() if v is not None},
                 "calibration": calibration.description,
                 "samples": calibration.n_samples,
             },
@@ -129,9 +215,13 @@ class Saliency(ABC):
 
     @abstractmethod
     def _score(
-        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+        self,
+        model: nn.Module,
+        structure: prunable.Structure,
+        calibration: Calibration,
+        options: ScoringOptions,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per layer, (attention-unit scores, neuron scores)."""
+        """Per layer, (attention-unit scores, neuron scores), with `model` already placed."""
 
 
 class SeededSaliency(Saliency):

@@ -10,14 +10,17 @@ from pathlib import Path
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import Saliency, UnitScores
+from hwprune.hessian._base import Saliency, ScoringOptions, UnitScores
 from hwprune.hessian._calibration import Calibration
 
 log = logging.getLogger(__name__)
 
 
-def cache_key(method: Saliency, model: nn.Module, calibration: Calibration) -> str:
-    """Hash of the weights, the structure, the calibration data and objective, and the method."""
+def cache_key(
+    method: Saliency, model: nn.Module, calibration: Calibration, options: ScoringOptions | None = None
+) -> str:
+    """Hash of the weights, the structure, the calibration data and objective, the method and the
+    scoring dtype (where and in what pieces it ran changes the scores only by rounding)."""
     parts = {
         "weights": prunable.weights_fingerprint(model),
         "structure": prunable.discover(model).fingerprint(),
@@ -25,26 +28,35 @@ def cache_key(method: Saliency, model: nn.Module, calibration: Calibration) -> s
         "method": method.name,
         "params": method.params(),
     }
+    if options is not None and options.dtype is not None:
+        parts["dtype"] = options.dtype
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def cached_score(
-    method: Saliency, model: nn.Module, calibration: Calibration, *, cache_dir: str | Path | None
+    method: Saliency,
+    model: nn.Module,
+    calibration: Calibration,
+    *,
+    cache_dir: str | Path | None,
+    options: ScoringOptions | None = None,
 ) -> UnitScores:
-    """`method.score(model, calibration)`, read from `cache_dir` when computed before.
+    """`method.score(model, calibration, options=options)`, read from `cache_dir` when computed before.
 
     Args:
         cache_dir: Directory of cached scores; None disables caching.
+        options: Device, dtype and samples per pass; see `ScoringOptions`.
     """
     if cache_dir is None:
-        return method.score(model, calibration)
-    path = Path(cache_dir).expanduser() / f"{method.name}-{cache_key(method, model, calibration)}.npz"
+        return method.score(model, calibration, options=options)
+    key = cache_key(method, model, calibration, options)
+    path = Path(cache_dir).expanduser() / f"{method.name}-{key}.npz"
     if path.is_file():
         log.info("saliency %s: cached %s", method.name, path)
         scores = UnitScores.load(path)
         scores.meta["cache"] = str(path)
         return scores
-    scores = method.score(model, calibration)
+    scores = method.score(model, calibration, options=options)
     scores.save(path)
     log.info("saliency %s: computed and cached at %s", method.name, path)
     return scores

@@ -30,6 +30,15 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     sample_of_row: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    # The calibration batch this one is a part (`chunks`) or a device copy (`to`) of, and which of
+    # its rows it holds (None: all): objectives key per-batch state on the origin.
+    origin: Batch | None = field(default=None, repr=False, compare=False)
+    origin_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def root(self) -> Batch:
+        """The calibration batch this one came from (itself if it is one)."""
+        return self.origin if self.origin is not None else self
 
     @property
     def rows(self) -> int:
@@ -59,11 +68,38 @@ class Batch:
             targets=self.targets[wanted] if self.targets is not None else None,
         )
 
-    def to(self, device: torch.device | str) -> Batch:
+    def chunks(self, max_samples: int | None) -> list[Batch]:
+        """This batch in parts of at most `max_samples` consecutive samples (itself if it fits).
+
+        Samples do not interact in a forward pass, so per-sample results over the parts equal those
+        over the whole batch, in a fraction of the activation memory. Each part keeps `origin`.
+        """
+        n = self.n_samples
+        if max_samples is None or max_samples >= n:
+            return [self]
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+        parts = []
+        row_ids = self.row_samples()
+        for start in range(0, n, max_samples):
+            samples = range(start, min(start + max_samples, n))
+            part = self.select(samples)
+            part.origin = self.root
+            rows = torch.nonzero((row_ids >= start) & (row_ids < samples.stop)).flatten()
+            part.origin_rows = rows if self.origin_rows is None else self.origin_rows[rows]
+            parts.append(part)
+        return parts
+
+    def to(self, device: torch.device | str | None) -> Batch:
+        """This batch on `device` (itself when None or already there), keeping its origin."""
+        if device is None or all(v.device == torch.device(device) for v in self.inputs.values()):
+            return self
         return Batch(
             inputs={k: v.to(device) for k, v in self.inputs.items()},
             sample_of_row=self.sample_of_row.to(device) if self.sample_of_row is not None else None,
             targets=self.targets.to(device) if self.targets is not None else None,
+            origin=self.root,
+            origin_rows=self.origin_rows,
         )
 
     def per_sample(self, per_row: torch.Tensor) -> torch.Tensor:
@@ -125,6 +161,8 @@ class OutputDistance(Objective):
         self.output = output
         self.name = name
         self._reference: dict[int, torch.Tensor] = {}
+        # (calibration batch, generator, its probe): the probe of the batch being scored
+        self._projection: tuple[Batch, torch.Generator, torch.Tensor] | None = None
 
     def set_reference(self, model: torch.nn.Module, batches: Sequence[Batch]) -> None:
         """Record the dense model's outputs on `batches` (call before pruning or gating)."""
@@ -132,17 +170,30 @@ class OutputDistance(Objective):
             self._reference = {id(b): self.output(model, b).detach() for b in batches}
 
     def losses(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        if id(batch) not in self._reference:
+        if id(batch.root) not in self._reference:
             raise KeyError("OutputDistance has no dense reference for this batch; call set_reference first")
-        diff = self.output(model, batch) - self._reference[id(batch)]  # (rows, D)
+        reference = self._reference[id(batch.root)]  # (root rows, D)
+        if batch.origin_rows is not None:
+            reference = reference[batch.origin_rows.to(reference.device)]
+        out = self.output(model, batch)  # (rows, D), in fp32 whatever the model computes in
+        diff = out.float() - reference.to(out.device).float()
         return batch.per_sample(0.5 * diff.pow(2).sum(-1))
 
     def curvature_losses(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator
     ) -> torch.Tensor:
         out = self.output(model, batch)  # (rows, D)
-        v = torch.randn(out.shape, generator=generator).to(out)
-        return batch.per_sample((v * out).sum(-1))
+        # One projection per calibration batch and generator (scoring pass), drawn when the batch's
+        # first part comes, so that scoring it whole or in parts draws the same numbers.
+        root, cached = batch.root, self._projection
+        if cached is not None and cached[0] is root and cached[1] is generator:
+            v = cached[2]
+        else:
+            v = torch.randn((root.rows, out.shape[-1]), generator=generator)
+            self._projection = (root, generator, v)
+        if batch.origin_rows is not None:
+            v = v[batch.origin_rows.cpu()]
+        return batch.per_sample((v.to(out) * out).sum(-1))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 
 from hwprune import prunable
 from hwprune._progress import progress
-from hwprune.hessian._base import SeededSaliency, frozen, unit_sums
+from hwprune.hessian._base import ScoringOptions, SeededSaliency, frozen, unit_sums
 from hwprune.hessian._calibration import Calibration, check_finite
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,11 @@ class FisherSaliency(SeededSaliency):
     name = "fisher"
 
     def _score(
-        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+        self,
+        model: nn.Module,
+        structure: prunable.Structure,
+        calibration: Calibration,
+        options: ScoringOptions,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         layers = prunable.couplings(model)
         params = list(
@@ -40,12 +44,14 @@ class FisherSaliency(SeededSaliency):
         sq_grads = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
         generator = torch.Generator().manual_seed(self.seed)
         objective = calibration.objective
+        device = next(model.parameters()).device
         with frozen(model):
             for p in params:
                 p.requires_grad_(True)
             for b, batch in enumerate(progress(calibration.batches, "fisher saliency, batches", logger=log)):
-                for s in range(batch.n_samples):
-                    loss = objective.curvature_losses(model, batch.select([s]), generator).sum()
+                for s in range(batch.n_samples):  # one sample per pass: max_samples has nothing to split
+                    sample = batch.select([s]).to(device)
+                    loss = objective.curvature_losses(model, sample, generator).sum()
                     check_finite(loss, what="loss", batch_index=b, method=self.name)
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     for p, g in zip(params, grads, strict=True):

@@ -38,25 +38,38 @@ def per_sample_gate_grads(
     method: str,
     curvature: bool,
     seed: int = 0,
+    max_samples: int | None = None,
 ) -> Iterator[GateGrads]:
-    """Yield, per batch, the per-sample gate gradients of the losses or of the curvature probes.
+    """Yield, per calibration batch, the per-sample gate gradients of the losses or of the probes.
 
     Args:
         curvature: Differentiate the objective's curvature probes (Fisher / Gauss-Newton) rather
             than its losses (first-order Taylor).
         seed: Seeds the random output projections of label-free objectives.
+        max_samples: Samples per forward and backward pass (None: each batch whole). Activation
+            memory is in proportion to it; the gradients are the same, part by part.
     """
     generator = torch.Generator().manual_seed(seed)
     objective = calibration.objective
+    device = next(model.parameters()).device
+    parts = [batch.chunks(max_samples) for batch in calibration.batches]
+    passes = progress(
+        ((b, part) for b, batch_parts in enumerate(parts) for part in batch_parts),
+        f"{method} saliency, forward-backward passes",
+        logger=log,
+        total=sum(len(p) for p in parts),
+    )
     with frozen(model), prunable.gated(model, structure) as gates:
-        for b, batch in enumerate(progress(calibration.batches, f"{method} saliency, batches", logger=log)):
-            gates.reset(batch_size=batch.rows, requires_grad=True)
+        pending: list[GateGrads] = []  # the parts of calibration batch `b` done so far
+        for b, part in passes:
+            part = part.to(device)
+            gates.reset(batch_size=part.rows, requires_grad=True)
             slope = None
             if curvature:
-                losses = objective.curvature_losses(model, batch, generator)
-                slope = objective.loss_slope(losses.detach(), batch)
+                losses = objective.curvature_losses(model, part, generator)
+                slope = objective.loss_slope(losses.detach(), part)
             else:
-                losses = objective.losses(model, batch)
+                losses = objective.losses(model, part)
             check_finite(losses, what="loss", batch_index=b, method=method)
             losses.sum().backward()
             out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
@@ -64,8 +77,23 @@ def per_sample_gate_grads(
                 for gate in gates.of(kind):
                     grad = gate.grad if gate.grad is not None else torch.zeros_like(gate)
                     check_finite(grad, what=f"{kind} gate gradient", batch_index=b, method=method)
-                    sink.append(batch.per_sample(grad.detach()))  # (n_samples, units)
-            yield GateGrads(*out, loss_slope=slope)
+                    sink.append(part.per_sample(grad.detach()))  # (part samples, units)
+            pending.append(GateGrads(*out, loss_slope=slope))
+            if len(pending) == len(parts[b]):  # the batch's last part: its samples, in order
+                yield _joined(pending)
+                pending = []
+
+
+def _joined(parts: list[GateGrads]) -> GateGrads:
+    """One batch's gate gradients from those of its parts, samples in order."""
+    if len(parts) == 1:
+        return parts[0]
+    slopes = [p.loss_slope for p in parts]
+    return GateGrads(
+        heads=[torch.cat(layer) for layer in zip(*(p.heads for p in parts), strict=True)],
+        mlp=[torch.cat(layer) for layer in zip(*(p.mlp for p in parts), strict=True)],
+        loss_slope=None if any(s is None for s in slopes) else torch.cat(slopes),  # type: ignore[arg-type]
+    )
 
 
 def mean_over_samples(
@@ -77,12 +105,13 @@ def mean_over_samples(
     curvature: bool,
     transform: Callable[[torch.Tensor], torch.Tensor],
     seed: int = 0,
+    max_samples: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the mean over calibration samples of `transform(per-sample gate gradient)`."""
     heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
     mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
     for head_grads, mlp_grads, _ in per_sample_gate_grads(
-        model, structure, calibration, method=method, curvature=curvature, seed=seed
+        model, structure, calibration, method=method, curvature=curvature, seed=seed, max_samples=max_samples
     ):
         for acc, grads in ((heads, head_grads), (mlp, mlp_grads)):
             for i, g in enumerate(grads):

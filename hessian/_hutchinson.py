@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import Saliency, frozen, unit_sums
+from hwprune.hessian._base import Saliency, ScoringOptions, frozen, unit_sums
 from hwprune.hessian._calibration import Calibration, check_finite
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,11 @@ class HutchinsonSaliency(Saliency):
         }
 
     def _score(
-        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+        self,
+        model: nn.Module,
+        structure: prunable.Structure,
+        calibration: Calibration,
+        options: ScoringOptions,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         layers = prunable.couplings(model)
         # Block = (layer, kind): the distinct parameters its units are coupled to.
@@ -85,6 +89,7 @@ class HutchinsonSaliency(Saliency):
         ]
         params = [p for block in blocks for p in block]
         gen = torch.Generator().manual_seed(self.seed)
+        device = next(model.parameters()).device
         sums = torch.zeros(len(blocks), dtype=torch.float64)
         previous: torch.Tensor | None = None
         settled = 0
@@ -93,14 +98,18 @@ class HutchinsonSaliency(Saliency):
                 p.requires_grad_(True)
             for k in range(self.max_probes):
                 b = k % len(calibration.batches)
-                loss = calibration.objective.losses(model, calibration.batches[b]).mean()
-                check_finite(loss, what="loss", batch_index=b, method=self.name)
-                grads = torch.autograd.grad(loss, params, create_graph=True)
+                batch = calibration.batches[b]
                 probes = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
-                gv = torch.stack([(g * v).sum() for g, v in zip(grads, probes, strict=True)]).sum()
-                hv = torch.autograd.grad(gv, params)
-                vhv = iter((v * h).sum().double().item() for v, h in zip(probes, hv, strict=True))
-                sums += torch.tensor([sum(next(vhv) for _ in block) for block in blocks])
+                # v.Hv of the batch's mean loss, a sum over its parts (the HVP is linear in the loss).
+                for part in batch.chunks(options.max_samples):
+                    share = part.n_samples / batch.n_samples
+                    loss = calibration.objective.losses(model, part.to(device)).mean() * share
+                    check_finite(loss, what="loss", batch_index=b, method=self.name)
+                    grads = torch.autograd.grad(loss, params, create_graph=True)
+                    gv = torch.stack([(g * v).sum() for g, v in zip(grads, probes, strict=True)]).sum()
+                    hv = torch.autograd.grad(gv, params)
+                    vhv = iter((v * h).sum().double().item() for v, h in zip(probes, hv, strict=True))
+                    sums += torch.tensor([sum(next(vhv) for _ in block) for block in blocks])
                 means = sums / (k + 1)
                 if previous is not None:
                     change = ((means - previous).abs() / previous.abs().clamp_min(1e-12)).max().item()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import Saliency, SeededSaliency, unit_sums
+from hwprune.hessian._base import Saliency, ScoringOptions, SeededSaliency, unit_sums
 from hwprune.hessian._calibration import Calibration
 
 
@@ -20,7 +20,11 @@ class MagnitudeSaliency(Saliency):
     name = "magnitude"
 
     def _score(
-        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+        self,
+        model: nn.Module,
+        structure: prunable.Structure,
+        calibration: Calibration,
+        options: ScoringOptions,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for layer, lc in zip(structure.layers, prunable.couplings(model), strict=True):
@@ -42,7 +46,11 @@ class RandomSaliency(SeededSaliency):
     name = "random"
 
     def _score(
-        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+        self,
+        model: nn.Module,
+        structure: prunable.Structure,
+        calibration: Calibration,
+        options: ScoringOptions,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed)
         heads = [

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import SeededSaliency
+from hwprune.hessian._base import ScoringOptions, SeededSaliency
 from hwprune.hessian._calibration import Calibration
 from hwprune.hessian._gate_grads import mean_over_samples, per_sample_gate_grads
 
@@ -48,7 +48,11 @@ class NViTSaliency(SeededSaliency):
         return {**super().params(), "first_order": self.first_order}
 
     def _score(
-        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+        self,
+        model: nn.Module,
+        structure: prunable.Structure,
+        calibration: Calibration,
+        options: ScoringOptions,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         second = (
             [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers],
@@ -57,7 +61,13 @@ class NViTSaliency(SeededSaliency):
         first = ([torch.zeros_like(h) for h in second[0]], [torch.zeros_like(m) for m in second[1]])
         chain_rule = True
         for grads in per_sample_gate_grads(
-            model, structure, calibration, method=self.name, curvature=True, seed=self.seed
+            model,
+            structure,
+            calibration,
+            method=self.name,
+            curvature=True,
+            seed=self.seed,
+            max_samples=options.max_samples,
         ):
             chain_rule = chain_rule and grads.loss_slope is not None
             for k, per_layer in enumerate((grads.heads, grads.mlp)):
@@ -77,7 +87,13 @@ class NViTSaliency(SeededSaliency):
         else:
             # The probes do not determine the loss gradient: one more backward pass, of the losses.
             mean_first = mean_over_samples(
-                model, structure, calibration, method=self.name, curvature=False, transform=lambda g: g
+                model,
+                structure,
+                calibration,
+                method=self.name,
+                curvature=False,
+                transform=lambda g: g,
+                max_samples=options.max_samples,
             )
         return (
             [h - f for h, f in zip(heads, mean_first[0], strict=True)],

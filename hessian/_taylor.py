@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import Saliency
+from hwprune.hessian._base import Saliency, ScoringOptions
 from hwprune.hessian._calibration import Calibration
 from hwprune.hessian._gate_grads import mean_over_samples
 
@@ -21,10 +21,20 @@ class TaylorSaliency(Saliency):
     name = "taylor"
 
     def _score(
-        self, model: nn.Module, structure: prunable.Structure, calibration: Calibration
+        self,
+        model: nn.Module,
+        structure: prunable.Structure,
+        calibration: Calibration,
+        options: ScoringOptions,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # The mean signed gradient, then its magnitude: per-sample signs may cancel, as in Molchanov et al.
         heads, mlp = mean_over_samples(
-            model, structure, calibration, method=self.name, curvature=False, transform=lambda g: g
+            model,
+            structure,
+            calibration,
+            method=self.name,
+            curvature=False,
+            transform=lambda g: g,
+            max_samples=options.max_samples,
         )
         return [h.abs() for h in heads], [m.abs() for m in mlp]

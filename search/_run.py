@@ -171,7 +171,9 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     task: Task = build_task(cfg.task, cfg.model.source)
     task.prepare(model)
     calibration = task.calibration(model)
-    scores = hessian.cached_score(method, model, calibration, cache_dir=cfg.saliency.cache_dir)
+    scores = hessian.cached_score(
+        method, model, calibration, cache_dir=cfg.saliency.cache_dir, options=cfg.saliency.options()
+    )
 
     step = cfg.search.mlp_step or cost_models.width_step(profile, spec.mlp)
     space = SearchSpace.build(structure, mlp_step=step, unit_step=cfg.search.unit_step)
@@ -204,7 +206,9 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         "hardware": profile.name,
         "workload": asdict(cost_model.workload),
         "latency_source": cost_model.source,
-        "saliency": {k: scores.meta.get(k) for k in ("params", "calibration")} | {"method": scores.method},
+        "saliency": {k: scores.meta.get(k) for k in ("params", "calibration")}
+        | {"method": scores.method}
+        | ({"dtype": cfg.saliency.dtype} if cfg.saliency.dtype else {}),  # device, pieces: same scores
         "space": {"units": list(space.unit_choices), "mlp": list(space.mlp_choices)},
         "constraints": asdict(constraints),
     }

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from hwprune import cost_models
+from hwprune import cost_models, hessian
 from hwprune.search._storage import check_storage
 
 
@@ -164,6 +164,22 @@ class SaliencyConfig:
     name: str = MISSING
     method: Any = MISSING
     cache_dir: str | None = "~/.cache/hwprune/saliency"
+    # Where and in what pieces to score (hessian.ScoringOptions): a GPU, bf16 (None: where the model
+    # is, in its dtype), and calibration samples per forward-backward pass (None: whole batches).
+    # 8 bounds the activations held whatever the batch size, at no cost in speed (results/benchmarks/
+    # saliency_scale.md) and the same scores.
+    device: str | None = None
+    dtype: str | None = None
+    max_samples: int | None = 8
+
+    def __post_init__(self) -> None:
+        try:
+            self.options()  # the one home of the checks
+        except ValueError as err:
+            raise ValueError(f"saliency: {err}") from None
+
+    def options(self) -> hessian.ScoringOptions:
+        return hessian.ScoringOptions(device=self.device, dtype=self.dtype, max_samples=self.max_samples)
 
 
 @dataclass
@@ -421,7 +437,9 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("hwprune.workload_tag"):  # and its file name
 
         def workload_tag(batch_size: int, seq_len: int, phase: str, kv_len: int) -> str:
-            return cost_models.Workload(batch_size=batch_size, seq_len=seq_len, phase=phase, kv_len=kv_len).tag()
+            return cost_models.Workload(
+                batch_size=batch_size, seq_len=seq_len, phase=phase, kv_len=kv_len
+            ).tag()
 
         OmegaConf.register_new_resolver("hwprune.workload_tag", workload_tag)
     cs = ConfigStore.instance()

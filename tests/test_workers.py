@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -210,8 +211,9 @@ def test_the_front_is_rescored_once(kind: str, tmp_path: Path, request: pytest.F
 
 
 def test_a_trial_whose_worker_died_while_sampling_is_failed_and_not_waited_for(
-    shared: str, tmp_path: Path
+    shared: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from hwprune.search import _study
     from hwprune.search._study import _fail_dead_workers, _SharedTrial
     from tests.test_search_core import make_objective, structure_and_scores
 
@@ -224,9 +226,15 @@ def test_a_trial_whose_worker_died_while_sampling_is_failed_and_not_waited_for(
     objective = make_objective(structure_and_scores())
     objective.suggest(later)
     guarded = _SharedTrial(objective, 10, "test:1")
-    started = time.monotonic()
     assert guarded._earlier_twin(later, patience_s=0.3) is None  # waited once for the half-suggested trial
-    assert guarded._earlier_twin(later, patience_s=0.3) is None and time.monotonic() - started < 0.6
+    assert guarded.given_up == {dead.number}
+
+    def no_second_wait(seconds: float) -> None:
+        raise AssertionError(f"waited again ({seconds} s) for a trial already given up")
+
+    monkeypatch.setattr(_study, "time", SimpleNamespace(monotonic=time.monotonic, sleep=no_second_wait))
+    assert guarded._earlier_twin(later, patience_s=0.3) is None
+    monkeypatch.undo()
     assert not _fail_dead_workers(study, storage, study.get_trials())  # too young to call dead
     assert study.get_trials(states=(TrialState.RUNNING,))[0].number == dead.number
     assert _fail_dead_workers(study, storage, study.get_trials(), untagged_s=0)

@@ -46,7 +46,7 @@ class CrossEntropy(hessian.Objective):
     def losses(self, model: nn.Module, batch: hessian.Batch) -> torch.Tensor:
         assert batch.targets is not None
         logits = model(**batch.inputs).logits  # (B, classes)
-        return nn.functional.cross_entropy(logits, batch.targets.to(logits.device), reduction="none")
+        return nn.functional.cross_entropy(logits.float(), batch.targets.to(logits.device), reduction="none")
 
 
 class ClassificationTask(Task):

@@ -30,7 +30,10 @@ class NextTokenLoss(hessian.Objective):
     def losses(self, model: nn.Module, batch: hessian.Batch) -> torch.Tensor:
         ids = batch.inputs["input_ids"]
         logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+        # fp32 log-softmax whatever the model computes in (bf16 loses the small probabilities)
+        nll = nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
+        )  # (B, T-1)
         return nll.mean(1)
 
 

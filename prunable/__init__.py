@@ -14,6 +14,7 @@ from hwprune.prunable._discover import discover, weights_fingerprint
 from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import Gates, couplings, gated
 from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
+from hwprune.prunable._kv_cache import append_kv
 from hwprune.prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
 from hwprune.prunable._surgery import apply_plan, pruned_block
@@ -48,6 +49,7 @@ __all__ = [
     "Structure",
     "Tap",
     "UnitKind",
+    "append_kv",
     "apply_plan",
     "couplings",
     "discover",

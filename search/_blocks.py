@@ -142,7 +142,7 @@ def prefilled_cache(model: nn.Module, batch_size: int, kv_len: int) -> Any:
         keys, values = (
             torch.randn(shape, generator=gen, device=param.device).to(param.dtype) for _ in range(2)
         )
-        cache.update(keys, values, i)
+        prunable.append_kv(cache, keys, values, i)
     return cache
 
 

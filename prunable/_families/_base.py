@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hwprune.prunable._coupling import LayerCouplings
+from hwprune.prunable._kv_cache import append_kv
 from hwprune.prunable._structure import LayerStructure, Structure
 
 
@@ -25,21 +26,46 @@ class Skipped(nn.Module):
             zero-width output projection).
         bias: Output bias to add, or None.
         returns_tuple: Whether the replaced module returned `(output, attention_weights)`.
+        cache_layer: For a decoder's self-attention, its layer index in the KV cache: each step is
+            then recorded there with zero KV heads. The cache's length (which sets the positions and
+            the causal mask of the next step) is read from its layer 0, so a layer that stored
+            nothing would make cached generation differ from uncached.
+        head_dim: Width of one head of that cache's (empty) entries.
     """
 
     num_heads = 0
 
-    def __init__(self, *, width: int, bias: torch.Tensor | None = None, returns_tuple: bool) -> None:
+    def __init__(
+        self,
+        *,
+        width: int,
+        bias: torch.Tensor | None = None,
+        returns_tuple: bool,
+        cache_layer: int | None = None,
+        head_dim: int = 0,
+    ) -> None:
         super().__init__()
         self.width = width
         self.returns_tuple = returns_tuple
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.cache_layer, self.head_dim = cache_layer, head_dim
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.width)  # (B, T, width)
         if self.bias is not None:
             out = out + self.bias
+        if self.cache_layer is not None:
+            self._record_step(hidden_states, kwargs, self.cache_layer)
         return (out, None) if self.returns_tuple else out
+
+    def _record_step(self, hidden_states: torch.Tensor, kwargs: dict[str, Any], layer: int) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            return
+        cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it with cross-attention's
+        b, t = hidden_states.shape[:2]
+        empty = hidden_states.new_zeros(b, 0, t, self.head_dim)  # (B, 0 KV heads, T new tokens, hd)
+        append_kv(cache, empty, empty, layer)
 
 
 class Family(ABC):

@@ -48,7 +48,14 @@ class GPT2Family(Family):
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:
         if heads == 0:
-            block.attn = Skipped(width=config.hidden_size, bias=block.attn.c_proj.bias, returns_tuple=True)
+            attn = block.attn
+            block.attn = Skipped(
+                width=config.hidden_size,
+                bias=attn.c_proj.bias,
+                returns_tuple=True,
+                cache_layer=attn.layer_idx,
+                head_dim=attn.head_dim,
+            )
         else:
             block.attn.num_heads = heads
             block.attn.split_size = heads * block.attn.head_dim

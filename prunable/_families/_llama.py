@@ -60,9 +60,14 @@ class LlamaFamily(Family):
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:
         if heads == 0:
-            # The layer then writes nothing to a KV cache; see the README's note on generation.
+            # The stand-in still counts the layer's tokens in a KV cache (with zero heads).
+            attn = block.self_attn
             block.self_attn = Skipped(
-                width=config.hidden_size, bias=block.self_attn.o_proj.bias, returns_tuple=True
+                width=config.hidden_size,
+                bias=attn.o_proj.bias,
+                returns_tuple=True,
+                cache_layer=attn.layer_idx,
+                head_dim=self.head_dim(config),
             )
         # num_key_value_groups (query heads per KV head) is unchanged: whole groups are removed.
         if hasattr(block.mlp, "intermediate_size"):

@@ -25,6 +25,9 @@ class Case:
     # Parameters one unit owns (for the exact parameter-count check), from the config alone.
     head_unit_params: int
     neuron_params: int
+    # Parameters of an attention sub-layer that no unit owns and that go with its last unit
+    # (per-head q/k norms shared by all heads).
+    attention_shared_params: int = 0
 
 
 def _text_inputs(vocab: int, *, padded: bool) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
@@ -169,6 +172,41 @@ def _cases() -> list[Case]:
             llama_group,
             3 * H,
         ),
+        *_llama_like(llama_cfg, llama_group),
+    ]
+
+
+def _llama_like(cfg: dict[str, int], group_params: int) -> list[Case]:
+    """Decoders the LLaMA adapter serves by declaration, as causal LMs (logits, generation)."""
+    small = {**cfg, "head_dim": H // 8}  # Gemma's default head width is 256
+    families = {
+        "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config, small),
+        "gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig, small),
+        "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config, small),
+        "gemma3_text": (
+            transformers.Gemma3ForCausalLM,
+            transformers.Gemma3TextConfig,
+            {**small, "sliding_window": 4},  # layers 0-1 sliding, layer 2 global (pattern 6 -> every 6th)
+        ),
+        "granite": (
+            transformers.GraniteForCausalLM,
+            transformers.GraniteConfig,
+            {**cfg, "residual_multiplier": 0.5, "attention_multiplier": 0.3, "embedding_multiplier": 2.0},
+        ),
+        "olmo": (transformers.OlmoForCausalLM, transformers.OlmoConfig, cfg),
+        "stablelm": (transformers.StableLmForCausalLM, transformers.StableLmConfig, cfg),
+    }
+    return [
+        Case(
+            name,
+            _seeded(lambda model=model, config=config, kwargs=kwargs: model(config(**kwargs))),
+            _text_inputs(120, padded=False),
+            _logits,
+            group_params,
+            3 * H,
+            attention_shared_params=2 * H // 8 if name in ("qwen3", "gemma3_text") else 0,  # q_norm, k_norm
+        )
+        for name, (model, config, kwargs) in families.items()
     ]
 
 

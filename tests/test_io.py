@@ -35,6 +35,13 @@ def test_save_and_reload_non_uniform(case: Case, tmp_path: Path) -> None:
     [
         ("llama_gqa", [1], True),
         ("qwen2", [0], True),
+        ("qwen3", [1], True),
+        ("gemma", [0], True),
+        ("gemma2", [1], True),
+        ("gemma3_text", [0], True),
+        ("granite", [1], True),
+        ("olmo", [0], True),
+        ("stablelm", [1], False),  # its head width is hidden / heads: a config cannot say 1 group of 4 heads
         ("vit", [0, 3], True),
         ("bert", [0, 1, 2, 3], True),
         ("gpt2", [0, 1, 2, 3], True),

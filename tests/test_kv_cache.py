@@ -11,7 +11,19 @@ import transformers
 from hwprune import prunable
 from tests.conftest import CASES, Case
 
-DECODERS = ["gpt2", "llama_gqa", "qwen2", "mistral"]
+DECODERS = [
+    "gpt2",
+    "llama_gqa",
+    "qwen2",
+    "mistral",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "granite",
+    "olmo",
+    "stablelm",
+]
 
 
 def plan_with_empty_attention(model: torch.nn.Module, empty: int | None, seed: int) -> prunable.PrunePlan:

@@ -44,7 +44,9 @@ def small(method: type) -> object:
 
 
 @pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
-@pytest.mark.parametrize("family", ["bert", "vit_classifier", "gpt2", "llama_gqa", "qwen2"])
+@pytest.mark.parametrize(
+    "family", ["bert", "vit_classifier", "gpt2", "llama_gqa", "qwen2", "qwen3", "stablelm"]
+)
 def test_conformance(method: type, family: str, tmp_path: Path) -> None:
     case = CASES[family]
     dense, student, plan = pruned_pair(case)
@@ -214,3 +216,16 @@ def test_reconstruct_reverts_a_fit_that_moves_the_output_away_from_the_teacher()
     assert report.details["reverted"] and report.held_out_after == report.held_out_before
     for key, value in student.state_dict().items():
         assert torch.equal(value, pruned_state[key]), key
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_reconstruct_refuses_families_whose_outputs_are_normalised_or_scaled(family: str) -> None:
+    case = CASES[family]
+    dense, student, _ = pruned_pair(case)
+    with pytest.raises(
+        ValueError, match=rf"recovery=reconstruct cannot fit .*model_type='{family}'.*use recovery=distill"
+    ):
+        small(Reconstruct).recover(student, dense, data_for(case))  # type: ignore[attr-defined]
+    report = small(Distill).recover(student, dense, data_for(case))  # type: ignore[attr-defined]
+    assert report.held_out_after is not None and report.held_out_before is not None
+    assert report.held_out_after < report.held_out_before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -18,6 +20,9 @@ EXPECTED = {
     "llama_gqa": (8, 2, 8, 80, True),
     "qwen2": (8, 2, 8, 80, True),
     "mistral": (8, 2, 8, 80, True),
+    **dict.fromkeys(
+        ["qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "stablelm"], (8, 2, 8, 80, True)
+    ),
 }
 
 
@@ -81,3 +86,42 @@ def test_bundled_minilm_structure(minilm: torch.nn.Module) -> None:
     assert structure.hidden_size == 384
     assert all((la.num_heads, la.head_dim, la.mlp_width) == (12, 32, 1536) for la in structure.layers)
     assert structure.total_units("heads") == 72
+
+
+TINY = {
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 1,
+    "vocab_size": 50,
+    "intermediate_size": 48,
+}
+REFUSED_MODELS = {
+    "olmo2": lambda: transformers.Olmo2Model(transformers.Olmo2Config(**TINY, num_key_value_heads=2)),
+    "phi3": lambda: transformers.Phi3Model(transformers.Phi3Config(**TINY, pad_token_id=0)),
+    "gpt_neox": lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**TINY)),
+    "falcon": lambda: transformers.FalconModel(
+        transformers.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)
+    ),
+    "mixtral": lambda: transformers.MixtralModel(
+        transformers.MixtralConfig(**TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED_MODELS))
+def test_refused_families_say_why(model_type: str) -> None:
+    from hwprune.prunable._families import REFUSED
+
+    model = REFUSED_MODELS[model_type]()
+    assert model.config.model_type == model_type
+    reason = REFUSED[model_type]
+    with pytest.raises(
+        ValueError, match=rf"\(model_type='{model_type}'\) is not supported: {re.escape(reason)}"
+    ):
+        prunable.discover(model)
+
+
+def test_stablelm_with_per_head_layernorms_is_refused_with_the_reason() -> None:
+    model = transformers.StableLmModel(transformers.StableLmConfig(**TINY, qk_layernorm=True))
+    with pytest.raises(ValueError, match="qk_layernorm=True is not supported: its per-head LayerNorms"):
+        prunable.discover(model)

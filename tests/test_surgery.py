@@ -51,6 +51,7 @@ def test_pruned_equals_gated_and_params_drop_exactly(case: Case, seed: int, empt
     )
     removed_neurons = sum(la.mlp_width for la in structure.layers) - sum(len(lp.mlp) for lp in plan.layers)
     expected = removed_units * case.head_unit_params + removed_neurons * case.neuron_params
+    expected += case.attention_shared_params * (empty_layer is not None)
     assert params_before - n_params(model) == expected
     # The model describes itself by its new widths.
     after = prunable.discover(model)

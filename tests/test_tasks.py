@@ -274,3 +274,28 @@ def test_task_conformance(tmp_path: Path, tokenizer) -> None:  # type: ignore[no
         assert _rows(again.batches[0]) == _rows(data.batches[0]), f"{name}: recovery data is not seeded"
         if data.objective is not None and data.batches[0].targets is not None:
             assert torch.isfinite(data.objective.losses(model, data.batches[0])).all(), name
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_a_model_directory_without_tokenizer_files_gets_byte_level_ids(name: str, tmp_path: Path) -> None:
+    """transformers builds an empty tokenizer for such a directory; the task must not use it."""
+    model = CASES[name].build()
+    model.resize_token_embeddings(256)
+    model.save_pretrained(tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("a text for a language model, long enough for a few blocks. " * 20)
+    cfg = TaskConfig(
+        name="lm",
+        tokenizer="optional",
+        build={
+            "_target_": "hwprune.search.tasks.LMTask",
+            "text_path": str(text),
+            "block_size": 16,
+            "calibration_blocks": 2,
+            "eval_blocks": 2,
+        },
+    )
+    task = build_task(cfg, str(tmp_path))
+    assert isinstance(task, LMTask)
+    first = task.calibration(model).batches[0].inputs["input_ids"][0]
+    assert first.tolist() == list(b"a text for a lan")  # bytes, not an empty tokenizer's nothing

@@ -12,6 +12,22 @@ from hwprune.prunable._families._vit import ViTFamily
 
 FAMILIES: tuple[Family, ...] = (BertFamily(), ViTFamily(), GPT2Family(), LlamaFamily())
 
+# Families whose layout no adapter can prune exactly (yet), and why: the error says so.
+REFUSED: dict[str, str] = {
+    "olmo2": "its q/k norms normalise over all heads together, so removing a head changes the others' "
+    "outputs: no plan can be exact",
+    "phi3": "fused projections (qkv_proj, gate_up_proj) split by the config's head counts, which cannot "
+    "differ per layer",
+    "gpt_neox": "a fused query_key_value projection split by the config's head count",
+    "falcon": "a fused query_key_value projection split by the config's head counts",
+    "modernbert": "a fused Wqkv projection and a fused GLU input (Wi) split by the config's widths",
+    "deberta-v2": "disentangled attention shares relative-position projections across heads by the "
+    "config's head count",
+    "mixtral": "mixture-of-experts MLPs (experts are not prunable units yet)",
+    "qwen2_moe": "mixture-of-experts MLPs (experts are not prunable units yet)",
+    "qwen3_moe": "mixture-of-experts MLPs (experts are not prunable units yet)",
+}
+
 
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
@@ -24,10 +40,14 @@ def family_of(model: nn.Module) -> Family:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
+    if model_type in REFUSED:
+        raise ValueError(
+            f"{type(model).__name__} (model_type={model_type!r}) is not supported: {REFUSED[model_type]}"
+        )
     raise ValueError(
         f"{type(model).__name__} (model_type={model_type!r}) is not a supported architecture; "
         f"supported model types: {supported_model_types()}"
     )
 
 
-__all__ = ["FAMILIES", "Family", "Skipped", "family_of", "supported_model_types"]
+__all__ = ["FAMILIES", "REFUSED", "Family", "Skipped", "family_of", "supported_model_types"]

@@ -1,7 +1,14 @@
-"""LLaMA-style decoders (LLaMA, Mistral, Qwen2): grouped-query attention, gated (SwiGLU) MLP."""
+"""LLaMA-like decoders: separate Q/K/V/O projections with grouped-query attention, a gated MLP.
+
+One adapter serves every family whose blocks have that layout; what differs between them is
+declared in `LAYOUTS`, one line each, and checked by the shared conformance tests (discovery, exact
+surgery with empty layers, save and reload, cached generation). Families whose layout breaks an
+assumption are refused (`_families.REFUSED`) with the reason.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
@@ -9,10 +16,54 @@ from hwprune.prunable._families._base import Family, Skipped, qkvo_couplings
 from hwprune.prunable._structure import LayerStructure, Structure
 
 
+@dataclass(frozen=True)
+class DecoderLayout:
+    """How one LLaMA-like family differs from LLaMA.
+
+    Attributes:
+        mlp_norm: The norm in front of the MLP (its input is the residual stream there).
+        adds_output_as_is: Whether each sub-layer's output is added to the residual stream unchanged;
+            False where it is normalised (Gemma2/3) or scaled (Granite) first, which `reconstruct`
+            recovery cannot fit.
+        head_count_attrs: Attention attributes its forward reads the head counts from (StableLM),
+            set to the pruned counts.
+        config_head_dim: Whether the config's `head_dim` field sets the head width, so that a config
+            with fewer heads still describes the pruned model (else the width is hidden / heads).
+    """
+
+    mlp_norm: str = "post_attention_layernorm"
+    adds_output_as_is: bool = True
+    head_count_attrs: tuple[str, ...] = ()
+    config_head_dim: bool = True
+
+
+SANDWICH = DecoderLayout(mlp_norm="pre_feedforward_layernorm", adds_output_as_is=False)
+LAYOUTS: dict[str, DecoderLayout] = {
+    "llama": DecoderLayout(),
+    "mistral": DecoderLayout(),
+    "qwen2": DecoderLayout(),
+    "qwen3": DecoderLayout(),  # q/k norms act per head (width head_dim): nothing to slice
+    "gemma": DecoderLayout(),
+    "gemma2": SANDWICH,
+    "gemma3_text": SANDWICH,
+    "granite": DecoderLayout(adds_output_as_is=False),  # residual_multiplier scales each output
+    "olmo": DecoderLayout(),
+    "stablelm": DecoderLayout(head_count_attrs=("num_heads", "num_key_value_heads"), config_head_dim=False),
+}
+
+
 class LlamaFamily(Family):
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = tuple(LAYOUTS)
     blocks_path = "layers"
+
+    def check_config(self, config: Any) -> None:
+        super().check_config(config)
+        if config.model_type == "stablelm" and getattr(config, "qk_layernorm", False):
+            raise ValueError(
+                "stablelm with qk_layernorm=True is not supported: its per-head LayerNorms are a module list "
+                "by the config's head count"
+            )
 
     def layer_structure(self, block: Any, config: Any) -> LayerStructure:
         head_dim = self.head_dim(config)
@@ -31,6 +82,7 @@ class LlamaFamily(Family):
         )
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
+        layout = LAYOUTS[config.model_type]
         layer = self.layer_structure(block, config)
         out = LayerCouplings(
             heads_per_unit=layer.heads_per_group,
@@ -48,14 +100,16 @@ class LlamaFamily(Family):
                 head_dim=layer.head_dim,
             )
             out.attn_gate_site = a.o_proj
-            out.attn_residual = Tap(block.input_layernorm)
+            if layout.adds_output_as_is:
+                out.attn_residual = Tap(block.input_layernorm)
         if layer.mlp_width:
             m = block.mlp
             index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
             out.mlp = [Coupling(m.gate_proj, "out", index), Coupling(m.up_proj, "out", index)]
             out.mlp.append(Coupling(m.down_proj, "in", index))
             out.mlp_gate_site = m.down_proj
-            out.mlp_residual = Tap(block.post_attention_layernorm)
+            if layout.adds_output_as_is and not getattr(config, "use_parallel_residual", False):
+                out.mlp_residual = Tap(getattr(block, layout.mlp_norm))
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:
@@ -69,13 +123,18 @@ class LlamaFamily(Family):
                 cache_layer=attn.layer_idx,
                 head_dim=self.head_dim(config),
             )
+        else:
+            for attr, count in zip(
+                LAYOUTS[config.model_type].head_count_attrs, (heads, kv_heads), strict=False
+            ):
+                setattr(block.self_attn, attr, count)
         # num_key_value_groups (query heads per KV head) is unchanged: whole groups are removed.
         if hasattr(block.mlp, "intermediate_size"):
             block.mlp.intermediate_size = mlp
 
     def config_updates(self, config: Any, structure: Structure) -> dict[str, Any] | None:
         uniform = self.uniform_widths(structure)
-        if uniform is None:
+        if uniform is None or not LAYOUTS[config.model_type].config_head_dim:
             return None
         heads, kv, mlp = uniform
         return {

@@ -116,7 +116,12 @@ def _sites(student: nn.Module, teacher: nn.Module) -> list[_Site]:
             if projection is None:
                 continue  # the whole sub-layer was pruned: nothing left to scale
             if residual is None or dense_residual is None or dense_projection is None:
-                raise ValueError(f"{type(student).__name__}: its family adapter names no residual tap")
+                model_type = getattr(getattr(student, "config", None), "model_type", "?")
+                raise ValueError(
+                    f"recovery=reconstruct cannot fit {type(student).__name__} (model_type={model_type!r}): it "
+                    "needs each sub-layer's output added to the residual stream as is, and this family "
+                    "normalises or scales it first; use recovery=distill or recovery=none"
+                )
             index = next(c.index for c in coupled if c.module is projection and c.side == "in")
             sites.append(_Site(layer, kind, projection, index, residual, dense_projection, dense_residual))
     return sites

@@ -115,6 +115,18 @@ def _cases() -> list[Case]:
             bert_neuron,
         ),
         Case(
+            "distilbert",
+            _seeded(
+                lambda: transformers.DistilBertModel(
+                    transformers.DistilBertConfig(dim=H, n_heads=4, hidden_dim=96, n_layers=3, vocab_size=120)
+                )
+            ),
+            _text_inputs(120, padded=True),
+            _hidden,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
             "vit",
             _seeded(lambda: transformers.ViTModel(transformers.ViTConfig(**vit_cfg))),
             lambda gen: {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)},

@@ -37,7 +37,7 @@ def data_for(case: Case, batches: int = 10) -> RecoveryData:
 
 def small(method: type) -> object:
     if method is Distill:
-        return Distill(steps=12, lr=1e-3, held_out=3)
+        return Distill(steps=12, lr=3e-4, held_out=3)  # 1e-3 overshoots DistilBERT in 12 steps
     if method is Reconstruct:
         return Reconstruct(samples=12)
     return method()
@@ -45,7 +45,7 @@ def small(method: type) -> object:
 
 @pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
 @pytest.mark.parametrize(
-    "family", ["bert", "vit_classifier", "gpt2", "llama_gqa", "qwen2", "qwen3", "stablelm"]
+    "family", ["bert", "distilbert", "vit_classifier", "gpt2", "llama_gqa", "qwen2", "qwen3", "stablelm"]
 )
 def test_conformance(method: type, family: str, tmp_path: Path) -> None:
     case = CASES[family]

@@ -14,6 +14,7 @@ from tests.conftest import CASES
 EXPECTED = {
     "bert": (4, 4, 16, 96, False),
     "roberta": (4, 4, 16, 96, False),
+    "distilbert": (4, 4, 16, 96, False),
     "vit": (4, 4, 16, 96, False),
     "vit_classifier": (4, 4, 16, 96, False),
     "gpt2": (4, 4, 16, 96, False),

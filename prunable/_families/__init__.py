@@ -6,11 +6,12 @@ from torch import nn
 
 from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._families._bert import BertFamily
+from hwprune.prunable._families._distilbert import DistilBertFamily
 from hwprune.prunable._families._gpt2 import GPT2Family
 from hwprune.prunable._families._llama import LlamaFamily
 from hwprune.prunable._families._vit import ViTFamily
 
-FAMILIES: tuple[Family, ...] = (BertFamily(), ViTFamily(), GPT2Family(), LlamaFamily())
+FAMILIES: tuple[Family, ...] = (BertFamily(), DistilBertFamily(), ViTFamily(), GPT2Family(), LlamaFamily())
 
 # Families whose layout no adapter can prune exactly (yet), and why: the error says so.
 REFUSED: dict[str, str] = {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+from typing import Any
 
 from torch import nn
 
@@ -49,6 +51,31 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
         setattr(model.config, key, value)
     log.info("pruned %s -> %s", structure.describe(), pruned.describe())
     return model
+
+
+def pruned_copy(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True) -> nn.Module:
+    """A pruned copy of `model`, which stays as it is; never a second full-size copy in memory.
+
+    `apply_plan(copy.deepcopy(model), plan)` holds two dense models at its peak. Here the copy starts
+    by sharing every tensor with `model`, the plan's slices give it tensors of its own, and only what
+    the plan leaves whole (embeddings, norms, heads) is then cloned: the peak is the dense model plus
+    the pruned one.
+    """
+    # deepcopy takes the memo's entry for any object it has: new Parameters over the same storage.
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, p.requires_grad) for p in model.parameters()}
+    memo |= {id(b): b for b in model.buffers()}  # buffers are replaced below, not sliced
+    pruned = apply_plan(copy.deepcopy(model, memo), plan, check_weights=check_weights)
+    dense_storage = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    for p in pruned.parameters():
+        if p.untyped_storage().data_ptr() in dense_storage:
+            p.data = p.data.clone()
+    for module in pruned.modules():
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.untyped_storage().data_ptr() in dense_storage:
+                module.register_buffer(
+                    name, b.clone(), persistent=name not in module._non_persistent_buffers_set
+                )
+    return pruned
 
 
 def pruned_block(model: nn.Module, layer: int, *, units: int, neurons: int) -> nn.Module:

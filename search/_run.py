@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -362,7 +361,7 @@ class Rescoring:
         plans = run_dir / "plans"
         for i, c in enumerate(candidates, start=1):
             plan = proxy.plan(c.units, c.mlp, ref, hardware=self.hardware)
-            pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=False)
+            pruned = prunable.pruned_copy(model, plan, check_weights=False)
             c.metric = c.metric_unrecovered = task.evaluate(pruned)
             recipe = None
             if data is not None and c.kind != "dense":

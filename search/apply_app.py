@@ -13,7 +13,6 @@ is written.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -189,7 +188,7 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     model = prunable.load_model(plan.model.source, plan.model.class_name)
     fingerprint = prunable.weights_fingerprint(model) if cfg.check_weights else None
     plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
-    pruned = prunable.apply_plan(copy.deepcopy(model), plan, check_weights=cfg.check_weights)
+    pruned = prunable.pruned_copy(model, plan, check_weights=cfg.check_weights)
     task = build_task(cfg.task, plan.model.source)
     task.prepare(model)
     metric_dense, metric_unrecovered = task.evaluate(model), task.evaluate(pruned)

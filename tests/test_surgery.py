@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -145,3 +147,23 @@ def test_plan_for_another_model_is_rejected() -> None:
         prunable.apply_plan(other, plan)
     prunable.apply_plan(other, plan, check_weights=False)  # explicitly allowed
     assert prunable.discover(other).layers[0].num_heads == len(plan.layers[0].heads)
+
+
+def test_pruned_copy_equals_pruning_a_deep_copy_and_shares_nothing_with_the_dense_model(case: Case) -> None:
+    model = case.build()
+    plan = random_plan(model, 0, empty_layer=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = run(case, prunable.apply_plan(copy.deepcopy(model), plan))
+
+    pruned = prunable.pruned_copy(model, plan)
+
+    torch.testing.assert_close(run(case, pruned), expected, rtol=0, atol=0)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the dense model is as it was
+    dense = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not any(t.untyped_storage().data_ptr() in dense for t in (*pruned.parameters(), *pruned.buffers()))
+    # Training the copy (recovery does) cannot reach the dense model.
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -83,6 +83,14 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 CPU_SHAPES = ["bert_24x1024", "llama_0.1b", "llama_0.5b", "llama_1b"]
+# The methods with the settings the benchmark runs them with (Hutchinson: a fixed number of probes,
+# so its time is comparable across shapes).
+METHODS = {
+    "nvit": hessian.NViTSaliency,
+    "taylor": hessian.TaylorSaliency,
+    "fisher": hessian.FisherSaliency,
+    "hutchinson": lambda: hessian.HutchinsonSaliency(max_probes=4, min_probes=4),
+}
 
 
 def build(shape: str, device: str, dtype: str | None) -> torch.nn.Module:
@@ -134,13 +142,14 @@ def child(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
-    scores = hessian.NViTSaliency().score(model, calib, options=options)
+    scores = METHODS[args.method]().score(model, calib, options=options)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     scores.save(args.scores)
     out = {
         "shape": args.shape,
+        "method": args.method,
         "params": params,
         "fp32_weights_gib": params * 4 / 2**30,
         "max_samples": args.max_samples or None,
@@ -155,13 +164,20 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(args: argparse.Namespace, shape: str, max_samples: int | None, scores: Path) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", "--shape", shape, "--samples", str(args.samples)]
+def run_child(
+    args: argparse.Namespace, shape: str, method: str, max_samples: int | None, scores: Path
+) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", "--shape", shape, "--method", method]
+    command += ["--samples", str(args.samples)]
     command += ["--seq", str(args.seq), "--batch-size", str(args.batch_size), "--device", args.device]
     command += ["--scores", str(scores)] + (["--dtype", args.dtype] if args.dtype else [])
     command += ["--max-samples", str(max_samples or 0)]  # 0: whole batches
     log.info("running %s", " ".join(command[1:]))
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # a run that dies (out of memory: killed by the kernel) is a result too
+        why = "killed (out of memory)" if done.returncode in (-9, 137) else f"failed (exit {done.returncode})"
+        log.warning("%s %s %s: %s", shape, method, max_samples, why)
+        return {"shape": shape, "method": method, "max_samples": max_samples, "error": why}
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
@@ -171,6 +187,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shapes", nargs="+", default=CPU_SHAPES, choices=sorted(SHAPES))
+    parser.add_argument("--methods", nargs="+", default=["nvit"], choices=sorted(METHODS))
     parser.add_argument("--samples", type=int, default=16, help="calibration samples")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sample")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per calibration batch")
@@ -180,6 +197,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/benchmarks/saliency_scale.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="nvit", help=argparse.SUPPRESS)
     parser.add_argument("--scores", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -190,16 +208,24 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
-            whole = run_child(args, shape, None, Path(tmp) / f"{shape}-whole.npz")
-            parts = run_child(args, shape, args.max_samples, Path(tmp) / f"{shape}-parts.npz")
-            a = hessian.UnitScores.load(Path(tmp) / f"{shape}-whole.npz")
-            b = hessian.UnitScores.load(Path(tmp) / f"{shape}-parts.npz")
-            flat_a, flat_b = (torch.cat([*s.heads, *s.mlp]) for s in (a, b))
-            diff = float((flat_a - flat_b).abs().max() / flat_a.abs().max())
-            for run in (whole, parts):
-                run["max_rel_diff"] = diff
-                rows.append(run)
-                log.info("%s", run)
+            for method in args.methods:
+                whole_path, parts_path = (
+                    Path(tmp) / f"{shape}-{method}-whole.npz",
+                    Path(tmp) / f"{shape}-{method}-parts.npz",
+                )
+                whole = run_child(args, shape, method, None, whole_path)
+                parts = run_child(args, shape, method, args.max_samples, parts_path)
+                diff = float("nan")
+                if "error" not in whole and "error" not in parts:
+                    flat_a, flat_b = (
+                        torch.cat([*s.heads, *s.mlp])
+                        for s in map(hessian.UnitScores.load, (whole_path, parts_path))
+                    )
+                    diff = float((flat_a - flat_b).abs().max() / flat_a.abs().max().clamp_min(1e-30))
+                for run in (whole, parts):
+                    run["max_rel_diff"] = diff
+                    rows.append(run)
+                    log.info("%s", run)
     write(args, rows, started)
 
 
@@ -209,10 +235,11 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetim
     else:
         machine = f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads"
     lines = [
-        "# Saliency at scale: NViT scoring time and peak memory (measured)",
+        "# Saliency at scale: scoring time and peak memory (measured)",
         "",
         f"Command: `python benchmarks/saliency_scale.py --shapes {' '.join(args.shapes)} --samples {args.samples} "
         f"--seq {args.seq} --batch-size {args.batch_size} --max-samples {args.max_samples}"
+        + (f" --methods {' '.join(args.methods)}" if args.methods != ["nvit"] else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --dtype {args.dtype}" if args.dtype else "")
         + "`  ",
@@ -230,16 +257,19 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetim
             else "."
         ),
         "",
-        "| shape | params | fp32 weights GiB | pass | score s | peak RSS GiB | RSS / fp32 weights "
+        "| shape | params | fp32 weights GiB | method | pass | score s | peak RSS GiB | RSS / fp32 weights "
         "| goal met | peak CUDA GiB | max rel diff |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        goal = r["peak_rss_gib"] <= 4 * r["fp32_weights_gib"] + 2
         how = "whole" if r["max_samples"] is None else f"parts of {r['max_samples']}"
+        if "error" in r:
+            lines.append(f"| {r['shape']} | | | {r['method']} | {how} | {r['error']} | | | no | | |")
+            continue
+        goal = r["peak_rss_gib"] <= 4 * r["fp32_weights_gib"] + 2
         cuda = f"{r['peak_cuda_gib']:.1f}" if r["peak_cuda_gib"] is not None else "-"
         lines.append(
-            f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['fp32_weights_gib']:.2f} | "
+            f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['fp32_weights_gib']:.2f} | {r.get('method', 'nvit')} | "
             f"{how} | {r['score_s']:.1f} | "
             f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / r['fp32_weights_gib']:.1f} | {'yes' if goal else 'no'} | "
             f"{cuda} | {r['max_rel_diff']:.1e} |"

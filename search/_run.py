@@ -190,9 +190,15 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     # Hypervolume is bounded by the dense latency and the loss of removing everything.
     reference = (objective.dense_ms, float(proxy.loss(*[np.zeros(space.num_layers, int)] * 2)[0]))
     seeds = [space.dense()] + [space.uniform(f) for f in cfg.search.uniform_baselines]
-    if not constraints.any:  # exact points are only optimal for the unconstrained problem
-        for p in hypervolume_subset(exact.latency, exact.loss, reference, cfg.search.exact_seeds):
-            seeds.append((opt_units[exact.choices[p]], opt_mlp[exact.choices[p]]))
+    # A latency budget only removes points, so the exact front's points within it stay optimal; a
+    # parameter budget is another axis, where the exact front says nothing.
+    feasible = np.array([], dtype=int)
+    if constraints.params_fraction is None:
+        feasible = np.flatnonzero(exact.latency <= constraints.latency_limit(objective.dense_ms))
+        picks = hypervolume_subset(
+            exact.latency[feasible], exact.loss[feasible], reference, cfg.search.exact_seeds
+        )
+        seeds += [(opt_units[exact.choices[feasible[p]]], opt_mlp[exact.choices[feasible[p]]]) for p in picks]
 
     ref = prunable.model_ref(model, source=cfg.model.source)
     identity = {
@@ -227,9 +233,9 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     f_lat = np.array([t.values[0] for t in front])
     f_loss = np.array([t.values[1] for t in front])
     hv_ratio = None
-    if not constraints.any:
+    if len(feasible):  # against the exact front within the budget
         hv_ratio = hypervolume(f_lat, f_loss, reference) / max(
-            hypervolume(exact.latency, exact.loss, reference), 1e-30
+            hypervolume(exact.latency[feasible], exact.loss[feasible], reference), 1e-30
         )
         log.info("hypervolume of the Optuna front / exact front: %.4f", hv_ratio)
 

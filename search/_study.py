@@ -67,6 +67,14 @@ class Constraints:
     def any(self) -> bool:
         return any(v is not None for v in (self.latency_ms, self.latency_fraction, self.params_fraction))
 
+    def latency_limit(self, dense_ms: float) -> float:
+        """The tightest latency budget in milliseconds (infinite without one)."""
+        limits = [
+            self.latency_ms,
+            None if self.latency_fraction is None else self.latency_fraction * dense_ms,
+        ]
+        return min((v for v in limits if v is not None), default=float("inf"))
+
 
 def block_params(spec: cost_models.BlockSpec, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
     """Weights of the blocks (biases and norms aside) at the given widths, summed over layers."""

@@ -75,9 +75,10 @@ class SearchConfig:
     mlp_step: int | None = None
     unit_step: int = 1
     uniform_baselines: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    # Points of the exact front of the (unconstrained, additive) proxy enqueued as trials: what keeps
-    # the study's front within 0.1 % of the exact one's hypervolume at 24-32 layers, where 10 points
-    # left it 4 % short (results/benchmarks/search_depth.md).
+    # Points of the exact front of the additive proxy (those within a latency budget; none under a
+    # parameter budget) enqueued as trials: what keeps the study's front within 0.2 % of the exact
+    # one's hypervolume at 24-32 layers, where 10 points left it 4 % short and none under a latency
+    # budget 57-65 % short (results/benchmarks/search_depth*.md).
     exact_seeds: int = 100
     latency_budget_ms: float | None = None
     latency_budget_fraction: float | None = None

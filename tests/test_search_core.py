@@ -161,6 +161,13 @@ def test_constraints_mark_trials_infeasible(setup, tmp_path: Path) -> None:  # t
         Constraints(latency_ms=-1)
 
 
+def test_the_latency_limit_is_the_tightest_budget() -> None:
+    assert Constraints().latency_limit(10.0) == float("inf")
+    assert Constraints(latency_fraction=0.5).latency_limit(10.0) == 5.0
+    assert Constraints(latency_ms=3.0, latency_fraction=0.5).latency_limit(10.0) == 3.0
+    assert Constraints(latency_ms=8.0, latency_fraction=0.5, params_fraction=0.1).latency_limit(10.0) == 5.0
+
+
 def test_storage_urls(tmp_path: Path) -> None:
     journal = open_storage(str(tmp_path / "x" / "s.journal"), tmp_path)
     assert journal.kind == "journal" and journal.shared and (tmp_path / "x").is_dir()

@@ -9,7 +9,7 @@ from torch import nn
 
 from hwprune import prunable
 from hwprune._progress import progress
-from hwprune.hessian._base import ScoringOptions, SeededSaliency, frozen, unit_sums
+from hwprune.hessian._base import ScoringOptions, SeededSaliency, frozen
 from hwprune.hessian._calibration import Calibration, check_finite
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,11 @@ class FisherSaliency(SeededSaliency):
                 id(p): p for lc in layers for c in lc.heads + lc.mlp for p, _ in c.parameters_and_dims()
             }.values()
         )
-        sq_grads = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+        position = {id(p): i for i, p in enumerate(params)}
+        # Per-unit sums of g^2 w^2, accumulated sample by sample: no weight-sized accumulator beside
+        # the gradients themselves.
+        heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
+        mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
         generator = torch.Generator().manual_seed(self.seed)
         objective = calibration.objective
         device = next(model.parameters()).device
@@ -54,14 +58,15 @@ class FisherSaliency(SeededSaliency):
                     loss = objective.curvature_losses(model, sample, generator).sum()
                     check_finite(loss, what="loss", batch_index=b, method=self.name)
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    for p, g in zip(params, grads, strict=True):
-                        if g is not None:
-                            sq_grads[id(p)] += g.float().pow(2)
+                    for lc, head_sums, mlp_sums in zip(layers, heads, mlp, strict=True):
+                        for coupled, sums in ((lc.heads, head_sums), (lc.mlp, mlp_sums)):
+                            for coupling in coupled:
+                                for param, dim in coupling.parameters_and_dims():
+                                    g = grads[position[id(param)]]
+                                    if g is not None:
+                                        obd = g.float().pow(2) * param.detach().float().pow(2)
+                                        sums += coupling.per_unit(obd, dim).double().sum(1).cpu()
         n = calibration.n_samples
-        obd = {id(p): 0.5 * sq_grads[id(p)] / n * p.detach().float().pow(2) for p in params}
-        heads = [
-            unit_sums(lc.heads, obd, la.attention_units)
-            for lc, la in zip(layers, structure.layers, strict=True)
-        ]
-        mlp = [unit_sums(lc.mlp, obd, la.mlp_width) for lc, la in zip(layers, structure.layers, strict=True)]
+        heads = [0.5 * h / n for h in heads]
+        mlp = [0.5 * m / n for m in mlp]
         return heads, mlp

@@ -254,3 +254,30 @@ def test_scores_save_and_load(tmp_path: Path) -> None:
     assert loaded.method == "magnitude" and loaded.meta == scores.meta
     for a, b in zip(scores.heads + scores.mlp, loaded.heads + loaded.mlp, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama_gqa"])
+def test_fisher_is_obd_with_the_per_sample_fisher_diagonal(family: str) -> None:
+    """1/2 sum over a unit's weights of mean_s(g_s^2) w^2, computed here the direct way."""
+    from hwprune.hessian._base import unit_sums
+
+    model, calib = calibration(family, supervised=True)
+    scores = hessian.FisherSaliency(seed=1).score(model, calib)
+    layers = prunable.couplings(model)
+    params = list(
+        {id(p): p for lc in layers for c in lc.heads + lc.mlp for p, _ in c.parameters_and_dims()}.values()
+    )
+    squares = {id(p): torch.zeros_like(p) for p in params}
+    for batch in calib.batches:
+        for s in range(batch.n_samples):
+            loss = calib.objective.losses(model, batch.select([s])).sum()
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
+                if g is not None:
+                    squares[id(p)] += g.pow(2)
+    obd = {id(p): 0.5 * squares[id(p)] / calib.n_samples * p.detach().pow(2) for p in params}
+    structure = prunable.discover(model)
+    for i, (lc, la) in enumerate(zip(layers, structure.layers, strict=True)):
+        torch.testing.assert_close(
+            scores.heads[i], unit_sums(lc.heads, obd, la.attention_units), rtol=1e-4, atol=0
+        )
+        torch.testing.assert_close(scores.mlp[i], unit_sums(lc.mlp, obd, la.mlp_width), rtol=1e-4, atol=0)

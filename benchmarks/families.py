@@ -15,7 +15,6 @@ Usage:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -37,7 +36,7 @@ from hwprune.search.apply_app import apply_config
 from hwprune.search.apply_app import run as run_apply
 from hwprune.search.config import AppConfig, compose, to_object
 from tests.conftest import CASES, Case, run
-from tests.test_kv_cache import DECODERS, cache_of, plan_with_empty_attention
+from tests.test_kv_cache import DECODERS, cached_and_uncached, plan_with_empty_attention
 from tests.test_surgery import random_plan
 
 log = logging.getLogger("families")
@@ -103,16 +102,9 @@ def cached_error(case: Case) -> str:
     if case.name not in DECODERS:
         return "n/a (encoder)"
     model = case.build()
-    pruned = prunable.apply_plan(copy.deepcopy(model), plan_with_empty_attention(model, 0, seed=3))
-    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = case.output(pruned(input_ids=ids, use_cache=False))
-        out = pruned(input_ids=ids[:, :6], use_cache=True)
-        cache, steps = cache_of(out), [case.output(out)[:, -1]]
-        for t in range(6, 9):
-            out = pruned(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(case.output(out)[:, -1])
-    return f"{float((torch.stack(steps, 1) - full[:, 5:]).abs().max()):.0e}"
+    pruned = prunable.pruned_copy(model, plan_with_empty_attention(model, 0, seed=3))
+    cached, uncached, _ = cached_and_uncached(case, pruned)
+    return f"{float((cached - uncached).abs().max()):.0e}"
 
 
 def search_and_apply(case: Case, tmp: Path) -> str:

@@ -56,8 +56,8 @@ def search(overrides: list[str], run_dir: Path) -> pd.DataFrame:
     write_report(outcome)
     report = run_dir / "report.md"  # say which command made it: it is committed as a result
     title, _, rest = report.read_text().partition("\n")
-    made_by = f"Made by `python {' '.join(sys.argv)}` (this run: `{' '.join(overrides)}`)."
-    report.write_text(f"{title}\n\n{made_by}\n{rest}")
+    command = f"Command: `python {' '.join(sys.argv)}` (this run: `{' '.join(overrides)}`)."
+    report.write_text(f"{title}\n\n{command}\n{rest}")
     log.info("%s: %.0f s", run_dir.name, time.perf_counter() - started)
     return pd.read_csv(run_dir / "pareto.csv")
 

@@ -107,15 +107,15 @@ def main() -> None:
         exact = exact_front(lats, losses, base=cost_model.base_ms)
         zeros = np.zeros(space.num_layers, int)
         reference = (objective.dense_ms, float(proxy.loss(zeros, zeros)[0]))
-        # Under a latency budget the exact front's points within it are the constrained optimum.
-        feasible = np.flatnonzero(exact.latency <= constraints.latency_limit(objective.dense_ms))
-        f_lat, f_loss = exact.latency[feasible], exact.loss[feasible]
-        exact_hv = hypervolume(f_lat, f_loss, reference)
+        optimum = exact.within(constraints.latency_limit(objective.dense_ms))  # as hwprune-search does
+        exact_hv = hypervolume(optimum.latency, optimum.loss, reference)
         for k in args.exact_seeds:
-            picks = [int(feasible[p]) for p in hypervolume_subset(f_lat, f_loss, reference, k)]
-            seeded = [(opt_units[exact.choices[p]], opt_mlp[exact.choices[p]]) for p in picks]
+            picks = hypervolume_subset(optimum.latency, optimum.loss, reference, k)
+            seeded = [(opt_units[optimum.choices[p]], opt_mlp[optimum.choices[p]]) for p in picks]
             seeds_hv = (
-                hypervolume(exact.latency[picks], exact.loss[picks], reference) / exact_hv if picks else 0.0
+                hypervolume(optimum.latency[picks], optimum.loss[picks], reference) / exact_hv
+                if picks
+                else 0.0
             )
             ratios, seconds = [], []
             for seed in args.seeds:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -154,14 +153,11 @@ def placed(model: nn.Module, options: ScoringOptions) -> Iterator[nn.Module]:
     def convert(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device, dtype if t.is_floating_point() else t.dtype)
 
-    # deepcopy takes the memo's entry for any object it has: every tensor is copied converted.
-    memo: dict[int, Any] = {id(p): nn.Parameter(convert(p), p.requires_grad) for p in model.parameters()}
-    memo |= {id(b): convert(b) for b in model.buffers()}
-    scored = copy.deepcopy(model, memo)
+    scored = prunable.converted_copy(model, params=convert, buffers=convert)
     try:
         yield scored
     finally:
-        del scored, memo
+        del scored
 
 
 class Saliency(ABC):

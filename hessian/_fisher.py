@@ -42,13 +42,22 @@ class FisherSaliency(SeededSaliency):
             }.values()
         )
         position = {id(p): i for i, p in enumerate(params)}
-        # Per-unit sums of g^2 w^2, accumulated sample by sample: no weight-sized accumulator beside
-        # the gradients themselves.
-        heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
-        mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
+        device = next(model.parameters()).device
+        # Per-unit sums of g^2 w^2, accumulated sample by sample where the gradients are: no
+        # weight-sized accumulator beside the gradients, no host copy per parameter and sample.
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+        heads = [torch.zeros(la.attention_units, dtype=dtype, device=device) for la in structure.layers]
+        mlp = [torch.zeros(la.mlp_width, dtype=dtype, device=device) for la in structure.layers]
+        # (unit sums, coupling, parameter, its unit dimension) of every coupled tensor
+        terms = [
+            (sums, coupling, param, dim)
+            for lc, head_sums, mlp_sums in zip(layers, heads, mlp, strict=True)
+            for coupled, sums in ((lc.heads, head_sums), (lc.mlp, mlp_sums))
+            for coupling in coupled
+            for param, dim in coupling.parameters_and_dims()
+        ]
         generator = torch.Generator().manual_seed(self.seed)
         objective = calibration.objective
-        device = next(model.parameters()).device
         with frozen(model):
             for p in params:
                 p.requires_grad_(True)
@@ -58,14 +67,11 @@ class FisherSaliency(SeededSaliency):
                     loss = objective.curvature_losses(model, sample, generator).sum()
                     check_finite(loss, what="loss", batch_index=b, method=self.name)
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    for lc, head_sums, mlp_sums in zip(layers, heads, mlp, strict=True):
-                        for coupled, sums in ((lc.heads, head_sums), (lc.mlp, mlp_sums)):
-                            for coupling in coupled:
-                                for param, dim in coupling.parameters_and_dims():
-                                    g = grads[position[id(param)]]
-                                    if g is not None:
-                                        obd = g.float().pow(2) * param.detach().float().pow(2)
-                                        sums += coupling.per_unit(obd, dim).double().sum(1).cpu()
+                    for sums, coupling, param, dim in terms:
+                        g = grads[position[id(param)]]
+                        if g is not None:
+                            obd = g.float().pow(2) * param.detach().float().pow(2)
+                            sums += coupling.per_unit(obd, dim).sum(1).to(dtype)
         n = calibration.n_samples
         heads = [0.5 * h / n for h in heads]
         mlp = [0.5 * m / n for m in mlp]

@@ -17,7 +17,7 @@ from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_sourc
 from hwprune.prunable._kv_cache import append_kv
 from hwprune.prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
-from hwprune.prunable._surgery import apply_plan, pruned_block, pruned_copy
+from hwprune.prunable._surgery import apply_plan, converted_copy, pruned_block, pruned_copy
 
 MINILM = "bundled:all-MiniLM-L6-v2"
 
@@ -51,6 +51,7 @@ __all__ = [
     "UnitKind",
     "append_kv",
     "apply_plan",
+    "converted_copy",
     "couplings",
     "discover",
     "gated",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from hwprune.prunable._discover import discover, weights_fingerprint
@@ -61,21 +63,30 @@ def pruned_copy(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True
     the plan leaves whole (embeddings, norms, heads) is then cloned: the peak is the dense model plus
     the pruned one.
     """
-    # deepcopy takes the memo's entry for any object it has: new Parameters over the same storage.
-    memo: dict[int, Any] = {id(p): nn.Parameter(p.data, p.requires_grad) for p in model.parameters()}
-    memo |= {id(b): b for b in model.buffers()}  # buffers are replaced below, not sliced
-    pruned = apply_plan(copy.deepcopy(model, memo), plan, check_weights=check_weights)
-    dense_storage = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    # Parameters over the dense storage (the plan slices them into their own); buffers are small.
+    shared = converted_copy(model, params=lambda t: t, buffers=lambda t: t.clone())
+    pruned = apply_plan(shared, plan, check_weights=check_weights)
+    dense_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for p in pruned.parameters():
         if p.untyped_storage().data_ptr() in dense_storage:
             p.data = p.data.clone()
-    for module in pruned.modules():
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None and b.untyped_storage().data_ptr() in dense_storage:
-                module.register_buffer(
-                    name, b.clone(), persistent=name not in module._non_persistent_buffers_set
-                )
     return pruned
+
+
+def converted_copy(
+    model: nn.Module,
+    *,
+    params: Callable[[torch.Tensor], torch.Tensor],
+    buffers: Callable[[torch.Tensor], torch.Tensor],
+) -> nn.Module:
+    """A copy of `model` whose parameters hold `params(p.data)` and whose buffers `buffers(b)`.
+
+    Each tensor is converted on its own (deepcopy takes the memo's entry for any object it has), so
+    a copy in another dtype or over shared storage never passes through a full deep copy.
+    """
+    memo: dict[int, Any] = {id(p): nn.Parameter(params(p.data), p.requires_grad) for p in model.parameters()}
+    memo |= {id(b): buffers(b) for b in model.buffers()}
+    return copy.deepcopy(model, memo)
 
 
 def pruned_block(model: nn.Module, layer: int, *, units: int, neurons: int) -> nn.Module:

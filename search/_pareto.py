@@ -50,6 +50,11 @@ class ExactFront:
     loss: np.ndarray  # (P,)
     choices: np.ndarray  # (P, layers) index into each layer's options
 
+    def within(self, latency_limit: float) -> ExactFront:
+        """The points no slower than `latency_limit`: a latency budget's constrained optimum."""
+        keep = self.latency <= latency_limit
+        return ExactFront(latency=self.latency[keep], loss=self.loss[keep], choices=self.choices[keep])
+
 
 def exact_front(
     option_latency: list[np.ndarray], option_loss: list[np.ndarray], base: float = 0.0

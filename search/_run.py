@@ -192,13 +192,12 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     seeds = [space.dense()] + [space.uniform(f) for f in cfg.search.uniform_baselines]
     # A latency budget only removes points, so the exact front's points within it stay optimal; a
     # parameter budget is another axis, where the exact front says nothing.
-    feasible = np.array([], dtype=int)
-    if constraints.params_fraction is None:
-        feasible = np.flatnonzero(exact.latency <= constraints.latency_limit(objective.dense_ms))
-        picks = hypervolume_subset(
-            exact.latency[feasible], exact.loss[feasible], reference, cfg.search.exact_seeds
-        )
-        seeds += [(opt_units[exact.choices[feasible[p]]], opt_mlp[exact.choices[feasible[p]]]) for p in picks]
+    optimum = (
+        None if constraints.params_fraction else exact.within(constraints.latency_limit(objective.dense_ms))
+    )
+    if optimum is not None:
+        picks = hypervolume_subset(optimum.latency, optimum.loss, reference, cfg.search.exact_seeds)
+        seeds += [(opt_units[optimum.choices[p]], opt_mlp[optimum.choices[p]]) for p in picks]
 
     ref = prunable.model_ref(model, source=cfg.model.source)
     identity = {
@@ -233,9 +232,9 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     f_lat = np.array([t.values[0] for t in front])
     f_loss = np.array([t.values[1] for t in front])
     hv_ratio = None
-    if len(feasible):  # against the exact front within the budget
+    if optimum is not None and len(optimum.latency):  # against the exact front within the budget
         hv_ratio = hypervolume(f_lat, f_loss, reference) / max(
-            hypervolume(exact.latency[feasible], exact.loss[feasible], reference), 1e-30
+            hypervolume(optimum.latency, optimum.loss, reference), 1e-30
         )
         log.info("hypervolume of the Optuna front / exact front: %.4f", hv_ratio)
 

@@ -44,23 +44,30 @@ def cache_of(out: object) -> object:
     return getattr(out, "cache", None) or out.past_key_values  # type: ignore[attr-defined]
 
 
+def cached_and_uncached(case: Case, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Outputs of the last 4 of 9 positions: prefill of 6 then 3 cached one-token steps, and one
+    uncached forward; and the cache. Each (B, 4, D)."""
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = case.output(model(input_ids=ids, use_cache=False))  # (B, T, D)
+        out = model(input_ids=ids[:, :6], use_cache=True)
+        cache = cache_of(out)
+        steps = [case.output(out)[:, -1]]
+        for t in range(6, 9):  # three decode steps of one token each
+            out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(case.output(out)[:, -1])
+    return torch.stack(steps, 1), full[:, 5:], cache
+
+
 @pytest.mark.parametrize("empty", [0, 1, None], ids=["layer0-empty", "layer1-empty", "no-empty"])
 @pytest.mark.parametrize("name", DECODERS)
 def test_cached_steps_equal_the_uncached_forward(name: str, empty: int | None) -> None:
     case: Case = CASES[name]
     model = case.build()
     pruned = prunable.apply_plan(copy.deepcopy(model), plan_with_empty_attention(model, empty, seed=3))
-    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = case.output(pruned(input_ids=ids, use_cache=False))  # (B, T, D)
-        out = pruned(input_ids=ids[:, :6], use_cache=True)
-        cache = cache_of(out)
-        steps = [case.output(out)[:, -1]]
-        for t in range(6, 9):  # three decode steps of one token each
-            out = pruned(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(case.output(out)[:, -1])
+    cached, uncached, cache = cached_and_uncached(case, pruned)
     assert cache.get_seq_length() == 9  # type: ignore[attr-defined]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen2"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ class Gates:
 
     `heads[i]` holds layer i's attention-unit gates (one per KV group; one per head without GQA),
     `mlp[i]` its neuron gates. Each is (units,) or, after `per_sample(B)`, (B, units). The hooks read
-    the current tensors at call time, so gates can be replaced or edited between forwards.
+    the current tensors at call time, so gates can be replaced or edited between forwards. Layers in
+    `skipped` pass their input through untouched: the masked equivalent of dropping them.
 
     Use as a context manager, or call `remove()`; either leaves the model exactly as it was.
     """
@@ -50,7 +51,10 @@ class Gates:
         for layer in structure.layers:
             self.heads.append(torch.ones(layer.attention_units, dtype=param.dtype, device=param.device))
             self.mlp.append(torch.ones(layer.mlp_width, dtype=param.dtype, device=param.device))
+        self.skipped: set[int] = set()
         self._handles: list[RemovableHandle] = []
+        for i, block in enumerate(family_of(model).blocks(model)):
+            self._handles.append(block.register_forward_hook(self._skip_hook(i), with_kwargs=True))
         for i, lc in enumerate(self._couplings):
             if lc.attn_gate_site is not None:
                 self._handles.append(lc.attn_gate_site.register_forward_pre_hook(self._head_hook(i)))
@@ -72,11 +76,13 @@ class Gates:
                 gates[i] = torch.ones(shape, dtype=g.dtype, device=g.device, requires_grad=requires_grad)
 
     def keep_only(self, plan: PrunePlan) -> None:
-        """Zero every gate whose unit `plan` removes (the masked equivalent of applying it)."""
+        """Zero every gate whose unit `plan` removes and skip the layers it drops (the masked
+        equivalent of applying it)."""
         plan.check(self.structure)
         for i, (heads, mlp) in enumerate(plan.kept_units(self.structure)):
             self.heads[i] = torch.zeros_like(self.heads[i]).index_fill_(-1, heads, 1.0)
             self.mlp[i] = torch.zeros_like(self.mlp[i]).index_fill_(-1, mlp, 1.0)
+        self.skipped = set(plan.dropped())
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -108,6 +114,15 @@ class Gates:
             xh = x.reshape(*lead, -1, lc.head_dim)  # (B, T, nq, hd)
             g = self._broadcast(gate, len(lead)).unsqueeze(-1)  # (B|1, 1, nq, 1)
             return ((xh * g).reshape(x.shape), *rest)  # (B, T, nq*hd)
+
+        return hook
+
+    def _skip_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if i not in self.skipped:
+                return None  # the block's own output
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_model as save_safetensors
 from hwprune.prunable._discover import discover
 from hwprune.prunable._families import family_of
 from hwprune.prunable._plan import PrunePlan
-from hwprune.prunable._surgery import apply_plan
+from hwprune.prunable._surgery import slice_blocks
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,17 @@ def load_pruned(directory: str | Path) -> Any:
     if manifest["config_expresses_shape"]:
         model = cls.from_pretrained(str(directory), local_files_only=True)
     else:
+        # config.json has the dense widths and the kept layers only: slice those to the plan.
         model = cls(config)
-        apply_plan(model, plan, check_weights=False)
+        dense = discover(model)
+        kept = [lp for lp in plan.layers if not lp.drop]
+        if len(kept) != dense.num_layers:
+            raise ValueError(
+                f"{directory}: config.json has {dense.num_layers} layers, the plan keeps {len(kept)}"
+            )
+        slice_blocks(
+            model, {j: lp.kept_units(la) for j, (lp, la) in enumerate(zip(kept, dense.layers, strict=True))}
+        )
         missing, unexpected = load_safetensors(model, str(directory / "model.safetensors"), strict=False)
         # Tied weights (e.g. GPT-2's lm_head) are stored once and legitimately "missing".
         tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -14,6 +14,7 @@ File layout (YAML; JSON is read too)::
     layers:
     - heads: [0, 2, 3]         # kept query heads (whole KV groups under GQA)
       mlp: [0, 1, 5, ...]      # kept MLP neurons
+    - drop: true               # the whole layer goes (depth pruning): the model has one layer fewer
 """
 
 from __future__ import annotations
@@ -58,10 +59,21 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Kept units of one layer: query-head indices and MLP-neuron indices, ascending."""
+    """Kept units of one layer: query-head indices and MLP-neuron indices, ascending.
+
+    A layer with `drop` set is removed from the model altogether (it keeps no units): the pruned
+    model has one block fewer, where a layer keeping no units stays as a block that only adds its
+    sub-layers' output biases (and, in a post-norm block, applies its norms).
+    """
 
     heads: tuple[int, ...]
     mlp: tuple[int, ...]
+    drop: bool = False
+
+    def kept_units(self, layer: LayerStructure) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept attention units, kept MLP neurons) of `layer`, as ascending index tensors."""
+        groups = sorted({h // layer.heads_per_group for h in self.heads})
+        return torch.tensor(groups, dtype=torch.long), torch.tensor(self.mlp, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -85,19 +97,28 @@ class PrunePlan:
         *,
         heads: Sequence[Sequence[int]],
         mlp: Sequence[Sequence[int]],
+        drop: Sequence[bool] | None = None,
         hardware: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> PrunePlan:
-        """A plan keeping, per layer, the given attention units (KV groups) and MLP neurons."""
-        if len(heads) != structure.num_layers or len(mlp) != structure.num_layers:
+        """A plan keeping, per layer, the given attention units (KV groups) and MLP neurons.
+
+        Args:
+            drop: Per layer, whether to remove the whole layer (it must then keep no units).
+        """
+        drop = [False] * structure.num_layers if drop is None else [bool(d) for d in drop]
+        if not len(heads) == len(mlp) == len(drop) == structure.num_layers:
             raise PlanError(
-                f"need one entry per layer ({structure.num_layers}), got {len(heads)} head and {len(mlp)} mlp entries"
+                f"need one entry per layer ({structure.num_layers}), got {len(heads)} head, {len(mlp)} mlp "
+                f"and {len(drop)} drop entries"
             )
         layers = []
-        for layer, units, neurons in zip(structure.layers, heads, mlp, strict=True):
+        for layer, units, neurons, dropped in zip(structure.layers, heads, mlp, drop, strict=True):
             rep = layer.heads_per_group
             query_heads = sorted(int(u) * rep + r for u in units for r in range(rep))
-            layers.append(LayerPlan(heads=tuple(query_heads), mlp=tuple(sorted(int(n) for n in neurons))))
+            layers.append(
+                LayerPlan(heads=tuple(query_heads), mlp=tuple(sorted(int(n) for n in neurons)), drop=dropped)
+            )
         return cls(model=model, layers=tuple(layers), hardware=hardware, metadata=dict(metadata or {}))
 
     @classmethod
@@ -135,6 +156,8 @@ class PrunePlan:
             )
         if len(self.layers) != structure.num_layers:
             raise PlanError(f"plan has {len(self.layers)} layers, the model has {structure.num_layers}")
+        if all(lp.drop for lp in self.layers):
+            raise PlanError(f"plan drops all {structure.num_layers} layers; a model needs at least one")
         problems = [
             f"layer {i}: {p}"
             for i, (lp, layer) in enumerate(zip(self.layers, structure.layers, strict=True))
@@ -145,15 +168,15 @@ class PrunePlan:
 
     def kept_units(self, structure: Structure) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, (kept attention units, kept MLP neurons) as ascending index tensors."""
-        out = []
-        for lp, layer in zip(self.layers, structure.layers, strict=True):
-            groups = sorted({h // layer.heads_per_group for h in lp.heads})
-            out.append((torch.tensor(groups, dtype=torch.long), torch.tensor(lp.mlp, dtype=torch.long)))
-        return out
+        return [lp.kept_units(layer) for lp, layer in zip(self.layers, structure.layers, strict=True)]
 
     def kept_counts(self) -> list[tuple[int, int]]:
-        """Per layer, (query heads kept, MLP neurons kept)."""
+        """Per layer, (query heads kept, MLP neurons kept); (0, 0) for a dropped layer."""
         return [(len(lp.heads), len(lp.mlp)) for lp in self.layers]
+
+    def dropped(self) -> list[int]:
+        """Indices of the layers the plan removes."""
+        return [i for i, lp in enumerate(self.layers) if lp.drop]
 
     # ------------------------------------------------------------------ files
 
@@ -169,7 +192,10 @@ class PrunePlan:
             },
             "hardware": self.hardware,
             "metadata": dict(self.metadata),
-            "layers": [{"heads": list(lp.heads), "mlp": list(lp.mlp)} for lp in self.layers],
+            "layers": [
+                {"drop": True} if lp.drop else {"heads": list(lp.heads), "mlp": list(lp.mlp)}
+                for lp in self.layers
+            ],
         }
 
     def save(self, path: str | Path) -> Path:
@@ -217,8 +243,14 @@ class PrunePlan:
             raise fail("'layers' must be a non-empty list")
         parsed = []
         for i, entry in enumerate(layers):
+            if entry == {"drop": True}:
+                parsed.append(LayerPlan(heads=(), mlp=(), drop=True))
+                continue
             if not isinstance(entry, dict) or set(entry) != {"heads", "mlp"}:
-                raise fail(f"layers[{i}] must have exactly the keys 'heads' and 'mlp', got {entry!r:.80}")
+                raise fail(
+                    f"layers[{i}] must have exactly the keys 'heads' and 'mlp', or be {{drop: true}}, "
+                    f"got {entry!r:.80}"
+                )
             for key in ("heads", "mlp"):
                 values = entry[key]
                 if not isinstance(values, list) or not all(type(v) is int for v in values):
@@ -241,6 +273,8 @@ class PrunePlan:
 
 
 def _layer_problems(lp: LayerPlan, layer: LayerStructure) -> list[str]:
+    if lp.drop and (lp.heads or lp.mlp):
+        return [f"dropped, but keeps {len(lp.heads)} heads and {len(lp.mlp)} MLP neurons"]
     problems = []
     for key, values, size in (("heads", lp.heads, layer.num_heads), ("mlp", lp.mlp, layer.mlp_width)):
         bad = sorted({v for v in values if not 0 <= v < size})

@@ -22,7 +22,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
 
     The whole plan is checked first (structure fingerprint, index ranges, duplicates, KV grouping
     and, with `check_weights`, the weights fingerprint), so a bad plan raises `PlanError` before any
-    weight changes. Where the family's config can express the result (uniform widths), the config is
+    weight changes. Layers the plan drops are removed from the model, and the config's layer count
+    with them. Where the family's config can express the result (uniform widths), the config is
     updated too, so `save_pretrained` output reloads with `AutoModel.from_pretrained`.
     """
     family = family_of(model)
@@ -32,9 +33,26 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
         structure,
         weights_fingerprint=weights_fingerprint(model) if check_weights and wanted is not None else None,
     )
-    for block, layer, (units, neurons) in zip(
-        family.blocks(model), structure.layers, plan.kept_units(structure), strict=True
-    ):
+    kept = [i for i, lp in enumerate(plan.layers) if not lp.drop]
+    units = plan.kept_units(structure)
+    slice_blocks(model, {i: units[i] for i in kept})
+    if len(kept) < structure.num_layers:
+        family.drop_blocks(model, kept)
+    pruned = discover(model)
+    updates = family.config_updates(model.config, pruned)
+    for key, value in (updates or {}).items():
+        setattr(model.config, key, value)
+    log.info("pruned %s -> %s", structure.describe(), pruned.describe())
+    return model
+
+
+def slice_blocks(model: nn.Module, kept: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Slice block i of `model` to its (attention units, MLP neurons) in `kept`, unchecked."""
+    family = family_of(model)
+    structure = discover(model)
+    blocks = family.blocks(model)
+    for i, (units, neurons) in kept.items():
+        block, layer = blocks[i], structure.layers[i]
         lc = family.couplings(block, model.config)
         for coupling in lc.heads:
             coupling.keep(units)
@@ -47,12 +65,6 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
             kv_heads=len(units),
             mlp=len(neurons),
         )
-    pruned = discover(model)
-    updates = family.config_updates(model.config, pruned)
-    for key, value in (updates or {}).items():
-        setattr(model.config, key, value)
-    log.info("pruned %s -> %s", structure.describe(), pruned.describe())
-    return model
 
 
 def pruned_copy(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True) -> nn.Module:

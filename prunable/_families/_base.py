@@ -84,6 +84,32 @@ class Family(ABC):
         base = getattr(model, "base_model", model)
         return list(attrgetter(self.blocks_path)(base))
 
+    def drop_blocks(self, model: Any, keep: list[int]) -> None:
+        """Remove every block not in `keep` (ascending) and tell the model and its config.
+
+        The kept blocks are renumbered where they carry their index (a KV cache is indexed by it),
+        and the config's layer count and per-layer lists (`layer_types`) shrink to match, so the
+        model's own loop, its cache and `save_pretrained` all see the shallower model.
+        """
+        base = getattr(model, "base_model", model)
+        owner_path, _, attr = self.blocks_path.rpartition(".")
+        owner = attrgetter(owner_path)(base) if owner_path else base
+        blocks = getattr(owner, attr)
+        dense = len(blocks)
+        kept = [blocks[i] for i in keep]
+        setattr(owner, attr, nn.ModuleList(kept))
+        for new, block in enumerate(kept):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new
+                if isinstance(module, Skipped) and module.cache_layer is not None:
+                    module.cache_layer = new
+        config = model.config
+        config.num_hidden_layers = len(keep)  # attribute maps route it to n_layer, n_layers, ...
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, list | tuple) and len(layer_types) == dense:
+            config.layer_types = [layer_types[i] for i in keep]
+
     def check_config(self, config: Any) -> None:
         """Reject configurations whose layout the adapter does not handle."""
         if getattr(config, "add_cross_attention", False):

@@ -52,12 +52,15 @@ class CostModel(ABC):
     def block_latency_ms(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
         """Latency of one block keeping `units` attention units and `mlp` neurons (broadcast)."""
 
-    def predict(self, units: ArrayLike, mlp: ArrayLike) -> Prediction:
+    def predict(self, units: ArrayLike, mlp: ArrayLike, *, dropped: ArrayLike | None = None) -> Prediction:
         """Whole-model latency of configurations given as per-layer widths.
 
         Args:
             units: (..., num_layers) attention units (KV groups) kept per layer.
             mlp: (..., num_layers) MLP neurons kept per layer.
+            dropped: (..., num_layers) whether each layer is removed from the model (depth
+                pruning): it then costs nothing, where a layer keeping no units still pays its
+                norms and residual additions. None keeps every layer.
         """
         u, m = np.asarray(units), np.asarray(mlp)
         if u.shape != m.shape or u.ndim < 1 or u.shape[-1] != self.spec.num_layers:
@@ -69,7 +72,13 @@ class CostModel(ABC):
                 raise ValueError(
                     f"{name} widths must lie in [0, {top}], got range [{values.min()}, {values.max()}]"
                 )
-        latency = self.block_latency_ms(u, m).sum(-1) + self.base_ms
+        blocks = self.block_latency_ms(u, m)
+        if dropped is not None:
+            d = np.asarray(dropped, dtype=bool)
+            if d.shape[-1:] != u.shape[-1:]:
+                raise ValueError(f"dropped must be (..., {self.spec.num_layers}), got {d.shape}")
+            blocks = np.where(d, 0.0, blocks)
+        latency = blocks.sum(-1) + self.base_ms
         return Prediction(
             latency_ms=latency, source=self.source, profile=self.profile, workload=self.workload
         )

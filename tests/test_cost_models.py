@@ -120,6 +120,15 @@ def test_conformance(name: str, build: Builder, spec: BlockSpec, workload: Workl
     assert model.dense_ms() >= pred.latency_ms.max() - 1e-12
     # A single configuration gives a scalar.
     assert float(model.predict(units[0], mlp[0])) == pytest.approx(pred.latency_ms[0])
+    # A dropped layer costs nothing, an empty one still its norms and residuals; dropping every
+    # layer leaves the cost outside the blocks.
+    dropped = rng.random((50, spec.num_layers)) < 0.3
+    shallower = model.predict(units, mlp, dropped=dropped).latency_ms
+    blocks = model.block_latency_ms(units, mlp)
+    np.testing.assert_allclose(shallower, pred.latency_ms - (blocks * dropped).sum(-1), rtol=1e-12)
+    zeros = np.zeros(spec.num_layers, dtype=int)
+    assert float(model.predict(zeros, zeros)) > float(model.predict(zeros, zeros, dropped=zeros == 0))
+    assert float(model.predict(zeros, zeros, dropped=zeros == 0)) == pytest.approx(model.base_ms)
 
 
 @pytest.mark.parametrize(("name", "build", "spec", "workload"), BUILDERS, ids=[c[0] for c in BUILDERS])

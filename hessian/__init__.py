@@ -5,14 +5,16 @@
     scores = hessian.cached_score(hessian.FisherSaliency(), model, calibration, cache_dir="~/.cache/hwprune")
     options = hessian.ScoringOptions(device="cuda", dtype="bf16", max_samples=4)   # where, in what pieces
     scores = hessian.NViTSaliency().score(model, calibration, options=options)
+    drop = hessian.layer_scores(model, calibration)                  # measured loss of dropping each layer
 
 Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fisher/Gauss-Newton),
 `fisher` (OBD diagonal Fisher), `hutchinson` (HAWQ-V2 layer traces), `taylor`, `magnitude`, `random`.
 """
 
 from hwprune.hessian._base import SCORING_DTYPES, Saliency, ScoringOptions, UnitScores
-from hwprune.hessian._cache import cached_score
+from hwprune.hessian._cache import cached_layer_scores, cached_score
 from hwprune.hessian._calibration import Batch, Calibration, Objective, OutputDistance
+from hwprune.hessian._depth import layer_scores
 from hwprune.hessian._fisher import FisherSaliency
 from hwprune.hessian._hutchinson import HutchinsonSaliency
 from hwprune.hessian._magnitude import MagnitudeSaliency, RandomSaliency
@@ -45,5 +47,7 @@ __all__ = [
     "ScoringOptions",
     "TaylorSaliency",
     "UnitScores",
+    "cached_layer_scores",
     "cached_score",
+    "layer_scores",
 ]

@@ -7,26 +7,33 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 from hwprune import prunable
 from hwprune.hessian._base import Saliency, ScoringOptions, UnitScores
 from hwprune.hessian._calibration import Calibration
+from hwprune.hessian._depth import layer_scores
 
 log = logging.getLogger(__name__)
 
 
 def cache_key(
-    method: Saliency, model: nn.Module, calibration: Calibration, options: ScoringOptions | None = None
+    method: Saliency | None,
+    model: nn.Module,
+    calibration: Calibration,
+    options: ScoringOptions | None = None,
 ) -> str:
-    """Hash of the weights, the structure, the calibration data and objective, the method and the
-    scoring dtype (where and in what pieces it ran changes the scores only by rounding)."""
+    """Hash of the weights, the structure, the calibration data and objective, the method (None:
+    the layer scores) and the scoring dtype (where and in what pieces it ran changes the scores only
+    by rounding)."""
     parts = {
         "weights": prunable.weights_fingerprint(model),
         "structure": prunable.discover(model).fingerprint(),
         "data": calibration.fingerprint(),
-        "method": method.name,
-        "params": method.params(),
+        "method": method.name if method is not None else "layers",
+        "params": method.params() if method is not None else {},
     }
     if options is not None and options.dtype is not None:
         parts["dtype"] = options.dtype
@@ -59,4 +66,25 @@ def cached_score(
     scores = method.score(model, calibration, options=options)
     scores.save(path)
     log.info("saliency %s: computed and cached at %s", method.name, path)
+    return scores
+
+
+def cached_layer_scores(
+    model: nn.Module,
+    calibration: Calibration,
+    *,
+    cache_dir: str | Path | None,
+    options: ScoringOptions | None = None,
+) -> torch.Tensor:
+    """`layer_scores(model, calibration, options=options)`, read from `cache_dir` when computed before."""
+    if cache_dir is None:
+        return layer_scores(model, calibration, options=options)
+    path = Path(cache_dir).expanduser() / f"layers-{cache_key(None, model, calibration, options)}.npy"
+    if path.is_file():
+        log.info("layer scores: cached %s", path)
+        return torch.from_numpy(np.load(path))
+    scores = layer_scores(model, calibration, options=options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, scores.numpy())
+    log.info("layer scores: computed and cached at %s", path)
     return scores

@@ -169,6 +169,9 @@ class Saliency(ABC):
     """
 
     name: ClassVar[str]
+    # Whether scores estimate the loss increase of removing a unit (so that they add up with other
+    # loss estimates, such as measured layer scores); False for weight norms and random draws.
+    estimates_loss: ClassVar[bool] = True
 
     def score(
         self, model: nn.Module, calibration: Calibration, *, options: ScoringOptions | None = None

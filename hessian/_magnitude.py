@@ -18,6 +18,7 @@ class MagnitudeSaliency(Saliency):
     """
 
     name = "magnitude"
+    estimates_loss = False
 
     def _score(
         self,
@@ -44,6 +45,7 @@ class RandomSaliency(SeededSaliency):
     """
 
     name = "random"
+    estimates_loss = False
 
     def _score(
         self,

@@ -178,6 +178,10 @@ class PrunePlan:
         """Indices of the layers the plan removes."""
         return [i for i, lp in enumerate(self.layers) if lp.drop]
 
+    def kept_layers(self) -> list[int]:
+        """Indices of the layers the plan keeps: block j of the pruned model is dense layer `kept_layers()[j]`."""
+        return [i for i, lp in enumerate(self.layers) if not lp.drop]
+
     # ------------------------------------------------------------------ files
 
     def to_dict(self) -> dict[str, Any]:

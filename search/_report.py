@@ -35,6 +35,7 @@ PARETO_COLUMNS = [
     "flops",
     "proxy_loss",
     "dominated",
+    "layers",
     "units",
     "mlp",
 ]
@@ -78,6 +79,7 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "flops": c.flops,
             "proxy_loss": c.proxy_loss,
             "dominated": c.dominated if c.kind != "uniform" else None,
+            "layers": c.layers,
             "units": " ".join(map(str, c.units)),
             "mlp": " ".join(map(str, c.mlp)),
         }
@@ -209,10 +211,16 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         "to a profiled table, `analytical` = datasheet roofline)",
         f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",
         f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler._target_}`, MLP step "
-        f"{outcome.space.mlp_choices[1] - outcome.space.mlp_choices[0]}",
+        f"{outcome.space.mlp_choices[1] - outcome.space.mlp_choices[0]}"
+        + (", depth pruning (a layer left without units is dropped)" if cfg.search.depth else ""),
         f"- Recovery of every re-scored pruned plan before its metric: `{cfg.recovery.name}`"
         + ("" if cfg.recovery.name == "none" else f" ({cfg.recovery.samples} training samples of the task)"),
     ]
+    if "layer_scores" in outcome.extras:
+        lines.append(
+            "- Layer scores (measured loss of dropping each layer alone): "
+            + ", ".join(f"{v:.3g}" for v in outcome.extras["layer_scores"])
+        )
     if outcome.hv_ratio is not None:
         lines.append(
             f"- Hypervolume of the Optuna front / the exact DP front of the proxy: **{outcome.hv_ratio:.4f}**"
@@ -223,13 +231,14 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         "",
         "## Front (re-scored on the task, non-dominated)",
         "",
-        "| plan | predicted ms | speedup | metric | before recovery | recovery (s) | params |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| plan | predicted ms | speedup | metric | before recovery | recovery (s) | params | layers |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in best.itertuples():
         lines.append(
             f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | "
-            f"{r.metric_unrecovered:.3f} | {r.recovery} ({r.recovery_seconds:.1f}) | {r.params:,} |"
+            f"{r.metric_unrecovered:.3f} | {r.recovery} ({r.recovery_seconds:.1f}) | {r.params:,} | "
+            f"{r.layers}/{outcome.structure.num_layers} |"
         )
     lines += [
         "",

@@ -44,6 +44,7 @@ class Candidate:
     recovery_seconds: float = 0.0
     params: int = 0
     flops: float = 0.0
+    layers: int = 0  # blocks left in the pruned model
     plan_path: str = ""
     label: str = ""
     dominated: bool = False
@@ -70,15 +71,23 @@ class RunOutcome:
 def option_tables(
     space: SearchSpace, cost_model: cost_models.CostModel, proxy: SaliencyProxy
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
-    """Per layer, latency and proxy loss of every (units, mlp) option, and the option widths."""
+    """Per layer, latency and proxy loss of every (units, mlp) option, and the option widths.
+
+    With depth pruning the option without units is the dropped layer: no latency, its layer score.
+    """
     uu, mm = np.meshgrid(np.array(space.unit_choices), np.array(space.mlp_choices), indexing="ij")
     units, mlp = uu.ravel(), mm.ravel()
-    block = cost_model.block_latency_ms(units, mlp)
+    block = np.where(proxy.dropped(units, mlp), 0.0, cost_model.block_latency_ms(units, mlp))
     lats = [block for _ in range(space.num_layers)]
-    losses = [
-        proxy.layer_loss("heads", i, units) + proxy.layer_loss("mlp", i, mlp) for i in range(space.num_layers)
-    ]
+    losses = [proxy.block_loss(i, units, mlp) for i in range(space.num_layers)]
     return lats, losses, units, mlp
+
+
+def model_front(front: ExactFront, proxy: SaliencyProxy, units: np.ndarray, mlp: np.ndarray) -> ExactFront:
+    """The exact front without its point that drops every layer (depth pruning), which is no model."""
+    every = proxy.dropped(units[front.choices], mlp[front.choices]).all(-1)  # (P,)
+    keep = ~every
+    return ExactFront(latency=front.latency[keep], loss=front.loss[keep], choices=front.choices[keep])
 
 
 def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
@@ -92,8 +101,16 @@ def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
 
 def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
     """Refuse a latency budget no configuration meets, before the saliency and the study run."""
-    zeros = np.zeros(cost_model.spec.num_layers, dtype=int)
-    fastest = float(cost_model.predict(zeros, zeros).latency_ms)  # every prunable unit removed
+    n = cost_model.spec.num_layers
+    zeros = np.zeros(n, dtype=int)
+    if cfg.search.depth:  # every layer dropped but one, which keeps a single unit
+        one = np.eye(n, dtype=int)[0]
+        fastest = min(
+            float(cost_model.predict(u, m, dropped=one == 0).latency_ms)
+            for u, m in ((one, zeros), (zeros, one))
+        )
+    else:
+        fastest = float(cost_model.predict(zeros, zeros).latency_ms)  # every prunable unit removed
     dense = cost_model.dense_ms()
     for key, budget, limit, unit in (
         ("latency_budget_ms", cfg.search.latency_budget_ms, fastest, "ms"),
@@ -107,7 +124,7 @@ def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
         if budget is not None and budget < limit:
             raise ValueError(
                 f"search.{key}={budget} is unreachable: the fastest configuration (every prunable unit "
-                f"removed) predicts {limit:.4g} {unit} on {cost_model.profile} ({cost_model.workload.describe()}); "
+                f"removed{', one layer left' if cfg.search.depth else ''}) predicts {limit:.4g} {unit} on {cost_model.profile} ({cost_model.workload.describe()}); "
                 f"valid: >= {limit:.4g}"
             )
 
@@ -129,6 +146,12 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     profile = cfg.hardware.validate()
     # Every configured method is built before anything expensive, so bad settings fail first.
     method: hessian.Saliency = instantiate(cfg.saliency.method)
+    if cfg.search.depth and not method.estimates_loss:
+        raise ValueError(
+            f"search.depth=true needs saliency that estimates the loss, to weigh a dropped layer's measured "
+            f"loss against slimmer layers; saliency={method.name} does not; valid: "
+            f"{[m.name for m in hessian.METHODS if m.estimates_loss]}"
+        )
     recovery: Recovery = instantiate(cfg.recovery.method)
     sampler = instantiate(cfg.search.sampler)
     # The study's storage first: a server that cannot be reached, or a run directory another
@@ -174,9 +197,18 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         method, model, calibration, cache_dir=cfg.saliency.cache_dir, options=cfg.saliency.options()
     )
 
+    layer_scores = None
+    if cfg.search.depth:
+        layer_scores = hessian.cached_layer_scores(
+            model, calibration, cache_dir=cfg.saliency.cache_dir, options=cfg.saliency.options()
+        )
+        log.info(
+            "layer scores (loss of dropping each layer): %s", ", ".join(f"{v:.3g}" for v in layer_scores)
+        )
+
     step = cfg.search.mlp_step or cost_models.width_step(profile, spec.mlp)
     space = SearchSpace.build(structure, mlp_step=step, unit_step=cfg.search.unit_step)
-    proxy = SaliencyProxy(scores, structure)
+    proxy = SaliencyProxy(scores, structure, layer_scores)
     constraints = Constraints(
         latency_ms=cfg.search.latency_budget_ms,
         latency_fraction=cfg.search.latency_budget_fraction,
@@ -185,10 +217,11 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     objective = SearchObjective(space, cost_model, proxy, constraints)
 
     lats, losses, opt_units, opt_mlp = option_tables(space, cost_model, proxy)
-    exact = exact_front(lats, losses, base=cost_model.base_ms)
+    exact = model_front(exact_front(lats, losses, base=cost_model.base_ms), proxy, opt_units, opt_mlp)
     log.info("exact proxy front: %d points", len(exact.latency))
-    # Hypervolume is bounded by the dense latency and the loss of removing everything.
-    reference = (objective.dense_ms, float(proxy.loss(*[np.zeros(space.num_layers, int)] * 2)[0]))
+    # Hypervolume is bounded by the dense latency and the worst loss
+    # (the costliest option of every layer: removing all its units, or, with depth, maybe dropping it).
+    reference = (objective.dense_ms, float(sum(loss.max() for loss in losses)))
     seeds = [space.dense()] + [space.uniform(f) for f in cfg.search.uniform_baselines]
     # A latency budget only removes points, so the exact front's points within it stay optimal; a
     # parameter budget is another axis, where the exact front says nothing.
@@ -213,7 +246,8 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         "saliency": {k: scores.meta.get(k) for k in ("params", "calibration")}
         | {"method": scores.method}
         | ({"dtype": cfg.saliency.dtype} if cfg.saliency.dtype else {}),  # device, pieces: same scores
-        "space": {"units": list(space.unit_choices), "mlp": list(space.mlp_choices)},
+        "space": {"units": list(space.unit_choices), "mlp": list(space.mlp_choices)}
+        | ({"depth": True} if proxy.depth else {}),
         "constraints": asdict(constraints),
     }
     started = time.perf_counter()
@@ -250,7 +284,8 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         exact,
         [],
         hv_ratio,
-        extras={"study_seconds": study_seconds},
+        extras={"study_seconds": study_seconds}
+        | ({"layer_scores": layer_scores.tolist()} if layer_scores is not None else {}),
     )
     # Re-scoring prunes and recovers every candidate: on a shared study one worker does it.
     with rescoring_turn(study, storage, run_dir) as elsewhere:
@@ -370,7 +405,7 @@ class Rescoring:
             c.metric = c.metric_unrecovered = task.evaluate(pruned)
             recipe = None
             if data is not None and c.kind != "dense":
-                report = self.recovery.recover(pruned, model, data)
+                report = self.recovery.recover(pruned, model, data, layers=plan.kept_layers())
                 c.metric, c.recovery, c.recovery_seconds = (
                     task.evaluate(pruned),
                     report.method,
@@ -382,6 +417,7 @@ class Rescoring:
                     "data_seed": self.recovery_seed,
                 }
             c.params = sum(p.numel() for p in pruned.parameters())
+            c.layers = len(plan.layers) - len(plan.dropped())
             c.flops = float(cost_model.spec.flops(cost_model.workload, c.units, c.mlp))
             plan = replace(
                 plan,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from hwprune import hessian, prunable
 
@@ -75,12 +76,30 @@ class SaliencyProxy:
 
     Keeping the top-k units of a layer removes its n - k least salient ones, so the proxy is a
     lookup in per-layer prefix sums of ascending scores: vectorised and exact for the additive model.
+    With layer scores (depth pruning), a layer left without units is dropped, and costs its layer
+    score instead of the sum of its units'.
+
+    Args:
+        scores: One saliency per unit of `structure`.
+        structure: The dense model's structure.
+        layer_scores: (layers,) loss of dropping each layer (`hessian.layer_scores`), or None to
+            keep every layer (an empty layer then stays as a block).
     """
 
-    def __init__(self, scores: hessian.UnitScores, structure: prunable.Structure) -> None:
+    def __init__(
+        self,
+        scores: hessian.UnitScores,
+        structure: prunable.Structure,
+        layer_scores: torch.Tensor | None = None,
+    ) -> None:
         scores.check(structure)
+        if layer_scores is not None and tuple(layer_scores.shape) != (structure.num_layers,):
+            raise ValueError(
+                f"need one layer score per layer ({structure.num_layers}), got shape {tuple(layer_scores.shape)}"
+            )
         self.scores = scores
         self.structure = structure
+        self.layer_scores = None if layer_scores is None else layer_scores.double().numpy()
         self._removed: dict[str, list[np.ndarray]] = {}
         self._order: dict[str, list[np.ndarray]] = {}
         for kind in prunable.UNIT_KINDS:
@@ -98,12 +117,30 @@ class SaliencyProxy:
         """Proxy loss of keeping `kept` (array) units of `kind` in `layer`."""
         return self._removed[kind][layer][np.asarray(kept)]
 
+    @property
+    def depth(self) -> bool:
+        """Whether a layer left without units is dropped."""
+        return self.layer_scores is not None
+
+    def dropped(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+        """(..., layers) widths -> whether each layer is dropped (none without layer scores)."""
+        units, mlp = np.asarray(units), np.asarray(mlp)
+        return (units == 0) & (mlp == 0) & self.depth
+
+    def block_loss(self, layer: int, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+        """Proxy loss of one layer at (arrays of) kept widths: its removed units, or the whole layer."""
+        units, mlp = np.asarray(units), np.asarray(mlp)
+        removed = self.layer_loss("heads", layer, units) + self.layer_loss("mlp", layer, mlp)
+        if self.layer_scores is None:
+            return removed
+        return np.where(self.dropped(units, mlp), self.layer_scores[layer], removed)
+
     def loss(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
         """(N, layers) kept widths -> (N,) summed saliency of everything removed."""
         units, mlp = np.atleast_2d(units), np.atleast_2d(mlp)
         total = np.zeros(units.shape[0])
         for i in range(units.shape[1]):
-            total += self.layer_loss("heads", i, units[:, i]) + self.layer_loss("mlp", i, mlp[:, i])
+            total += self.block_loss(i, units[:, i], mlp[:, i])
         return total
 
     def kept(self, kind: prunable.UnitKind, layer: int, k: int) -> list[int]:
@@ -113,11 +150,13 @@ class SaliencyProxy:
     def plan(
         self, units: np.ndarray, mlp: np.ndarray, model: prunable.ModelRef, **kwargs: object
     ) -> prunable.PrunePlan:
-        """The plan keeping each layer's most salient units at the given widths."""
+        """The plan keeping each layer's most salient units at the given widths (dropping the
+        layers left without units, with layer scores)."""
         return prunable.PrunePlan.from_units(
             self.structure,
             model,
             heads=[self.kept("heads", i, int(k)) for i, k in enumerate(units)],
             mlp=[self.kept("mlp", i, int(k)) for i, k in enumerate(mlp)],
+            drop=self.dropped(units, mlp).tolist(),
             **kwargs,  # type: ignore[arg-type]
         )

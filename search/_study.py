@@ -105,8 +105,15 @@ class SearchObjective:
         return self.score(trial, *self.suggest(trial))
 
     def score(self, trial: optuna.Trial, units: np.ndarray, mlp: np.ndarray) -> tuple[float, float]:
-        """The objectives of the suggested widths; constraints and widths recorded on the trial."""
-        latency = float(self.cost_model.predict(units, mlp).latency_ms)
+        """The objectives of the suggested widths; constraints and widths recorded on the trial.
+
+        Raises:
+            optuna.TrialPruned: With depth pruning, for widths that drop every layer (not a model).
+        """
+        dropped = self.proxy.dropped(units, mlp)
+        if dropped.all():
+            raise optuna.TrialPruned("these widths drop every layer; a model keeps at least one")
+        latency = float(self.cost_model.predict(units, mlp, dropped=dropped).latency_ms)
         loss = float(self.proxy.loss(units, mlp)[0])
         params = float(block_params(self.cost_model.spec, units, mlp))
         trial.set_user_attr("units", units.tolist())

@@ -194,7 +194,9 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     metric_dense, metric_unrecovered = task.evaluate(model), task.evaluate(pruned)
     metric_pruned, report = metric_unrecovered, None
     if not isinstance(recovery, NoRecovery):
-        report = recovery.recover(pruned, model, task.recovery_data(samples=samples, seed=seed))
+        report = recovery.recover(
+            pruned, model, task.recovery_data(samples=samples, seed=seed), layers=plan.kept_layers()
+        )
         metric_pruned = task.evaluate(pruned)
         plan = replace(
             plan,

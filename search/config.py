@@ -84,6 +84,9 @@ class SearchConfig:
     latency_budget_fraction: float | None = None
     params_budget_fraction: float | None = None
     study_name: str | None = None
+    # Depth pruning: a layer the search leaves without units is dropped from the model (it costs
+    # nothing, and its proxy loss is its measured layer score) instead of kept as an empty block.
+    depth: bool = False
 
     def __post_init__(self) -> None:
         """Range checks that need no model: they fail in `to_object`, before anything loads."""

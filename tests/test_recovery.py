@@ -117,7 +117,7 @@ def test_reconstruct_in_one_pass_equals_refitting_with_a_fresh_forward_per_layer
     recovery.recover(one_pass, dense, data)
 
     batch = merge_batches(rc.split_samples(data.batches, 8)[0])
-    for site in rc._sites(student, dense):  # the oracle: one site at a time, fresh forwards each
+    for site in rc._sites(student, dense, [0, 1, 2]):  # the oracle: one site at a time, fresh forwards each
         seen: dict[str, torch.Tensor] = {}
         handles = [
             rc._hook(prunable.Tap(site.projection), rc._store(seen, "x")),
@@ -229,3 +229,40 @@ def test_reconstruct_refuses_families_whose_outputs_are_normalised_or_scaled(fam
     report = small(Distill).recover(student, dense, data_for(case))  # type: ignore[attr-defined]
     assert report.held_out_after is not None and report.held_out_before is not None
     assert report.held_out_after < report.held_out_before
+
+
+def depth_pair(case: Case) -> tuple[nn.Module, nn.Module, prunable.PrunePlan]:
+    """(dense teacher, student without layer 1 and with half the units elsewhere, the plan)."""
+    dense = case.build()
+    structure = prunable.discover(dense)
+    plan = prunable.PrunePlan.from_units(
+        structure,
+        prunable.model_ref(dense),
+        heads=[[] if i == 1 else range(0, la.attention_units, 2) for i, la in enumerate(structure.layers)],
+        mlp=[[] if i == 1 else range(0, la.mlp_width, 2) for i, la in enumerate(structure.layers)],
+        drop=[i == 1 for i in range(structure.num_layers)],
+    )
+    return dense, prunable.apply_plan(copy.deepcopy(dense), plan), plan
+
+
+@pytest.mark.parametrize("method", [Reconstruct, Distill], ids=["reconstruct", "distill"])
+@pytest.mark.parametrize("family", ["bert", "llama_gqa"])
+def test_recovery_matches_a_shallower_student_to_the_layers_it_kept(method: type, family: str) -> None:
+    case = CASES[family]
+    dense, student, plan = depth_pair(case)
+    assert plan.kept_layers() == [0, 2]
+    with pytest.raises(ValueError, match=r"the student has 2 layers, the teacher 3: pass layers="):
+        small(method).recover(copy.deepcopy(student), dense, data_for(case))  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"layers=\[2, 0\] must name, ascending"):
+        small(method).recover(copy.deepcopy(student), dense, data_for(case), layers=[2, 0])  # type: ignore[attr-defined]
+    report = small(method).recover(student, dense, data_for(case), layers=plan.kept_layers())  # type: ignore[attr-defined]
+    assert report.held_out_before is not None and report.held_out_after is not None
+    assert report.held_out_after < report.held_out_before
+    if method is Reconstruct:  # student block 1 is fitted to what dense layer 2 outputs
+        from hwprune.search.recovery import _reconstruct as rc
+
+        assert {e["layer"] for e in report.details["sites"]} == {0, 1}
+        dense_sites = {(s.layer, s.kind): s.dense_projection for s in rc._sites(student, dense, [0, 2])}
+        teacher = prunable.couplings(dense)[2]
+        assert dense_sites[(1, "heads")] is teacher.attn_gate_site
+        assert dense_sites[(1, "mlp")] is teacher.mlp_gate_site

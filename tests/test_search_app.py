@@ -265,3 +265,41 @@ def test_apply_never_loses_an_output_directory(
     assert sorted(result["workload_differs_from_plan"]) == ["batch_size", "dtype"]
     assert result["workload"]["batch_size"] == 2 and result["workload"]["seq_len"] == 128
     assert "the plan's speedup was predicted for prefill batch 1 x seq 128, bf16" in caplog.text
+
+
+def test_depth_search_drops_layers_and_apply_times_the_shallower_model(tmp_path: Path) -> None:
+    app = app_config(
+        tmp_path,
+        "hardware=gpu_h100",
+        "search.depth=true",
+        "recovery=none",
+        "search.rescore_min_speedup=1.5",
+    )
+    outcome = run_search(app, tmp_path / "run")
+    pareto = write_report(outcome)
+    assert len(outcome.extras["layer_scores"]) == 6
+    shallower = pareto[(pareto.kind == "search") & (pareto.layers < 6)]
+    assert len(shallower) >= 1  # at batch 1 on an H100 a block is mostly launches: depth pays
+    assert "depth pruning" in (tmp_path / "run" / "report.md").read_text()
+    row = shallower.iloc[0]
+    plan = prunable.PrunePlan.load(tmp_path / "run" / row.plan_path)
+    assert len(plan.kept_layers()) == row.layers
+    assert plan.metadata["latency_ms"] == pytest.approx(row.latency_ms)
+    out = tmp_path / "out"
+    cfg = apply_config(
+        plan=str(tmp_path / "run" / row.plan_path),
+        out=str(out),
+        task=compose("config", SMALL[:2]).task,
+        repeats=2,
+        onnx=False,
+    )
+    result = run_apply(cfg)
+    reloaded = prunable.load_pruned(out)
+    assert prunable.discover(reloaded).num_layers == row.layers == reloaded.config.num_hidden_layers
+    assert result["metric_pruned"] == pytest.approx(row.metric, abs=1e-3)
+    assert result["measured_speedup"] > 0
+    # Magnitude scores are no loss estimate: depth refuses them before anything loads.
+    bad = app_config(tmp_path, "search.depth=true", "saliency=magnitude")
+    with pytest.raises(ValueError, match=r"search.depth=true needs saliency that estimates the loss.*'nvit'"):
+        run_search(bad, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -195,3 +195,62 @@ def test_every_selectable_sampler_runs_multi_objective(setup, tmp_path: Path, sa
     study = run_study(objective, sampler=sampler, storage=open_storage(None, tmp_path), n_trials=8, seeds=[])
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
     assert all(len(t.values) == 2 for t in study.best_trials)
+
+
+def test_depth_proxy_charges_a_dropped_layer_its_layer_score(setup) -> None:  # type: ignore[no-untyped-def]
+    structure, scores = setup
+    plain = SaliencyProxy(scores, structure)
+    layer_scores = torch.tensor([0.5, 7.0, 2.0], dtype=torch.float64)
+    deep = SaliencyProxy(scores, structure, layer_scores)
+    units, mlp = np.array([[4, 0, 0], [0, 0, 3]]), np.array([[96, 0, 5], [0, 0, 96]])
+    np.testing.assert_array_equal(deep.dropped(units, mlp), [[False, True, False], [True, True, False]])
+    assert not plain.dropped(units, mlp).any()
+    # Dropped layers cost their layer score; the rest what their removed units cost.
+    per_layer = np.array([[plain.block_loss(i, units[n, i], mlp[n, i]) for i in range(3)] for n in range(2)])
+    expected = np.where(deep.dropped(units, mlp), layer_scores.numpy(), per_layer).sum(1)
+    np.testing.assert_allclose(deep.loss(units, mlp), expected, rtol=1e-12)
+    assert deep.loss(units, mlp)[0] != plain.loss(units, mlp)[0]
+    plan = deep.plan(units[1], mlp[1], prunable.ModelRef("BertModel", structure.fingerprint()))
+    assert plan.dropped() == [0, 1] and plan.kept_counts()[2] == (3, 96)
+    with pytest.raises(ValueError, match=r"one layer score per layer \(3\), got shape \(2,\)"):
+        SaliencyProxy(scores, structure, layer_scores[:2])
+
+
+def test_depth_objective_times_dropped_layers_as_nothing_and_prunes_empty_models(setup) -> None:  # type: ignore[no-untyped-def]
+    structure, scores = setup
+    space = SearchSpace.build(structure, mlp_step=32)
+    cost = AnalyticalModel(
+        profile=load_hardware("gpu_a100"), spec=block_spec(structure), workload=Workload(dtype="bf16")
+    )
+    proxy = SaliencyProxy(scores, structure, torch.tensor([0.5, 7.0, 2.0], dtype=torch.float64))
+    objective = SearchObjective(space, cost, proxy, Constraints())
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    units, mlp = np.array([4, 0, 4]), np.array([96, 0, 96])
+    latency, loss = objective.score(trial, units, mlp)
+    dense_block = float(cost.block_latency_ms(np.array(4), np.array(96)))
+    assert latency == pytest.approx(cost.base_ms + 2 * dense_block)
+    assert loss == pytest.approx(7.0)
+    with pytest.raises(optuna.TrialPruned, match="drop every layer"):
+        objective.score(study.ask(), np.zeros(3, int), np.zeros(3, int))
+
+
+def test_depth_exact_front_has_shallower_points_and_never_an_empty_model(setup) -> None:  # type: ignore[no-untyped-def]
+    from hwprune.search._run import model_front, option_tables
+
+    structure, scores = setup
+    space = SearchSpace.build(structure, mlp_step=32)
+    cost = AnalyticalModel(
+        profile=load_hardware("gpu_a100"), spec=block_spec(structure), workload=Workload(dtype="bf16")
+    )
+    layer_scores = torch.tensor([1e-4, 1e-4, 1e-4], dtype=torch.float64)  # dropping is nearly free
+    proxy = SaliencyProxy(scores, structure, layer_scores)
+    lats, losses, units, mlp = option_tables(space, cost, proxy)
+    front = model_front(exact_front(lats, losses, base=cost.base_ms), proxy, units, mlp)
+    dropped = proxy.dropped(units[front.choices], mlp[front.choices])  # (P, layers)
+    assert not dropped.all(-1).any()
+    assert dropped.any(-1).any()  # cheap layer scores put shallower models on the front
+    # Every point's objectives are what the cost model and the proxy say of its widths.
+    u, m = units[front.choices], mlp[front.choices]
+    np.testing.assert_allclose(cost.predict(u, m, dropped=dropped).latency_ms, front.latency, rtol=1e-9)
+    np.testing.assert_allclose(proxy.loss(u, m), front.loss, rtol=1e-9, atol=1e-12)

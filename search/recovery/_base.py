@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from hwprune import hessian
+from hwprune import hessian, prunable
 
 
 @dataclass(frozen=True)
@@ -66,22 +67,49 @@ class Recovery(ABC):
 
     name: ClassVar[str]
 
-    def recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
-        """Recover `student` (a pruned copy of `teacher`) in place; return what was done."""
+    def recover(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        data: RecoveryData,
+        *,
+        layers: Sequence[int] | None = None,
+    ) -> RecoveryReport:
+        """Recover `student` (a pruned copy of `teacher`) in place; return what was done.
+
+        Args:
+            layers: The teacher layer each block of the student was pruned from, ascending, for a
+                student with layers dropped (`plan.kept_layers()`); None when it has them all.
+        """
+        n_student, n_teacher = prunable.discover(student).num_layers, prunable.discover(teacher).num_layers
+        if layers is None and n_student != n_teacher:
+            raise ValueError(
+                f"the student has {n_student} layers, the teacher {n_teacher}: pass layers= (the teacher "
+                "layer of each student block, plan.kept_layers())"
+            )
+        kept = list(range(n_teacher)) if layers is None else [int(i) for i in layers]
+        if len(kept) != n_student or kept != sorted(set(kept)) or not all(0 <= i < n_teacher for i in kept):
+            raise ValueError(
+                f"layers={kept} must name, ascending, one of the teacher's {n_teacher} layers for each of "
+                f"the student's {n_student}"
+            )
         started = time.perf_counter()
         was_training = student.training
         teacher.eval()
         student.eval()  # no dropout: recovery is deterministic, and dropout fights distillation
         try:
-            report = self._recover(student, teacher, data)
+            report = self._recover(student, teacher, data, kept)
         finally:
             student.train(was_training)
         report.seconds = time.perf_counter() - started
         return report
 
     @abstractmethod
-    def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
-        """The method itself; `recover` times it and sets the models' modes."""
+    def _recover(
+        self, student: nn.Module, teacher: nn.Module, data: RecoveryData, layers: list[int]
+    ) -> RecoveryReport:
+        """The method itself, with `layers[j]` the teacher layer of student block j; `recover`
+        checks that, times it and sets the models' modes."""
 
     @abstractmethod
     def params(self) -> dict[str, Any]:
@@ -93,7 +121,9 @@ class NoRecovery(Recovery):
 
     name = "none"
 
-    def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
+    def _recover(
+        self, student: nn.Module, teacher: nn.Module, data: RecoveryData, layers: list[int]
+    ) -> RecoveryReport:
         return RecoveryReport(method=self.name, params={})
 
     def params(self) -> dict[str, Any]:

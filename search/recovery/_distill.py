@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 
 
-def _pair_layers(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    """(student, teacher) hidden-state indices to match: every student layer, its teacher counterpart."""
-    return [(s, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)]
+def _pair_layers(layers: list[int]) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state indices to match: the output of each student block and that
+    of the teacher layer it was pruned from (index 0 holds the embeddings)."""
+    return [(s + 1, t + 1) for s, t in enumerate(layers)]
 
 
 class Distill(Recovery):
@@ -103,14 +104,20 @@ class Distill(Recovery):
         teacher: nn.Module,
         batch: hessian.Batch,
         objective: hessian.Objective | None = None,
+        *,
+        layers: list[int] | None = None,
     ) -> torch.Tensor:
-        """The distillation loss of `student` on one batch (the teacher runs without gradients)."""
+        """The distillation loss of `student` on one batch (the teacher runs without gradients).
+
+        Args:
+            layers: The teacher layer of each student block (None: the same indices).
+        """
         with torch.no_grad():
             t_out = teacher(**batch.inputs, output_hidden_states=True)
         s_out = student(**batch.inputs, output_hidden_states=True)
         total = torch.zeros((), dtype=s_out.hidden_states[-1].dtype)
         if self.hidden_weight:
-            pairs = _pair_layers(len(s_out.hidden_states) - 1, len(t_out.hidden_states) - 1)
+            pairs = _pair_layers(layers if layers is not None else list(range(len(s_out.hidden_states) - 1)))
             terms = []
             for s_i, t_i in pairs:
                 s_rows = valid_rows(batch, s_out.hidden_states[s_i])  # (n, D)
@@ -127,17 +134,24 @@ class Distill(Recovery):
 
     @torch.no_grad()
     def held_out_loss(
-        self, student: nn.Module, teacher: nn.Module, batches: list[hessian.Batch]
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        batches: list[hessian.Batch],
+        *,
+        layers: list[int] | None = None,
     ) -> float | None:
         """Mean distillation loss (without the label term) over `batches`; None without batches."""
         if not batches:
             return None
-        return float(torch.stack([self.loss(student, teacher, b) for b in batches]).mean())
+        return float(torch.stack([self.loss(student, teacher, b, layers=layers) for b in batches]).mean())
 
-    def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
+    def _recover(
+        self, student: nn.Module, teacher: nn.Module, data: RecoveryData, layers: list[int]
+    ) -> RecoveryReport:
         held = data.batches[-self.held_out :] if 0 < self.held_out < len(data.batches) else []
         train = data.batches[: len(data.batches) - len(held)]
-        before = self.held_out_loss(student, teacher, held)
+        before = self.held_out_loss(student, teacher, held, layers=layers)
         params = list(student.parameters())
         trainable = [p.requires_grad for p in params]
         for p in params:
@@ -155,7 +169,7 @@ class Distill(Recovery):
             if not queue:
                 queue = torch.randperm(len(train), generator=order).tolist()
             batch = train[queue.pop()]
-            loss = self.loss(student, teacher, batch, data.objective)
+            loss = self.loss(student, teacher, batch, data.objective, layers=layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -168,7 +182,7 @@ class Distill(Recovery):
         opt.zero_grad(set_to_none=True)
         for p, flag in zip(params, trainable, strict=True):
             p.requires_grad_(flag)
-        after = self.held_out_loss(student, teacher, held)
+        after = self.held_out_loss(student, teacher, held, layers=layers)
         return RecoveryReport(
             method=self.name,
             params=self.params(),

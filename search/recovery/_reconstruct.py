@@ -97,10 +97,12 @@ class _Site:
     dense_residual: prunable.Tap
 
 
-def _sites(student: nn.Module, teacher: nn.Module) -> list[_Site]:
-    """Every sub-layer that kept at least one unit, in forward order."""
+def _sites(student: nn.Module, teacher: nn.Module, layers: list[int]) -> list[_Site]:
+    """Every sub-layer that kept at least one unit, in forward order; student block j is matched to
+    teacher layer `layers[j]`."""
     sites = []
-    pairs = zip(prunable.couplings(student), prunable.couplings(teacher), strict=True)
+    dense = prunable.couplings(teacher)
+    pairs = zip(prunable.couplings(student), [dense[i] for i in layers], strict=True)
     for layer, (s_lc, t_lc) in enumerate(pairs):
         for kind, projection, residual, dense_projection, dense_residual, coupled in (
             (
@@ -174,11 +176,13 @@ class Reconstruct(Recovery):
     def params(self) -> dict[str, Any]:
         return {"samples": self.samples, "ridge": self.ridge, "bias": self.bias}
 
-    def _recover(self, student: nn.Module, teacher: nn.Module, data: RecoveryData) -> RecoveryReport:
+    def _recover(
+        self, student: nn.Module, teacher: nn.Module, data: RecoveryData, layers: list[int]
+    ) -> RecoveryReport:
         fit, held = split_samples(data.batches, self.samples)
         batch = merge_batches(fit)
         before = held_out_output_loss(student, teacher, held) if held else None
-        sites = _sites(student, teacher)
+        sites = _sites(student, teacher, layers)
         refitted = {id(p) for site in sites for p in site.projection.parameters()}
         kept = {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in refitted}
         dense_sums = _dense_sums(teacher, sites, batch)

@@ -4,10 +4,11 @@ For each family of the test suite (`tests/conftest.py`, 3 layers, hidden 64): di
 difference between the pruned model and the gated dense model for a random plan with one empty
 layer (exact surgery), the same after `save_pruned` / `load_pruned`, whether a uniform plan's config
 loads with `AutoModel.from_pretrained` (and its difference), the largest difference between cached and
-uncached decoding with layer 0 emptied (decoders), and a CLI-equivalent `hwprune-search` + `hwprune-apply`
+uncached decoding with layer 0 emptied (decoders), the same three with layer 1 dropped (depth pruning,
+against the dense model with that layer skipped), and a CLI-equivalent `hwprune-search` + `hwprune-apply`
 run (decoders: `task=lm` on byte-level ids; encoders: `task=fidelity` with the bundled MiniLM's
 tokenizer). The same checks are unit tests (test_surgery, test_io, test_kv_cache); this table runs
-them all in one place with their numbers. Output: results/benchmarks/families.md.
+them all in one place with their numbers (test_depth for the dropped layer). Output: results/benchmarks/families.md.
 
 Usage:
     python benchmarks/families.py
@@ -36,6 +37,7 @@ from hwprune.search.apply_app import apply_config
 from hwprune.search.apply_app import run as run_apply
 from hwprune.search.config import AppConfig, compose, to_object
 from tests.conftest import CASES, Case, run
+from tests.test_depth import depth_plan
 from tests.test_kv_cache import DECODERS, cached_and_uncached, plan_with_empty_attention
 from tests.test_surgery import random_plan
 
@@ -107,6 +109,25 @@ def cached_error(case: Case) -> str:
     return f"{float((cached - uncached).abs().max()):.0e}"
 
 
+def depth_error(case: Case) -> str:
+    """Dropping layer 1: largest |pruned - skipped| and after save + load; decoders: cached - uncached."""
+    model = case.build()
+    plan = depth_plan(model, {1}, seed=2)
+    with prunable.gated(model) as gates:
+        gates.keep_only(plan)
+        skipped = run(case, model)
+    prunable.apply_plan(model, plan)
+    pruned = run(case, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        prunable.save_pruned(model, plan, tmp)
+        reloaded = run(case, prunable.load_pruned(tmp))
+    out = f"{float((pruned - skipped).abs().max()):.0e}, reload {float((reloaded - pruned).abs().max()):.0e}"
+    if case.name in DECODERS:
+        cached, uncached, _ = cached_and_uncached(case, model)
+        out += f", cached {float((cached - uncached).abs().max()):.0e}"
+    return out
+
+
 def search_and_apply(case: Case, tmp: Path) -> str:
     """Search and apply the best plan through the apps' own code paths; 'ok, <speedup>' or the error."""
     if case.name.startswith("vit"):
@@ -173,6 +194,7 @@ def main() -> None:
                     "save/reload": f"{reload:.0e}",
                     "AutoModel reload (uniform plan)": automodel(case),
                     "cached generation": cached_error(case),
+                    "layer 1 dropped": depth_error(case),
                     "search + apply": search_and_apply(case, Path(tmp)),
                 }
             )

@@ -184,6 +184,37 @@ def _cases() -> list[Case]:
             llama_group,
             3 * H,
         ),
+        Case(
+            "gpt_neox",
+            _seeded(
+                lambda: transformers.GPTNeoXForCausalLM(
+                    transformers.GPTNeoXConfig(
+                        hidden_size=H,
+                        num_attention_heads=4,
+                        intermediate_size=96,
+                        num_hidden_layers=3,
+                        vocab_size=120,
+                        max_position_embeddings=64,
+                    )
+                )
+            ),
+            _text_inputs(120, padded=False),
+            _logits,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
+            "phi3",
+            _seeded(
+                lambda: transformers.Phi3ForCausalLM(
+                    transformers.Phi3Config(**llama_cfg, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                )
+            ),
+            _text_inputs(120, padded=False),
+            _logits,
+            llama_group,
+            3 * H,
+        ),
         *_llama_like(llama_cfg, llama_group),
     ]
 

@@ -13,6 +13,8 @@ from tests.conftest import CASES, Case
 
 DECODERS = [
     "gpt2",
+    "gpt_neox",
+    "phi3",
     "llama_gqa",
     "qwen2",
     "mistral",

@@ -45,7 +45,8 @@ def small(method: type) -> object:
 
 @pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
 @pytest.mark.parametrize(
-    "family", ["bert", "distilbert", "vit_classifier", "gpt2", "llama_gqa", "qwen2", "qwen3", "stablelm"]
+    "family",
+    ["bert", "distilbert", "vit_classifier", "gpt2", "llama_gqa", "qwen2", "qwen3", "stablelm", "phi3"],
 )
 def test_conformance(method: type, family: str, tmp_path: Path) -> None:
     case = CASES[family]
@@ -218,8 +219,8 @@ def test_reconstruct_reverts_a_fit_that_moves_the_output_away_from_the_teacher()
         assert torch.equal(value, pruned_state[key]), key
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite"])
-def test_reconstruct_refuses_families_whose_outputs_are_normalised_or_scaled(family: str) -> None:
+@pytest.mark.parametrize("family", ["gemma2", "granite", "gpt_neox"])
+def test_reconstruct_refuses_families_whose_outputs_are_normalised_scaled_or_parallel(family: str) -> None:
     case = CASES[family]
     dense, student, _ = pruned_pair(case)
     with pytest.raises(

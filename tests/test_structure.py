@@ -18,9 +18,11 @@ EXPECTED = {
     "vit": (4, 4, 16, 96, False),
     "vit_classifier": (4, 4, 16, 96, False),
     "gpt2": (4, 4, 16, 96, False),
+    "gpt_neox": (4, 4, 16, 96, False),
     "llama_gqa": (8, 2, 8, 80, True),
     "qwen2": (8, 2, 8, 80, True),
     "mistral": (8, 2, 8, 80, True),
+    "phi3": (8, 2, 8, 80, True),
     **dict.fromkeys(
         ["qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "stablelm"], (8, 2, 8, 80, True)
     ),
@@ -98,8 +100,6 @@ TINY = {
 }
 REFUSED_MODELS = {
     "olmo2": lambda: transformers.Olmo2Model(transformers.Olmo2Config(**TINY, num_key_value_heads=2)),
-    "phi3": lambda: transformers.Phi3Model(transformers.Phi3Config(**TINY, pad_token_id=0)),
-    "gpt_neox": lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**TINY)),
     "falcon": lambda: transformers.FalconModel(
         transformers.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)
     ),

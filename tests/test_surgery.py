@@ -167,3 +167,24 @@ def test_pruned_copy_equals_pruning_a_deep_copy_and_shares_nothing_with_the_dens
         for p in pruned.parameters():
             p.add_(1.0)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_phi3_layers_read_their_own_head_counts_and_the_shared_config_for_the_rest() -> None:
+    case = CASES["phi3"]
+    model = case.build()
+    structure = prunable.discover(model)
+    plan = prunable.PrunePlan.from_units(
+        structure,
+        prunable.model_ref(model),
+        heads=[[0], [0, 1], [1]],
+        mlp=[range(80), range(40), range(80)],
+    )
+    prunable.apply_plan(model, plan)
+    layers = model.model.layers
+    assert [la.self_attn.config.num_attention_heads for la in layers] == [4, 8, 4]
+    assert model.config.num_attention_heads == 8  # the shared config still describes the dense model
+    model.config.hwprune_probe = "seen"  # e.g. set_attn_implementation: every layer must follow it
+    assert all(la.self_attn.config.hwprune_probe == "seen" for la in layers)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(run(case, twin), run(case, model), rtol=0, atol=0)
+    assert twin.model.layers[0].self_attn.config.shared is twin.config

@@ -8,18 +8,25 @@ from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._families._bert import BertFamily
 from hwprune.prunable._families._distilbert import DistilBertFamily
 from hwprune.prunable._families._gpt2 import GPT2Family
+from hwprune.prunable._families._gpt_neox import GPTNeoXFamily
 from hwprune.prunable._families._llama import LlamaFamily
+from hwprune.prunable._families._phi3 import Phi3Family
 from hwprune.prunable._families._vit import ViTFamily
 
-FAMILIES: tuple[Family, ...] = (BertFamily(), DistilBertFamily(), ViTFamily(), GPT2Family(), LlamaFamily())
+FAMILIES: tuple[Family, ...] = (
+    BertFamily(),
+    DistilBertFamily(),
+    ViTFamily(),
+    GPT2Family(),
+    GPTNeoXFamily(),
+    LlamaFamily(),
+    Phi3Family(),
+)
 
 # Families whose layout no adapter can prune exactly (yet), and why: the error says so.
 REFUSED: dict[str, str] = {
     "olmo2": "its q/k norms normalise over all heads together, so removing a head changes the others' "
     "outputs: no plan can be exact",
-    "phi3": "fused projections (qkv_proj, gate_up_proj) split by the config's head counts, which cannot "
-    "differ per layer",
-    "gpt_neox": "a fused query_key_value projection split by the config's head count",
     "falcon": "a fused query_key_value projection split by the config's head counts",
     "modernbert": "a fused Wqkv projection and a fused GLU input (Wi) split by the config's widths",
     "deberta-v2": "disentangled attention shares relative-position projections across heads by the "

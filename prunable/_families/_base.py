@@ -59,7 +59,9 @@ class Skipped(nn.Module):
         return (out, None) if self.returns_tuple else out
 
     def _record_step(self, hidden_states: torch.Tensor, kwargs: dict[str, Any], layer: int) -> None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = next(
+            (kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None
+        )
         if cache is None:
             return
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it with cross-attention's

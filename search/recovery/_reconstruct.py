@@ -122,7 +122,8 @@ def _sites(student: nn.Module, teacher: nn.Module, layers: list[int]) -> list[_S
                 raise ValueError(
                     f"recovery=reconstruct cannot fit {type(student).__name__} (model_type={model_type!r}): it "
                     "needs each sub-layer's output added to the residual stream as is, and this family "
-                    "normalises or scales it first; use recovery=distill or recovery=none"
+                    "normalises or scales it first, or adds its sub-layers in parallel; use recovery=distill "
+                    "or recovery=none"
                 )
             index = next(c.index for c in coupled if c.module is projection and c.side == "in")
             sites.append(_Site(layer, kind, projection, index, residual, dense_projection, dense_residual))

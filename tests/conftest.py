@@ -185,6 +185,31 @@ def _cases() -> list[Case]:
             3 * H,
         ),
         Case(
+            "modernbert",
+            _seeded(
+                lambda: transformers.ModernBertModel(
+                    transformers.ModernBertConfig(
+                        hidden_size=H,
+                        num_attention_heads=4,
+                        intermediate_size=96,
+                        num_hidden_layers=3,
+                        vocab_size=120,
+                        pad_token_id=0,
+                        bos_token_id=1,
+                        eos_token_id=2,
+                        cls_token_id=1,
+                        sep_token_id=2,
+                        global_attn_every_n_layers=2,
+                        local_attention=4,
+                    )
+                )
+            ),
+            _text_inputs(120, padded=True),
+            _hidden,
+            4 * hd * H,
+            3 * H,
+        ),
+        Case(
             "gpt_neox",
             _seeded(
                 lambda: transformers.GPTNeoXForCausalLM(

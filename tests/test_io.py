@@ -49,6 +49,8 @@ def test_save_and_reload_non_uniform(case: Case, tmp_path: Path) -> None:
         ("bert", [0, 1], False),
         ("distilbert", [0, 1, 2, 3], True),
         ("distilbert", [1], False),
+        ("modernbert", [0, 1, 2, 3], True),
+        ("modernbert", [2], False),
         ("gpt2", [2], False),
     ],
 )

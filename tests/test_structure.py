@@ -19,6 +19,7 @@ EXPECTED = {
     "vit_classifier": (4, 4, 16, 96, False),
     "gpt2": (4, 4, 16, 96, False),
     "gpt_neox": (4, 4, 16, 96, False),
+    "modernbert": (4, 4, 16, 96, True),
     "llama_gqa": (8, 2, 8, 80, True),
     "qwen2": (8, 2, 8, 80, True),
     "mistral": (8, 2, 8, 80, True),

@@ -10,12 +10,14 @@ from hwprune.prunable._families._distilbert import DistilBertFamily
 from hwprune.prunable._families._gpt2 import GPT2Family
 from hwprune.prunable._families._gpt_neox import GPTNeoXFamily
 from hwprune.prunable._families._llama import LlamaFamily
+from hwprune.prunable._families._modernbert import ModernBertFamily
 from hwprune.prunable._families._phi3 import Phi3Family
 from hwprune.prunable._families._vit import ViTFamily
 
 FAMILIES: tuple[Family, ...] = (
     BertFamily(),
     DistilBertFamily(),
+    ModernBertFamily(),
     ViTFamily(),
     GPT2Family(),
     GPTNeoXFamily(),
@@ -27,8 +29,8 @@ FAMILIES: tuple[Family, ...] = (
 REFUSED: dict[str, str] = {
     "olmo2": "its q/k norms normalise over all heads together, so removing a head changes the others' "
     "outputs: no plan can be exact",
-    "falcon": "a fused query_key_value projection split by the config's head counts",
-    "modernbert": "a fused Wqkv projection and a fused GLU input (Wi) split by the config's widths",
+    "falcon": "no adapter yet for its three fused query_key_value layouts (multi-head, multi-query, "
+    "new decoder architecture) with ALiBi and parallel attention variants",
     "deberta-v2": "disentangled attention shares relative-position projections across heads by the "
     "config's head count",
     "mixtral": "mixture-of-experts MLPs (experts are not prunable units yet)",

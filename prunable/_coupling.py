@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hwprune.prunable._experts import ExpertCoupling
+
 Side = Literal["out", "in"]
 
 
@@ -110,6 +112,8 @@ class LayerCouplings:
         attn_residual: Where the residual stream that the attention output is added to can be read,
             before the attention runs (the input of the norm in front of it, or of the block).
         mlp_residual: The same for the MLP output.
+        experts: The routed experts of a mixture-of-experts layer (`mlp` then couples its shared
+            expert, if it has one).
     """
 
     heads: list[Coupling] = field(default_factory=list)
@@ -120,6 +124,7 @@ class LayerCouplings:
     head_dim: int = 0
     attn_residual: Tap | None = None
     mlp_residual: Tap | None = None
+    experts: ExpertCoupling | None = None
 
     def of(self, kind: str) -> list[Coupling]:
         if kind == "heads":

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from hwprune.prunable._coupling import LayerCouplings
+from hwprune.prunable._experts import ExpertCoupling, gated_experts_forward, masked_routing
 from hwprune.prunable._families import family_of
 from hwprune.prunable._structure import Structure, UnitKind
 
@@ -37,7 +37,10 @@ class Gates:
     `heads[i]` holds layer i's attention-unit gates (one per KV group; one per head without GQA),
     `mlp[i]` its neuron gates. Each is (units,) or, after `per_sample(B)`, (B, units). The hooks read
     the current tensors at call time, so gates can be replaced or edited between forwards. Layers in
-    `skipped` pass their input through untouched: the masked equivalent of dropping them.
+    `skipped` pass their input through untouched: the masked equivalent of dropping them. In a
+    mixture-of-experts layer, `experts[i]` (experts,) scales each routed expert's output and
+    `expert_mlp[i]` (experts, width) each of its neurons (both (0,)-shaped elsewhere), and
+    `routable[i]`, when set, is the (experts,) mask of experts the router may choose.
 
     Use as a context manager, or call `remove()`; either leaves the model exactly as it was.
     """
@@ -48,11 +51,20 @@ class Gates:
         param = next(model.parameters())
         self.heads: list[torch.Tensor] = []
         self.mlp: list[torch.Tensor] = []
+        self.experts: list[torch.Tensor] = []
+        self.expert_mlp: list[torch.Tensor] = []
+        self.routable: list[torch.Tensor | None] = [None] * structure.num_layers
         for layer in structure.layers:
-            self.heads.append(torch.ones(layer.attention_units, dtype=param.dtype, device=param.device))
-            self.mlp.append(torch.ones(layer.mlp_width, dtype=param.dtype, device=param.device))
+            dtype, device = param.dtype, param.device
+            self.heads.append(torch.ones(layer.attention_units, dtype=dtype, device=device))
+            self.mlp.append(torch.ones(layer.mlp_width, dtype=dtype, device=device))
+            self.experts.append(torch.ones(layer.num_experts, dtype=dtype, device=device))
+            self.expert_mlp.append(
+                torch.ones(layer.num_experts, layer.expert_width, dtype=dtype, device=device)
+            )
         self.skipped: set[int] = set()
-        self._handles: list[RemovableHandle] = []
+        self._tokens: dict[int, torch.Tensor] = {}  # per MoE layer, the sample of each routed token
+        self._handles: list[Any] = []
         for i, block in enumerate(family_of(model).blocks(model)):
             self._handles.append(block.register_forward_hook(self._skip_hook(i), with_kwargs=True))
         for i, lc in enumerate(self._couplings):
@@ -60,6 +72,8 @@ class Gates:
                 self._handles.append(lc.attn_gate_site.register_forward_pre_hook(self._head_hook(i)))
             if lc.mlp_gate_site is not None:
                 self._handles.append(lc.mlp_gate_site.register_forward_pre_hook(self._mlp_hook(i)))
+            if lc.experts is not None:
+                self._attach_experts(i, lc.experts)
 
     def of(self, kind: UnitKind) -> list[torch.Tensor]:
         if kind == "heads":
@@ -70,9 +84,10 @@ class Gates:
 
     def reset(self, *, batch_size: int | None = None, requires_grad: bool = False) -> None:
         """Set every gate to 1, shaped (units,) or, with `batch_size`, (batch_size, units)."""
-        for gates in (self.heads, self.mlp):
+        for gates, dims in ((self.heads, 1), (self.mlp, 1), (self.experts, 1), (self.expert_mlp, 2)):
             for i, g in enumerate(gates):
-                shape = (g.shape[-1],) if batch_size is None else (batch_size, g.shape[-1])
+                unit = tuple(g.shape[-dims:])  # (units,), or (experts, width) for expert neurons
+                shape = unit if batch_size is None else (batch_size, *unit)
                 gates[i] = torch.ones(shape, dtype=g.dtype, device=g.device, requires_grad=requires_grad)
 
     def keep_only(self, plan: PrunePlan) -> None:
@@ -82,6 +97,13 @@ class Gates:
         for i, (heads, mlp) in enumerate(plan.kept_units(self.structure)):
             self.heads[i] = torch.zeros_like(self.heads[i]).index_fill_(-1, heads, 1.0)
             self.mlp[i] = torch.zeros_like(self.mlp[i]).index_fill_(-1, mlp, 1.0)
+            if self.structure.layers[i].is_moe and not plan.layers[i].drop:
+                experts, neurons = plan.layers[i].kept_experts()
+                kept = torch.zeros_like(self.expert_mlp[i])  # (experts, width)
+                kept[experts[:, None], neurons] = 1.0
+                self.expert_mlp[i] = kept
+                self.experts[i] = torch.zeros_like(self.experts[i]).index_fill_(-1, experts, 1.0)
+                self.routable[i] = self.experts[i] > 0
         self.skipped = set(plan.dropped())
 
     def remove(self) -> None:
@@ -117,6 +139,38 @@ class Gates:
 
         return hook
 
+    def _attach_experts(self, i: int, coupling: ExpertCoupling) -> None:
+        """Route layer i's experts through the gated forward, and its router through the mask."""
+
+        def record_tokens(module: nn.Module, args: tuple) -> None:
+            b, t = args[0].shape[:2]  # the MoE block's input is (B, T, hidden)
+            self._tokens[i] = torch.arange(b * t, device=args[0].device) // t  # (B*T,) sample of each token
+
+        def route(module: nn.Module, args: tuple, output: tuple) -> tuple | None:
+            allowed = self.routable[i]
+            return None if allowed is None else masked_routing(module, output[0], allowed)
+
+        def forward(
+            hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        ) -> torch.Tensor:
+            gates = (self.experts[i], self.expert_mlp[i])
+            if not any(g.requires_grad for g in gates) and all(bool((g == 1).all()) for g in gates):
+                # Gates that change nothing: the model's own kernel, bit for bit.
+                return type(coupling.experts).forward(coupling.experts, hidden, top_k_index, top_k_weights)
+            return gated_experts_forward(
+                coupling.experts,
+                hidden,
+                top_k_index,
+                top_k_weights,
+                expert_gate=self.experts[i],
+                neuron_gate=self.expert_mlp[i],
+                sample_of_token=self._tokens.get(i),
+            )
+
+        self._handles.append(coupling.block.register_forward_pre_hook(record_tokens))
+        self._handles.append(coupling.router.register_forward_hook(route))
+        self._handles.append(_Patched(coupling.experts, forward))
+
     def _skip_hook(self, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if i not in self.skipped:
@@ -129,9 +183,26 @@ class Gates:
     def _mlp_hook(self, i: int):
         def hook(module: nn.Module, args: tuple) -> tuple:
             x, *rest = args
-            return (x * self._broadcast(self.mlp[i], x.dim() - 1), *rest)  # (B, T, width)
+            gate = self.mlp[i]
+            if gate.dim() == 2 and x.dim() == 2 and i in self._tokens:
+                # A shared expert sees the mixture's flattened tokens (B*T, width): one gate row each.
+                return (x * gate[self._tokens[i]], *rest)
+            return (x * self._broadcast(gate, x.dim() - 1), *rest)  # (B, T, width)
 
         return hook
+
+
+class _Patched:
+    """An instance-level `forward` replacing the class's until `remove()`: a hook for modules whose
+    gate sites are inside one fused computation (the experts' loop)."""
+
+    def __init__(self, module: nn.Module, forward: Any) -> None:
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        if "forward" in vars(self.module):
+            del self.module.forward
 
 
 @contextmanager

@@ -194,9 +194,7 @@ def load_pruned(directory: str | Path) -> Any:
             raise ValueError(
                 f"{directory}: config.json has {dense.num_layers} layers, the plan keeps {len(kept)}"
             )
-        slice_blocks(
-            model, {j: lp.kept_units(la) for j, (lp, la) in enumerate(zip(kept, dense.layers, strict=True))}
-        )
+        slice_blocks(model, dict(enumerate(kept)))
         missing, unexpected = load_safetensors(model, str(directory / "model.safetensors"), strict=False)
         # Tied weights (e.g. GPT-2's lm_head) are stored once and legitimately "missing".
         tied = set(getattr(model, "_tied_weights_keys", None) or [])

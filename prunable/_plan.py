@@ -15,6 +15,10 @@ File layout (YAML; JSON is read too)::
     - heads: [0, 2, 3]         # kept query heads (whole KV groups under GQA)
       mlp: [0, 1, 5, ...]      # kept MLP neurons
     - drop: true               # the whole layer goes (depth pruning): the model has one layer fewer
+    - heads: [0, 1]            # a mixture-of-experts layer also says which routed experts it keeps
+      mlp: []                  #   (the shared expert's neurons, if it has one)
+      experts: [0, 2, 3]       #   at least top_k of them
+      expert_mlp: [[0, 5], [1, 2], [0, 7]]   # each kept expert's neurons, as many for each
 """
 
 from __future__ import annotations
@@ -69,11 +73,19 @@ class LayerPlan:
     heads: tuple[int, ...]
     mlp: tuple[int, ...]
     drop: bool = False
+    experts: tuple[int, ...] | None = None
+    expert_mlp: tuple[tuple[int, ...], ...] | None = None
 
     def kept_units(self, layer: LayerStructure) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept attention units, kept MLP neurons) of `layer`, as ascending index tensors."""
         groups = sorted({h // layer.heads_per_group for h in self.heads})
         return torch.tensor(groups, dtype=torch.long), torch.tensor(self.mlp, dtype=torch.long)
+
+    def kept_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept experts (k,), each one's kept neurons (k, width)) of a mixture-of-experts layer."""
+        experts = torch.tensor(self.experts or (), dtype=torch.long)
+        neurons = torch.tensor(self.expert_mlp or (), dtype=torch.long).reshape(len(experts), -1)
+        return experts, neurons
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,8 @@ class PrunePlan:
         heads: Sequence[Sequence[int]],
         mlp: Sequence[Sequence[int]],
         drop: Sequence[bool] | None = None,
+        experts: Sequence[Sequence[int] | None] | None = None,
+        expert_mlp: Sequence[Sequence[Sequence[int]] | None] | None = None,
         hardware: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> PrunePlan:
@@ -105,6 +119,9 @@ class PrunePlan:
 
         Args:
             drop: Per layer, whether to remove the whole layer (it must then keep no units).
+            experts: Per layer, the routed experts to keep (None: all of a mixture-of-experts
+                layer's; ignored for dense layers).
+            expert_mlp: Per layer, each kept expert's neurons (None: all of them).
         """
         drop = [False] * structure.num_layers if drop is None else [bool(d) for d in drop]
         if not len(heads) == len(mlp) == len(drop) == structure.num_layers:
@@ -113,11 +130,34 @@ class PrunePlan:
                 f"and {len(drop)} drop entries"
             )
         layers = []
-        for layer, units, neurons, dropped in zip(structure.layers, heads, mlp, drop, strict=True):
+        for i, (layer, units, neurons, dropped) in enumerate(
+            zip(structure.layers, heads, mlp, drop, strict=True)
+        ):
             rep = layer.heads_per_group
             query_heads = sorted(int(u) * rep + r for u in units for r in range(rep))
+            kept_experts: tuple[int, ...] | None = None
+            kept_expert_mlp: tuple[tuple[int, ...], ...] | None = None
+            if layer.is_moe and not dropped:
+                given = experts[i] if experts is not None else None
+                chosen: Sequence[int] = given if given is not None else range(layer.num_experts)
+                kept_experts = tuple(sorted(int(e) for e in chosen))
+                widths = expert_mlp[i] if expert_mlp is not None and expert_mlp[i] is not None else None
+                kept_expert_mlp = tuple(
+                    tuple(
+                        sorted(
+                            int(n) for n in (widths[j] if widths is not None else range(layer.expert_width))
+                        )
+                    )
+                    for j in range(len(kept_experts))
+                )
             layers.append(
-                LayerPlan(heads=tuple(query_heads), mlp=tuple(sorted(int(n) for n in neurons)), drop=dropped)
+                LayerPlan(
+                    heads=tuple(query_heads),
+                    mlp=tuple(sorted(int(n) for n in neurons)),
+                    drop=dropped,
+                    experts=kept_experts,
+                    expert_mlp=kept_expert_mlp,
+                )
             )
         return cls(model=model, layers=tuple(layers), hardware=hardware, metadata=dict(metadata or {}))
 
@@ -196,10 +236,7 @@ class PrunePlan:
             },
             "hardware": self.hardware,
             "metadata": dict(self.metadata),
-            "layers": [
-                {"drop": True} if lp.drop else {"heads": list(lp.heads), "mlp": list(lp.mlp)}
-                for lp in self.layers
-            ],
+            "layers": [_layer_dict(lp) for lp in self.layers],
         }
 
     def save(self, path: str | Path) -> Path:
@@ -250,16 +287,32 @@ class PrunePlan:
             if entry == {"drop": True}:
                 parsed.append(LayerPlan(heads=(), mlp=(), drop=True))
                 continue
-            if not isinstance(entry, dict) or set(entry) != {"heads", "mlp"}:
+            if not isinstance(entry, dict) or set(entry) not in (
+                {"heads", "mlp"},
+                {"heads", "mlp", *MOE_KEYS},
+            ):
                 raise fail(
-                    f"layers[{i}] must have exactly the keys 'heads' and 'mlp', or be {{drop: true}}, "
-                    f"got {entry!r:.80}"
+                    f"layers[{i}] must have exactly the keys 'heads' and 'mlp' (and 'experts' and 'expert_mlp' "
+                    f"for a mixture-of-experts layer), or be {{drop: true}}, got {entry!r:.80}"
                 )
-            for key in ("heads", "mlp"):
-                values = entry[key]
+            for key in ("heads", "mlp", "experts"):
+                values = entry.get(key, [])
                 if not isinstance(values, list) or not all(type(v) is int for v in values):
                     raise fail(f"layers[{i}].{key} must be a list of integers, got {values!r:.80}")
-            parsed.append(LayerPlan(heads=tuple(entry["heads"]), mlp=tuple(entry["mlp"])))
+            nested = entry.get("expert_mlp", [])
+            if not isinstance(nested, list) or not all(
+                isinstance(v, list) and all(type(n) is int for n in v) for v in nested
+            ):
+                raise fail(f"layers[{i}].expert_mlp must be a list of lists of integers, got {nested!r:.80}")
+            moe = "experts" in entry
+            parsed.append(
+                LayerPlan(
+                    heads=tuple(entry["heads"]),
+                    mlp=tuple(entry["mlp"]),
+                    experts=tuple(entry["experts"]) if moe else None,
+                    expert_mlp=tuple(tuple(v) for v in nested) if moe else None,
+                )
+            )
         metadata = data.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise fail(f"metadata must be a mapping, got {type(metadata).__name__}")
@@ -276,10 +329,26 @@ class PrunePlan:
         )
 
 
+MOE_KEYS = ("experts", "expert_mlp")
+EXPERT_WIDTH_STEP = 8
+
+
+def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
+    if lp.drop:
+        return {"drop": True}
+    out: dict[str, Any] = {"heads": list(lp.heads), "mlp": list(lp.mlp)}
+    if lp.experts is not None:
+        out["experts"] = list(lp.experts)
+        out["expert_mlp"] = [list(n) for n in lp.expert_mlp or ()]
+    return out
+
+
 def _layer_problems(lp: LayerPlan, layer: LayerStructure) -> list[str]:
-    if lp.drop and (lp.heads or lp.mlp):
+    if lp.drop and (lp.heads or lp.mlp or lp.experts):
         return [f"dropped, but keeps {len(lp.heads)} heads and {len(lp.mlp)} MLP neurons"]
-    problems = []
+    if lp.drop:
+        return []
+    problems = _expert_problems(lp, layer)
     for key, values, size in (("heads", lp.heads, layer.num_heads), ("mlp", lp.mlp, layer.mlp_width)):
         bad = sorted({v for v in values if not 0 <= v < size})
         if bad:
@@ -311,3 +380,41 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 
 
 _PlanDumper.add_representer(list, _represent_list)
+
+
+def _expert_problems(lp: LayerPlan, layer: LayerStructure) -> list[str]:
+    if not layer.is_moe:
+        return ["keeps experts, but its MLP is dense"] if lp.experts is not None else []
+    if lp.experts is None:
+        return [f"a mixture-of-experts layer ({layer.num_experts} experts) needs 'experts' and 'expert_mlp'"]
+    problems = []
+    bad = sorted({e for e in lp.experts if not 0 <= e < layer.num_experts})
+    if bad:
+        problems.append(f"experts {bad[:8]} out of range [0, {layer.num_experts})")
+    if len(set(lp.experts)) != len(lp.experts):
+        problems.append("experts appear more than once")
+    if len(lp.experts) < layer.top_k:
+        problems.append(
+            f"keeps {len(lp.experts)} experts, fewer than the {layer.top_k} each token is routed to (top_k)"
+        )
+    neurons = lp.expert_mlp or ()
+    if len(neurons) != len(lp.experts):
+        problems.append(f"expert_mlp has {len(neurons)} entries for {len(lp.experts)} kept experts")
+    widths = {len(n) for n in neurons}
+    if len(widths) > 1 or 0 in widths:
+        problems.append(
+            f"every kept expert must keep the same number (>= 1) of neurons, got {sorted(widths)} "
+            "(a layer's experts share one weight tensor)"
+        )
+    elif widths and (width := widths.pop()) != layer.expert_width and width % EXPERT_WIDTH_STEP:
+        problems.append(
+            f"experts keep {width} neurons; a pruned expert width must be a multiple of {EXPERT_WIDTH_STEP} "
+            "(grouped-GEMM expert kernels need 16-byte rows in bf16)"
+        )
+    for n in neurons:
+        if any(not 0 <= v < layer.expert_width for v in n) or len(set(n)) != len(n):
+            problems.append(
+                f"expert_mlp {list(n)[:8]} has duplicates or indices out of range [0, {layer.expert_width})"
+            )
+            break
+    return problems

@@ -14,6 +14,7 @@ from typing import Literal
 
 UnitKind = Literal["heads", "mlp"]
 UNIT_KINDS: tuple[UnitKind, ...] = ("heads", "mlp")
+MOE_FIELDS = ("num_experts", "expert_width", "top_k")
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,12 @@ class LayerStructure:
         num_kv_heads: Key/value heads. Equal to `num_heads` for multi-head attention; fewer for
             grouped-query (GQA) and multi-query (MQA) attention.
         head_dim: Width of one head.
-        mlp_width: Hidden neurons of the MLP (0 when the MLP sub-layer is skipped).
+        mlp_width: Hidden neurons of the MLP (0 when the MLP sub-layer is skipped); in a
+            mixture-of-experts layer, of its shared expert (0 without one).
         gated_mlp: Whether the MLP is gated (SwiGLU: gate and up rows are pruned together).
+        num_experts: Routed experts of a mixture-of-experts layer (0 for a dense MLP).
+        expert_width: Hidden neurons of each routed expert (the same for all of a layer's experts).
+        top_k: Experts each token is routed to.
     """
 
     num_heads: int
@@ -34,6 +39,14 @@ class LayerStructure:
     head_dim: int
     mlp_width: int
     gated_mlp: bool = False
+    num_experts: int = 0
+    expert_width: int = 0
+    top_k: int = 0
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the layer's MLP is a mixture of routed experts."""
+        return self.num_experts > 0
 
     @property
     def heads_per_group(self) -> int:
@@ -95,14 +108,24 @@ class Structure:
         loaded as `BertForSequenceClassification`.
         """
         fields = {k: v for k, v in self.to_dict().items() if k != "model_class"}
+        # Dense layers leave the expert fields out, so fingerprints from before they existed hold.
+        fields["layers"] = [
+            {k: v for k, v in layer.items() if k not in MOE_FIELDS or layer["num_experts"]}
+            for layer in fields["layers"]  # type: ignore[attr-defined]
+        ]
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def describe(self) -> str:
-        widths = {(la.num_heads, la.num_kv_heads, la.mlp_width) for la in self.layers}
+        widths = {
+            (la.num_heads, la.num_kv_heads, la.mlp_width, la.num_experts, la.expert_width)
+            for la in self.layers
+        }
         if len(widths) == 1:
-            nh, nkv, w = widths.pop()
+            nh, nkv, w, e, ew = widths.pop()
             per_layer = f"{nh} heads ({nkv} KV), MLP {w}"
+            if e:
+                per_layer += f", {e} experts (top-{self.layers[0].top_k}) of {ew}"
         else:
             per_layer = "non-uniform widths"
         return f"{self.model_class} [{self.family}]: {self.num_layers} layers, hidden {self.hidden_size}, {per_layer}"

@@ -12,7 +12,7 @@ from torch import nn
 
 from hwprune.prunable._discover import discover, weights_fingerprint
 from hwprune.prunable._families import family_of
-from hwprune.prunable._plan import PrunePlan
+from hwprune.prunable._plan import LayerPlan, PrunePlan
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
         weights_fingerprint=weights_fingerprint(model) if check_weights and wanted is not None else None,
     )
     kept = [i for i, lp in enumerate(plan.layers) if not lp.drop]
-    units = plan.kept_units(structure)
-    slice_blocks(model, {i: units[i] for i in kept})
+    slice_blocks(model, {i: plan.layers[i] for i in kept})
     if len(kept) < structure.num_layers:
         family.drop_blocks(model, kept)
     pruned = discover(model)
@@ -46,18 +45,21 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
     return model
 
 
-def slice_blocks(model: nn.Module, kept: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Slice block i of `model` to its (attention units, MLP neurons) in `kept`, unchecked."""
+def slice_blocks(model: nn.Module, kept: dict[int, LayerPlan]) -> None:
+    """Slice block i of `model` to the units `kept[i]` keeps, unchecked."""
     family = family_of(model)
     structure = discover(model)
     blocks = family.blocks(model)
-    for i, (units, neurons) in kept.items():
+    for i, lp in kept.items():
         block, layer = blocks[i], structure.layers[i]
+        units, neurons = lp.kept_units(layer)
         lc = family.couplings(block, model.config)
         for coupling in lc.heads:
             coupling.keep(units)
         for coupling in lc.mlp:
             coupling.keep(neurons)
+        if lc.experts is not None:
+            lc.experts.keep(*lp.kept_experts())
         family.set_widths(
             block,
             model.config,

@@ -30,6 +30,46 @@ class Case:
     attention_shared_params: int = 0
 
 
+def count(gen: torch.Generator, width: int) -> int:
+    """A random number of units to keep, in [1, width] (0 for a width of 0)."""
+    return int(torch.randint(1, width + 1, (1,), generator=gen)) if width else 0
+
+
+def random_experts(
+    structure: object, gen: torch.Generator
+) -> tuple[list[list[int] | None], list[list[list[int]] | None]]:
+    """Per layer, random kept experts (at least top_k) and as many random neurons for each; None
+    for dense layers."""
+    experts: list[list[int] | None] = []
+    neurons: list[list[list[int]] | None] = []
+    for layer in structure.layers:  # type: ignore[attr-defined]
+        if not layer.is_moe:
+            experts.append(None)
+            neurons.append(None)
+            continue
+        k = int(torch.randint(layer.top_k, layer.num_experts + 1, (1,), generator=gen))
+        kept = sorted(torch.randperm(layer.num_experts, generator=gen)[:k].tolist())
+        width = 8 * count(gen, layer.expert_width // 8)  # pruned expert widths are multiples of 8
+        experts.append(kept)
+        neurons.append([torch.randperm(layer.expert_width, generator=gen)[:width].tolist() for _ in kept])
+    return experts, neurons
+
+
+def expert_params_removed(structure: object, experts: list, neurons: list) -> int:
+    """Parameters a plan's expert choices remove: 3 * hidden per expert neuron, plus a router row
+    per expert."""
+    hidden = structure.hidden_size  # type: ignore[attr-defined]
+    removed = 0
+    for layer, kept, widths in zip(structure.layers, experts, neurons, strict=True):  # type: ignore[attr-defined]
+        if kept is None:
+            continue
+        dense = layer.num_experts * layer.expert_width
+        removed += 3 * hidden * (dense - sum(len(w) for w in widths)) + hidden * (
+            layer.num_experts - len(kept)
+        )
+    return removed
+
+
 def _text_inputs(vocab: int, *, padded: bool) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
     def make(gen: torch.Generator) -> dict[str, torch.Tensor]:
         ids = torch.randint(0, vocab, (3, 11), generator=gen)
@@ -241,6 +281,43 @@ def _cases() -> list[Case]:
             3 * H,
         ),
         *_llama_like(llama_cfg, llama_group),
+        *_moe(llama_cfg, llama_group),
+    ]
+
+
+def _moe(cfg: dict[str, int], group_params: int) -> list[Case]:
+    """Mixture-of-experts decoders (4 experts, top-2), served by the LLaMA adapter; Qwen2-MoE with a
+    shared expert, whose neurons are the layer's MLP units."""
+    moe = {"num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_experts": 4}
+    families = {
+        "mixtral": (
+            transformers.MixtralForCausalLM,
+            transformers.MixtralConfig,
+            {**cfg, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
+        ),
+        "qwen2_moe": (
+            transformers.Qwen2MoeForCausalLM,
+            transformers.Qwen2MoeConfig,
+            {**cfg, **moe, "shared_expert_intermediate_size": 40},
+        ),
+        "qwen3_moe": (
+            transformers.Qwen3MoeForCausalLM,
+            transformers.Qwen3MoeConfig,
+            {**cfg, **moe, "head_dim": H // 8, "norm_topk_prob": True},
+        ),
+    }
+    qwen2_group = group_params + 4 * (H // 8) + 2 * (H // 8)  # q, k, v carry biases
+    return [
+        Case(
+            name,
+            _seeded(lambda model=model, config=config, kwargs=kwargs: model(config(**kwargs))),
+            _text_inputs(120, padded=False),
+            _logits,
+            qwen2_group if name == "qwen2_moe" else group_params,
+            3 * H,
+            attention_shared_params=2 * H // 8 if name == "qwen3_moe" else 0,  # q_norm, k_norm
+        )
+        for name, (model, config, kwargs) in families.items()
     ]
 
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from hwprune import prunable
-from tests.conftest import CASES, Case, run
+from tests.conftest import CASES, Case, count, run
 from tests.test_kv_cache import DECODERS, cached_and_uncached
 from tests.test_surgery import n_params
 
@@ -33,8 +33,8 @@ def depth_plan(
             heads.append(range(layer.attention_units))
             mlp.append(range(layer.mlp_width // 2))
             continue
-        n_units = int(torch.randint(1, layer.attention_units + 1, (1,), generator=gen))
-        n_neurons = int(torch.randint(1, layer.mlp_width + 1, (1,), generator=gen))
+        n_units = count(gen, layer.attention_units)
+        n_neurons = count(gen, layer.mlp_width)
         heads.append(torch.randperm(layer.attention_units, generator=gen)[:n_units].tolist())
         mlp.append(torch.randperm(layer.mlp_width, generator=gen)[:n_neurons].tolist())
     drops = [i in drop for i in range(structure.num_layers)]

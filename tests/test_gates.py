@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hwprune import prunable
-from tests.conftest import Case, run
+from tests.conftest import CASES, Case, run
 
 
 def test_gates_at_one_change_nothing_and_leave_no_trace(case: Case) -> None:
@@ -15,11 +15,12 @@ def test_gates_at_one_change_nothing_and_leave_no_trace(case: Case) -> None:
     with prunable.gated(model) as gates:
         assert len(gates.heads) == len(gates.mlp) == prunable.discover(model).num_layers
         assert torch.equal(run(case, model), before)
-        for g in gates.mlp:
+        for g in gates.mlp + gates.expert_mlp:
             g.zero_()
         assert not torch.allclose(run(case, model), before)
     assert torch.equal(run(case, model), before)  # bit-identical after removal
-    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all("forward" not in vars(m) for m in model.modules())  # no patched forward left
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -45,10 +46,12 @@ def test_per_sample_gate_gradients_sum_to_shared_gate_gradient(case: Case) -> No
     with prunable.gated(model) as gates:
         gates.reset(batch_size=batch, requires_grad=True)
         case.output(model(**inputs)).pow(2).sum().backward()
-        per_sample = [g.grad.clone() for g in gates.heads + gates.mlp]
+        every = gates.heads + gates.mlp + gates.experts + gates.expert_mlp
+        per_sample = [g.grad.clone() for g in every if g.shape[-1]]  # (0,)-shaped gates gate nothing
         gates.reset(requires_grad=True)
         case.output(model(**inputs)).pow(2).sum().backward()
-        shared = [g.grad for g in gates.heads + gates.mlp]
+        every = gates.heads + gates.mlp + gates.experts + gates.expert_mlp
+        shared = [g.grad for g in every if g.shape[-1]]
     for ps, sh in zip(per_sample, shared, strict=True):
         assert ps.shape[0] == batch
         torch.testing.assert_close(ps.sum(0), sh, rtol=1e-4, atol=1e-4)
@@ -71,3 +74,21 @@ def test_mlp_gate_gradient_equals_gradient_dot_weight() -> None:
     # The down projection's input columns carry exactly the neuron's contribution.
     w, g = block.output.dense.weight, block.output.dense.weight.grad
     torch.testing.assert_close(gate_grad, (w * g).sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_gate_gradient_equals_gradient_dot_weight() -> None:
+    """The same identity inside fused experts: an expert neuron's gate gradient is the sum of g * w
+    over its down-projection column; an expert's is that over all of its down projection."""
+    case = CASES["mixtral"]
+    model = case.build()
+    inputs = case.inputs(torch.Generator().manual_seed(4))
+    experts = model.model.layers[1].mlp.experts
+    with prunable.gated(model) as gates:
+        gates.reset(requires_grad=True)
+        model.zero_grad()
+        case.output(model(**inputs)).pow(2).sum().backward()
+        neuron_grad, expert_grad = gates.expert_mlp[1].grad, gates.experts[1].grad
+    w, g = experts.down_proj, experts.down_proj.grad  # (experts, hidden, width)
+    torch.testing.assert_close(neuron_grad, (w * g).sum(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(expert_grad, (w * g).sum((1, 2)), rtol=1e-4, atol=1e-6)
+    assert (expert_grad != 0).any()

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from hwprune import prunable
-from tests.conftest import CASES, Case
+from tests.conftest import CASES, Case, count
 
 DECODERS = [
     "gpt2",
@@ -25,6 +25,9 @@ DECODERS = [
     "granite",
     "olmo",
     "stablelm",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 ]
 
 
@@ -34,9 +37,9 @@ def plan_with_empty_attention(model: torch.nn.Module, empty: int | None, seed: i
     gen = torch.Generator().manual_seed(seed)
     heads, mlp = [], []
     for i, layer in enumerate(structure.layers):
-        n_units = 0 if i == empty else int(torch.randint(1, layer.attention_units + 1, (1,), generator=gen))
+        n_units = 0 if i == empty else count(gen, layer.attention_units)
         heads.append(sorted(torch.randperm(layer.attention_units, generator=gen)[:n_units].tolist()))
-        width = int(torch.randint(1, layer.mlp_width + 1, (1,), generator=gen))
+        width = count(gen, layer.mlp_width)
         mlp.append(sorted(torch.randperm(layer.mlp_width, generator=gen)[:width].tolist()))
     ref = prunable.model_ref(model, with_weights=False)
     return prunable.PrunePlan.from_units(structure, ref, heads=heads, mlp=mlp)

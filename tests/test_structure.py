@@ -27,6 +27,9 @@ EXPECTED = {
     **dict.fromkeys(
         ["qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "stablelm"], (8, 2, 8, 80, True)
     ),
+    "mixtral": (8, 2, 8, 0, True),
+    "qwen2_moe": (8, 2, 8, 40, True),
+    "qwen3_moe": (8, 2, 8, 0, True),
 }
 
 
@@ -103,9 +106,6 @@ REFUSED_MODELS = {
     "olmo2": lambda: transformers.Olmo2Model(transformers.Olmo2Config(**TINY, num_key_value_heads=2)),
     "falcon": lambda: transformers.FalconModel(
         transformers.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)
-    ),
-    "mixtral": lambda: transformers.MixtralModel(
-        transformers.MixtralConfig(**TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     ),
 }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hwprune import prunable
-from tests.conftest import CASES, Case, run
+from tests.conftest import CASES, Case, count, expert_params_removed, random_experts, run
 
 
 def random_plan(model: torch.nn.Module, seed: int, *, empty_layer: int | None = None) -> prunable.PrunePlan:
@@ -21,11 +21,14 @@ def random_plan(model: torch.nn.Module, seed: int, *, empty_layer: int | None = 
             heads.append([])
             mlp.append([])
             continue
-        n_units = int(torch.randint(1, layer.attention_units + 1, (1,), generator=gen))
-        n_neurons = int(torch.randint(1, layer.mlp_width + 1, (1,), generator=gen))
+        n_units = count(gen, layer.attention_units)
+        n_neurons = count(gen, layer.mlp_width)
         heads.append(torch.randperm(layer.attention_units, generator=gen)[:n_units].tolist())
         mlp.append(torch.randperm(layer.mlp_width, generator=gen)[:n_neurons].tolist())
-    return prunable.PrunePlan.from_units(structure, prunable.model_ref(model), heads=heads, mlp=mlp)
+    experts, neurons = random_experts(structure, gen)
+    return prunable.PrunePlan.from_units(
+        structure, prunable.model_ref(model), heads=heads, mlp=mlp, experts=experts, expert_mlp=neurons
+    )
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -54,6 +57,9 @@ def test_pruned_equals_gated_and_params_drop_exactly(case: Case, seed: int, empt
     removed_neurons = sum(la.mlp_width for la in structure.layers) - sum(len(lp.mlp) for lp in plan.layers)
     expected = removed_units * case.head_unit_params + removed_neurons * case.neuron_params
     expected += case.attention_shared_params * (empty_layer is not None)
+    expected += expert_params_removed(
+        structure, [lp.experts for lp in plan.layers], [lp.expert_mlp or [] for lp in plan.layers]
+    )
     assert params_before - n_params(model) == expected
     # The model describes itself by its new widths.
     after = prunable.discover(model)

@@ -33,9 +33,6 @@ REFUSED: dict[str, str] = {
     "new decoder architecture) with ALiBi and parallel attention variants",
     "deberta-v2": "disentangled attention shares relative-position projections across heads by the "
     "config's head count",
-    "mixtral": "mixture-of-experts MLPs (experts are not prunable units yet)",
-    "qwen2_moe": "mixture-of-experts MLPs (experts are not prunable units yet)",
-    "qwen3_moe": "mixture-of-experts MLPs (experts are not prunable units yet)",
 }
 
 

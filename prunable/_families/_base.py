@@ -163,7 +163,8 @@ class Family(ABC):
         if len(widths) != 1:
             return None
         heads, kv, mlp = widths.pop()
-        return (heads, kv, mlp) if heads > 0 and mlp > 0 else None
+        # An MLP of no neurons is an empty sub-layer, except beside routed experts (no shared expert).
+        return (heads, kv, mlp) if heads > 0 and (mlp > 0 or structure.layers[0].is_moe) else None
 
 
 def qkvo_couplings(

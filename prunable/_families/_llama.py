@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
+from hwprune.prunable._experts import ExpertCoupling
 from hwprune.prunable._families._base import Family, Skipped, qkvo_couplings
 from hwprune.prunable._structure import LayerStructure, Structure
 
@@ -29,12 +30,15 @@ class DecoderLayout:
             set to the pruned counts.
         config_head_dim: Whether the config's `head_dim` field sets the head width, so that a config
             with fewer heads still describes the pruned model (else the width is hidden / heads).
+        moe_fields: For mixture-of-experts families, the config fields of the expert count, the
+            expert width and the shared expert's width ("" without one).
     """
 
     mlp_norm: str = "post_attention_layernorm"
     adds_output_as_is: bool = True
     head_count_attrs: tuple[str, ...] = ()
     config_head_dim: bool = True
+    moe_fields: tuple[str, str, str] | None = None
 
 
 SANDWICH = DecoderLayout(mlp_norm="pre_feedforward_layernorm", adds_output_as_is=False)
@@ -49,6 +53,11 @@ LAYOUTS: dict[str, DecoderLayout] = {
     "granite": DecoderLayout(adds_output_as_is=False),  # residual_multiplier scales each output
     "olmo": DecoderLayout(),
     "stablelm": DecoderLayout(head_count_attrs=("num_heads", "num_key_value_heads"), config_head_dim=False),
+    "mixtral": DecoderLayout(moe_fields=("num_local_experts", "intermediate_size", "")),
+    "qwen2_moe": DecoderLayout(
+        moe_fields=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+    ),
+    "qwen3_moe": DecoderLayout(moe_fields=("num_experts", "moe_intermediate_size", "")),
 }
 
 
@@ -73,13 +82,30 @@ class LlamaFamily(Family):
         else:
             heads = attn.q_proj.out_features // head_dim
             kv = attn.k_proj.out_features // head_dim
+        moe = {}
+        if hasattr(block.mlp, "experts"):  # routed experts, maybe a shared expert beside them
+            experts = block.mlp.experts
+            moe = {
+                "num_experts": int(experts.gate_up_proj.shape[0]),
+                "expert_width": int(experts.down_proj.shape[-1]),
+                "top_k": int(block.mlp.gate.top_k),
+            }
+        dense = self.dense_mlp(block)
         return LayerStructure(
             num_heads=heads,
             num_kv_heads=kv,
             head_dim=head_dim,
-            mlp_width=int(block.mlp.up_proj.out_features),
+            mlp_width=int(dense.up_proj.out_features) if dense is not None else 0,
             gated_mlp=True,
+            **moe,
         )
+
+    @staticmethod
+    def dense_mlp(block: Any) -> Any:
+        """The block's dense gated MLP: the MLP itself, a mixture's shared expert, or None."""
+        if hasattr(block.mlp, "experts"):
+            return getattr(block.mlp, "shared_expert", None)
+        return block.mlp
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
         layout = LAYOUTS[config.model_type]
@@ -103,13 +129,17 @@ class LlamaFamily(Family):
             if layout.adds_output_as_is:
                 out.attn_residual = Tap(block.input_layernorm)
         if layer.mlp_width:
-            m = block.mlp
+            m = self.dense_mlp(block)
             index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
             out.mlp = [Coupling(m.gate_proj, "out", index), Coupling(m.up_proj, "out", index)]
             out.mlp.append(Coupling(m.down_proj, "in", index))
             out.mlp_gate_site = m.down_proj
-            if layout.adds_output_as_is and not getattr(config, "use_parallel_residual", False):
+            # A shared expert's output is gated and summed with the routed experts' first.
+            as_is = layout.adds_output_as_is and not layer.is_moe
+            if as_is and not getattr(config, "use_parallel_residual", False):
                 out.mlp_residual = Tap(getattr(block, layout.mlp_norm))
+        if layer.is_moe:
+            out.experts = ExpertCoupling(block=block.mlp, router=block.mlp.gate, experts=block.mlp.experts)
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:
@@ -129,17 +159,31 @@ class LlamaFamily(Family):
             ):
                 setattr(block.self_attn, attr, count)
         # num_key_value_groups (query heads per KV head) is unchanged: whole groups are removed.
-        if hasattr(block.mlp, "intermediate_size"):
-            block.mlp.intermediate_size = mlp
+        dense = self.dense_mlp(block)
+        if hasattr(dense, "intermediate_size"):
+            dense.intermediate_size = mlp
 
     def config_updates(self, config: Any, structure: Structure) -> dict[str, Any] | None:
         uniform = self.uniform_widths(structure)
         if uniform is None or not LAYOUTS[config.model_type].config_head_dim:
             return None
         heads, kv, mlp = uniform
-        return {
+        updates = {
             "num_attention_heads": heads,
             "num_key_value_heads": kv,
             "head_dim": self.head_dim(config),
             "intermediate_size": mlp,
         }
+        fields = LAYOUTS[config.model_type].moe_fields
+        if fields is None:
+            return updates
+        experts = {(la.num_experts, la.expert_width) for la in structure.layers}
+        if len(experts) != 1 or 0 in experts.pop() or getattr(config, "mlp_only_layers", None):
+            return None  # a config has one expert count and width, for every layer
+        count, width, shared = fields
+        first = structure.layers[0]
+        del updates["intermediate_size"]  # Mixtral's is the expert width; Qwen's the dense layers'
+        updates |= {count: first.num_experts, width: first.expert_width}
+        if shared:
+            updates[shared] = mlp
+        return updates

@@ -1,0 +1,136 @@
+"""Mixture-of-experts layers: routed experts and their neurons as units, checked before any change."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from hwprune import prunable
+from hwprune.search import block_spec
+from tests.conftest import CASES, run
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def uniform_plan(model: torch.nn.Module, *, experts: list[int], width: int) -> prunable.PrunePlan:
+    structure = prunable.discover(model)
+    return prunable.PrunePlan.from_units(
+        structure,
+        prunable.model_ref(model),
+        heads=[range(la.attention_units) for la in structure.layers],
+        mlp=[range(la.mlp_width // 2) for la in structure.layers],
+        experts=[experts] * structure.num_layers,
+        expert_mlp=[[range(width)] * len(experts)] * structure.num_layers,
+    )
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_discovery_reads_experts_from_the_modules(name: str) -> None:
+    structure = prunable.discover(CASES[name].build())
+    for layer in structure.layers:
+        assert (layer.num_experts, layer.top_k, layer.is_moe) == (4, 2, True)
+        assert layer.expert_width == (48 if name == "mixtral" else 32)
+    assert "4 experts (top-2)" in structure.describe()
+
+
+def test_dense_models_hash_as_before_experts_were_described(minilm: torch.nn.Module) -> None:
+    # The fingerprint every committed plan for the bundled MiniLM records.
+    assert prunable.discover(minilm).fingerprint() == "05ff327550b1b147"
+    moe = prunable.discover(CASES["mixtral"].build())
+    fewer = prunable.Structure(
+        **{**moe.to_dict(), "layers": tuple(replace(la, num_experts=3) for la in moe.layers)}
+    )
+    assert fewer.fingerprint() != moe.fingerprint()  # expert counts are part of an MoE model's hash
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_uniform_expert_plans_reload_with_from_pretrained(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    model = case.build()
+    plan = uniform_plan(model, experts=[0, 2, 3], width=16)
+    prunable.apply_plan(model, plan)
+    after = prunable.discover(model)
+    assert {(la.num_experts, la.expert_width) for la in after.layers} == {(3, 16)}
+    expected = run(case, model)
+    prunable.save_pruned(model, plan, tmp_path)
+    assert json.loads((tmp_path / "hwprune.json").read_text())["config_expresses_shape"] is True
+    auto = getattr(transformers, type(model).__name__).from_pretrained(str(tmp_path)).eval()
+    assert prunable.discover(auto) == after
+    torch.testing.assert_close(run(case, auto), expected, rtol=1e-4, atol=1e-5)  # its own expert kernels
+    torch.testing.assert_close(run(case, prunable.load_pruned(tmp_path)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_plans_name_what_breaks_routing_before_any_change(tmp_path: Path) -> None:
+    model = CASES["mixtral"].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [
+        (
+            dict(experts=[1], width=48),
+            r"layer 0: keeps 1 experts, fewer than the 2 each token is routed to \(top_k\)",
+        ),
+        (
+            dict(experts=[0, 1], width=12),
+            r"experts keep 12 neurons; a pruned expert width must be a multiple of 8",
+        ),
+        (dict(experts=[0, 7], width=48), r"experts \[7\] out of range \[0, 4\)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(prunable.PlanError, match=message):
+            prunable.apply_plan(model, uniform_plan(model, **kwargs))  # type: ignore[arg-type]
+    plan = uniform_plan(model, experts=[0, 1], width=16)
+    layers = list(plan.layers)
+    layers[1] = prunable.LayerPlan(
+        heads=layers[1].heads, mlp=(), experts=(0, 1), expert_mlp=((0,) * 8, tuple(range(16)))
+    )
+    with pytest.raises(prunable.PlanError, match=r"layer 1: every kept expert must keep the same number"):
+        prunable.apply_plan(model, prunable.PrunePlan(model=plan.model, layers=tuple(layers)))
+    layers[1] = prunable.LayerPlan(heads=layers[1].heads, mlp=())
+    with pytest.raises(prunable.PlanError, match=r"layer 1: a mixture-of-experts layer \(4 experts\) needs"):
+        prunable.apply_plan(model, prunable.PrunePlan(model=plan.model, layers=tuple(layers)))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    dense = CASES["llama_gqa"].build()
+    structure = prunable.discover(dense)
+    bad = prunable.PrunePlan.dense(structure, prunable.model_ref(dense))
+    layers = [
+        prunable.LayerPlan(heads=lp.heads, mlp=lp.mlp, experts=(0,), expert_mlp=((0,),)) for lp in bad.layers
+    ]
+    with pytest.raises(prunable.PlanError, match="layer 0: keeps experts, but its MLP is dense"):
+        prunable.PrunePlan(model=bad.model, layers=tuple(layers)).check(structure)
+
+
+def test_moe_plan_files_round_trip(tmp_path: Path) -> None:
+    model = CASES["qwen2_moe"].build()
+    plan = uniform_plan(model, experts=[1, 3], width=8)
+    text = plan.save(tmp_path / "plan.yaml").read_text()
+    assert "experts: [1, 3]" in text and "expert_mlp:" in text
+    assert prunable.PrunePlan.load(tmp_path / "plan.yaml") == plan
+    data = plan.to_dict()
+    del data["layers"][0]["expert_mlp"]
+    with pytest.raises(prunable.PlanError, match=r"layers\[0\] must have exactly the keys"):
+        prunable.PrunePlan.from_dict(data)
+
+
+def test_removed_experts_are_never_routed_to_and_the_rest_renormalise() -> None:
+    """Qwen2-MoE's router does not renormalise its top-k: pruning changes every token's softmax, which
+    the masked model (routing restricted to the kept experts) reproduces exactly."""
+    case = CASES["qwen2_moe"]
+    model = case.build()
+    assert model.config.norm_topk_prob is False
+    plan = uniform_plan(model, experts=[0, 1], width=32)
+    with prunable.gated(model) as gates:
+        gates.keep_only(plan)
+        masked = run(case, model)
+        assert all(r is not None and r.tolist() == [True, True, False, False] for r in gates.routable)
+    pruned = run(case, prunable.apply_plan(model, plan))
+    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-6)
+
+
+def test_the_search_refuses_moe_models_with_the_reason() -> None:
+    structure = prunable.discover(CASES["mixtral"].build())
+    with pytest.raises(ValueError, match=r"mixture-of-experts layers.*prune its experts with a plan"):
+        block_spec(structure)

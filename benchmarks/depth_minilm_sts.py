@@ -1,15 +1,17 @@
 """Depth pruning benchmark: MiniLM on STS-B, searched with and without `search.depth`.
 
-For each workload, `hwprune-search` runs twice with the same saliency, cost model, trials and
+For each target (hardware and workload), `hwprune-search` runs twice with the same saliency, cost model, trials and
 recovery (task=sts: calibration on train, metric on dev), once keeping every layer (an empty layer
 stays as a block) and once with depth pruning (a layer left without units is dropped and scored by
-its measured loss). The non-dominated re-scored plans of both are then pruned and timed on this CPU
-in one interleaved run with the dense model, so that predicted and measured speedups compare; a
-depth plan is also timed with its dropped layers kept as empty blocks, which is what dropping saves
-beyond the units.
+its measured loss). For cpu_local targets, the non-dominated re-scored plans of both are then pruned
+and timed on this CPU in one interleaved run with the dense model, so that predicted and measured
+speedups compare; a depth plan is also timed with its dropped layers kept as empty blocks, which is
+what dropping saves beyond the units. Other targets are predicted only (no such device here).
+A run directory that already holds a finished run is read back instead of searched again.
 
 Usage:
-    python benchmarks/depth_minilm_sts.py --stsb ../shared/data/stsb --out results/benchmarks/depth_minilm_sts.md
+    python benchmarks/depth_minilm_sts.py --stsb ../shared/data/stsb \
+        --targets cpu_local:b1_s128 cpu_local:b32_s128 gpu_h100:b1_s128
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
@@ -28,7 +31,7 @@ from omegaconf import OmegaConf
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
 from hwprune.search import compose
-from hwprune.search._blocks import model_timer
+from hwprune.search._blocks import block_spec, head_width, model_timer
 from hwprune.search._report import write_report
 from hwprune.search._run import run_search
 from hwprune.search.config import AppConfig
@@ -36,14 +39,14 @@ from hwprune.search.config import AppConfig
 log = logging.getLogger("depth_minilm_sts")
 
 
-def config(args: argparse.Namespace, workload: str, depth: bool) -> AppConfig:
+def config(args: argparse.Namespace, hardware: str, workload: str, depth: bool) -> AppConfig:
     cfg = compose(
         "config",
         [
             "task=sts",
             f"task.build.train_path={Path(args.stsb).resolve() / 'sts-train.csv'}",
             f"task.build.eval_path={Path(args.stsb).resolve() / 'sts-dev.csv'}",
-            "hardware=cpu_local",
+            f"hardware={hardware}",
             f"workload={workload}",
             f"search.n_trials={args.trials}",
             f"search.rescore={args.rescore}",
@@ -62,6 +65,25 @@ def without_drops(plan: prunable.PrunePlan) -> prunable.PrunePlan:
     return replace(plan, layers=tuple(replace(lp, drop=False) for lp in plan.layers))
 
 
+def cost_model_of(cfg: AppConfig, model: torch.nn.Module) -> cost_models.CostModel:
+    """The cost model `hwprune-search` builds for this configuration and model."""
+    profile = cfg.hardware.validate()
+    if profile.measure_peaks:
+        profile = cost_models.local_profile(profile)
+    spec = block_spec(prunable.discover(model), head_width=head_width(model))
+    return cost_models.cost_model_for(
+        profile, spec, cfg.workload.build(), tables=cost_models.load_tables(profile)
+    )
+
+
+def predicted_speedup(cm: cost_models.CostModel, plan: prunable.PrunePlan, *, drops: bool) -> float:
+    """Dense over predicted latency of `plan`, its dropped layers dropped or kept as empty blocks."""
+    units = np.array([len(lp.heads) for lp in plan.layers])  # MiniLM: one head per attention unit
+    mlp = np.array([len(lp.mlp) for lp in plan.layers])
+    dropped = np.array([lp.drop and drops for lp in plan.layers])
+    return cm.dense_ms() / float(cm.predict(units, mlp, dropped=dropped).latency_ms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -70,7 +92,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--rescore", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--workloads", nargs="+", default=["b1_s128", "b32_s128"])
+    parser.add_argument("--targets", nargs="+", default=["cpu_local:b1_s128", "cpu_local:b32_s128"])
     parser.add_argument("--out", default="results/benchmarks/depth_minilm_sts.md")
     parser.add_argument("--work", default="results/benchmarks/depth_minilm_sts_runs")
     args = parser.parse_args()
@@ -79,60 +101,80 @@ def main() -> None:
     started = datetime.now(timezone.utc)
     rows, empties, sources = [], [], {}
     dense = prunable.load_model(prunable.MINILM, "BertModel")
-    for workload in args.workloads:
+    for target in args.targets:
+        hardware, workload = target.split(":")
         plans: list[tuple[str, pd.Series, prunable.PrunePlan]] = []
         for depth in (False, True):
-            name = f"{workload}_{'depth' if depth else 'widths'}"
+            name = f"{hardware}_{workload}_{'depth' if depth else 'widths'}"
             run_dir = Path(args.work) / name
-            if run_dir.exists():
-                raise SystemExit(f"{run_dir} exists: move it away (runs are never overwritten)")
-            outcome = run_search(config(args, workload, depth), run_dir)
-            pareto = write_report(outcome)
-            sources[workload] = outcome.cost_model.source
+            cfg = config(args, hardware, workload, depth)
+            if (run_dir / "pareto.csv").is_file():
+                log.info("%s: reading the finished run back", run_dir)
+                pareto = pd.read_csv(run_dir / "pareto.csv")
+            else:
+                outcome = run_search(cfg, run_dir)
+                pareto = write_report(outcome)
+            sources[target] = str(pareto.latency_source.iloc[0])
             keep = pareto[
-                (pareto.kind == "dense")
-                | ((pareto.kind != "dense") & ~pareto.dominated.fillna(False).astype(bool))
+                (pareto.kind == "uniform") | ((pareto.kind == "search") & ~pareto.dominated.astype(bool))
             ]
-            for r in keep[keep.kind != "dense"].itertuples():
+            for r in keep.itertuples():
                 plans.append((name, pd.Series(r._asdict()), prunable.PrunePlan.load(run_dir / r.plan_path)))
             dense_row = pareto[pareto.kind == "dense"].iloc[0]
-        # Time the dense model, every plan, and each depth plan with empty blocks in place of drops.
-        built = [prunable.pruned_copy(dense, plan, check_weights=False) for _, _, plan in plans]
+        timed = hardware == "cpu_local"
+        times: list[float] = []
+        if timed:  # plans that drop 1 and 2 middle layers and keep the rest dense: latency only
+            structure = prunable.discover(dense)
+            for drop in ({2}, {2, 3}):
+                forced = prunable.PrunePlan.from_units(
+                    structure,
+                    prunable.model_ref(dense),
+                    heads=[[] if i in drop else range(12) for i in range(6)],
+                    mlp=[[] if i in drop else range(1536) for i in range(6)],
+                    drop=[i in drop for i in range(6)],
+                )
+                label = f"layers {sorted(drop)} dropped, the rest dense (latency only)"
+                plans.append((f"forced {len(drop)}", pd.Series({"plan_path": label}), forced))
         deep = [i for i, (_, _, plan) in enumerate(plans) if plan.dropped()]
-        kept_empty = [
-            prunable.pruned_copy(dense, without_drops(plans[i][2]), check_weights=False) for i in deep
-        ]
-        wl = cost_models.load_profile("cpu_local").resolve_workload(
-            config(args, workload, False).workload.build()
-        )
-        reference = prunable.load_model(prunable.MINILM, "BertModel")
-        timers = [model_timer(m, wl, "cpu") for m in [reference, *built, *kept_empty]]
-        times = [statistics.median(t) for t in interleaved(timers, rounds=args.rounds, warmup=2)]
-        dense_ms = times[0]
-        for (name, r, _), ms in zip(plans, times[1 : 1 + len(built)], strict=True):
+        cm = cost_model_of(cfg, dense)
+        if timed:
+            # The dense model, every plan, and each depth plan with empty blocks in place of its drops.
+            built = [prunable.pruned_copy(dense, plan, check_weights=False) for _, _, plan in plans]
+            kept_empty = [
+                prunable.pruned_copy(dense, without_drops(plans[i][2]), check_weights=False) for i in deep
+            ]
+            wl = cost_models.load_profile("cpu_local").resolve_workload(cfg.workload.build())
+            reference = prunable.load_model(prunable.MINILM, "BertModel")
+            timers = [model_timer(m, wl, "cpu") for m in [reference, *built, *kept_empty]]
+            times = [statistics.median(t) for t in interleaved(timers, rounds=args.rounds, warmup=2)]
+            del built, kept_empty, reference
+        for i, (name, r, _) in enumerate(plans):
+            if name.startswith("forced"):
+                continue
             rows.append(
                 {
-                    "workload": workload,
+                    "target": target,
                     "search": "depth" if name.endswith("depth") else "widths only",
                     "kind": r.kind,
                     "plan": f"{name}/{r.plan_path}",
                     "layers": int(r.layers),
                     "predicted speedup": float(dense_row.latency_ms / r.latency_ms),
-                    "measured speedup": dense_ms / ms,
+                    "measured speedup": times[0] / times[1 + i] if timed else float("nan"),
                     "dev Spearman": float(r.metric),
                     "before recovery": float(r.metric_unrecovered),
                 }
             )
-        for i, ms in zip(deep, times[1 + len(built) :], strict=True):
+        for j, i in enumerate(deep if timed else []):
             name, r, plan = plans[i]
             empties.append(
                 {
-                    "workload": workload,
-                    "plan": f"{name}/{r.plan_path}",
+                    "target": target,
+                    "plan": r.plan_path if name.startswith("forced") else f"`{name}/{r.plan_path}`",
                     "dropped layers": len(plan.dropped()),
-                    "dropped ms": times[1 + i],
-                    "kept empty ms": ms,
-                    "dense ms": dense_ms,
+                    "predicted dropped": predicted_speedup(cm, plan, drops=True),
+                    "measured dropped": times[0] / times[1 + i],
+                    "predicted kept empty": predicted_speedup(cm, plan, drops=False),
+                    "measured kept empty": times[0] / times[1 + len(plans) + j],
                 }
             )
     write_markdown(args, started, pd.DataFrame(rows), pd.DataFrame(empties), sources)
@@ -149,11 +191,11 @@ def write_markdown(
         "# Depth pruning on all-MiniLM-L6-v2 / STS-B, cpu_local",
         "",
         f"Command: `python benchmarks/depth_minilm_sts.py --stsb ../shared/data/stsb --trials {args.trials} "
-        f"--rescore {args.rescore} --rounds {args.rounds} --workloads {' '.join(args.workloads)}`  ",
+        f"--rescore {args.rescore} --rounds {args.rounds} --targets {' '.join(args.targets)}`  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC. Predicted latencies come from the "
-        + ", ".join(f"`{s}` model at {w}" for w, s in sources.items())
-        + " of cpu_local; measured speedups are medians of "
+        + ", ".join(f"`{s}` model for {t}" for t, s in sources.items())
+        + "; measured speedups (cpu_local targets only) are medians of "
         f"{args.rounds} interleaved rounds (dense model and every plan) on this CPU.",
         "",
         "Both searches: NViT saliency, 1000 trials of the default sampler, re-scoring up to "
@@ -162,25 +204,30 @@ def write_markdown(
         "",
         "## Re-scored plans: speedup and STS-B dev Spearman x 100",
         "",
-        "| workload | search | kind | layers | predicted speedup | measured speedup | dev Spearman | before recovery | plan |",
+        "| target | search | kind | layers | predicted speedup | measured speedup | dev Spearman | before recovery | plan |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows.to_dict("records"):
         lines.append(
-            f"| {r['workload']} | {r['search']} | {r['kind']} | {r['layers']}/6 | {r['predicted speedup']:.2f}x | "
-            f"{r['measured speedup']:.2f}x | {r['dev Spearman']:.2f} | {r['before recovery']:.2f} | `{r['plan']}` |"
+            f"| {r['target']} | {r['search']} | {r['kind']} | {r['layers']}/6 | {r['predicted speedup']:.2f}x | "
+            + (f"{r['measured speedup']:.2f}x" if r["measured speedup"] == r["measured speedup"] else "n/a")
+            + f" | {r['dev Spearman']:.2f} | {r['before recovery']:.2f} | `{r['plan']}` |"
         )
     lines += [
         "",
-        "## What dropping saves beyond the units: depth plans timed with their dropped layers kept empty",
+        "## What dropping saves beyond the units: depth plans against the same widths kept as empty blocks",
         "",
-        "| workload | plan | dropped layers | dense ms | dropped ms | kept-empty ms | saving of dropping |",
+        "Each plan that drops layers (the searches' and two forced ones: middle layers dropped, the rest dense) "
+        "timed as it is and with its dropped layers kept as empty blocks (norms and residual additions left), "
+        "in the same interleaved run; predicted speedups from the same cost model with and without the drops.",
+        "",
+        "| target | plan | dropped layers | predicted speedup, dropped | measured, dropped | predicted, kept empty | measured, kept empty |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in empties.to_dict("records"):
         lines.append(
-            f"| {r['workload']} | `{r['plan']}` | {r['dropped layers']} | {r['dense ms']:.2f} | {r['dropped ms']:.2f} | "
-            f"{r['kept empty ms']:.2f} | {1 - r['dropped ms'] / r['kept empty ms']:.1%} |"
+            f"| {r['target']} | {r['plan']} | {r['dropped layers']} | {r['predicted dropped']:.3f}x | "
+            f"{r['measured dropped']:.3f}x | {r['predicted kept empty']:.3f}x | {r['measured kept empty']:.3f}x |"
         )
     Path(args.out).write_text("\n".join(lines) + "\n")
     log.info("wrote %s", args.out)

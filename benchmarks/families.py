@@ -166,6 +166,8 @@ def search_and_apply(case: Case, tmp: Path) -> str:
                 onnx=False,
             )
         )
+    except ValueError as err:  # a refusal with its reason (hwprune's one-line errors)
+        return f"refused: {str(err).splitlines()[0][:110]}"
     except Exception as err:  # the table reports any failure instead of stopping
         log.exception("%s: search + apply failed", case.name)
         return f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:80]}"

@@ -23,6 +23,10 @@ from hwprune.hessian._calibration import Calibration
 class UnitScores:
     """Saliency of every unit: `heads[i]` is (attention units,), `mlp[i]` is (neurons,) of layer i.
 
+    Models with mixture-of-experts layers also have `experts[i]` (routed experts,) and
+    `expert_mlp[i]` (experts, width), one score per expert and per expert neuron ((0,)-shaped for
+    dense layers); for dense models both lists are empty.
+
     Scores estimate the loss increase when a unit alone is removed (larger = more important), on one
     scale for all layers, so sorting all units of a kind ranks them globally.
     """
@@ -32,13 +36,14 @@ class UnitScores:
     heads: list[torch.Tensor]
     mlp: list[torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    experts: list[torch.Tensor] = field(default_factory=list)
+    expert_mlp: list[torch.Tensor] = field(default_factory=list)
 
-    def of(self, kind: prunable.UnitKind) -> list[torch.Tensor]:
-        if kind == "heads":
-            return self.heads
-        if kind == "mlp":
-            return self.mlp
-        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(prunable.UNIT_KINDS)}")
+    def of(self, kind: str) -> list[torch.Tensor]:
+        """Per layer, the scores of one kind of unit ("heads", "mlp", "experts", "expert_mlp")."""
+        if kind in prunable.GATE_KINDS:
+            return getattr(self, kind)
+        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(prunable.GATE_KINDS)}")
 
     def check(self, structure: prunable.Structure) -> None:
         """Raise ValueError unless there is one finite score per unit of `structure`."""
@@ -46,30 +51,53 @@ class UnitScores:
             raise ValueError(
                 f"scores are for structure {self.structure_fingerprint}, the model is {structure.fingerprint()}"
             )
-        for kind in prunable.UNIT_KINDS:
+        shapes = {
+            "heads": lambda la: (la.attention_units,),
+            "mlp": lambda la: (la.mlp_width,),
+            "experts": lambda la: (la.num_experts,),
+            "expert_mlp": lambda la: (la.num_experts, la.expert_width),
+        }
+        moe = any(la.is_moe for la in structure.layers)
+        for kind, shape in shapes.items():
+            if kind in ("experts", "expert_mlp") and not moe and not self.of(kind):
+                continue  # dense models carry no expert scores
+            if len(self.of(kind)) != structure.num_layers:
+                raise ValueError(
+                    f"{kind}: scores for {len(self.of(kind))} layers, the model has {structure.num_layers}"
+                )
             for i, (scores, layer) in enumerate(zip(self.of(kind), structure.layers, strict=True)):
-                if scores.shape != (layer.units(kind),):
+                if tuple(scores.shape) != shape(layer):
                     raise ValueError(
-                        f"layer {i} {kind}: {tuple(scores.shape)} scores for {layer.units(kind)} units"
+                        f"layer {i} {kind}: {tuple(scores.shape)} scores for {shape(layer)} units"
                     )
                 if not bool(torch.isfinite(scores).all()):
                     raise ValueError(f"layer {i} {kind}: non-finite scores")
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per unit: layer, kind, unit, score."""
-        rows = [
+        """One row per unit: layer, kind, unit, score (an expert neuron's unit is "expert/neuron")."""
+        rows: list[tuple[int, str, int | str, float]] = [
             (i, kind, u, float(s))
             for kind in prunable.UNIT_KINDS
             for i, layer_scores in enumerate(self.of(kind))
             for u, s in enumerate(layer_scores.tolist())
+        ]
+        rows += [
+            (i, "experts", e, float(s)) for i, t in enumerate(self.experts) for e, s in enumerate(t.tolist())
+        ]
+        rows += [
+            (i, "expert_mlp", f"{e}/{n}", float(s))
+            for i, t in enumerate(self.expert_mlp)
+            for e, row in enumerate(t.tolist())
+            for n, s in enumerate(row)
         ]
         return pd.DataFrame(rows, columns=["layer", "kind", "unit", "score"])
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {f"heads_{i}": t.numpy() for i, t in enumerate(self.heads)}
-        arrays |= {f"mlp_{i}": t.numpy() for i, t in enumerate(self.mlp)}
+        arrays = {
+            f"{kind}_{i}": t.numpy() for kind in prunable.GATE_KINDS for i, t in enumerate(self.of(kind))
+        }
         header = {
             "method": self.method,
             "structure_fingerprint": self.structure_fingerprint,
@@ -83,10 +111,18 @@ class UnitScores:
     def load(cls, path: str | Path) -> UnitScores:
         with np.load(Path(path)) as data:
             header = json.loads(str(data["header"]))
-            n = sum(1 for k in data.files if k.startswith("heads_"))
-            heads = [torch.from_numpy(data[f"heads_{i}"].copy()) for i in range(n)]
-            mlp = [torch.from_numpy(data[f"mlp_{i}"].copy()) for i in range(n)]
-        return cls(header["method"], header["structure_fingerprint"], heads, mlp, header["meta"])
+            kinds = {
+                kind: [
+                    torch.from_numpy(data[f"{kind}_{i}"].copy())
+                    for i in range(sum(1 for k in data.files if k.rsplit("_", 1)[0] == kind))
+                ]
+                for kind in prunable.GATE_KINDS
+            }
+        return cls(header["method"], header["structure_fingerprint"], meta=header["meta"], **kinds)
+
+
+# A method's scores: per kind of unit, per layer; or (heads, mlp) for methods without expert scores.
+Scored = dict[str, list[torch.Tensor]] | tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 SCORING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,6 +208,8 @@ class Saliency(ABC):
     # Whether scores estimate the loss increase of removing a unit (so that they add up with other
     # loss estimates, such as measured layer scores); False for weight norms and random draws.
     estimates_loss: ClassVar[bool] = True
+    # Whether the method scores routed experts and their neurons (else it refuses MoE models).
+    scores_experts: ClassVar[bool] = False
 
     def score(
         self, model: nn.Module, calibration: Calibration, *, options: ScoringOptions | None = None
@@ -186,18 +224,31 @@ class Saliency(ABC):
         structure = prunable.discover(model)
         if not calibration.batches:
             raise ValueError(f"{self.name}: calibration has no batches")
+        moe = any(la.is_moe for la in structure.layers)
+        if moe and not self.scores_experts:
+            from hwprune.hessian import METHODS
+
+            raise ValueError(
+                f"saliency {self.name} does not score routed experts, and {structure.model_class} has them; "
+                f"valid for mixture-of-experts models: {[m.name for m in METHODS if m.scores_experts]}"
+            )
         was_training = model.training
         model.eval()  # dropout off: saliency of the deterministic network
         try:
             with placed(model, options) as scored:
-                heads, mlp = self._score(scored, structure, calibration, options)
+                result = self._score(scored, structure, calibration, options)
         finally:
             model.train(was_training)
+        kinds: dict[str, list[torch.Tensor]] = (
+            result if isinstance(result, dict) else dict(zip(prunable.UNIT_KINDS, result, strict=True))
+        )
+        final = {
+            k: [t.detach().double().cpu() for t in kinds[k]] for k in kinds if moe or k in prunable.UNIT_KINDS
+        }
         scores = UnitScores(
             method=self.name,
             structure_fingerprint=structure.fingerprint(),
-            heads=[h.detach().double().cpu() for h in heads],
-            mlp=[m.detach().double().cpu() for m in mlp],
+            **final,
             meta={
                 "params": self.params(),
                 "scoring": {k: v for k, v in asdict(options).items() if v is not None},
@@ -219,8 +270,9 @@ class Saliency(ABC):
         structure: prunable.Structure,
         calibration: Calibration,
         options: ScoringOptions,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per layer, (attention-unit scores, neuron scores), with `model` already placed."""
+    ) -> Scored:
+        """Per kind of unit, per layer, the scores, with `model` already placed; (attention-unit
+        scores, neuron scores) from methods that do not score experts."""
 
 
 class SeededSaliency(Saliency):

@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class GateGrads(NamedTuple):
-    """One batch's per-sample gate gradients, per layer (n_samples, units), and the loss slopes."""
+    """One batch's per-sample gate gradients, per kind of unit (`prunable.GATE_KINDS`) and layer
+    (n_samples, units) ((n_samples, experts, width) for expert neurons), and the loss slopes."""
 
-    heads: list[torch.Tensor]
-    mlp: list[torch.Tensor]
+    grads: dict[str, list[torch.Tensor]]
     loss_slope: torch.Tensor | None  # (n_samples,) dL_i/dprobe_i of curvature probes, if known
 
 
@@ -72,13 +72,13 @@ def per_sample_gate_grads(
                 losses = objective.losses(model, part)
             check_finite(losses, what="loss", batch_index=b, method=method)
             losses.sum().backward()
-            out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-            for kind, sink in zip(prunable.UNIT_KINDS, out, strict=True):
+            out: dict[str, list[torch.Tensor]] = {kind: [] for kind in prunable.GATE_KINDS}
+            for kind, sink in out.items():
                 for gate in gates.of(kind):
                     grad = gate.grad if gate.grad is not None else torch.zeros_like(gate)
                     check_finite(grad, what=f"{kind} gate gradient", batch_index=b, method=method)
-                    sink.append(part.per_sample(grad.detach()))  # (part samples, units)
-            pending.append(GateGrads(*out, loss_slope=slope))
+                    sink.append(part.per_sample(grad.detach()))  # (part samples, units[, width])
+            pending.append(GateGrads(out, loss_slope=slope))
             if len(pending) == len(parts[b]):  # the batch's last part: its samples, in order
                 yield _joined(pending)
                 pending = []
@@ -90,8 +90,10 @@ def _joined(parts: list[GateGrads]) -> GateGrads:
         return parts[0]
     slopes = [p.loss_slope for p in parts]
     return GateGrads(
-        heads=[torch.cat(layer) for layer in zip(*(p.heads for p in parts), strict=True)],
-        mlp=[torch.cat(layer) for layer in zip(*(p.mlp for p in parts), strict=True)],
+        {
+            kind: [torch.cat(layer) for layer in zip(*(p.grads[kind] for p in parts), strict=True)]
+            for kind in prunable.GATE_KINDS
+        },
         loss_slope=None if any(s is None for s in slopes) else torch.cat(slopes),  # type: ignore[arg-type]
     )
 
@@ -106,15 +108,27 @@ def mean_over_samples(
     transform: Callable[[torch.Tensor], torch.Tensor],
     seed: int = 0,
     max_samples: int | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer, the mean over calibration samples of `transform(per-sample gate gradient)`."""
-    heads = [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers]
-    mlp = [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers]
-    for head_grads, mlp_grads, _ in per_sample_gate_grads(
+) -> dict[str, list[torch.Tensor]]:
+    """Per kind of unit and layer, the mean over calibration samples of `transform(per-sample gate
+    gradient)`."""
+    total = zero_scores(structure)
+    for grads, _ in per_sample_gate_grads(
         model, structure, calibration, method=method, curvature=curvature, seed=seed, max_samples=max_samples
     ):
-        for acc, grads in ((heads, head_grads), (mlp, mlp_grads)):
-            for i, g in enumerate(grads):
+        for kind, acc in total.items():
+            for i, g in enumerate(grads[kind]):
                 acc[i] += transform(g.double()).sum(0).cpu()
     n = calibration.n_samples
-    return [h / n for h in heads], [m / n for m in mlp]
+    return {kind: [t / n for t in acc] for kind, acc in total.items()}
+
+
+def zero_scores(structure: prunable.Structure) -> dict[str, list[torch.Tensor]]:
+    """Float64 zeros shaped like the scores of every kind of unit of `structure`."""
+    return {
+        "heads": [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers],
+        "mlp": [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers],
+        "experts": [torch.zeros(la.num_experts, dtype=torch.float64) for la in structure.layers],
+        "expert_mlp": [
+            torch.zeros(la.num_experts, la.expert_width, dtype=torch.float64) for la in structure.layers
+        ],
+    }

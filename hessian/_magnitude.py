@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import Saliency, ScoringOptions, SeededSaliency, unit_sums
+from hwprune.hessian._base import Saliency, Scored, ScoringOptions, SeededSaliency, unit_sums
 from hwprune.hessian._calibration import Calibration
 
 
@@ -19,6 +19,7 @@ class MagnitudeSaliency(Saliency):
 
     name = "magnitude"
     estimates_loss = False
+    scores_experts = True
 
     def _score(
         self,
@@ -26,15 +27,24 @@ class MagnitudeSaliency(Saliency):
         structure: prunable.Structure,
         calibration: Calibration,
         options: ScoringOptions,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    ) -> Scored:
+        out: dict[str, list[torch.Tensor]] = {kind: [] for kind in prunable.GATE_KINDS}
         for layer, lc in zip(structure.layers, prunable.couplings(model), strict=True):
-            for kind, sink in zip(prunable.UNIT_KINDS, out, strict=True):
+            for kind in prunable.UNIT_KINDS:
                 coupled = lc.of(kind)
                 squares = {id(p): p.detach().pow(2) for c in coupled for p, _ in c.parameters_and_dims()}
-                norms = unit_sums(coupled, squares, layer.units(kind)).sqrt()
-                sink.append(norms / norms.mean() if norms.numel() and norms.mean() > 0 else norms)
+                out[kind].append(_relative(unit_sums(coupled, squares, layer.units(kind)).sqrt()))
+            experts = torch.zeros(layer.num_experts), torch.zeros(layer.num_experts, layer.expert_width)
+            if lc.experts is not None:
+                experts = lc.experts.squared_norms()
+            out["experts"].append(_relative(experts[0].double().sqrt().cpu()))
+            out["expert_mlp"].append(_relative(experts[1].double().sqrt().cpu()))
         return out
+
+
+def _relative(norms: torch.Tensor) -> torch.Tensor:
+    """Norms over their layer's mean (as they are when empty or all zero)."""
+    return norms / norms.mean() if norms.numel() and norms.mean() > 0 else norms
 
 
 class RandomSaliency(SeededSaliency):
@@ -46,6 +56,7 @@ class RandomSaliency(SeededSaliency):
 
     name = "random"
     estimates_loss = False
+    scores_experts = True
 
     def _score(
         self,
@@ -53,10 +64,16 @@ class RandomSaliency(SeededSaliency):
         structure: prunable.Structure,
         calibration: Calibration,
         options: ScoringOptions,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> Scored:
         gen = torch.Generator().manual_seed(self.seed)
         heads = [
             torch.rand(la.attention_units, generator=gen, dtype=torch.float64) for la in structure.layers
         ]
         mlp = [torch.rand(la.mlp_width, generator=gen, dtype=torch.float64) for la in structure.layers]
-        return heads, mlp
+        # Drawn after the dense units, so a dense model's scores are what they were before experts.
+        experts = [torch.rand(la.num_experts, generator=gen, dtype=torch.float64) for la in structure.layers]
+        expert_mlp = [
+            torch.rand(la.num_experts, la.expert_width, generator=gen, dtype=torch.float64)
+            for la in structure.layers
+        ]
+        return {"heads": heads, "mlp": mlp, "experts": experts, "expert_mlp": expert_mlp}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import ScoringOptions, SeededSaliency
+from hwprune.hessian._base import Scored, ScoringOptions, SeededSaliency
 from hwprune.hessian._calibration import Calibration
-from hwprune.hessian._gate_grads import mean_over_samples, per_sample_gate_grads
+from hwprune.hessian._gate_grads import mean_over_samples, per_sample_gate_grads, zero_scores
 
 
 class NViTSaliency(SeededSaliency):
@@ -37,6 +36,7 @@ class NViTSaliency(SeededSaliency):
     """
 
     name = "nvit"
+    scores_experts = True
 
     def __init__(self, *, seed: int = 0, first_order: bool = False) -> None:
         super().__init__(seed=seed)
@@ -53,12 +53,8 @@ class NViTSaliency(SeededSaliency):
         structure: prunable.Structure,
         calibration: Calibration,
         options: ScoringOptions,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        second = (
-            [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers],
-            [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers],
-        )
-        first = ([torch.zeros_like(h) for h in second[0]], [torch.zeros_like(m) for m in second[1]])
+    ) -> Scored:
+        second, first = zero_scores(structure), zero_scores(structure)
         chain_rule = True
         for grads in per_sample_gate_grads(
             model,
@@ -70,20 +66,20 @@ class NViTSaliency(SeededSaliency):
             max_samples=options.max_samples,
         ):
             chain_rule = chain_rule and grads.loss_slope is not None
-            for k, per_layer in enumerate((grads.heads, grads.mlp)):
-                for i, g in enumerate(per_layer):  # g: (n_samples, units) probe gradients
+            for kind, per_layer in grads.grads.items():
+                for i, g in enumerate(per_layer):  # g: (n_samples, units[, width]) probe gradients
                     g = g.double()
-                    second[k][i] += 0.5 * g.square().sum(0).cpu()
+                    second[kind][i] += 0.5 * g.square().sum(0).cpu()
                     if self.first_order and grads.loss_slope is not None:
                         # dL_i/dgate = dL_i/dprobe_i * dprobe_i/dgate
-                        slope = grads.loss_slope.double().to(g.device)[:, None]  # (n_samples, 1)
-                        first[k][i] += (slope * g).sum(0).cpu()
+                        slope = grads.loss_slope.double().to(g.device)
+                        first[kind][i] += (slope.view(-1, *[1] * (g.dim() - 1)) * g).sum(0).cpu()
         n = calibration.n_samples
-        heads, mlp = [h / n for h in second[0]], [m / n for m in second[1]]
+        mean_second = {kind: [t / n for t in per_layer] for kind, per_layer in second.items()}
         if not self.first_order:
-            return heads, mlp
+            return mean_second
         if chain_rule:
-            mean_first = ([h / n for h in first[0]], [m / n for m in first[1]])
+            mean_first = {kind: [t / n for t in per_layer] for kind, per_layer in first.items()}
         else:
             # The probes do not determine the loss gradient: one more backward pass, of the losses.
             mean_first = mean_over_samples(
@@ -95,7 +91,7 @@ class NViTSaliency(SeededSaliency):
                 transform=lambda g: g,
                 max_samples=options.max_samples,
             )
-        return (
-            [h - f for h, f in zip(heads, mean_first[0], strict=True)],
-            [m - f for m, f in zip(mlp, mean_first[1], strict=True)],
-        )
+        return {
+            kind: [s - f for s, f in zip(mean_second[kind], mean_first[kind], strict=True)]
+            for kind in mean_second
+        }

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune.hessian._base import Saliency, ScoringOptions
+from hwprune.hessian._base import Saliency, Scored, ScoringOptions
 from hwprune.hessian._calibration import Calibration
 from hwprune.hessian._gate_grads import mean_over_samples
 
@@ -19,6 +18,7 @@ class TaylorSaliency(Saliency):
     """
 
     name = "taylor"
+    scores_experts = True
 
     def _score(
         self,
@@ -26,9 +26,9 @@ class TaylorSaliency(Saliency):
         structure: prunable.Structure,
         calibration: Calibration,
         options: ScoringOptions,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> Scored:
         # The mean signed gradient, then its magnitude: per-sample signs may cancel, as in Molchanov et al.
-        heads, mlp = mean_over_samples(
+        means = mean_over_samples(
             model,
             structure,
             calibration,
@@ -37,4 +37,4 @@ class TaylorSaliency(Saliency):
             transform=lambda g: g,
             max_samples=options.max_samples,
         )
-        return [h.abs() for h in heads], [m.abs() for m in mlp]
+        return {kind: [t.abs() for t in per_layer] for kind, per_layer in means.items()}

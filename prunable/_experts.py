@@ -39,6 +39,18 @@ class ExpertCoupling:
     def width(self) -> int:
         return int(self.experts.down_proj.shape[-1])
 
+    def squared_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of squared weights each expert (experts,) and each expert neuron (experts, width) owns.
+
+        A neuron owns its gate and up rows and its down column; an expert owns its neurons and its
+        router row.
+        """
+        width = self.width
+        gate_up, down = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
+        neurons = gate_up[:, :width].pow(2).sum(-1) + gate_up[:, width:].pow(2).sum(-1)  # (experts, width)
+        neurons = neurons + down.pow(2).sum(1)  # (experts, width)
+        return neurons.sum(-1) + self.router.weight.detach().pow(2).sum(-1), neurons
+
     def keep(self, experts: torch.Tensor, neurons: torch.Tensor) -> None:
         """Slice in place to `experts` (k,), each keeping its row of `neurons` (k, width)."""
         gate_up, down, width = self.experts.gate_up_proj, self.experts.down_proj, self.width

@@ -19,7 +19,7 @@ from torch import nn
 from hwprune.prunable._coupling import LayerCouplings
 from hwprune.prunable._experts import ExpertCoupling, gated_experts_forward, masked_routing
 from hwprune.prunable._families import family_of
-from hwprune.prunable._structure import Structure, UnitKind
+from hwprune.prunable._structure import Structure
 
 if TYPE_CHECKING:
     from hwprune.prunable._plan import PrunePlan
@@ -29,6 +29,9 @@ def couplings(model: nn.Module) -> list[LayerCouplings]:
     """Per layer, the weight slices each unit owns and where its gates act."""
     family = family_of(model)
     return [family.couplings(block, model.config) for block in family.blocks(model)]
+
+
+GATE_KINDS = ("heads", "mlp", "experts", "expert_mlp")
 
 
 class Gates:
@@ -75,12 +78,11 @@ class Gates:
             if lc.experts is not None:
                 self._attach_experts(i, lc.experts)
 
-    def of(self, kind: UnitKind) -> list[torch.Tensor]:
-        if kind == "heads":
-            return self.heads
-        if kind == "mlp":
-            return self.mlp
-        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: ['heads', 'mlp']")
+    def of(self, kind: str) -> list[torch.Tensor]:
+        """The gates of one kind of unit: "heads", "mlp", "experts" or "expert_mlp"."""
+        if kind in GATE_KINDS:
+            return getattr(self, kind)
+        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(GATE_KINDS)}")
 
     def reset(self, *, batch_size: int | None = None, requires_grad: bool = False) -> None:
         """Set every gate to 1, shaped (units,) or, with `batch_size`, (batch_size, units)."""

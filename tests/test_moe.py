@@ -10,9 +10,10 @@ import pytest
 import torch
 import transformers
 
-from hwprune import prunable
+from hwprune import hessian, prunable
 from hwprune.search import block_spec
 from tests.conftest import CASES, run
+from tests.test_saliency import calibration
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
@@ -134,3 +135,61 @@ def test_the_search_refuses_moe_models_with_the_reason() -> None:
     structure = prunable.discover(CASES["mixtral"].build())
     with pytest.raises(ValueError, match=r"mixture-of-experts layers.*prune its experts with a plan"):
         block_spec(structure)
+
+
+@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize(
+    "method",
+    [
+        hessian.NViTSaliency(seed=1),
+        hessian.TaylorSaliency(),
+        hessian.MagnitudeSaliency(),
+        hessian.RandomSaliency(),
+    ],
+    ids=lambda m: m.name,
+)
+def test_expert_scores_conform(method: hessian.Saliency, name: str, tmp_path: Path) -> None:
+    model, calib = calibration(name, supervised=True)
+    scores = method.score(model, calib)
+    structure = prunable.discover(model)
+    for layer, experts, neurons in zip(structure.layers, scores.experts, scores.expert_mlp, strict=True):
+        assert experts.shape == (layer.num_experts,) and neurons.shape == (
+            layer.num_experts,
+            layer.expert_width,
+        )
+        assert torch.isfinite(neurons).all() and (neurons != 0).any()
+    again = hessian.UnitScores.load(scores.save(tmp_path / "scores.npz"))
+    assert all(torch.equal(a, b) for a, b in zip(again.expert_mlp, scores.expert_mlp, strict=True))
+    assert set(scores.to_frame().kind) == {"heads", "mlp", "experts", "expert_mlp"} - (
+        {"mlp"} if structure.layers[0].mlp_width == 0 else set()
+    )
+
+
+def test_nvit_expert_scores_equal_brute_force_per_sample_fisher() -> None:
+    """An expert's and an expert neuron's score is 1/2 mean over samples of (dL_s/dgate)^2, with
+    dL_s/dgate = sum of g * w over what it owns of the down projection (its output)."""
+    model, calib = calibration("mixtral", supervised=True, n_batches=1)
+    scores = hessian.NViTSaliency().score(model, calib)
+    batch = calib.batches[0]
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    want_neurons = [torch.zeros_like(t) for t in scores.expert_mlp]
+    want_experts = [torch.zeros_like(t) for t in scores.experts]
+    for s in range(batch.n_samples):
+        model.zero_grad()
+        calib.objective.losses(model, batch.select([s])).sum().backward()
+        for i, e in enumerate(experts):
+            gw = (e.down_proj * e.down_proj.grad).double()  # (experts, hidden, width)
+            want_neurons[i] += gw.sum(1).pow(2)
+            want_experts[i] += gw.sum((1, 2)).pow(2)
+    n = batch.n_samples
+    for got, want in zip(scores.expert_mlp + scores.experts, want_neurons + want_experts, strict=True):
+        torch.testing.assert_close(got, 0.5 * want / n, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "method", [hessian.FisherSaliency(), hessian.HutchinsonSaliency()], ids=lambda m: m.name
+)
+def test_methods_without_expert_scores_refuse_moe_models(method: hessian.Saliency) -> None:
+    model, calib = calibration("qwen3_moe", supervised=True, n_batches=1)
+    with pytest.raises(ValueError, match=rf"saliency {method.name} does not score routed experts.*'nvit'"):
+        method.score(model, calib)

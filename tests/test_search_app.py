@@ -73,7 +73,7 @@ def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
 
     resumed = tmp_path / "resumed"  # a copy: the shared run directory stays as other tests expect it
     shutil.copytree(run_dir, resumed)
-    app = app_config(tmp_path, "hardware=gpu_h100", "search.n_trials=36")
+    app = app_config(tmp_path, "hardware=gpu_h100", "search.n_trials=36", "recovery=none")
     app.saliency.cache_dir = str(run_dir.parent / "cache")
     before = pd.read_csv(resumed / "trials.csv")
     write_report(run_search(app, resumed))
@@ -93,6 +93,7 @@ def test_rescoring_spends_its_recoveries_in_the_asked_speedup_window(run_dir: Pa
         "search.rescore=3",
         "search.rescore_min_speedup=1.5",
         "search.rescore_max_speedup=3",
+        "recovery=none",  # which plans are re-scored is the question here, not how they recover
     )
     app.saliency.cache_dir = str(run_dir.parent / "cache")
     outcome = run_search(app, window)
@@ -109,7 +110,7 @@ def test_workers_of_a_shared_study_rescore_its_front_once(run_dir: Path, tmp_pat
     shared = tmp_path / "shared.journal"
     outcomes = []
     for worker in ("a", "b"):  # one after the other here; tests/test_workers.py runs them at once
-        app = app_config(tmp_path, "hardware=gpu_h100", f"search.storage={shared}")
+        app = app_config(tmp_path, "hardware=gpu_h100", f"search.storage={shared}", "recovery=none")
         app.saliency.cache_dir = str(run_dir.parent / "cache")
         outcomes.append(run_search(app, tmp_path / worker))
         write_report(outcomes[-1])

@@ -80,7 +80,8 @@ def best_within(front: pd.DataFrame, dense: float, points: float) -> pd.Series |
 
 def saliency_after_recovery(app: AppConfig, plan_paths: list[Path], steps: int) -> list[dict[str, Any]]:
     """Same widths, units chosen by nvit / magnitude / random; each reconstructed then distilled."""
-    from hwprune.search._space import SaliencyProxy
+    from hwprune.search._proxy import SaliencyProxy
+    from hwprune.search._space import Widths
 
     dense = prunable.load_model(app.model.source, app.model.class_name)
     structure = prunable.discover(dense)
@@ -102,7 +103,7 @@ def saliency_after_recovery(app: AppConfig, plan_paths: list[Path], steps: int) 
         mlp = np.array([len(m) for _, m in kept])
         for name, method in methods.items():
             scores = hessian.cached_score(method, dense, calibration, cache_dir=app.saliency.cache_dir)
-            plan = SaliencyProxy(scores, structure).plan(units, mlp, ref)
+            plan = SaliencyProxy(scores, structure).plan(Widths(units, mlp), ref)
             pruned = prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False)
             row = {"widths of": path.stem, "units chosen by": name, "none": task.evaluate(pruned)}
             Reconstruct().recover(pruned, dense, data)

@@ -29,8 +29,9 @@ from hwprune import cost_models, hessian, prunable
 from hwprune.search import ParetoLocalSearchSampler
 from hwprune.search._blocks import block_spec, head_width
 from hwprune.search._pareto import exact_front, hypervolume, hypervolume_subset
-from hwprune.search._run import option_tables
-from hwprune.search._space import SaliencyProxy, SearchSpace
+from hwprune.search._proxy import SaliencyProxy
+from hwprune.search._run import option_tables, pick
+from hwprune.search._space import SearchSpace
 from hwprune.search._storage import open_storage
 from hwprune.search._study import Constraints, SearchObjective, run_study
 from hwprune.search.config import load_hardware
@@ -103,7 +104,7 @@ def main() -> None:
         proxy = SaliencyProxy(scores, structure)
         constraints = Constraints(latency_fraction=args.latency_fraction)
         objective = SearchObjective(space, cost_model, proxy, constraints)
-        lats, losses, opt_units, opt_mlp = option_tables(space, cost_model, proxy)
+        lats, losses, options = option_tables(space, cost_model, proxy)
         exact = exact_front(lats, losses, base=cost_model.base_ms)
         zeros = np.zeros(space.num_layers, int)
         reference = (objective.dense_ms, float(proxy.loss(zeros, zeros)[0]))
@@ -111,7 +112,7 @@ def main() -> None:
         exact_hv = hypervolume(optimum.latency, optimum.loss, reference)
         for k in args.exact_seeds:
             picks = hypervolume_subset(optimum.latency, optimum.loss, reference, k)
-            seeded = [(opt_units[optimum.choices[p]], opt_mlp[optimum.choices[p]]) for p in picks]
+            seeded = [pick(options, optimum.choices[p]) for p in picks]
             seeds_hv = (
                 hypervolume(optimum.latency[picks], optimum.loss[picks], reference) / exact_hv
                 if picks

@@ -156,16 +156,25 @@ class AnalyticalModel(CostModel):
     def _overhead(self) -> float:
         return self.hardware.launch_overhead_us * 1e-6 * self.efficiency.overhead
 
-    def _weights_resident(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+    def _weights_resident(
+        self, units: np.ndarray, mlp: np.ndarray, experts: np.ndarray | None, expert_width: np.ndarray | None
+    ) -> np.ndarray:
         """Whether the block's weights fit in on-chip memory (else they stream from DRAM)."""
         cap = self.hardware.on_chip_memory_mib
         if cap is None:
             return np.zeros(np.broadcast(units, mlp).shape, dtype=bool)
-        return self.spec.params(units, mlp) * self.workload.bytes_per_element <= cap * 2**20
+        params = self.spec.params(units, mlp, experts, expert_width)
+        return params * self.workload.bytes_per_element <= cap * 2**20
 
     # ---------------------------------------------------------------- the block
 
-    def op_times(self, units: np.ndarray, mlp: np.ndarray) -> dict[str, np.ndarray]:
+    def op_times(
+        self,
+        units: np.ndarray,
+        mlp: np.ndarray,
+        experts: np.ndarray | None = None,
+        expert_width: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         """Seconds of every operator of one block (0 where a skipped sub-layer removes it)."""
         s, w = self.spec, self.workload
         units, mlp = np.broadcast_arrays(np.asarray(units, dtype=np.int64), np.asarray(mlp, dtype=np.int64))
@@ -173,7 +182,7 @@ class AnalyticalModel(CostModel):
         attn, ffn, always = heads > 0, mlp > 0, np.ones(units.shape, dtype=bool)
         t, hd, hidden = w.tokens, s.head_dim, s.hidden
         # Resident weights are only modelled for devices that keep them on chip (NPU SRAM).
-        resident = self._weights_resident(units, mlp)
+        resident = self._weights_resident(units, mlp, experts, expert_width)
         ops: dict[str, np.ndarray] = {}
 
         def project(active: np.ndarray, n: np.ndarray | int, k: np.ndarray | int) -> np.ndarray:
@@ -216,6 +225,43 @@ class AnalyticalModel(CostModel):
         ops["mlp_down"] = project(ffn, hidden, mlp)
         ops["norms"] = 2 * self._elementwise(always, t, hidden, 2.0)
         ops["residuals"] = 2 * self._elementwise(always, t, hidden, 3.0)
+        if s.experts:
+            ops |= self._expert_op_times(always, ffn, experts, expert_width)
+        return ops
+
+    def _expert_op_times(
+        self,
+        always: np.ndarray,
+        shared: np.ndarray,
+        experts: np.ndarray | None,
+        expert_width: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """Seconds of a mixture-of-experts block's router and routed experts.
+
+        Each token goes to top_k of the kept experts. With routing spread evenly, an expert that
+        receives tokens gets routed / active of them, and the number that receive any is its
+        expectation under uniform routing (every kept expert in a long prefill, about `routed` of
+        them in a one-token decode step): each active expert reads its own weights and runs its own
+        small GEMMs, which is why expert count and expert width cost differently.
+        """
+        s, t, hidden = self.spec, self.workload.tokens, self.spec.hidden
+        e, width = (np.broadcast_to(a, always.shape) for a in s.expert_widths(experts, expert_width))
+        routed = t * s.top_k  # token-to-expert assignments
+        active = e * (1.0 - (1.0 - 1.0 / e) ** routed)  # experts that receive any token
+        rows = np.ceil(routed / active).astype(np.int64)  # tokens per active expert
+        width = width.astype(np.int64)
+        ops = {
+            "router": self._gemm(always, t, e.astype(np.int64), hidden),
+            "experts_gate_up": active * self._gemm(always, rows, 2 * width, hidden),
+            "experts_activation": self._elementwise(always, routed, width, 3.0),
+            "experts_down": active * self._gemm(always, rows, hidden, width),
+            # gather each expert's tokens, weight and scatter-add its outputs back
+            "experts_dispatch": 3 * self._elementwise(always, routed, hidden, 2.0),
+            # an eager per-expert loop launches a few more kernels (index, where, scale) per expert
+            "experts_launches": active * 4 * self._overhead(),
+        }
+        if s.mlp:
+            ops["shared_expert_gate"] = self._gemm(shared, t, 1, hidden)
         return ops
 
     def outside_op_times(self) -> dict[str, float]:
@@ -235,5 +281,11 @@ class AnalyticalModel(CostModel):
             ops["head"] = self._gemm(one, w.tokens, s.head_width, s.hidden)
         return {name: float(t) for name, t in ops.items()}
 
-    def block_latency_ms(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
-        return sum(self.op_times(units, mlp).values()) * 1e3  # type: ignore[return-value]
+    def block_latency_ms(
+        self,
+        units: np.ndarray,
+        mlp: np.ndarray,
+        experts: np.ndarray | None = None,
+        expert_width: np.ndarray | None = None,
+    ) -> np.ndarray:
+        return sum(self.op_times(units, mlp, experts, expert_width).values()) * 1e3  # type: ignore[return-value]

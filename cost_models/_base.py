@@ -49,30 +49,56 @@ class CostModel(ABC):
     base_ms: float = 0.0
 
     @abstractmethod
-    def block_latency_ms(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
-        """Latency of one block keeping `units` attention units and `mlp` neurons (broadcast)."""
+    def block_latency_ms(
+        self,
+        units: np.ndarray,
+        mlp: np.ndarray,
+        experts: np.ndarray | None = None,
+        expert_width: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Latency of one block keeping `units` attention units and `mlp` neurons (broadcast), and
+        in a mixture-of-experts block `experts` routed experts of `expert_width` neurons (None: all)."""
 
-    def predict(self, units: ArrayLike, mlp: ArrayLike, *, dropped: ArrayLike | None = None) -> Prediction:
+    def predict(
+        self,
+        units: ArrayLike,
+        mlp: ArrayLike,
+        *,
+        dropped: ArrayLike | None = None,
+        experts: ArrayLike | None = None,
+        expert_width: ArrayLike | None = None,
+    ) -> Prediction:
         """Whole-model latency of configurations given as per-layer widths.
 
         Args:
             units: (..., num_layers) attention units (KV groups) kept per layer.
-            mlp: (..., num_layers) MLP neurons kept per layer.
+            mlp: (..., num_layers) MLP neurons kept per layer (a mixture's shared expert's).
             dropped: (..., num_layers) whether each layer is removed from the model (depth
                 pruning): it then costs nothing, where a layer keeping no units still pays its
                 norms and residual additions. None keeps every layer.
+            experts: (..., num_layers) routed experts kept per layer, in [top_k, experts]; None
+                keeps them all (mixture-of-experts blocks only).
+            expert_width: (..., num_layers) neurons kept per routed expert; None keeps them all.
         """
         u, m = np.asarray(units), np.asarray(mlp)
         if u.shape != m.shape or u.ndim < 1 or u.shape[-1] != self.spec.num_layers:
             raise ValueError(
                 f"need matching (..., {self.spec.num_layers}) widths, got units {u.shape} and mlp {m.shape}"
             )
-        for name, values, top in (("units", u, self.spec.units), ("mlp", m, self.spec.mlp)):
-            if values.size and (values.min() < 0 or values.max() > top):
+        e = None if experts is None else np.broadcast_to(np.asarray(experts), u.shape)
+        w = None if expert_width is None else np.broadcast_to(np.asarray(expert_width), u.shape)
+        s = self.spec
+        if (e is not None or w is not None) and not s.experts:
+            raise ValueError(
+                "experts and expert_width apply to mixture-of-experts blocks; this spec has none"
+            )
+        checks = [("units", u, 0, s.units), ("mlp", m, 0, s.mlp), ("experts", e, s.top_k, s.experts)]
+        for name, values, low, top in [*checks, ("expert_width", w, 1, s.expert_width)]:
+            if values is not None and values.size and (values.min() < low or values.max() > top):
                 raise ValueError(
-                    f"{name} widths must lie in [0, {top}], got range [{values.min()}, {values.max()}]"
+                    f"{name} widths must lie in [{low}, {top}], got range [{values.min()}, {values.max()}]"
                 )
-        blocks = self.block_latency_ms(u, m)
+        blocks = self.block_latency_ms(u, m, e, w)
         if dropped is not None:
             d = np.asarray(dropped, dtype=bool)
             if d.shape[-1:] != u.shape[-1:]:

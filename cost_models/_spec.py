@@ -27,6 +27,10 @@ class BlockSpec:
         norm: "layernorm" or "rmsnorm".
         head_width: Outputs of the projection after the last block (an LM head's vocabulary, a
             classifier's labels); 0 where the model ends with its hidden states.
+        experts: Routed experts of a mixture-of-experts block (0: a dense MLP). `mlp` is then the
+            shared expert's width (0 without one).
+        top_k: Experts each token is routed to.
+        expert_width: Neurons of each routed expert (a gated MLP).
     """
 
     hidden: int
@@ -38,11 +42,24 @@ class BlockSpec:
     gated_mlp: bool = False
     norm: str = "layernorm"
     head_width: int = 0
+    experts: int = 0
+    top_k: int = 0
+    expert_width: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "head_dim", "heads", "kv_heads", "mlp", "num_layers"):
+        positive = ("hidden", "head_dim", "heads", "kv_heads", "num_layers") + (
+            () if self.experts else ("mlp",)
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"BlockSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp < 0 or self.experts < 0:
+            raise ValueError(f"BlockSpec.mlp and experts must be >= 0, got {self.mlp}, {self.experts}")
+        if self.experts and not (1 <= self.top_k <= self.experts and self.expert_width >= 1):
+            raise ValueError(
+                f"a mixture-of-experts BlockSpec needs 1 <= top_k <= experts and expert_width >= 1, got "
+                f"top_k={self.top_k}, experts={self.experts}, expert_width={self.expert_width}"
+            )
         if self.head_width < 0:
             raise ValueError(f"BlockSpec.head_width must be >= 0, got {self.head_width}")
         if self.heads % self.kv_heads:
@@ -50,20 +67,47 @@ class BlockSpec:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; valid choices: {list(NORMS)}")
 
-    def params(self, units: ArrayLike, mlp: ArrayLike) -> np.ndarray:
-        """Projection weights of a block (biases and norms aside) at its widths, elementwise."""
+    def params(
+        self,
+        units: ArrayLike,
+        mlp: ArrayLike,
+        experts: ArrayLike | None = None,
+        expert_width: ArrayLike | None = None,
+    ) -> np.ndarray:
+        """Projection weights of a block (biases and norms aside) at its widths, elementwise; routed
+        experts (each a gated MLP) and their router rows included (None: the dense expert shape)."""
         u, m = np.asarray(units, dtype=np.float64), np.asarray(mlp, dtype=np.float64)
         heads = u * self.heads_per_unit
         attention = (
             self.hidden * self.head_dim * (2 * heads + 2 * u)
         )  # Q and O per query head, K and V per group
-        return attention + self.hidden * m * (3 if self.gated_mlp else 2)
+        e, w = self.expert_widths(experts, expert_width)
+        return attention + self.hidden * m * (3 if self.gated_mlp else 2) + self.hidden * e * (3 * w + 1)
 
-    def flops(self, workload: Workload, units: ArrayLike, mlp: ArrayLike) -> np.ndarray:
-        """Forward FLOPs of the blocks (2 per multiply-add) at per-layer widths (..., layers)."""
+    def expert_widths(
+        self, experts: ArrayLike | None, expert_width: ArrayLike | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(kept experts, expert width) as float arrays, the dense shape where None."""
+        e = np.asarray(self.experts if experts is None else experts, dtype=np.float64)
+        w = np.asarray(self.expert_width if expert_width is None else expert_width, dtype=np.float64)
+        return e, w
+
+    def flops(
+        self,
+        workload: Workload,
+        units: ArrayLike,
+        mlp: ArrayLike,
+        experts: ArrayLike | None = None,
+        expert_width: ArrayLike | None = None,
+    ) -> np.ndarray:
+        """Forward FLOPs of the blocks (2 per multiply-add) at per-layer widths (..., layers): each
+        token through its top_k experts only, and the router."""
         heads = np.asarray(units, dtype=np.float64) * self.heads_per_unit
         attn = 2 * 2 * workload.attended * self.head_dim * heads  # scores and context, per query token
-        return (workload.tokens * (2 * self.params(units, mlp) + attn)).sum(-1)
+        e, w = self.expert_widths(experts, expert_width)
+        dense = self.params(units, mlp, experts=np.zeros_like(e), expert_width=w)
+        routed = np.where(e > 0, self.top_k * 3 * self.hidden * w + self.hidden * e, 0.0)
+        return (workload.tokens * (2 * (dense + routed) + attn)).sum(-1)
 
     @property
     def heads_per_unit(self) -> int:

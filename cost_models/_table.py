@@ -144,7 +144,14 @@ class TableModel(CostModel):
                 return max(float(meta[key]) - layers * block, 0.0)
         return self.table.base_ms
 
-    def block_latency_ms(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+    def block_latency_ms(
+        self,
+        units: np.ndarray,
+        mlp: np.ndarray,
+        experts: np.ndarray | None = None,
+        expert_width: np.ndarray | None = None,
+    ) -> np.ndarray:
+        # Tables are profiled for dense blocks: a mixture-of-experts spec never matches one.
         u, m = np.broadcast_arrays(np.asarray(units, dtype=np.float64), np.asarray(mlp, dtype=np.float64))
         for name, values, grid in (("units", u, self.units_grid), ("mlp", m, self.mlp_grid)):
             if values.size and (values.min() < grid[0] or values.max() > grid[-1]):

@@ -28,12 +28,6 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
         head_width: Output columns of its head (`head_width(model)`), priced outside the blocks.
     """
     first = structure.layers[0]
-    if any(layer.is_moe for layer in structure.layers):
-        raise ValueError(
-            f"{structure.model_class} ({structure.model_type}) has mixture-of-experts layers, whose latency "
-            "depends on the routed experts: the cost models and the search do not price them yet; prune its "
-            "experts with a plan (prunable.PrunePlan.from_units(..., experts=..., expert_mlp=...))"
-        )
     if any(layer != first for layer in structure.layers):
         raise ValueError(f"cost models need the dense, uniform structure; got {structure.describe()}")
     return cost_models.BlockSpec(
@@ -46,6 +40,9 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
         gated_mlp=first.gated_mlp,
         norm="rmsnorm" if structure.family == "llama" else "layernorm",
         head_width=head_width,
+        experts=first.num_experts,
+        top_k=first.top_k,
+        expert_width=first.expert_width,
     )
 
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from hwprune import cost_models
 from hwprune.search._pareto import pareto_mask
 from hwprune.search._run import RunOutcome
+from hwprune.search._space import SearchSpace
 
 log = logging.getLogger("hwprune.search")
 
@@ -38,6 +39,8 @@ PARETO_COLUMNS = [
     "layers",
     "units",
     "mlp",
+    "experts",
+    "expert_width",
 ]
 
 
@@ -56,6 +59,8 @@ def trials_frame(outcome: RunOutcome) -> pd.DataFrame:
             "feasible": all(c <= 0 for c in constraints),
         }
         row |= {f"units_{i}": u for i, u in enumerate(units)} | {f"mlp_{i}": m for i, m in enumerate(mlp)}
+        for axis in ("experts", "expert_width"):  # mixture-of-experts models only
+            row |= {f"{axis}_{i}": v for i, v in enumerate(t.user_attrs.get(axis, []))}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -82,6 +87,10 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "layers": c.layers,
             "units": " ".join(map(str, c.units)),
             "mlp": " ".join(map(str, c.mlp)),
+            "experts": "" if c.widths.experts is None else " ".join(map(str, c.widths.experts)),
+            "expert_width": ""
+            if c.widths.expert_width is None
+            else " ".join(map(str, c.widths.expert_width)),
         }
         for c in outcome.candidates
     ]
@@ -179,6 +188,23 @@ def plot_html(outcome: RunOutcome, pareto: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def space_summary(space: SearchSpace) -> str:
+    """The choices per layer, in words."""
+
+    def axis(name: str, choices: tuple[int, ...]) -> str:
+        if len(choices) == 1:
+            return f"{name} {choices[0]}"
+        return f"{name} {choices[0]}-{choices[-1]} (step {choices[1] - choices[0]})"
+
+    parts = [axis("attention units", space.unit_choices), axis("MLP width", space.mlp_choices)]
+    if space.moe:
+        parts += [
+            axis("routed experts", space.expert_choices),
+            axis("expert width", space.expert_width_choices),
+        ]
+    return "per layer: " + ", ".join(parts)
+
+
 def write_report(outcome: RunOutcome) -> pd.DataFrame:
     d = outcome.run_dir
     trials = trials_frame(outcome)
@@ -210,8 +236,7 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
         f"- Latency source: **{cm.source}**{fit} (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
         "to a profiled table, `analytical` = datasheet roofline)",
         f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",
-        f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler._target_}`, MLP step "
-        f"{outcome.space.mlp_choices[1] - outcome.space.mlp_choices[0]}"
+        f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler._target_}`, {space_summary(outcome.space)}"
         + (", depth pruning (a layer left without units is dropped)" if cfg.search.depth else ""),
         f"- Recovery of every re-scored pruned plan before its metric: `{cfg.recovery.name}`"
         + ("" if cfg.recovery.name == "none" else f" ({cfg.recovery.samples} training samples of the task)"),

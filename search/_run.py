@@ -16,7 +16,8 @@ from hydra.utils import instantiate
 from hwprune import cost_models, hessian, prunable
 from hwprune.search._blocks import block_spec, head_width
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
-from hwprune.search._space import SaliencyProxy, SearchSpace
+from hwprune.search._proxy import SaliencyProxy
+from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import open_storage, worker_seed
 from hwprune.search._study import Constraints, SearchObjective, rescoring_turn, run_study
 from hwprune.search.config import AppConfig, build_task
@@ -34,8 +35,7 @@ class Candidate:
     """A configuration evaluated on the real task."""
 
     kind: str  # "dense", "search" or "uniform"
-    units: np.ndarray
-    mlp: np.ndarray
+    widths: Widths
     latency_ms: float
     proxy_loss: float
     metric: float = float("nan")  # after recovery: what a user of the plan gets
@@ -48,6 +48,14 @@ class Candidate:
     plan_path: str = ""
     label: str = ""
     dominated: bool = False
+
+    @property
+    def units(self) -> np.ndarray:
+        return self.widths.units
+
+    @property
+    def mlp(self) -> np.ndarray:
+        return self.widths.mlp
 
 
 @dataclass
@@ -70,24 +78,48 @@ class RunOutcome:
 
 def option_tables(
     space: SearchSpace, cost_model: cost_models.CostModel, proxy: SaliencyProxy
-) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
-    """Per layer, latency and proxy loss of every (units, mlp) option, and the option widths.
+) -> tuple[list[np.ndarray], list[np.ndarray], Widths]:
+    """Per layer, latency and proxy loss of every option (one choice on each axis), and the options'
+    widths ((options,) arrays).
 
     With depth pruning the option without units is the dropped layer: no latency, its layer score.
     """
-    uu, mm = np.meshgrid(np.array(space.unit_choices), np.array(space.mlp_choices), indexing="ij")
-    units, mlp = uu.ravel(), mm.ravel()
-    block = np.where(proxy.dropped(units, mlp), 0.0, cost_model.block_latency_ms(units, mlp))
+    axes = [space.unit_choices, space.mlp_choices] + (
+        [space.expert_choices, space.expert_width_choices] if space.moe else []
+    )
+    grid = [g.ravel() for g in np.meshgrid(*(np.array(a) for a in axes), indexing="ij")]
+    options = Widths(*grid)  # (options,) each
+    block = cost_model.block_latency_ms(*options)
+    block = np.where(proxy.dropped(options.units, options.mlp), 0.0, block)
     lats = [block for _ in range(space.num_layers)]
-    losses = [proxy.block_loss(i, units, mlp) for i in range(space.num_layers)]
-    return lats, losses, units, mlp
+    losses = [proxy.block_loss(i, *options) for i in range(space.num_layers)]
+    return lats, losses, options
 
 
-def model_front(front: ExactFront, proxy: SaliencyProxy, units: np.ndarray, mlp: np.ndarray) -> ExactFront:
+def pick(options: Widths, choices: np.ndarray) -> Widths:
+    """The widths of option `choices` (..., layers) of each layer."""
+    units, mlp, experts, width = (None if a is None else a[choices] for a in options)
+    assert units is not None and mlp is not None
+    return Widths(units, mlp, experts, width)
+
+
+def model_front(front: ExactFront, proxy: SaliencyProxy, options: Widths) -> ExactFront:
     """The exact front without its point that drops every layer (depth pruning), which is no model."""
-    every = proxy.dropped(units[front.choices], mlp[front.choices]).all(-1)  # (P,)
-    keep = ~every
+    chosen = pick(options, front.choices)
+    keep = ~proxy.dropped(chosen.units, chosen.mlp).all(-1)  # (P,)
     return ExactFront(latency=front.latency[keep], loss=front.loss[keep], choices=front.choices[keep])
+
+
+def trial_widths(trial: optuna.trial.FrozenTrial) -> Widths:
+    """The widths a trial recorded."""
+    attrs = trial.user_attrs
+    experts, width = (np.array(attrs[k]) if k in attrs else None for k in ("experts", "expert_width"))
+    return Widths(np.array(attrs["units"]), np.array(attrs["mlp"]), experts, width)
+
+
+def widths_key(widths: Widths) -> tuple:
+    """A hashable form of `widths`."""
+    return tuple(None if a is None else tuple(int(v) for v in a) for a in widths)
 
 
 def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
@@ -101,16 +133,18 @@ def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
 
 def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
     """Refuse a latency budget no configuration meets, before the saliency and the study run."""
-    n = cost_model.spec.num_layers
+    n, spec = cost_model.spec.num_layers, cost_model.spec
     zeros = np.zeros(n, dtype=int)
-    if cfg.search.depth:  # every layer dropped but one, which keeps a single unit
+    # Routed experts cannot all go: top_k of them stay, at the narrowest width.
+    least = {"experts": np.full(n, spec.top_k), "expert_width": np.full(n, 8)} if spec.experts else {}
+    if cfg.search.depth and not spec.experts:  # every layer dropped but one, which keeps a single unit
         one = np.eye(n, dtype=int)[0]
         fastest = min(
             float(cost_model.predict(u, m, dropped=one == 0).latency_ms)
             for u, m in ((one, zeros), (zeros, one))
         )
     else:
-        fastest = float(cost_model.predict(zeros, zeros).latency_ms)  # every prunable unit removed
+        fastest = float(cost_model.predict(zeros, zeros, **least).latency_ms)  # every prunable unit removed
     dense = cost_model.dense_ms()
     for key, budget, limit, unit in (
         ("latency_budget_ms", cfg.search.latency_budget_ms, fastest, "ms"),
@@ -206,8 +240,14 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
             "layer scores (loss of dropping each layer): %s", ", ".join(f"{v:.3g}" for v in layer_scores)
         )
 
-    step = cfg.search.mlp_step or cost_models.width_step(profile, spec.mlp)
-    space = SearchSpace.build(structure, mlp_step=step, unit_step=cfg.search.unit_step)
+    step = cfg.search.mlp_step or (cost_models.width_step(profile, spec.mlp) if spec.mlp else 1)
+    space = SearchSpace.build(
+        structure,
+        mlp_step=step,
+        unit_step=cfg.search.unit_step,
+        expert_width_step=cost_models.width_step(profile, spec.expert_width) if spec.experts else None,
+        expert_axes=cfg.search.expert_axes,
+    )
     proxy = SaliencyProxy(scores, structure, layer_scores)
     constraints = Constraints(
         latency_ms=cfg.search.latency_budget_ms,
@@ -216,8 +256,8 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     )
     objective = SearchObjective(space, cost_model, proxy, constraints)
 
-    lats, losses, opt_units, opt_mlp = option_tables(space, cost_model, proxy)
-    exact = model_front(exact_front(lats, losses, base=cost_model.base_ms), proxy, opt_units, opt_mlp)
+    lats, losses, options = option_tables(space, cost_model, proxy)
+    exact = model_front(exact_front(lats, losses, base=cost_model.base_ms), proxy, options)
     log.info("exact proxy front: %d points", len(exact.latency))
     # Hypervolume is bounded by the dense latency and the worst loss
     # (the costliest option of every layer: removing all its units, or, with depth, maybe dropping it).
@@ -230,7 +270,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     )
     if optimum is not None:
         picks = hypervolume_subset(optimum.latency, optimum.loss, reference, cfg.search.exact_seeds)
-        seeds += [(opt_units[optimum.choices[p]], opt_mlp[optimum.choices[p]]) for p in picks]
+        seeds += [pick(options, optimum.choices[p]) for p in picks]
 
     ref = prunable.model_ref(model, source=cfg.model.source)
     identity = {
@@ -247,7 +287,12 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         | {"method": scores.method}
         | ({"dtype": cfg.saliency.dtype} if cfg.saliency.dtype else {}),  # device, pieces: same scores
         "space": {"units": list(space.unit_choices), "mlp": list(space.mlp_choices)}
-        | ({"depth": True} if proxy.depth else {}),
+        | ({"depth": True} if proxy.depth else {})
+        | (
+            {"experts": list(space.expert_choices), "expert_width": list(space.expert_width_choices)}
+            if space.moe
+            else {}
+        ),
         "constraints": asdict(constraints),
     }
     started = time.perf_counter()
@@ -315,26 +360,18 @@ def rescore_front(
     space, cost_model, study, task = outcome.space, outcome.cost_model, outcome.study, outcome.task
     front = study.best_trials
     f_lat = np.array([t.values[0] for t in front])
-    candidates = [Candidate("dense", *space.dense(), objective.dense_ms, 0.0, label="dense")]
+    candidates = [Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense")]
     for f in cfg.search.uniform_baselines:
-        u, m = space.uniform(f)
+        w = space.uniform(f)
+        predicted = cost_model.predict(w.units, w.mlp, experts=w.experts, expert_width=w.expert_width)
         candidates.append(
             Candidate(
-                "uniform",
-                u,
-                m,
-                float(cost_model.predict(u, m).latency_ms),
-                float(proxy.loss(u, m)[0]),
-                label=f"uniform {f:.0%}",
+                "uniform", w, float(predicted.latency_ms), float(proxy.loss(*w)[0]), label=f"uniform {f:.0%}"
             )
         )
     # The dense seed is on every front (the slowest point, no loss): it is re-scored once, as dense.
-    seen = {(tuple(c.units), tuple(c.mlp)) for c in candidates if c.kind == "dense"}
-    fresh = [
-        i
-        for i, t in enumerate(front)
-        if (tuple(t.user_attrs["units"]), tuple(t.user_attrs["mlp"])) not in seen
-    ]
+    seen = {widths_key(c.widths) for c in candidates if c.kind == "dense"}
+    fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t)) not in seen]
     # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
     low, high = cfg.search.rescore_min_speedup, cfg.search.rescore_max_speedup or np.inf
     wanted = [i for i in fresh if low <= objective.dense_ms / f_lat[i] <= high]
@@ -350,8 +387,9 @@ def rescore_front(
         log.warning("no front point has a predicted speedup in [%.2f, %.2f]: none re-scored", low, high)
     for i in spread(np.array(wanted, dtype=int), f_lat, cfg.search.rescore):
         t = front[i]
-        u, m = np.array(t.user_attrs["units"]), np.array(t.user_attrs["mlp"])
-        candidates.append(Candidate("search", u, m, t.values[0], t.values[1], label=f"trial {t.number}"))
+        candidates.append(
+            Candidate("search", trial_widths(t), t.values[0], t.values[1], label=f"trial {t.number}")
+        )
     rescore = Rescoring(
         task=task,
         recovery=recovery,
@@ -400,7 +438,7 @@ class Rescoring:
         ref = self.model_ref
         plans = run_dir / "plans"
         for i, c in enumerate(candidates, start=1):
-            plan = proxy.plan(c.units, c.mlp, ref, hardware=self.hardware)
+            plan = proxy.plan(c.widths, ref, hardware=self.hardware)
             pruned = prunable.pruned_copy(model, plan, check_weights=False)
             c.metric = c.metric_unrecovered = task.evaluate(pruned)
             recipe = None
@@ -418,7 +456,7 @@ class Rescoring:
                 }
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())
-            c.flops = float(cost_model.spec.flops(cost_model.workload, c.units, c.mlp))
+            c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
             plan = replace(
                 plan,
                 metadata={

@@ -1,18 +1,29 @@
-"""The search space and the additive saliency proxy of a configuration.
+"""The search space: per layer, how many of each kind of unit a configuration keeps.
 
-A configuration is, per layer, how many attention units (KV groups) and MLP neurons to keep; which
-ones follows from saliency (the layer's top units). MLP widths move in steps aligned to the target's
-tiles, since latency only changes at tile boundaries.
+A configuration is, per layer, how many attention units (KV groups) and MLP neurons to keep and, in
+a mixture-of-experts layer, how many routed experts and how many neurons each of them keeps; which
+ones follows from saliency (the proxy keeps the top units). Widths move in steps aligned to the
+target's tiles, since latency only changes at tile boundaries.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from hwprune import hessian, prunable
+from hwprune import prunable
+from hwprune.prunable._plan import EXPERT_WIDTH_STEP
+
+
+class Widths(NamedTuple):
+    """Kept widths per layer (arrays (..., layers)); the expert axes are None for dense models."""
+
+    units: np.ndarray
+    mlp: np.ndarray
+    experts: np.ndarray | None = None
+    expert_width: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -23,11 +34,16 @@ class SearchSpace:
         structure: The dense model's structure.
         unit_choices: Kept attention units a layer may have, ascending (the dense count last).
         mlp_choices: Kept MLP neurons a layer may have, ascending (the dense width last).
+        expert_choices: Kept routed experts a mixture-of-experts layer may have (top_k to all);
+            empty for dense models.
+        expert_width_choices: Kept neurons per routed expert (multiples of 8, the dense width last).
     """
 
     structure: prunable.Structure
     unit_choices: tuple[int, ...]
     mlp_choices: tuple[int, ...]
+    expert_choices: tuple[int, ...] = ()
+    expert_width_choices: tuple[int, ...] = ()
 
     @classmethod
     def build(
@@ -38,7 +54,17 @@ class SearchSpace:
         unit_step: int = 1,
         min_units: int = 0,
         min_mlp: int = 0,
+        expert_width_step: int | None = None,
+        expert_axes: bool = True,
     ) -> SearchSpace:
+        """The space of a dense, uniform structure.
+
+        Args:
+            expert_width_step: Step of the expert widths (rounded up to a multiple of 8); default
+                `mlp_step`.
+            expert_axes: Whether routed experts' count and width are searched (else every expert
+                stays whole: one choice each).
+        """
         layer = structure.layers[0]
         if any(la != layer for la in structure.layers):
             raise ValueError(f"search needs the dense, uniform model; got {structure.describe()}")
@@ -47,116 +73,64 @@ class SearchSpace:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         units = sorted({*range(min_units, layer.attention_units + 1, unit_step), layer.attention_units})
         mlp = sorted({*range(min_mlp, layer.mlp_width + 1, mlp_step), layer.mlp_width})
-        return cls(structure, tuple(units), tuple(mlp))
+        if not layer.is_moe:
+            return cls(structure, tuple(units), tuple(mlp))
+        if not expert_axes:
+            return cls(structure, tuple(units), tuple(mlp), (layer.num_experts,), (layer.expert_width,))
+        step = -(-(expert_width_step or mlp_step) // EXPERT_WIDTH_STEP) * EXPERT_WIDTH_STEP
+        widths = sorted({*range(step, layer.expert_width + 1, step), layer.expert_width})
+        experts = tuple(range(layer.top_k, layer.num_experts + 1))
+        return cls(structure, tuple(units), tuple(mlp), experts, tuple(widths))
+
+    @property
+    def moe(self) -> bool:
+        """Whether the layers have routed experts (two more axes per layer)."""
+        return bool(self.expert_choices)
 
     @property
     def num_layers(self) -> int:
         return self.structure.num_layers
 
-    def widths(self, unit_idx: np.ndarray, mlp_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Choice indices (..., layers) to widths (..., layers)."""
-        return np.asarray(self.unit_choices)[unit_idx], np.asarray(self.mlp_choices)[mlp_idx]
-
-    def dense(self) -> tuple[np.ndarray, np.ndarray]:
-        n = self.num_layers
-        return np.full(n, self.unit_choices[-1]), np.full(n, self.mlp_choices[-1])
-
-    def uniform(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        """Every layer keeps about `fraction` of its units and neurons (nearest choice)."""
-        u = np.asarray(self.unit_choices)
-        m = np.asarray(self.mlp_choices)
-        ui = int(np.abs(u - fraction * u[-1]).argmin())
-        mi = int(np.abs(m - fraction * m[-1]).argmin())
-        n = self.num_layers
-        return np.full(n, u[ui]), np.full(n, m[mi])
-
-
-class SaliencyProxy:
-    """Predicted loss increase of a configuration: the summed saliency of the units it removes.
-
-    Keeping the top-k units of a layer removes its n - k least salient ones, so the proxy is a
-    lookup in per-layer prefix sums of ascending scores: vectorised and exact for the additive model.
-    With layer scores (depth pruning), a layer left without units is dropped, and costs its layer
-    score instead of the sum of its units'.
-
-    Args:
-        scores: One saliency per unit of `structure`.
-        structure: The dense model's structure.
-        layer_scores: (layers,) loss of dropping each layer (`hessian.layer_scores`), or None to
-            keep every layer (an empty layer then stays as a block).
-    """
-
-    def __init__(
+    def widths(
         self,
-        scores: hessian.UnitScores,
-        structure: prunable.Structure,
-        layer_scores: torch.Tensor | None = None,
-    ) -> None:
-        scores.check(structure)
-        if layer_scores is not None and tuple(layer_scores.shape) != (structure.num_layers,):
-            raise ValueError(
-                f"need one layer score per layer ({structure.num_layers}), got shape {tuple(layer_scores.shape)}"
-            )
-        self.scores = scores
-        self.structure = structure
-        self.layer_scores = None if layer_scores is None else layer_scores.double().numpy()
-        self._removed: dict[str, list[np.ndarray]] = {}
-        self._order: dict[str, list[np.ndarray]] = {}
-        for kind in prunable.UNIT_KINDS:
-            removed, order = [], []
-            for layer_scores in scores.of(kind):
-                s = layer_scores.numpy().astype(np.float64)
-                ascending = np.sort(s)
-                # removed[k] = sum of the (n - k) smallest scores, i.e. the cost of keeping the top k.
-                prefix = np.concatenate([[0.0], np.cumsum(ascending)])
-                removed.append(prefix[::-1].copy())  # prefix[n - k] for k = 0..n
-                order.append(np.argsort(-s, kind="stable"))
-            self._removed[kind], self._order[kind] = removed, order
+        unit_idx: np.ndarray,
+        mlp_idx: np.ndarray,
+        expert_idx: np.ndarray | None = None,
+        expert_width_idx: np.ndarray | None = None,
+    ) -> Widths:
+        """Choice indices (..., layers) to widths (..., layers)."""
+        experts = widths = None
+        if self.moe:
+            assert expert_idx is not None and expert_width_idx is not None
+            experts = np.asarray(self.expert_choices)[expert_idx]
+            widths = np.asarray(self.expert_width_choices)[expert_width_idx]
+        return Widths(
+            np.asarray(self.unit_choices)[unit_idx], np.asarray(self.mlp_choices)[mlp_idx], experts, widths
+        )
 
-    def layer_loss(self, kind: prunable.UnitKind, layer: int, kept: np.ndarray) -> np.ndarray:
-        """Proxy loss of keeping `kept` (array) units of `kind` in `layer`."""
-        return self._removed[kind][layer][np.asarray(kept)]
+    def dense(self) -> Widths:
+        n = self.num_layers
+        if not self.moe:
+            return Widths(np.full(n, self.unit_choices[-1]), np.full(n, self.mlp_choices[-1]))
+        return Widths(
+            np.full(n, self.unit_choices[-1]),
+            np.full(n, self.mlp_choices[-1]),
+            np.full(n, self.expert_choices[-1]),
+            np.full(n, self.expert_width_choices[-1]),
+        )
 
-    @property
-    def depth(self) -> bool:
-        """Whether a layer left without units is dropped."""
-        return self.layer_scores is not None
+    def uniform(self, fraction: float) -> Widths:
+        """Every layer keeps about `fraction` of its units and neurons (nearest choice); routed
+        experts all stay, each keeping about `fraction` of its neurons."""
 
-    def dropped(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
-        """(..., layers) widths -> whether each layer is dropped (none without layer scores)."""
-        units, mlp = np.asarray(units), np.asarray(mlp)
-        return (units == 0) & (mlp == 0) & self.depth
+        def nearest(choices: tuple[int, ...]) -> int:
+            c = np.asarray(choices)
+            return int(c[np.abs(c - fraction * c[-1]).argmin()])
 
-    def block_loss(self, layer: int, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
-        """Proxy loss of one layer at (arrays of) kept widths: its removed units, or the whole layer."""
-        units, mlp = np.asarray(units), np.asarray(mlp)
-        removed = self.layer_loss("heads", layer, units) + self.layer_loss("mlp", layer, mlp)
-        if self.layer_scores is None:
-            return removed
-        return np.where(self.dropped(units, mlp), self.layer_scores[layer], removed)
-
-    def loss(self, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
-        """(N, layers) kept widths -> (N,) summed saliency of everything removed."""
-        units, mlp = np.atleast_2d(units), np.atleast_2d(mlp)
-        total = np.zeros(units.shape[0])
-        for i in range(units.shape[1]):
-            total += self.block_loss(i, units[:, i], mlp[:, i])
-        return total
-
-    def kept(self, kind: prunable.UnitKind, layer: int, k: int) -> list[int]:
-        """The k most salient units of `kind` in `layer`, ascending."""
-        return sorted(int(i) for i in self._order[kind][layer][:k])
-
-    def plan(
-        self, units: np.ndarray, mlp: np.ndarray, model: prunable.ModelRef, **kwargs: object
-    ) -> prunable.PrunePlan:
-        """The plan keeping each layer's most salient units at the given widths (dropping the
-        layers left without units, with layer scores)."""
-        return prunable.PrunePlan.from_units(
-            self.structure,
-            model,
-            heads=[self.kept("heads", i, int(k)) for i, k in enumerate(units)],
-            mlp=[self.kept("mlp", i, int(k)) for i, k in enumerate(mlp)],
-            drop=self.dropped(units, mlp).tolist(),
-            **kwargs,  # type: ignore[arg-type]
+        n = self.num_layers
+        units, mlp = np.full(n, nearest(self.unit_choices)), np.full(n, nearest(self.mlp_choices))
+        if not self.moe:
+            return Widths(units, mlp)
+        return Widths(
+            units, mlp, np.full(n, self.expert_choices[-1]), np.full(n, nearest(self.expert_width_choices))
         )

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 
 from hwprune import cost_models
 from hwprune._progress import Progress
-from hwprune.search._space import SaliencyProxy, SearchSpace
+from hwprune.search._proxy import SaliencyProxy
+from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import StudyStorage, process_is_gone, worker_id
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ class Constraints:
         return min((v for v in limits if v is not None), default=float("inf"))
 
 
-def block_params(spec: cost_models.BlockSpec, units: np.ndarray, mlp: np.ndarray) -> np.ndarray:
+def block_params(spec: cost_models.BlockSpec, widths: Widths) -> np.ndarray:
     """Weights of the blocks (biases and norms aside) at the given widths, summed over layers."""
-    return spec.params(units, mlp).sum(-1)
+    return spec.params(*widths).sum(-1)
 
 
 class SearchObjective:
@@ -93,31 +94,44 @@ class SearchObjective:
     ) -> None:
         self.space, self.cost_model, self.proxy, self.constraints = space, cost_model, proxy, constraints
         self.dense_ms = cost_model.dense_ms()
-        self.dense_params = float(block_params(cost_model.spec, *space.dense()))
+        self.dense_params = float(block_params(cost_model.spec, space.dense()))
 
-    def suggest(self, trial: optuna.Trial) -> tuple[np.ndarray, np.ndarray]:
-        n_u, n_m = len(self.space.unit_choices), len(self.space.mlp_choices)
-        ui = [trial.suggest_int(f"units_{i}", 0, n_u - 1) for i in range(self.space.num_layers)]
-        mi = [trial.suggest_int(f"mlp_{i}", 0, n_m - 1) for i in range(self.space.num_layers)]
-        return self.space.widths(np.array(ui), np.array(mi))
+    def suggest(self, trial: optuna.Trial) -> Widths:
+        n = self.space.num_layers
+        axes = [("units", self.space.unit_choices), ("mlp", self.space.mlp_choices)]
+        if self.space.moe:
+            axes += [
+                ("experts", self.space.expert_choices),
+                ("expert_width", self.space.expert_width_choices),
+            ]
+        picked = [
+            np.array([trial.suggest_int(f"{name}_{i}", 0, len(c) - 1) for i in range(n)]) for name, c in axes
+        ]
+        return self.space.widths(*picked)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        return self.score(trial, *self.suggest(trial))
+        return self.score(trial, self.suggest(trial))
 
-    def score(self, trial: optuna.Trial, units: np.ndarray, mlp: np.ndarray) -> tuple[float, float]:
+    def score(self, trial: optuna.Trial, widths: Widths) -> tuple[float, float]:
         """The objectives of the suggested widths; constraints and widths recorded on the trial.
 
         Raises:
             optuna.TrialPruned: With depth pruning, for widths that drop every layer (not a model).
         """
+        units, mlp, experts, expert_width = widths
         dropped = self.proxy.dropped(units, mlp)
         if dropped.all():
             raise optuna.TrialPruned("these widths drop every layer; a model keeps at least one")
-        latency = float(self.cost_model.predict(units, mlp, dropped=dropped).latency_ms)
-        loss = float(self.proxy.loss(units, mlp)[0])
-        params = float(block_params(self.cost_model.spec, units, mlp))
-        trial.set_user_attr("units", units.tolist())
-        trial.set_user_attr("mlp", mlp.tolist())
+        latency = float(
+            self.cost_model.predict(
+                units, mlp, dropped=dropped, experts=experts, expert_width=expert_width
+            ).latency_ms
+        )
+        loss = float(self.proxy.loss(*widths)[0])
+        params = float(block_params(self.cost_model.spec, widths))
+        for name, value in widths._asdict().items():
+            if value is not None:
+                trial.set_user_attr(name, value.tolist())
         trial.set_user_attr("block_params", params)
         c = self.constraints
         if c.latency_ms is not None:
@@ -128,11 +142,18 @@ class SearchObjective:
             trial.set_constraint("params_fraction", params / self.dense_params - c.params_fraction)
         return latency, loss
 
-    def params_of(self, units: np.ndarray, mlp: np.ndarray) -> dict[str, int]:
+    def params_of(self, widths: Widths) -> dict[str, int]:
         """Trial parameters (choice indices) of a configuration, for enqueueing it."""
-        uc, mc = list(self.space.unit_choices), list(self.space.mlp_choices)
-        out = {f"units_{i}": uc.index(int(u)) for i, u in enumerate(units)}
-        out |= {f"mlp_{i}": mc.index(int(m)) for i, m in enumerate(mlp)}
+        choices = {
+            "units": self.space.unit_choices,
+            "mlp": self.space.mlp_choices,
+            "experts": self.space.expert_choices,
+            "expert_width": self.space.expert_width_choices,
+        }
+        out: dict[str, int] = {}
+        for name, values in widths._asdict().items():
+            if values is not None:
+                out |= {f"{name}_{i}": list(choices[name]).index(int(v)) for i, v in enumerate(values)}
         return out
 
 
@@ -142,7 +163,7 @@ def run_study(
     sampler: optuna.samplers.BaseSampler,
     storage: StudyStorage,
     n_trials: int,
-    seeds: list[tuple[np.ndarray, np.ndarray]],
+    seeds: list[Widths],
     identity: Mapping[str, Any] | None = None,
     study_name: str | None = None,
     poll_s: float = 1.0,
@@ -193,7 +214,7 @@ def _open_study(
     storage: StudyStorage,
     name: str,
     identity: dict[str, Any],
-    seeds: list[tuple[np.ndarray, np.ndarray]],
+    seeds: list[Widths],
 ) -> optuna.Study:
     """The study `name`, checked against `identity`, with its seeds enqueued once."""
     if storage.kind == "run_dir" and identity:
@@ -230,8 +251,8 @@ def _open_study(
         _key(t.system_attrs.get("fixed_params", {}))
         for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     }
-    for units, mlp in seeds:
-        params = objective.params_of(units, mlp)
+    for widths in seeds:
+        params = objective.params_of(widths)
         if _key(params) not in known:
             study.enqueue_trial(params, skip_if_exists=True)
             known.add(_key(params))
@@ -270,12 +291,12 @@ class _SharedTrial:
         if sum(t.number < trial.number for t in live) >= self.n_trials:
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned("the study's trial budget is handed out")
-        units, mlp = self.objective.suggest(trial)
+        widths = self.objective.suggest(trial)
         twin = self._earlier_twin(trial)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin)
             raise optuna.TrialPruned(f"trial {twin} has the same widths")
-        return self.objective.score(trial, units, mlp)
+        return self.objective.score(trial, widths)
 
     def _earlier_twin(self, trial: optuna.Trial, patience_s: float = 5.0) -> int | None:
         """The number of an earlier live trial with this trial's widths, if any.

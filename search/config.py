@@ -87,6 +87,9 @@ class SearchConfig:
     # Depth pruning: a layer the search leaves without units is dropped from the model (it costs
     # nothing, and its proxy loss is its measured layer score) instead of kept as an empty block.
     depth: bool = False
+    # Mixture-of-experts models: search the routed experts' count and width per layer too (false
+    # keeps every expert whole and prunes attention and shared experts only).
+    expert_axes: bool = True
 
     def __post_init__(self) -> None:
         """Range checks that need no model: they fail in `to_object`, before anything loads."""

@@ -64,6 +64,11 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
     spec = block_spec(structure, head_width=head_width(model))
+    if spec.experts:
+        raise ValueError(
+            f"{cfg.model.name} has mixture-of-experts layers: tables are profiled over (attention units, MLP "
+            "width) of dense blocks; MoE latency comes from the analytical or a calibrated model"
+        )
     workload = cfg.workload.build()
     workload = profile.resolve_workload(workload)
     step = cfg.profiler.mlp_step or cost_models.width_step(profile, spec.mlp)

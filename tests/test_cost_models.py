@@ -21,6 +21,21 @@ LLAMA = BlockSpec(
 )
 
 
+MIXTRAL = BlockSpec(
+    hidden=256,
+    head_dim=32,
+    heads=8,
+    kv_heads=2,
+    mlp=0,
+    num_layers=4,
+    gated_mlp=True,
+    norm="rmsnorm",
+    experts=8,
+    top_k=2,
+    expert_width=512,
+)
+
+
 def synthetic_table(spec: BlockSpec, workload: Workload, *, step: int = 256) -> LatencyTable:
     """A table whose values come from a known analytical model (so tests know the truth)."""
     truth = AnalyticalModel(profile=load_profile("gpu_a100"), spec=spec, workload=workload)
@@ -86,6 +101,9 @@ def all_builders() -> list[tuple[str, Builder, BlockSpec, Workload]]:
         ("analytical-gqa", analytical_builder("gpu_h100"), LLAMA, bf16),
         ("analytical-decode", analytical_builder("gpu_h100"), LLAMA, decode),
         ("calibrated-decode", calibrated_builder, LLAMA, decode),
+        ("analytical-moe", analytical_builder("gpu_h100"), MIXTRAL, bf16),
+        ("analytical-moe-decode", analytical_builder("gpu_h100"), MIXTRAL, decode),
+        ("calibrated-moe", calibrated_builder, MIXTRAL, bf16),
     ]
     return cases
 
@@ -500,3 +518,59 @@ def test_decode_is_one_new_token_and_as_fast_as_its_bytes() -> None:
     )
     cache_ms = 3 * 2 * 2 * 8 * (32768 - 8192) * 128 / (3350e9 * 0.8) * 1e3  # three passes over K and V
     assert grown == pytest.approx(cache_ms, rel=0.1)
+
+
+def test_moe_latency_follows_the_routed_experts() -> None:
+    """Expert width costs every token's GEMMs; expert count costs the weights of experts that get
+    tokens, so in a one-token decode step (top-2 of 8 touched) removing experts saves little."""
+    profile = load_profile("gpu_h100")
+    # Mixtral-8x7B's block: at the toy shape above every expert GEMM is one kernel launch.
+    big = replace(MIXTRAL, hidden=4096, head_dim=128, heads=32, kv_heads=8, expert_width=14336)
+    n = big.num_layers
+    units, mlp = np.full(n, big.units), np.zeros(n, dtype=int)
+    for workload in (
+        Workload(batch_size=8, seq_len=128, dtype="bf16"),
+        Workload(dtype="bf16", phase="decode", kv_len=512),
+    ):
+        model = AnalyticalModel(profile=profile, spec=big, workload=workload)
+        widths = np.arange(8, 14337, 8)
+        block = model.block_latency_ms(
+            np.full_like(widths, 2), np.zeros_like(widths), np.full_like(widths, 8), widths
+        )
+        assert (np.diff(block) >= -1e-12).all() and block[-1] > block[0]
+        counts = np.arange(2, 9)
+        block = model.block_latency_ms(
+            np.full_like(counts, 2), np.zeros_like(counts), counts, np.full_like(counts, 14336)
+        )
+        # In decode more experts are more weights read; in prefill the count changes how the same
+        # tokens split into per-expert GEMMs, whose waves need not fall monotonically.
+        assert workload.phase != "decode" or (np.diff(block) >= -1e-12).all()
+        assert block[-1] > block[0]
+        dense = model.dense_ms()
+        assert float(model.predict(units, mlp)) == pytest.approx(dense)
+        fewer = dense / float(model.predict(units, mlp, experts=np.full(n, 4)))
+        narrower = dense / float(model.predict(units, mlp, expert_width=np.full(n, 7168)))
+        if workload.phase == "decode":  # 2 of 8 experts touched either way: the count barely matters
+            assert fewer < 1.05 < narrower
+        else:  # every expert gets tokens: half of them is half the expert weights read
+            assert fewer > 1.0 and narrower > 1.0
+    with pytest.raises(ValueError, match=r"experts widths must lie in \[2, 8\], got range \[1, 8\]"):
+        model.predict(units, mlp, experts=np.array([1, 8, 8, 8]))
+    dense_model = AnalyticalModel(profile=profile, spec=LLAMA, workload=Workload(dtype="bf16"))
+    with pytest.raises(ValueError, match="experts and expert_width apply to mixture-of-experts blocks"):
+        dense_model.predict(np.full(LLAMA.num_layers, 1), np.full(LLAMA.num_layers, 1), experts=2)
+
+
+def test_moe_params_and_flops_count_every_expert_and_each_tokens_top_k() -> None:
+    s = MIXTRAL
+    attention = s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads)
+    assert s.params(s.units, 0) == pytest.approx(attention + s.hidden * 8 * (3 * 512 + 1))
+    assert s.params(s.units, 0, experts=4, expert_width=256) == pytest.approx(
+        attention + s.hidden * 4 * (3 * 256 + 1)
+    )
+    wl = Workload(batch_size=1, seq_len=10, dtype="bf16")
+    flops = s.flops(wl, np.full(4, s.units), np.zeros(4), np.full(4, 4), np.full(4, 256))
+    per_token = 2 * (attention + 2 * 3 * s.hidden * 256 + 4 * s.hidden) + 2 * 2 * 10 * s.head_dim * s.heads
+    assert float(flops) == pytest.approx(4 * 10 * per_token)
+    with pytest.raises(ValueError, match="needs 1 <= top_k <= experts and expert_width >= 1"):
+        replace(s, top_k=9)

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -193,3 +194,95 @@ def test_methods_without_expert_scores_refuse_moe_models(method: hessian.Salienc
     model, calib = calibration("qwen3_moe", supervised=True, n_batches=1)
     with pytest.raises(ValueError, match=rf"saliency {method.name} does not score routed experts.*'nvit'"):
         method.score(model, calib)
+
+
+def test_the_proxy_keeps_the_top_experts_and_their_top_neurons() -> None:
+    from hwprune.search._proxy import SaliencyProxy
+    from hwprune.search._space import SearchSpace, Widths
+
+    model, calib = calibration("qwen3_moe", supervised=True, n_batches=1)
+    scores = hessian.RandomSaliency(seed=4).score(model, calib)
+    structure = prunable.discover(model)
+    proxy = SaliencyProxy(scores, structure)
+    space = SearchSpace.build(structure, mlp_step=16, expert_width_step=8)
+    assert space.moe and space.expert_choices == (2, 3, 4) and space.expert_width_choices == (8, 16, 24, 32)
+    whole = SearchSpace.build(structure, mlp_step=16, expert_axes=False)  # search.expert_axes=false
+    assert whole.expert_choices == (4,) and whole.expert_width_choices == (32,)
+    widths = Widths(np.array([2, 1, 2]), np.array([0, 0, 0]), np.array([3, 2, 4]), np.array([16, 8, 32]))
+    # Brute force: experts removed by ascending score, then each kept expert's lowest neurons.
+    expected = 0.0
+    for i, (k, w) in enumerate(zip(widths.experts, widths.expert_width, strict=True)):
+        e, n = scores.experts[i].numpy(), scores.expert_mlp[i].numpy()
+        top = np.argsort(-e)[:k]
+        expected += np.sort(e)[: len(e) - k].sum() + sum(np.sort(n[j])[: n.shape[1] - w].sum() for j in top)
+        expected += np.sort(scores.heads[i].numpy())[: 2 - widths.units[i]].sum()
+    assert float(proxy.loss(*widths)[0]) == pytest.approx(expected, rel=1e-12)
+    plan = proxy.plan(widths, prunable.model_ref(model))
+    for i, lp in enumerate(plan.layers):
+        e, n = scores.experts[i].numpy(), scores.expert_mlp[i].numpy()
+        assert list(lp.experts) == sorted(np.argsort(-e)[: widths.experts[i]].tolist())
+        for kept, neurons in zip(lp.experts, lp.expert_mlp, strict=True):
+            assert set(neurons) == set(np.argsort(-n[kept])[: widths.expert_width[i]].tolist())
+    prunable.apply_plan(model, plan)
+    assert [(la.num_experts, la.expert_width) for la in prunable.discover(model).layers] == [
+        (3, 16),
+        (2, 8),
+        (4, 32),
+    ]
+
+
+def test_search_with_expert_axes_end_to_end(tmp_path: Path) -> None:
+    """hwprune-search on a Mixtral-like model: the study chooses expert counts and widths per layer,
+    and its plans apply, reload and are timed by hwprune-apply."""
+    import pandas as pd
+
+    from hwprune.search._report import write_report
+    from hwprune.search._run import run_search
+    from hwprune.search.apply_app import apply_config
+    from hwprune.search.apply_app import run as run_apply
+    from hwprune.search.config import AppConfig, compose, to_object
+
+    model = CASES["mixtral"].build()
+    model.resize_token_embeddings(256)  # byte-level ids
+    model.save_pretrained(tmp_path / "model")
+    overrides = [
+        f"model.source={tmp_path / 'model'}",
+        "model.class_name=MixtralForCausalLM",
+        "model.name=mixtral",
+        "task=lm",
+        "workload.seq_len=32",
+        "task.build.block_size=32",
+        "task.build.calibration_blocks=4",
+        "task.build.eval_blocks=4",
+        "search.n_trials=40",
+        "search.rescore=2",
+        "search.rescore_min_speedup=1.2",
+        "search.uniform_baselines=[0.5]",
+        "search.exact_seeds=5",
+        "recovery=none",
+        "hardware=cpu_local",  # 16-wide tiles: a 48-wide expert has widths to choose (an H100's tile is 128)
+        f"saliency.cache_dir={tmp_path / 'cache'}",
+    ]
+    cfg = to_object(compose("config", overrides))
+    assert isinstance(cfg, AppConfig)
+    outcome = run_search(cfg, tmp_path / "run")
+    pareto = write_report(outcome)
+    assert outcome.space.expert_choices == (2, 3, 4) and outcome.cost_model.spec.experts == 4
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert {"experts_0", "expert_width_2"} <= set(trials.columns)
+    assert trials.experts_0.nunique() > 1 and trials.expert_width_0.nunique() > 1
+    search = pareto[pareto.kind == "search"]
+    assert len(search) >= 1
+    row = search.iloc[0]
+    plan = prunable.PrunePlan.load(tmp_path / "run" / row.plan_path)
+    assert [len(lp.experts or ()) for lp in plan.layers] == [int(v) for v in row.experts.split()]
+    result = run_apply(
+        apply_config(
+            plan=tmp_path / "run" / row.plan_path, out=tmp_path / "out", task=cfg.task, repeats=2, onnx=False
+        )
+    )
+    reloaded = prunable.load_pruned(tmp_path / "out")
+    assert [la.num_experts for la in prunable.discover(reloaded).layers] == [
+        int(v) for v in row.experts.split()
+    ]
+    assert result["predicted_speedup"] > 1.0 and result["params_pruned"] < result["params_dense"]

@@ -16,7 +16,8 @@ from hwprune.cost_models import AnalyticalModel, Workload
 from hwprune.search import ParetoLocalSearchSampler
 from hwprune.search._blocks import block_spec
 from hwprune.search._pareto import exact_front, hypervolume, pareto_mask
-from hwprune.search._space import SaliencyProxy, SearchSpace
+from hwprune.search._proxy import SaliencyProxy
+from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import open_storage
 from hwprune.search._study import Constraints, SearchObjective, run_study
 from hwprune.search.config import load_hardware
@@ -43,7 +44,7 @@ def test_space_choices_and_validation(setup) -> None:  # type: ignore[no-untyped
     space = SearchSpace.build(structure, mlp_step=32)
     assert space.unit_choices == (0, 1, 2, 3, 4)
     assert space.mlp_choices == (0, 32, 64, 96)
-    units, mlp = space.uniform(0.5)
+    units, mlp, _, _ = space.uniform(0.5)
     assert (units.tolist() == [2, 2, 2] and mlp.tolist() == [32, 32, 32]) or mlp.tolist() == [64, 64, 64]
     odd = SearchSpace.build(structure, mlp_step=40)
     assert odd.mlp_choices == (0, 40, 80, 96)  # the dense width is always a choice
@@ -67,7 +68,8 @@ def test_proxy_is_the_sum_of_removed_scores(setup) -> None:  # type: ignore[no-u
     top = proxy.kept("mlp", 1, 5)
     assert set(top) == set(np.argsort(-scores.mlp[1].numpy())[:5].tolist())
     plan = proxy.plan(
-        np.array([4, 0, 2]), np.array([96, 5, 0]), prunable.ModelRef("BertModel", structure.fingerprint())
+        Widths(np.array([4, 0, 2]), np.array([96, 5, 0])),
+        prunable.ModelRef("BertModel", structure.fingerprint()),
     )
     assert plan.kept_counts() == [(4, 96), (0, 5), (2, 0)]
     assert list(plan.layers[1].mlp) == top
@@ -210,7 +212,7 @@ def test_depth_proxy_charges_a_dropped_layer_its_layer_score(setup) -> None:  # 
     expected = np.where(deep.dropped(units, mlp), layer_scores.numpy(), per_layer).sum(1)
     np.testing.assert_allclose(deep.loss(units, mlp), expected, rtol=1e-12)
     assert deep.loss(units, mlp)[0] != plain.loss(units, mlp)[0]
-    plan = deep.plan(units[1], mlp[1], prunable.ModelRef("BertModel", structure.fingerprint()))
+    plan = deep.plan(Widths(units[1], mlp[1]), prunable.ModelRef("BertModel", structure.fingerprint()))
     assert plan.dropped() == [0, 1] and plan.kept_counts()[2] == (3, 96)
     with pytest.raises(ValueError, match=r"one layer score per layer \(3\), got shape \(2,\)"):
         SaliencyProxy(scores, structure, layer_scores[:2])
@@ -227,12 +229,12 @@ def test_depth_objective_times_dropped_layers_as_nothing_and_prunes_empty_models
     study = optuna.create_study(directions=["minimize", "minimize"])
     trial = study.ask()
     units, mlp = np.array([4, 0, 4]), np.array([96, 0, 96])
-    latency, loss = objective.score(trial, units, mlp)
+    latency, loss = objective.score(trial, Widths(units, mlp))
     dense_block = float(cost.block_latency_ms(np.array(4), np.array(96)))
     assert latency == pytest.approx(cost.base_ms + 2 * dense_block)
     assert loss == pytest.approx(7.0)
     with pytest.raises(optuna.TrialPruned, match="drop every layer"):
-        objective.score(study.ask(), np.zeros(3, int), np.zeros(3, int))
+        objective.score(study.ask(), Widths(np.zeros(3, int), np.zeros(3, int)))
 
 
 def test_depth_exact_front_has_shallower_points_and_never_an_empty_model(setup) -> None:  # type: ignore[no-untyped-def]
@@ -245,8 +247,9 @@ def test_depth_exact_front_has_shallower_points_and_never_an_empty_model(setup) 
     )
     layer_scores = torch.tensor([1e-4, 1e-4, 1e-4], dtype=torch.float64)  # dropping is nearly free
     proxy = SaliencyProxy(scores, structure, layer_scores)
-    lats, losses, units, mlp = option_tables(space, cost, proxy)
-    front = model_front(exact_front(lats, losses, base=cost.base_ms), proxy, units, mlp)
+    lats, losses, options = option_tables(space, cost, proxy)
+    front = model_front(exact_front(lats, losses, base=cost.base_ms), proxy, options)
+    units, mlp = options.units, options.mlp
     dropped = proxy.dropped(units[front.choices], mlp[front.choices])  # (P, layers)
     assert not dropped.all(-1).any()
     assert dropped.any(-1).any()  # cheap layer scores put shallower models on the front

@@ -132,10 +132,9 @@ def test_removed_experts_are_never_routed_to_and_the_rest_renormalise() -> None:
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-6)
 
 
-def test_the_search_refuses_moe_models_with_the_reason() -> None:
-    structure = prunable.discover(CASES["mixtral"].build())
-    with pytest.raises(ValueError, match=r"mixture-of-experts layers.*prune its experts with a plan"):
-        block_spec(structure)
+def test_cost_models_read_the_experts_from_the_structure() -> None:
+    spec = block_spec(prunable.discover(CASES["qwen2_moe"].build()))
+    assert (spec.experts, spec.top_k, spec.expert_width, spec.mlp) == (4, 2, 32, 40)
 
 
 @pytest.mark.parametrize("name", MOE)

@@ -129,3 +129,28 @@ def test_model_timer_decode_steps_leave_the_cache_as_they_found_it(tiny_llama: P
     bert = prunable.load_model(prunable.MINILM, "BertModel")
     with pytest.raises(ValueError, match="timing decode steps needs a LLaMA-family decoder"):
         model_timer(bert, workload, "cpu")
+
+
+def test_moe_models_are_not_profiled_into_dense_tables(tmp_path: Path) -> None:
+    import transformers
+
+    mixtral = transformers.MixtralConfig(
+        hidden_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        vocab_size=120,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    mixtral.save_pretrained(tmp_path / "mixtral")
+    cfg = config(
+        tmp_path,
+        f"model.source=random:{tmp_path / 'mixtral' / 'config.json'}",
+        "model.class_name=MixtralForCausalLM",
+        "hardware=cpu_local",
+    )
+    with pytest.raises(ValueError, match="mixture-of-experts layers: tables are profiled over"):
+        run(cfg, "test")
+    assert not Path(cfg.out).exists()

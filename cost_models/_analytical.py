@@ -157,7 +157,11 @@ class AnalyticalModel(CostModel):
         return self.hardware.launch_overhead_us * 1e-6 * self.efficiency.overhead
 
     def _weights_resident(
-        self, units: np.ndarray, mlp: np.ndarray, experts: np.ndarray | None, expert_width: np.ndarray | None
+        self,
+        units: np.ndarray,
+        mlp: np.ndarray,
+        experts: np.ndarray | None = None,
+        expert_width: np.ndarray | None = None,
     ) -> np.ndarray:
         """Whether the block's weights fit in on-chip memory (else they stream from DRAM)."""
         cap = self.hardware.on_chip_memory_mib

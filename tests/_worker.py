@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 
+from hwprune.search._space import Widths
 from hwprune.search._storage import open_storage
 from hwprune.search._study import run_study
 from tests.test_search_core import make_objective, structure_and_scores
@@ -30,13 +30,13 @@ def main() -> None:
     objective = make_objective(structure_and_scores())
     score, calls = objective.score, [0]
 
-    def maybe_hang(trial: optuna.Trial, units: np.ndarray, mlp: np.ndarray) -> tuple[float, float]:
+    def maybe_hang(trial: optuna.Trial, widths: Widths) -> tuple[float, float]:
         calls[0] += 1
         if calls[0] == hang_at:
             print(f"HANG {trial.number}", flush=True)
             time.sleep(3600)
         time.sleep(0.05)  # a trial that takes a moment, so that workers started together overlap
-        return score(trial, units, mlp)
+        return score(trial, widths)
 
     objective.score = maybe_hang  # type: ignore[method-assign]
     go = Path(sys.argv[5]) if len(sys.argv) > 5 else None

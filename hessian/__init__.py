@@ -8,6 +8,7 @@
     drop = hessian.layer_scores(model, calibration)                  # measured loss of dropping each layer
 
 Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fisher/Gauss-Newton),
+`heapr` (HEAPr's output-space second-order scores of routed experts' neurons; MoE models),
 `fisher` (OBD diagonal Fisher), `hutchinson` (HAWQ-V2 layer traces), `taylor`, `magnitude`, `random`.
 """
 
@@ -16,6 +17,7 @@ from hwprune.hessian._cache import cached_layer_scores, cached_score
 from hwprune.hessian._calibration import Batch, Calibration, Objective, OutputDistance
 from hwprune.hessian._depth import layer_scores
 from hwprune.hessian._fisher import FisherSaliency
+from hwprune.hessian._heapr import HEAPrSaliency
 from hwprune.hessian._hutchinson import HutchinsonSaliency
 from hwprune.hessian._magnitude import MagnitudeSaliency, RandomSaliency
 from hwprune.hessian._nvit import NViTSaliency
@@ -23,6 +25,7 @@ from hwprune.hessian._taylor import TaylorSaliency
 
 METHODS: tuple[type[Saliency], ...] = (
     NViTSaliency,
+    HEAPrSaliency,
     FisherSaliency,
     HutchinsonSaliency,
     TaylorSaliency,
@@ -37,6 +40,7 @@ __all__ = [
     "Batch",
     "Calibration",
     "FisherSaliency",
+    "HEAPrSaliency",
     "HutchinsonSaliency",
     "MagnitudeSaliency",
     "NViTSaliency",

@@ -39,6 +39,7 @@ def per_sample_gate_grads(
     curvature: bool,
     seed: int = 0,
     max_samples: int | None = None,
+    expert_observer: Callable[..., None] | None = None,
 ) -> Iterator[GateGrads]:
     """Yield, per calibration batch, the per-sample gate gradients of the losses or of the probes.
 
@@ -48,6 +49,7 @@ def per_sample_gate_grads(
         seed: Seeds the random output projections of label-free objectives.
         max_samples: Samples per forward and backward pass (None: each batch whole). Activation
             memory is in proportion to it; the gradients are the same, part by part.
+        expert_observer: Set as the gates' `expert_observer` for the passes (see `prunable.Gates`).
     """
     generator = torch.Generator().manual_seed(seed)
     objective = calibration.objective
@@ -60,6 +62,7 @@ def per_sample_gate_grads(
         total=sum(len(p) for p in parts),
     )
     with frozen(model), prunable.gated(model, structure) as gates:
+        gates.expert_observer = expert_observer
         pending: list[GateGrads] = []  # the parts of calibration batch `b` done so far
         for b, part in passes:
             part = part.to(device)

@@ -9,6 +9,7 @@ down projection. One tensor holds all of a layer's experts, so they keep equally
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,7 @@ def gated_experts_forward(
     expert_gate: torch.Tensor,
     neuron_gate: torch.Tensor,
     sample_of_token: torch.Tensor | None,
+    observer: ExpertObserver | None = None,
 ) -> torch.Tensor:
     """The experts' eager forward with a multiplicative gate on each expert and each of its neurons.
 
@@ -92,6 +94,8 @@ def gated_experts_forward(
         expert_gate: (experts,) or per sample (B, experts), scaling each expert's output.
         neuron_gate: (experts, width) or per sample (B, experts, width), scaling each neuron's activation.
         sample_of_token: (tokens,) sample of each token, for per-sample gates.
+        observer: Called for every expert that receives tokens with (expert, activations (n, width),
+            routing weights (n,), its weighted output (n, hidden)), e.g. to hook its gradient.
     """
     out = torch.zeros_like(hidden)
     for e in range(experts.gate_up_proj.shape[0]):
@@ -105,9 +109,15 @@ def gated_experts_forward(
             ng = ng[sample_of_token[token]]  # (n, width)
         if sample_of_token is not None and eg.dim() == 1:
             eg = eg[sample_of_token[token]][:, None]  # (n, 1)
-        y = F.linear(act * ng, experts.down_proj[e]) * top_k_weights[token, slot, None]  # (n, hidden)
+        weights = top_k_weights[token, slot]  # (n,)
+        y = F.linear(act * ng, experts.down_proj[e]) * weights[:, None]  # (n, hidden)
+        if observer is not None:
+            observer(e, act, weights, y)
         out.index_add_(0, token, (y * eg).to(out.dtype))
     return out
+
+
+ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def masked_routing(router: Any, logits: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, ...]:

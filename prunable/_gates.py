@@ -9,8 +9,9 @@ per-sample gradients from the one ordinary backward pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,6 +67,9 @@ class Gates:
                 torch.ones(layer.num_experts, layer.expert_width, dtype=dtype, device=device)
             )
         self.skipped: set[int] = set()
+        # Called as (layer, expert, activations, routing weights, weighted output) for every expert
+        # that receives tokens, while set (second-order scores that need each expert's tokens).
+        self.expert_observer: Callable[..., None] | None = None
         self._tokens: dict[int, torch.Tensor] = {}  # per MoE layer, the sample of each routed token
         self._handles: list[Any] = []
         for i, block in enumerate(family_of(model).blocks(model)):
@@ -156,7 +160,12 @@ class Gates:
             hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
         ) -> torch.Tensor:
             gates = (self.experts[i], self.expert_mlp[i])
-            if not any(g.requires_grad for g in gates) and all(bool((g == 1).all()) for g in gates):
+            observer = self.expert_observer
+            if (
+                observer is None
+                and not any(g.requires_grad for g in gates)
+                and all(bool((g == 1).all()) for g in gates)
+            ):
                 # Gates that change nothing: the model's own kernel, bit for bit.
                 return type(coupling.experts).forward(coupling.experts, hidden, top_k_index, top_k_weights)
             return gated_experts_forward(
@@ -167,6 +176,7 @@ class Gates:
                 expert_gate=self.experts[i],
                 neuron_gate=self.expert_mlp[i],
                 sample_of_token=self._tokens.get(i),
+                observer=None if observer is None else partial(observer, i),
             )
 
         self._handles.append(coupling.block.register_forward_pre_hook(record_tokens))

@@ -86,6 +86,12 @@ class NViTMethod:
 
 
 @dataclass
+class HEAPrMethod:
+    _target_: str = "hwprune.hessian.HEAPrSaliency"
+    seed: int = 0
+
+
+@dataclass
 class FisherMethod:
     _target_: str = "hwprune.hessian.FisherSaliency"
     seed: int = 0
@@ -119,6 +125,7 @@ class RandomMethod:
 
 SALIENCY_METHODS = {
     "nvit": NViTMethod,
+    "heapr": HEAPrMethod,
     "fisher": FisherMethod,
     "hutchinson": HutchinsonMethod,
     "taylor": TaylorMethod,

@@ -142,6 +142,7 @@ def test_cost_models_read_the_experts_from_the_structure() -> None:
     "method",
     [
         hessian.NViTSaliency(seed=1),
+        hessian.HEAPrSaliency(seed=1),
         hessian.TaylorSaliency(),
         hessian.MagnitudeSaliency(),
         hessian.RandomSaliency(),
@@ -285,3 +286,50 @@ def test_search_with_expert_axes_end_to_end(tmp_path: Path) -> None:
         int(v) for v in row.experts.split()
     ]
     assert result["predicted_speedup"] > 1.0 and result["params_pruned"] < result["params_dense"]
+
+
+def test_heapr_is_the_output_space_second_order_score_of_atomic_experts() -> None:
+    """score(e, n) = 1/2 sum_t (r_t a_tn)^2 * mean_t (g_t . w_n)^2 over the tokens routed to e,
+    recomputed here from the plain model's routing, activations and output gradients."""
+    from torch.nn import functional as F
+
+    model, calib = calibration("mixtral", supervised=True, n_batches=1)
+    scores = hessian.HEAPrSaliency().score(model, calib)
+    captured: dict[tuple[int, str], object] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+
+        def inputs(module: object, args: tuple, i: int = i) -> None:
+            captured[(i, "in")] = args  # (hidden (N, H), top_k_index (N, k), top_k_weights (N, k))
+
+        def output(module: object, args: tuple, out: torch.Tensor, i: int = i) -> None:
+            out.register_hook(lambda g, i=i: captured.__setitem__((i, "grad"), g))
+
+        handles += [
+            layer.mlp.experts.register_forward_pre_hook(inputs),
+            layer.mlp.register_forward_hook(output),
+        ]
+    batch = calib.batches[0]
+    calib.objective.losses(model, batch).sum().backward()
+    for h in handles:
+        h.remove()
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        hidden, index, weights = captured[(i, "in")]  # type: ignore[misc]
+        grad = captured[(i, "grad")].reshape(-1, hidden.shape[-1])  # type: ignore[union-attr]
+        want = torch.zeros_like(scores.expert_mlp[i])
+        with torch.no_grad():
+            for e in range(experts.gate_up_proj.shape[0]):
+                token, slot = torch.where(index == e)
+                gate, up = F.linear(hidden[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
+                act = weights[token, slot, None] * experts.act_fn(gate) * up  # (n, width)
+                projected = grad[token] @ experts.down_proj[e]  # (n, width): g_t . w_n
+                want[e] = (
+                    0.5 * act.double().pow(2).sum(0) * projected.double().pow(2).mean(0) / batch.n_samples
+                )
+        torch.testing.assert_close(scores.expert_mlp[i], want, rtol=1e-4, atol=1e-14)
+        torch.testing.assert_close(scores.experts[i], want.sum(-1), rtol=1e-4, atol=1e-14)
+    assert all((s > 0).any() for s in scores.expert_mlp)
+    dense_model, dense_calib = calibration("llama_gqa", supervised=True, n_batches=1)
+    with pytest.raises(ValueError, match="saliency heapr scores routed experts and LlamaModel has none"):
+        hessian.HEAPrSaliency().score(dense_model, dense_calib)

@@ -191,7 +191,12 @@ def main() -> None:
                 {
                     "family": name,
                     "model": type(case.build()).__name__,
-                    "discover": f"{layer.num_heads} heads / {layer.attention_units} units, {layer.mlp_width} neurons",
+                    "discover": f"{layer.num_heads} heads / {layer.attention_units} units, {layer.mlp_width} neurons"
+                    + (
+                        f", {layer.num_experts} experts (top-{layer.top_k}) of {layer.expert_width}"
+                        if layer.is_moe
+                        else ""
+                    ),
                     "exact max error": f"{exact:.0e}",
                     "save/reload": f"{reload:.0e}",
                     "AutoModel reload (uniform plan)": automodel(case),

@@ -282,6 +282,40 @@ def _cases() -> list[Case]:
         ),
         *_llama_like(llama_cfg, llama_group),
         *_moe(llama_cfg, llama_group),
+        *_falcon(),
+    ]
+
+
+def _falcon() -> list[Case]:
+    """Falcon's three fused attention layouts: multi-head (sequential residual), multi-query (one
+    unit, the whole attention) and the new decoder architecture (KV groups)."""
+    base = {"hidden_size": H, "num_hidden_layers": 3, "vocab_size": 120, "ffn_hidden_size": 96, "bias": True}
+    hd = H // 8
+    layouts = {
+        "falcon_mha": (
+            {"num_attention_heads": 8, "multi_query": False, "parallel_attn": False},
+            4 * hd * H + 3 * hd,
+        ),
+        "falcon_mqa": ({"num_attention_heads": 8, "multi_query": True}, (8 + 2) * hd * (H + 1) + 8 * hd * H),
+        "falcon_gqa": (
+            {"num_attention_heads": 8, "num_kv_heads": 2, "new_decoder_architecture": True},
+            (4 + 2) * hd * (H + 1) + 4 * hd * H,
+        ),
+    }
+    return [
+        Case(
+            name,
+            _seeded(
+                lambda kwargs=kwargs: transformers.FalconForCausalLM(
+                    transformers.FalconConfig(**base, **kwargs)
+                )
+            ),
+            _text_inputs(120, padded=False),
+            _logits,
+            unit,
+            2 * H + 1,
+        )
+        for name, (kwargs, unit) in layouts.items()
     ]
 
 

@@ -57,6 +57,7 @@ def small(method: type) -> object:
         "stablelm",
         "phi3",
         "modernbert",
+        "falcon_mha",
     ],
 )
 def test_conformance(method: type, family: str, tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ EXPECTED = {
         ["qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "stablelm"], (8, 2, 8, 80, True)
     ),
     "mixtral": (8, 2, 8, 0, True),
+    "falcon_mha": (8, 8, 8, 96, False),
+    "falcon_mqa": (8, 1, 8, 96, False),
+    "falcon_gqa": (8, 2, 8, 96, False),
     "qwen2_moe": (8, 2, 8, 40, True),
     "qwen3_moe": (8, 2, 8, 0, True),
 }
@@ -104,9 +107,6 @@ TINY = {
 }
 REFUSED_MODELS = {
     "olmo2": lambda: transformers.Olmo2Model(transformers.Olmo2Config(**TINY, num_key_value_heads=2)),
-    "falcon": lambda: transformers.FalconModel(
-        transformers.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)
-    ),
 }
 
 
@@ -126,4 +126,14 @@ def test_refused_families_say_why(model_type: str) -> None:
 def test_stablelm_with_per_head_layernorms_is_refused_with_the_reason() -> None:
     model = transformers.StableLmModel(transformers.StableLmConfig(**TINY, qk_layernorm=True))
     with pytest.raises(ValueError, match="qk_layernorm=True is not supported: its per-head LayerNorms"):
+        prunable.discover(model)
+
+
+def test_falcon_with_alibi_is_refused_with_the_reason() -> None:
+    model = transformers.FalconModel(
+        transformers.FalconConfig(
+            hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=50, alibi=True
+        )
+    )
+    with pytest.raises(ValueError, match="alibi=True is not supported: the model builds one ALiBi slope per"):
         prunable.discover(model)

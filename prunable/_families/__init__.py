@@ -7,6 +7,7 @@ from torch import nn
 from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._families._bert import BertFamily
 from hwprune.prunable._families._distilbert import DistilBertFamily
+from hwprune.prunable._families._falcon import FalconFamily
 from hwprune.prunable._families._gpt2 import GPT2Family
 from hwprune.prunable._families._gpt_neox import GPTNeoXFamily
 from hwprune.prunable._families._llama import LlamaFamily
@@ -21,6 +22,7 @@ FAMILIES: tuple[Family, ...] = (
     ViTFamily(),
     GPT2Family(),
     GPTNeoXFamily(),
+    FalconFamily(),
     LlamaFamily(),
     Phi3Family(),
 )
@@ -29,8 +31,6 @@ FAMILIES: tuple[Family, ...] = (
 REFUSED: dict[str, str] = {
     "olmo2": "its q/k norms normalise over all heads together, so removing a head changes the others' "
     "outputs: no plan can be exact",
-    "falcon": "no adapter yet for its three fused query_key_value layouts (multi-head, multi-query, "
-    "new decoder architecture) with ALiBi and parallel attention variants",
     "deberta-v2": "disentangled attention shares relative-position projections across heads by the "
     "config's head count",
 }

@@ -12,7 +12,7 @@ from torch import nn
 
 from hwprune.prunable._discover import discover, weights_fingerprint
 from hwprune.prunable._families import family_of
-from hwprune.prunable._plan import LayerPlan, PrunePlan
+from hwprune.prunable._plan import LayerPlan, PlanError, PrunePlan
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, check_weights: bool = True)
         structure,
         weights_fingerprint=weights_fingerprint(model) if check_weights and wanted is not None else None,
     )
+    if plan.dropped() and (problem := family.drop_problem(model, plan.dropped())):
+        raise PlanError(f"invalid plan: {problem}")
     kept = [i for i, lp in enumerate(plan.layers) if not lp.drop]
     slice_blocks(model, {i: plan.layers[i] for i in kept})
     if len(kept) < structure.num_layers:

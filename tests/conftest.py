@@ -224,6 +224,29 @@ def _cases() -> list[Case]:
             llama_group,
             3 * H,
         ),
+        *(
+            Case(
+                name,
+                _seeded(
+                    lambda shared=shared: transformers.DebertaV2Model(
+                        transformers.DebertaV2Config(
+                            **bert_cfg,
+                            relative_attention=True,
+                            pos_att_type=["p2c", "c2p"],
+                            position_buckets=8,
+                            max_relative_positions=16,
+                            share_att_key=shared,
+                        )
+                    )
+                ),
+                _text_inputs(120, padded=True),
+                _hidden,
+                (3 if shared else 5) * (H * hd + hd)
+                + hd * H,  # q, k, v (and pos q, pos k) rows; output columns
+                bert_neuron,
+            )
+            for name, shared in (("deberta_v2", False), ("deberta_v3", True))
+        ),
         Case(
             "modernbert",
             _seeded(

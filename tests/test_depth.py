@@ -150,3 +150,22 @@ def test_a_drop_entry_is_exactly_drop_true(tmp_path: Path) -> None:
     data["layers"][1] = {"drop": True, "heads": [0]}
     with pytest.raises(prunable.PlanError, match=r"layers\[1\] must have exactly the keys"):
         prunable.PrunePlan.from_dict(data)
+
+
+def test_deberta_with_a_convolution_after_layer_0_keeps_layer_0() -> None:
+    model = transformers.DebertaV2Model(
+        transformers.DebertaV2Config(
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            vocab_size=120,
+            conv_kernel_size=3,
+        )
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(prunable.PlanError, match="layer 0 cannot be dropped: the encoder's convolution"):
+        prunable.apply_plan(model, depth_plan(model, {0}, seed=1))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    prunable.apply_plan(model, depth_plan(model, {1}, seed=1))  # any other layer may go
+    assert prunable.discover(model).num_layers == 2

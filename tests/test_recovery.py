@@ -58,6 +58,7 @@ def small(method: type) -> object:
         "phi3",
         "modernbert",
         "falcon_mha",
+        "deberta_v3",
     ],
 )
 def test_conformance(method: type, family: str, tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ EXPECTED = {
     "gpt2": (4, 4, 16, 96, False),
     "gpt_neox": (4, 4, 16, 96, False),
     "modernbert": (4, 4, 16, 96, True),
+    "deberta_v2": (4, 4, 16, 96, False),
+    "deberta_v3": (4, 4, 16, 96, False),
     "llama_gqa": (8, 2, 8, 80, True),
     "qwen2": (8, 2, 8, 80, True),
     "mistral": (8, 2, 8, 80, True),

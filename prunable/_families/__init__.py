@@ -6,6 +6,7 @@ from torch import nn
 
 from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._families._bert import BertFamily
+from hwprune.prunable._families._deberta import DebertaV2Family
 from hwprune.prunable._families._distilbert import DistilBertFamily
 from hwprune.prunable._families._falcon import FalconFamily
 from hwprune.prunable._families._gpt2 import GPT2Family
@@ -17,6 +18,7 @@ from hwprune.prunable._families._vit import ViTFamily
 
 FAMILIES: tuple[Family, ...] = (
     BertFamily(),
+    DebertaV2Family(),
     DistilBertFamily(),
     ModernBertFamily(),
     ViTFamily(),
@@ -31,8 +33,6 @@ FAMILIES: tuple[Family, ...] = (
 REFUSED: dict[str, str] = {
     "olmo2": "its q/k norms normalise over all heads together, so removing a head changes the others' "
     "outputs: no plan can be exact",
-    "deberta-v2": "disentangled attention shares relative-position projections across heads by the "
-    "config's head count",
 }
 
 

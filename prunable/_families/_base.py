@@ -112,6 +112,10 @@ class Family(ABC):
         if isinstance(layer_types, list | tuple) and len(layer_types) == dense:
             config.layer_types = [layer_types[i] for i in keep]
 
+    def drop_problem(self, model: Any, dropped: list[int]) -> str | None:
+        """Why the model cannot lose the `dropped` layers, or None where it can."""
+        return None
+
     def check_config(self, config: Any) -> None:
         """Reject configurations whose layout the adapter does not handle."""
         if getattr(config, "add_cross_attention", False):

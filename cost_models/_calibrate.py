@@ -68,7 +68,8 @@ def calibrate(
     table's grid (each table weighted equally; for `table_fit: additive` the noise-averaged fit of
     the grid is the target). `half_rows` is fitted only when the tables span more than one token
     count, since one token count cannot tell it from the compute efficiency. The time outside the
-    blocks is the roofline's estimate scaled to the tables' measured base.
+    blocks is the roofline's estimate, scaled to the measured base of the tables of this same model
+    (`spec`) where there are any; another model's base is no guide to it.
 
     Args:
         profile: The device the tables were measured on.
@@ -128,7 +129,10 @@ def calibrate(
     fit = min(fits, key=lambda f: float(f.cost))
     eff = efficiency(fit.x)
     errors = tuple(float(np.sqrt(np.mean(np.expm1(e) ** 2))) for e in log_errors(eff))
-    eff = Efficiency(**{**eff.__dict__, "outside": _outside_scale(profile, tables, eff)})
+    # What runs outside the blocks is the model's own (embeddings, masks, pooler, head), so a scale
+    # measured on one model says nothing of another's: only tables of this very model set it.
+    own = [t for t in tables if t.spec == spec]
+    eff = Efficiency(**{**eff.__dict__, "outside": _outside_scale(profile, own, eff)})
 
     model = CalibratedModel(
         profile=profile,

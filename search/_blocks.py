@@ -46,9 +46,9 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
     )
 
 
-def _cache_keyword(block: nn.Module) -> str:
-    """What a decoder layer calls its KV cache argument (`cache` in transformers 5.24+)."""
-    params = inspect.signature(block.forward).parameters
+def _cache_keyword(module: nn.Module) -> str:
+    """What a decoder (or one of its layers) calls its KV cache argument (`cache` in transformers 5.24+)."""
+    params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -172,9 +172,10 @@ def model_timer(model: nn.Module, workload: cost_models.Workload, device: str) -
     if prunable.discover(model).family != "llama":
         raise ValueError(f"timing decode steps needs a LLaMA-family decoder, not {type(model).__name__}")
     cache = prefilled_cache(model, workload.batch_size, workload.kv_len)
+    keyword = _cache_keyword(model)  # `cache` from transformers 5.24 (`past_key_values` is deprecated)
 
     def step() -> None:
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **{keyword: cache}, use_cache=True)
         cache.crop(-workload.seq_len)
 
     return torch_timer(step, on)

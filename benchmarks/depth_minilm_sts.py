@@ -30,10 +30,8 @@ from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
-from hwprune.search import compose
+from hwprune.search import compose, run_search, write_report
 from hwprune.search._blocks import block_spec, head_width, model_timer
-from hwprune.search._report import write_report
-from hwprune.search._run import run_search
 from hwprune.search.config import AppConfig
 
 log = logging.getLogger("depth_minilm_sts")

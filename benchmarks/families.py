@@ -31,8 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hwprune import prunable
-from hwprune.search._report import write_report
-from hwprune.search._run import run_search
+from hwprune.search import run_search, write_report
 from hwprune.search.apply_app import apply_config
 from hwprune.search.apply_app import run as run_apply
 from hwprune.search.config import AppConfig, compose, to_object

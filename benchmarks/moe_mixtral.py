@@ -32,11 +32,9 @@ from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
-from hwprune.search import compose
+from hwprune.search import RunOutcome, compose, run_search, write_report
 from hwprune.search._blocks import model_timer
 from hwprune.search._pareto import hypervolume
-from hwprune.search._report import write_report
-from hwprune.search._run import RunOutcome, run_search
 from hwprune.search.config import AppConfig
 
 log = logging.getLogger("moe_mixtral")

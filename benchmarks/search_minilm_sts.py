@@ -28,9 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hwprune import cost_models
-from hwprune.search import compose
-from hwprune.search._report import write_report
-from hwprune.search._run import run_search
+from hwprune.search import compose, run_search, write_report
 from hwprune.search.apply_app import apply_config
 from hwprune.search.apply_app import run as run_apply
 from hwprune.search.config import AppConfig

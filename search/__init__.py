@@ -13,8 +13,9 @@ numbers cost models take, and `ParetoLocalSearchSampler` is the default Optuna s
 """
 
 from hwprune.search._blocks import block_spec, model_timer
+from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._report import write_report
-from hwprune.search._run import Candidate, RunOutcome, run_search
+from hwprune.search._run import run_search
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search.apply_app import apply_config
 from hwprune.search.apply_app import run as run_apply

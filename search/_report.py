@@ -14,8 +14,8 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from hwprune import cost_models
+from hwprune.search._outcome import RunOutcome
 from hwprune.search._pareto import pareto_mask
-from hwprune.search._run import RunOutcome
 from hwprune.search._space import SearchSpace
 
 log = logging.getLogger("hwprune.search")

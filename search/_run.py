@@ -4,76 +4,30 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import optuna
 import torch
 from hydra.utils import instantiate
 
 from hwprune import cost_models, hessian, prunable
 from hwprune.search._blocks import block_spec, head_width
-from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset, pareto_mask
+from hwprune.search._outcome import RunOutcome
+from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
 from hwprune.search._proxy import SaliencyProxy
+from hwprune.search._rescore import rescore_front
 from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import open_storage, worker_seed
 from hwprune.search._study import Constraints, SearchObjective, rescoring_turn, run_study
 from hwprune.search.config import AppConfig, build_task
-from hwprune.search.recovery import NoRecovery, Recovery
+from hwprune.search.recovery import Recovery
 from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.search")
 
 # A calibrated model further than this from its own tables is flagged in the log and the report.
 ROUGH_FIT = 0.15
-
-
-@dataclass
-class Candidate:
-    """A configuration evaluated on the real task."""
-
-    kind: str  # "dense", "search" or "uniform"
-    widths: Widths
-    latency_ms: float
-    proxy_loss: float
-    metric: float = float("nan")  # after recovery: what a user of the plan gets
-    metric_unrecovered: float = float("nan")
-    recovery: str = "none"
-    recovery_seconds: float = 0.0
-    params: int = 0
-    flops: float = 0.0
-    layers: int = 0  # blocks left in the pruned model
-    plan_path: str = ""
-    label: str = ""
-    dominated: bool = False
-
-    @property
-    def units(self) -> np.ndarray:
-        return self.widths.units
-
-    @property
-    def mlp(self) -> np.ndarray:
-        return self.widths.mlp
-
-
-@dataclass
-class RunOutcome:
-    """Everything the report writer needs."""
-
-    cfg: AppConfig
-    run_dir: Path
-    structure: prunable.Structure
-    cost_model: cost_models.CostModel
-    task: Task
-    scores: hessian.UnitScores
-    space: SearchSpace
-    study: optuna.Study
-    exact: ExactFront | None
-    candidates: list[Candidate]
-    hv_ratio: float | None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def option_tables(
@@ -108,27 +62,6 @@ def model_front(front: ExactFront, proxy: SaliencyProxy, options: Widths) -> Exa
     chosen = pick(options, front.choices)
     keep = ~proxy.dropped(chosen.units, chosen.mlp).all(-1)  # (P,)
     return ExactFront(latency=front.latency[keep], loss=front.loss[keep], choices=front.choices[keep])
-
-
-def trial_widths(trial: optuna.trial.FrozenTrial) -> Widths:
-    """The widths a trial recorded."""
-    attrs = trial.user_attrs
-    experts, width = (np.array(attrs[k]) if k in attrs else None for k in ("experts", "expert_width"))
-    return Widths(np.array(attrs["units"]), np.array(attrs["mlp"]), experts, width)
-
-
-def widths_key(widths: Widths) -> tuple:
-    """A hashable form of `widths`."""
-    return tuple(None if a is None else tuple(int(v) for v in a) for a in widths)
-
-
-def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
-    """Up to `count` of `indices`, evenly spaced in latency order (always the fastest and slowest)."""
-    if len(indices) <= count:
-        return [int(i) for i in indices]
-    order = indices[np.argsort(latency[indices])]
-    picks = np.unique(np.round(np.linspace(0, len(order) - 1, count)).astype(int))
-    return [int(order[p]) for p in picks]
 
 
 def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
@@ -344,151 +277,3 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
             return outcome
         outcome.candidates = rescore_front(cfg, outcome, objective, proxy, model, recovery, ref, profile.name)
     return outcome
-
-
-def rescore_front(
-    cfg: AppConfig,
-    outcome: RunOutcome,
-    objective: SearchObjective,
-    proxy: SaliencyProxy,
-    model: torch.nn.Module,
-    recovery: Recovery,
-    ref: prunable.ModelRef,
-    hardware: str,
-) -> list[Candidate]:
-    """Dense, uniform baselines and spread front points, pruned, recovered and measured on the task."""
-    space, cost_model, study, task = outcome.space, outcome.cost_model, outcome.study, outcome.task
-    front = study.best_trials
-    f_lat = np.array([t.values[0] for t in front])
-    candidates = [Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense")]
-    for f in cfg.search.uniform_baselines:
-        w = space.uniform(f)
-        predicted = cost_model.predict(w.units, w.mlp, experts=w.experts, expert_width=w.expert_width)
-        candidates.append(
-            Candidate(
-                "uniform", w, float(predicted.latency_ms), float(proxy.loss(*w)[0]), label=f"uniform {f:.0%}"
-            )
-        )
-    # The dense seed is on every front (the slowest point, no loss): it is re-scored once, as dense.
-    seen = {widths_key(c.widths) for c in candidates if c.kind == "dense"}
-    fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t)) not in seen]
-    # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
-    low, high = cfg.search.rescore_min_speedup, cfg.search.rescore_max_speedup or np.inf
-    wanted = [i for i in fresh if low <= objective.dense_ms / f_lat[i] <= high]
-    if len(wanted) < len(fresh):
-        log.info(
-            "re-scoring %d of %d front points: predicted speedup in [%.2f, %s]",
-            min(len(wanted), cfg.search.rescore),
-            len(fresh),
-            low,
-            f"{high:.2f}" if np.isfinite(high) else "inf",
-        )
-    if fresh and not wanted:
-        log.warning("no front point has a predicted speedup in [%.2f, %.2f]: none re-scored", low, high)
-    for i in spread(np.array(wanted, dtype=int), f_lat, cfg.search.rescore):
-        t = front[i]
-        candidates.append(
-            Candidate("search", trial_widths(t), t.values[0], t.values[1], label=f"trial {t.number}")
-        )
-    rescore = Rescoring(
-        task=task,
-        recovery=recovery,
-        recovery_samples=cfg.recovery.samples,
-        recovery_seed=cfg.recovery.seed,
-        model_ref=ref,
-        hardware=hardware,
-    )
-    rescore.evaluate(candidates, model, proxy, cost_model, outcome.run_dir)
-    return candidates
-
-
-@dataclass
-class Rescoring:
-    """Prunes candidates for real, recovers them, measures the task metric and writes their plans.
-
-    Attributes:
-        task: The task whose metric is measured (prepared with the dense model).
-        recovery: Applied to every pruned candidate (not the dense model) before its metric.
-        recovery_samples: Training samples the task lends to recovery.
-        recovery_seed: Seed of that draw.
-        model_ref: The dense model's reference (source and fingerprints), recorded in the plans.
-        hardware: The target's profile name, recorded in the plans.
-    """
-
-    task: Task
-    recovery: Recovery
-    recovery_samples: int
-    recovery_seed: int
-    model_ref: prunable.ModelRef
-    hardware: str
-
-    def evaluate(
-        self,
-        candidates: list[Candidate],
-        model: torch.nn.Module,
-        proxy: SaliencyProxy,
-        cost_model: cost_models.CostModel,
-        run_dir: Path,
-    ) -> None:
-        """Fill in each candidate's metrics and plan file; mark the dominated ones."""
-        task, recovers = self.task, not isinstance(self.recovery, NoRecovery)
-        data = (
-            task.recovery_data(samples=self.recovery_samples, seed=self.recovery_seed) if recovers else None
-        )
-        ref = self.model_ref
-        plans = run_dir / "plans"
-        for i, c in enumerate(candidates, start=1):
-            plan = proxy.plan(c.widths, ref, hardware=self.hardware)
-            pruned = prunable.pruned_copy(model, plan, check_weights=False)
-            c.metric = c.metric_unrecovered = task.evaluate(pruned)
-            recipe = None
-            if data is not None and c.kind != "dense":
-                report = self.recovery.recover(pruned, model, data, layers=plan.kept_layers())
-                c.metric, c.recovery, c.recovery_seconds = (
-                    task.evaluate(pruned),
-                    report.method,
-                    report.seconds,
-                )
-                recipe = {
-                    **report.recipe(),
-                    "data_samples": self.recovery_samples,
-                    "data_seed": self.recovery_seed,
-                }
-            c.params = sum(p.numel() for p in pruned.parameters())
-            c.layers = len(plan.layers) - len(plan.dropped())
-            c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
-            plan = replace(
-                plan,
-                metadata={
-                    "latency_ms": c.latency_ms,
-                    "dense_latency_ms": candidates[0].latency_ms,
-                    "latency_source": cost_model.source,
-                    "workload": asdict(cost_model.workload),
-                    "proxy_loss": c.proxy_loss,
-                    "saliency": proxy.scores.method,
-                    "label": c.label,
-                    "task": task.description,
-                    "metric_name": task.metric_name,
-                    "metric": c.metric,
-                    "metric_unrecovered": c.metric_unrecovered,
-                    "recovery": recipe,
-                },
-            )
-            name = c.label.replace(" ", "_").replace("%", "pct")
-            c.plan_path = str(plan.save(plans / f"{name}.yaml").relative_to(run_dir))
-            recovered = f" (unrecovered {c.metric_unrecovered:.3f}, {c.recovery} {c.recovery_seconds:.1f} s)"
-            log.info(
-                "[%d/%d] %-12s %8.3f ms  %s %.3f%s",
-                i,
-                len(candidates),
-                c.label,
-                c.latency_ms,
-                task.metric_name,
-                c.metric,
-                recovered if recipe else "",
-            )
-        real = [c for c in candidates if c.kind in ("dense", "search")]
-        sign = 1.0 if task.higher_is_better else -1.0
-        mask = pareto_mask(np.array([c.latency_ms for c in real]), -sign * np.array([c.metric for c in real]))
-        for c, keep in zip(real, mask, strict=True):
-            c.dominated = not bool(keep)

@@ -1,0 +1,62 @@
+"""What a search run produces: the candidates it re-scored and everything the report needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from hwprune import cost_models, hessian, prunable
+from hwprune.search._pareto import ExactFront
+from hwprune.search._space import SearchSpace, Widths
+from hwprune.search.config import AppConfig
+from hwprune.search.tasks import Task
+
+
+@dataclass
+class Candidate:
+    """A configuration evaluated on the real task."""
+
+    kind: str  # "dense", "search" or "uniform"
+    widths: Widths
+    latency_ms: float
+    proxy_loss: float
+    metric: float = float("nan")  # after recovery: what a user of the plan gets
+    metric_unrecovered: float = float("nan")
+    recovery: str = "none"
+    recovery_seconds: float = 0.0
+    params: int = 0
+    flops: float = 0.0
+    layers: int = 0  # blocks left in the pruned model
+    plan_path: str = ""
+    label: str = ""
+    dominated: bool = False
+
+    @property
+    def units(self) -> np.ndarray:
+        return self.widths.units
+
+    @property
+    def mlp(self) -> np.ndarray:
+        return self.widths.mlp
+
+
+@dataclass
+class RunOutcome:
+    """Everything the report writer needs."""
+
+    cfg: AppConfig
+    run_dir: Path
+    structure: prunable.Structure
+    cost_model: cost_models.CostModel
+    task: Task
+    scores: hessian.UnitScores
+    space: SearchSpace
+    study: optuna.Study
+    exact: ExactFront | None
+    candidates: list[Candidate]
+    hv_ratio: float | None
+    extras: dict[str, Any] = field(default_factory=dict)

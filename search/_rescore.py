@@ -1,0 +1,192 @@
+"""Re-scoring a study's front on the real task: prune, recover, measure, write each plan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from hwprune import cost_models, prunable
+from hwprune.search._outcome import Candidate, RunOutcome
+from hwprune.search._pareto import pareto_mask
+from hwprune.search._proxy import SaliencyProxy
+from hwprune.search._space import Widths
+from hwprune.search._study import SearchObjective
+from hwprune.search.config import AppConfig
+from hwprune.search.recovery import NoRecovery, Recovery
+from hwprune.search.tasks import Task
+
+log = logging.getLogger("hwprune.search")
+
+
+def trial_widths(trial: optuna.trial.FrozenTrial) -> Widths:
+    """The widths a trial recorded."""
+    attrs = trial.user_attrs
+    experts, width = (np.array(attrs[k]) if k in attrs else None for k in ("experts", "expert_width"))
+    return Widths(np.array(attrs["units"]), np.array(attrs["mlp"]), experts, width)
+
+
+def widths_key(widths: Widths) -> tuple:
+    """A hashable form of `widths`."""
+    return tuple(None if a is None else tuple(int(v) for v in a) for a in widths)
+
+
+def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
+    """Up to `count` of `indices`, evenly spaced in latency order (always the fastest and slowest)."""
+    if len(indices) <= count:
+        return [int(i) for i in indices]
+    order = indices[np.argsort(latency[indices])]
+    picks = np.unique(np.round(np.linspace(0, len(order) - 1, count)).astype(int))
+    return [int(order[p]) for p in picks]
+
+
+def rescore_front(
+    cfg: AppConfig,
+    outcome: RunOutcome,
+    objective: SearchObjective,
+    proxy: SaliencyProxy,
+    model: torch.nn.Module,
+    recovery: Recovery,
+    ref: prunable.ModelRef,
+    hardware: str,
+) -> list[Candidate]:
+    """Dense, uniform baselines and spread front points, pruned, recovered and measured on the task."""
+    space, cost_model, study, task = outcome.space, outcome.cost_model, outcome.study, outcome.task
+    front = study.best_trials
+    f_lat = np.array([t.values[0] for t in front])
+    candidates = [Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense")]
+    for f in cfg.search.uniform_baselines:
+        w = space.uniform(f)
+        predicted = cost_model.predict(w.units, w.mlp, experts=w.experts, expert_width=w.expert_width)
+        candidates.append(
+            Candidate(
+                "uniform", w, float(predicted.latency_ms), float(proxy.loss(*w)[0]), label=f"uniform {f:.0%}"
+            )
+        )
+    # The dense seed is on every front (the slowest point, no loss): it is re-scored once, as dense.
+    seen = {widths_key(c.widths) for c in candidates if c.kind == "dense"}
+    fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t)) not in seen]
+    # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
+    low, high = cfg.search.rescore_min_speedup, cfg.search.rescore_max_speedup or np.inf
+    wanted = [i for i in fresh if low <= objective.dense_ms / f_lat[i] <= high]
+    if len(wanted) < len(fresh):
+        log.info(
+            "re-scoring %d of %d front points: predicted speedup in [%.2f, %s]",
+            min(len(wanted), cfg.search.rescore),
+            len(fresh),
+            low,
+            f"{high:.2f}" if np.isfinite(high) else "inf",
+        )
+    if fresh and not wanted:
+        log.warning("no front point has a predicted speedup in [%.2f, %.2f]: none re-scored", low, high)
+    for i in spread(np.array(wanted, dtype=int), f_lat, cfg.search.rescore):
+        t = front[i]
+        candidates.append(
+            Candidate("search", trial_widths(t), t.values[0], t.values[1], label=f"trial {t.number}")
+        )
+    rescore = Rescoring(
+        task=task,
+        recovery=recovery,
+        recovery_samples=cfg.recovery.samples,
+        recovery_seed=cfg.recovery.seed,
+        model_ref=ref,
+        hardware=hardware,
+    )
+    rescore.evaluate(candidates, model, proxy, cost_model, outcome.run_dir)
+    return candidates
+
+
+@dataclass
+class Rescoring:
+    """Prunes candidates for real, recovers them, measures the task metric and writes their plans.
+
+    Attributes:
+        task: The task whose metric is measured (prepared with the dense model).
+        recovery: Applied to every pruned candidate (not the dense model) before its metric.
+        recovery_samples: Training samples the task lends to recovery.
+        recovery_seed: Seed of that draw.
+        model_ref: The dense model's reference (source and fingerprints), recorded in the plans.
+        hardware: The target's profile name, recorded in the plans.
+    """
+
+    task: Task
+    recovery: Recovery
+    recovery_samples: int
+    recovery_seed: int
+    model_ref: prunable.ModelRef
+    hardware: str
+
+    def evaluate(
+        self,
+        candidates: list[Candidate],
+        model: torch.nn.Module,
+        proxy: SaliencyProxy,
+        cost_model: cost_models.CostModel,
+        run_dir: Path,
+    ) -> None:
+        """Fill in each candidate's metrics and plan file; mark the dominated ones."""
+        task, recovers = self.task, not isinstance(self.recovery, NoRecovery)
+        data = (
+            task.recovery_data(samples=self.recovery_samples, seed=self.recovery_seed) if recovers else None
+        )
+        ref = self.model_ref
+        plans = run_dir / "plans"
+        for i, c in enumerate(candidates, start=1):
+            plan = proxy.plan(c.widths, ref, hardware=self.hardware)
+            pruned = prunable.pruned_copy(model, plan, check_weights=False)
+            c.metric = c.metric_unrecovered = task.evaluate(pruned)
+            recipe = None
+            if data is not None and c.kind != "dense":
+                report = self.recovery.recover(pruned, model, data, layers=plan.kept_layers())
+                c.metric, c.recovery, c.recovery_seconds = (
+                    task.evaluate(pruned),
+                    report.method,
+                    report.seconds,
+                )
+                recipe = {
+                    **report.recipe(),
+                    "data_samples": self.recovery_samples,
+                    "data_seed": self.recovery_seed,
+                }
+            c.params = sum(p.numel() for p in pruned.parameters())
+            c.layers = len(plan.layers) - len(plan.dropped())
+            c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
+            plan = replace(
+                plan,
+                metadata={
+                    "latency_ms": c.latency_ms,
+                    "dense_latency_ms": candidates[0].latency_ms,
+                    "latency_source": cost_model.source,
+                    "workload": asdict(cost_model.workload),
+                    "proxy_loss": c.proxy_loss,
+                    "saliency": proxy.scores.method,
+                    "label": c.label,
+                    "task": task.description,
+                    "metric_name": task.metric_name,
+                    "metric": c.metric,
+                    "metric_unrecovered": c.metric_unrecovered,
+                    "recovery": recipe,
+                },
+            )
+            name = c.label.replace(" ", "_").replace("%", "pct")
+            c.plan_path = str(plan.save(plans / f"{name}.yaml").relative_to(run_dir))
+            recovered = f" (unrecovered {c.metric_unrecovered:.3f}, {c.recovery} {c.recovery_seconds:.1f} s)"
+            log.info(
+                "[%d/%d] %-12s %8.3f ms  %s %.3f%s",
+                i,
+                len(candidates),
+                c.label,
+                c.latency_ms,
+                task.metric_name,
+                c.metric,
+                recovered if recipe else "",
+            )
+        real = [c for c in candidates if c.kind in ("dense", "search")]
+        sign = 1.0 if task.higher_is_better else -1.0
+        mask = pareto_mask(np.array([c.latency_ms for c in real]), -sign * np.array([c.metric for c in real]))
+        for c, keep in zip(real, mask, strict=True):
+            c.dominated = not bool(keep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,13 +43,36 @@ def check_table(table: LatencyTable, units: list[int], mlp: list[int]) -> None:
     assert np.isfinite(model.predict(np.array([1, 2]), np.array([0, 96])).latency_ms)
 
 
+def _jax() -> Profiler:
+    pytest.importorskip("jax", reason="the JAX profiler is tested where jax is installed ('hwprune[jax]')")
+    return JaxProfiler(platform="cpu", warmup=1, repeats=3)
+
+
+PROFILERS: dict[str, Callable[[], Profiler]] = {
+    "torch": lambda: TorchProfiler(device="cpu", warmup=1, repeats=3),
+    "onnxruntime": lambda: OnnxRuntimeProfiler(
+        execution_provider="CPUExecutionProvider", warmup=1, repeats=3
+    ),
+    "jax": _jax,
+}
+
+
 @pytest.mark.parametrize("workload", [WORKLOAD, DECODE], ids=["prefill", "decode"])
-def test_torch_cpu_profiler(workload: Workload) -> None:
-    profiler = TorchProfiler(device="cpu", warmup=1, repeats=3)
-    table = profiler.profile(SPEC, workload, units_grid=[0, 1, 2], mlp_grid=[0, 96], profile="cpu_local")
-    check_table(table, [0, 1, 2], [0, 96])
-    assert table.meta["backend"] == "torch" and table.meta["device"] == "cpu"
-    assert "torch" in table.meta and "date" in table.meta and table.meta["host_cpu"]
+@pytest.mark.parametrize("backend", sorted(PROFILERS))
+def test_profiler_conformance(backend: str, workload: Workload, tmp_path: Path) -> None:
+    """Every profiler: a table of the grid asked for, positive ordered statistics, the shape, workload
+    and profile it measured, metadata saying where and when, a file round trip, bad grids refused."""
+    profiler = PROFILERS[backend]()
+    table = profiler.profile(SPEC, workload, units_grid=[0, 1, 2], mlp_grid=[0, 48, 96], profile="dev_x")
+    check_table(table, [0, 1, 2], [0, 48, 96])
+    assert table.spec == SPEC and table.workload == workload and table.profile == "dev_x"
+    assert table.meta["backend"] == backend and table.meta["date"] and table.meta["host_cpu"]
+    assert table.base_ms >= 0
+    again = LatencyTable.load(table.save(tmp_path / "t.csv"))
+    assert again.spec == table.spec and again.workload == table.workload
+    np.testing.assert_allclose(again.frame["latency_ms"], table.frame["latency_ms"], atol=1e-6)  # saved in us
+    with pytest.raises(ValueError, match=r"units_grid needs >= 2 distinct values in \[0, 2\], got \[0, 5\]"):
+        profiler.profile(SPEC, workload, units_grid=[0, 5], mlp_grid=[0, 96], profile="dev_x")
 
 
 def test_torch_profiler_validates() -> None:
@@ -145,11 +169,17 @@ def test_reference_block_skips_empty_sublayers() -> None:
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in empty.parameters())
 
 
-def test_onnxruntime_cpu_profiler() -> None:
-    profiler = OnnxRuntimeProfiler(execution_provider="CPUExecutionProvider", warmup=1, repeats=3)
-    table = profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 48, 96], profile="npu_x")
-    check_table(table, [0, 2], [0, 48, 96])
-    assert table.meta["execution_provider"] == "CPUExecutionProvider"
+def test_backend_specific_metadata() -> None:
+    assert (
+        PROFILERS["torch"]()
+        .profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x")
+        .meta["device"]
+        == "cpu"
+    )
+    ort_table = PROFILERS["onnxruntime"]().profile(
+        SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x"
+    )
+    assert ort_table.meta["execution_provider"] == "CPUExecutionProvider"
 
 
 def test_onnx_block_graph_is_valid_for_every_shape() -> None:
@@ -170,15 +200,6 @@ def test_onnxruntime_unknown_provider_lists_available() -> None:
         ValueError, match=r"'QNNExecutionProvider' is not in this onnxruntime build; available: \["
     ):
         OnnxRuntimeProfiler(execution_provider="QNNExecutionProvider")
-
-
-@pytest.mark.parametrize("workload", [WORKLOAD, DECODE], ids=["prefill", "decode"])
-def test_jax_xla_cpu_profiler(workload: Workload) -> None:
-    pytest.importorskip("jax", reason="the JAX profiler is tested where jax is installed ('hwprune[jax]')")
-    profiler = JaxProfiler(platform="cpu", warmup=1, repeats=3)
-    table = profiler.profile(SPEC, workload, units_grid=[0, 2], mlp_grid=[0, 96], profile="tpu_x")
-    check_table(table, [0, 2], [0, 96])
-    assert table.meta["platform"] == "cpu" and table.meta["jax"]
 
 
 def test_timing_statistics() -> None:

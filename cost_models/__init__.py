@@ -22,6 +22,7 @@ from hwprune.cost_models._hardware import (
     HardwareProfile,
     load_profile,
     profile_names,
+    width_grid,
     width_step,
 )
 from hwprune.cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
@@ -54,5 +55,6 @@ __all__ = [
     "measure_peaks",
     "profile_names",
     "table_dir",
+    "width_grid",
     "width_step",
 ]

@@ -178,3 +178,14 @@ def width_step(profile: HardwareProfile, width: int, *, target_steps: int = 12) 
     tile = profile.tile_n
     step = max(tile, -(-width // target_steps))
     return -(-step // tile) * tile
+
+
+def width_grid(dense: int, step: int, *, start: int = 0) -> tuple[int, ...]:
+    """Widths from `start` to `dense` in steps of `step`, the dense width always last.
+
+    Raises:
+        ValueError: `step` < 1.
+    """
+    if step < 1:
+        raise ValueError(f"width step must be >= 1, got {step}")
+    return tuple(sorted({*range(start, dense + 1, step), dense}))

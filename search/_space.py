@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hwprune import prunable
+from hwprune.cost_models import width_grid
 from hwprune.prunable._plan import EXPERT_WIDTH_STEP
 
 
@@ -71,16 +72,16 @@ class SearchSpace:
         for name, value in (("mlp_step", mlp_step), ("unit_step", unit_step)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        units = sorted({*range(min_units, layer.attention_units + 1, unit_step), layer.attention_units})
-        mlp = sorted({*range(min_mlp, layer.mlp_width + 1, mlp_step), layer.mlp_width})
+        units = width_grid(layer.attention_units, unit_step, start=min_units)
+        mlp = width_grid(layer.mlp_width, mlp_step, start=min_mlp)
         if not layer.is_moe:
-            return cls(structure, tuple(units), tuple(mlp))
+            return cls(structure, units, mlp)
         if not expert_axes:
-            return cls(structure, tuple(units), tuple(mlp), (layer.num_experts,), (layer.expert_width,))
+            return cls(structure, units, mlp, (layer.num_experts,), (layer.expert_width,))
         step = -(-(expert_width_step or mlp_step) // EXPERT_WIDTH_STEP) * EXPERT_WIDTH_STEP
-        widths = sorted({*range(step, layer.expert_width + 1, step), layer.expert_width})
+        widths = width_grid(layer.expert_width, step, start=step)
         experts = tuple(range(layer.top_k, layer.num_experts + 1))
-        return cls(structure, tuple(units), tuple(mlp), experts, tuple(widths))
+        return cls(structure, units, mlp, experts, widths)
 
     @property
     def moe(self) -> bool:

@@ -72,8 +72,8 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     workload = cfg.workload.build()
     workload = profile.resolve_workload(workload)
     step = cfg.profiler.mlp_step or cost_models.width_step(profile, spec.mlp)
-    units_grid = sorted({*range(0, spec.units + 1, cfg.profiler.unit_step), spec.units})
-    mlp_grid = sorted({*range(0, spec.mlp + 1, step), spec.mlp})
+    units_grid = list(cost_models.width_grid(spec.units, cfg.profiler.unit_step))
+    mlp_grid = list(cost_models.width_grid(spec.mlp, step))
     profiler = make_profiler(cfg, model)
     log.info(
         "profiling %s on %s: %d x %d grid, %s",

@@ -592,3 +592,11 @@ def test_calibration_scales_the_outside_of_the_tables_model_only() -> None:
     assert other.base_ms == pytest.approx(
         AnalyticalModel(profile=profile, spec=MIXTRAL, workload=bf16, efficiency=other.efficiency).base_ms
     )
+
+
+def test_width_grid_steps_from_the_start_and_ends_at_the_dense_width() -> None:
+    assert cost_models.width_grid(96, 32) == (0, 32, 64, 96)
+    assert cost_models.width_grid(100, 32, start=8) == (8, 40, 72, 100)
+    assert cost_models.width_grid(0, 16) == (0,)
+    with pytest.raises(ValueError, match="width step must be >= 1, got 0"):
+        cost_models.width_grid(96, 0)

@@ -224,14 +224,8 @@ class Saliency(ABC):
         structure = prunable.discover(model)
         if not calibration.batches:
             raise ValueError(f"{self.name}: calibration has no batches")
+        self.check_structure(structure)
         moe = any(la.is_moe for la in structure.layers)
-        if moe and not self.scores_experts:
-            from hwprune.hessian import METHODS
-
-            raise ValueError(
-                f"saliency {self.name} does not score routed experts, and {structure.model_class} has them; "
-                f"valid for mixture-of-experts models: {[m.name for m in METHODS if m.scores_experts]}"
-            )
         was_training = model.training
         model.eval()  # dropout off: saliency of the deterministic network
         try:
@@ -262,6 +256,19 @@ class Saliency(ABC):
     def params(self) -> dict[str, Any]:
         """Settings that change the scores (part of the cache key)."""
         return {}
+
+    def check_structure(self, structure: prunable.Structure) -> None:
+        """Raise ValueError, naming the methods that can, if this method cannot score `structure`.
+
+        Cheap (no model needed): apps call it before loading data or running anything.
+        """
+        if any(la.is_moe for la in structure.layers) and not self.scores_experts:
+            from hwprune.hessian import METHODS
+
+            raise ValueError(
+                f"saliency {self.name} does not score routed experts, and {structure.model_class} has them; "
+                f"valid for mixture-of-experts models: {[m.name for m in METHODS if m.scores_experts]}"
+            )
 
     @abstractmethod
     def _score(

@@ -33,6 +33,13 @@ class HEAPrSaliency(SeededSaliency):
     name = "heapr"
     scores_experts = True
 
+    def check_structure(self, structure: prunable.Structure) -> None:
+        if not any(layer.is_moe for layer in structure.layers):
+            raise ValueError(
+                f"saliency heapr scores routed experts and {structure.model_class} has none; use nvit (the "
+                "scores heapr gives attention and dense MLP units)"
+            )
+
     def _score(
         self,
         model: nn.Module,
@@ -40,11 +47,6 @@ class HEAPrSaliency(SeededSaliency):
         calibration: Calibration,
         options: ScoringOptions,
     ) -> Scored:
-        if not any(layer.is_moe for layer in structure.layers):
-            raise ValueError(
-                f"saliency heapr scores routed experts and {structure.model_class} has none; use nvit (the "
-                "scores heapr gives attention and dense MLP units)"
-            )
         couplings = prunable.couplings(model)
         shapes = [(la.num_experts, la.expert_width) for la in structure.layers]
         activations = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]  # sum_t (r a)^2

@@ -138,6 +138,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         profile = cost_models.local_profile(profile)
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
+    method.check_structure(structure)  # before the task's data and the scoring passes
     spec = block_spec(structure, head_width=head_width(model))
     workload = cfg.workload.build()
     cost_model = cost_models.cost_model_for(profile, spec, workload, tables=cost_models.load_tables(profile))

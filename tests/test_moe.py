@@ -333,3 +333,20 @@ def test_heapr_is_the_output_space_second_order_score_of_atomic_experts() -> Non
     dense_model, dense_calib = calibration("llama_gqa", supervised=True, n_batches=1)
     with pytest.raises(ValueError, match="saliency heapr scores routed experts and LlamaModel has none"):
         hessian.HEAPrSaliency().score(dense_model, dense_calib)
+
+
+def test_a_saliency_that_cannot_score_the_model_fails_before_any_data_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hwprune.search import _run
+    from hwprune.search.config import compose, to_object
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the task was built")
+
+    monkeypatch.setattr(_run, "build_task", boom)
+    cfg = to_object(compose("config", ["saliency=heapr", f"saliency.cache_dir={tmp_path}"]))
+    with pytest.raises(
+        ValueError, match="saliency heapr scores routed experts and BertModel has none; use nvit"
+    ):
+        _run.run_search(cfg, tmp_path / "run")  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 
 import torch
 from torch import nn
@@ -31,9 +32,20 @@ def weights_fingerprint(model: nn.Module) -> str:
     checkpoint loaded as `BertForSequenceClassification`.
     """
     base = getattr(model, "base_model", model)
+    state = sorted(base.state_dict().items())
+    # A run asks several times (plan references, score caches): the hash is kept until a tensor is
+    # replaced (another storage) or changed in place (its version counter moves).
+    version = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype) for name, t in state)
+    cached = _FINGERPRINTS.get(base)
+    if cached is not None and cached[0] == version:
+        return cached[1]
     digest = hashlib.sha256()
-    for name, tensor in sorted(base.state_dict().items()):
+    for name, tensor in state:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    _FINGERPRINTS[base] = (version, digest.hexdigest()[:16])
+    return _FINGERPRINTS[base][1]
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()

@@ -162,3 +162,28 @@ def test_a_head_checkpoint_loads_with_one_line_naming_its_class(
     with caplog.at_level("INFO", logger="hwprune.prunable._io"):
         whole = prunable.load_model(str(tmp_path / "mlm"), "DistilBertForMaskedLM")
     assert type(whole).__name__ == "DistilBertForMaskedLM" and not caplog.records  # nothing unused
+
+
+def test_the_weights_fingerprint_is_hashed_once_until_a_weight_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+
+    model = CASES["bert"].build()
+    calls = [0]
+    real = hashlib.sha256
+
+    def counting(*args: object) -> object:
+        calls[0] += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    first = prunable.weights_fingerprint(model)
+    assert prunable.weights_fingerprint(model) == first and calls[0] == 1
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # in place: the version counter moves
+    changed = prunable.weights_fingerprint(model)
+    assert changed != first and calls[0] == 2
+    prunable.apply_plan(model, random_plan(model, 3), check_weights=False)  # replaced tensors
+    calls[0] = 0  # (structure fingerprints hash too)
+    assert prunable.weights_fingerprint(model) != changed and calls[0] == 1

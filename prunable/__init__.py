@@ -1,9 +1,9 @@
 """The model side shared by saliency and search: structure discovery, gates, surgery and plans.
 
-structure = prunable.discover(model)            # per layer: heads, KV groups, MLP width
-with prunable.gated(model) as gates: ...        # multiplicative per-unit gates
-plan = prunable.PrunePlan.load("plan.yaml")
-prunable.apply_plan(model, plan)                # physically slices the weights
+structure = prunable.discover(model)            # per layer: heads, KV groups, MLP width, routed experts
+with prunable.gated(model) as gates: ...        # multiplicative per-unit gates (experts too), layer skips
+plan = prunable.PrunePlan.load("plan.yaml")     # kept units per layer; `drop: true` removes a layer
+prunable.apply_plan(model, plan)                # physically slices the weights (and the router)
 prunable.save_pruned(model, plan, "out/")       # reload with prunable.load_pruned("out/")
 """
 

@@ -7,7 +7,7 @@ loads with `AutoModel.from_pretrained` (and its difference), the largest differe
 uncached decoding with layer 0 emptied (decoders), the same three with layer 1 dropped (depth pruning,
 against the dense model with that layer skipped), and a CLI-equivalent `hwprune-search` + `hwprune-apply`
 run (decoders: `task=lm` on byte-level ids; encoders: `task=fidelity` with the bundled MiniLM's
-tokenizer). The same checks are unit tests (test_surgery, test_io, test_kv_cache); this table runs
+tokenizer; image models: `task=classification`, the family's classifier at the digits' 8 x 8 x 1). The same checks are unit tests (test_surgery, test_io, test_kv_cache); this table runs
 them all in one place with their numbers (test_depth for the dropped layer). Output: results/benchmarks/families.md.
 
 Usage:
@@ -57,6 +57,7 @@ ENCODER_TASK = [
     "task.build.eval_samples=16",
     "task.build.batch_size=8",
 ]
+IMAGE_TASK = ["task=classification", "workload.seq_len=17"]
 DECODER_TASK = [
     "task=lm",
     "workload.seq_len=32",
@@ -129,11 +130,24 @@ def depth_error(case: Case) -> str:
 
 def search_and_apply(case: Case, tmp: Path) -> str:
     """Search and apply the best plan through the apps' own code paths; 'ok, <speedup>' or the error."""
-    if case.name.startswith("vit"):
-        return "n/a (image task: test_recovery, recovery_minilm_sts.md)"
     model = case.build()
     source = tmp / case.name / "model"
-    if case.name in DECODERS:
+    if getattr(model, "main_input_name", "") == "pixel_values":
+        # The digits task: the family's classifier at 8 x 8 x 1 with 10 labels.
+        config = type(model.config)(
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=10,
+        )
+        name = type(model).__name__.removesuffix("Model").removesuffix("ForImageClassification")
+        model = getattr(transformers, f"{name}ForImageClassification")(config)
+        task = IMAGE_TASK
+    elif case.name in DECODERS:
         model.resize_token_embeddings(256)  # byte-level ids
         task = DECODER_TASK
     else:

@@ -119,11 +119,12 @@ def real_block_factory(
 def model_inputs(
     model: nn.Module, workload: cost_models.Workload, *, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Inputs of one forward at `workload`: images for ViT, else token ids (with a full mask in prefill)."""
+    """Inputs of one forward at `workload`: images for image models (ViT, DeiT), else token ids (with
+    a full mask in prefill)."""
     config: Any = model.config
     gen = torch.Generator().manual_seed(seed)
     b, t = workload.batch_size, workload.seq_len
-    if config.model_type == "vit":
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
         size = config.image_size
         return {"pixel_values": torch.randn(b, config.num_channels, size, size, generator=gen)}
     ids = torch.randint(0, config.vocab_size, (b, t), generator=gen)

@@ -187,6 +187,18 @@ def _cases() -> list[Case]:
             bert_neuron,
         ),
         Case(
+            "deit",
+            _seeded(
+                lambda: transformers.DeiTForImageClassification(
+                    transformers.DeiTConfig(**vit_cfg, num_labels=5)
+                )
+            ),
+            lambda gen: {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)},
+            _logits,
+            bert_head,
+            bert_neuron,
+        ),
+        Case(
             "gpt2",
             _seeded(
                 lambda: transformers.GPT2LMHeadModel(

@@ -44,6 +44,7 @@ def test_save_and_reload_non_uniform(case: Case, tmp_path: Path) -> None:
         ("phi3", [1], True),
         ("stablelm", [1], False),  # its head width is hidden / heads: a config cannot say 1 group of 4 heads
         ("vit", [0, 3], True),
+        ("deit", [1, 2], True),
         ("bert", [0, 1, 2, 3], True),
         ("gpt2", [0, 1, 2, 3], True),
         ("bert", [0, 1], False),

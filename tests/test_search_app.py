@@ -304,3 +304,52 @@ def test_depth_search_drops_layers_and_apply_times_the_shallower_model(tmp_path:
     with pytest.raises(ValueError, match=r"search.depth=true needs saliency that estimates the loss.*'nvit'"):
         run_search(bad, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_an_image_model_other_than_vit_searches_and_applies_end_to_end(tmp_path: Path) -> None:
+    """DeiT through `model.source=<dir> model.class_name=<class>` on the digits task, then applied."""
+    import transformers
+
+    from hwprune.search.config import to_object
+
+    config = transformers.DeiTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=10,
+    )
+    transformers.DeiTForImageClassification(config).save_pretrained(tmp_path / "deit")
+    cfg = to_object(
+        compose(
+            "config",
+            [
+                f"model.source={tmp_path / 'deit'}",
+                "model.class_name=DeiTForImageClassification",
+                "model.name=deit_digits",
+                "task=classification",
+                "workload.seq_len=17",
+                "search.n_trials=20",
+                "search.rescore=1",
+                "search.uniform_baselines=[0.5]",
+                "search.exact_seeds=3",
+                "recovery=none",
+                "hardware=gpu_h100",
+                f"saliency.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    )
+    assert isinstance(cfg, AppConfig)
+    pareto = write_report(run_search(cfg, tmp_path / "run"))
+    plan_path = tmp_path / "run" / pareto[pareto.kind == "uniform"].plan_path.iloc[0]
+    result = run_apply(
+        apply_config(plan=plan_path, out=tmp_path / "out", task=cfg.task, repeats=2, onnx=False)
+    )
+    assert pareto.metric_name.iloc[0] == "accuracy_x100"
+    reloaded = prunable.load_pruned(tmp_path / "out")
+    assert type(reloaded).__name__ == "DeiTForImageClassification"
+    assert prunable.discover(reloaded).layers[0].num_heads == 2
+    assert result["params_pruned"] < result["params_dense"]

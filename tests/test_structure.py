@@ -17,6 +17,7 @@ EXPECTED = {
     "distilbert": (4, 4, 16, 96, False),
     "vit": (4, 4, 16, 96, False),
     "vit_classifier": (4, 4, 16, 96, False),
+    "deit": (4, 4, 16, 96, False),
     "gpt2": (4, 4, 16, 96, False),
     "gpt_neox": (4, 4, 16, 96, False),
     "modernbert": (4, 4, 16, 96, True),

@@ -1,4 +1,4 @@
-"""Vision Transformer (ViTModel, ViTForImageClassification): pre-norm, q/k/v/o and fc1/fc2."""
+"""Vision Transformers with ViT's block (ViT, DeiT): pre-norm, q/k/v/o and fc1/fc2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hwprune.prunable._structure import LayerStructure, Structure
 
 class ViTFamily(Family):
     name = "vit"
-    model_types = ("vit",)
+    model_types = ("vit", "deit")
     blocks_path = "layers"
 
     def layer_structure(self, block: Any, config: Any) -> LayerStructure:

@@ -169,3 +169,14 @@ def test_deberta_with_a_convolution_after_layer_0_keeps_layer_0() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     prunable.apply_plan(model, depth_plan(model, {1}, seed=1))  # any other layer may go
     assert prunable.discover(model).num_layers == 2
+
+
+def test_a_shallower_decoder_is_timed_at_decode_against_its_own_cache() -> None:
+    from hwprune.cost_models import Workload
+    from hwprune.search import model_timer
+
+    case = CASES["llama_gqa"]
+    model = case.build()
+    pruned = prunable.apply_plan(copy.deepcopy(model), depth_plan(model, {0}, seed=6))
+    timer = model_timer(pruned, Workload(batch_size=2, dtype="fp32", phase="decode", kv_len=8), "cpu")
+    assert min(timer() for _ in range(3)) > 0  # each call is one step against the 2-layer cache, then cropped

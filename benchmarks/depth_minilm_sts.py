@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,7 +112,10 @@ def main() -> None:
                 pareto = pd.read_csv(run_dir / "pareto.csv")
             else:
                 outcome = run_search(cfg, run_dir)
-                pareto = write_report(outcome)
+                this_run = f"{hardware} {workload} search.depth={str(depth).lower()}"
+                pareto = write_report(
+                    outcome, command=f"`python {' '.join(sys.argv)}` (this run: {this_run})."
+                )
             sources[target] = str(pareto.latency_source.iloc[0])
             keep = pareto[
                 (pareto.kind == "uniform") | ((pareto.kind == "search") & ~pareto.dominated.astype(bool))

@@ -53,11 +53,7 @@ def search(overrides: list[str], run_dir: Path) -> pd.DataFrame:
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     outcome = run_search(app, run_dir)
-    write_report(outcome)
-    report = run_dir / "report.md"  # say which command made it: it is committed as a result
-    title, _, rest = report.read_text().partition("\n")
-    command = f"Command: `python {' '.join(sys.argv)}` (this run: `{' '.join(overrides)}`)."
-    report.write_text(f"{title}\n\n{command}\n{rest}")
+    write_report(outcome, command=f"`python {' '.join(sys.argv)}` (this run: `{' '.join(overrides)}`).")
     log.info("%s: %.0f s", run_dir.name, time.perf_counter() - started)
     return pd.read_csv(run_dir / "pareto.csv")
 

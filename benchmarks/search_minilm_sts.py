@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,7 +93,7 @@ def main() -> None:
         start = time.perf_counter()
         outcome = run_search(app, run_dir)
         elapsed = time.perf_counter() - start
-        write_report(outcome)
+        write_report(outcome, command=f"`python {' '.join(sys.argv)}` (this run: `{' '.join(overrides)}`).")
         rows.append(
             {
                 "sampler": name,

@@ -205,7 +205,13 @@ def space_summary(space: SearchSpace) -> str:
     return "per layer: " + ", ".join(parts)
 
 
-def write_report(outcome: RunOutcome) -> pd.DataFrame:
+def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataFrame:
+    """Write trials.csv, pareto.csv, the plots and report.md of a run; return the front's frame.
+
+    Args:
+        command: The command that made the run, stated under the report's title (a benchmark's
+            run directories are committed as results, and every result names its command).
+    """
     d = outcome.run_dir
     trials = trials_frame(outcome)
     trials.to_csv(d / "trials.csv", index=False)
@@ -230,6 +236,7 @@ def write_report(outcome: RunOutcome) -> pd.DataFrame:
     lines = [
         f"# hwprune run: {cfg.model.name} / {cfg.task.name} on {cm.profile}",
         "",
+        *([f"Command: {command}", ""] if command else []),
         f"- Model: `{cfg.model.source}` ({outcome.structure.describe()})",
         f"- Task: {outcome.task.description}; metric `{outcome.task.metric_name}`",
         f"- Device: `{cm.profile}`, workload {cm.workload.describe()}",

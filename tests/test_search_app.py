@@ -277,8 +277,10 @@ def test_depth_search_drops_layers_and_apply_times_the_shallower_model(tmp_path:
         "search.rescore_min_speedup=1.5",
     )
     outcome = run_search(app, tmp_path / "run")
-    pareto = write_report(outcome)
+    pareto = write_report(outcome, command="`hwprune-search search.depth=true`")
     assert len(outcome.extras["layer_scores"]) == 6
+    report = (tmp_path / "run" / "report.md").read_text().splitlines()
+    assert report[2] == "Command: `hwprune-search search.depth=true`"  # under the title
     shallower = pareto[(pareto.kind == "search") & (pareto.layers < 6)]
     assert len(shallower) >= 1  # at batch 1 on an H100 a block is mostly launches: depth pays
     assert "depth pruning" in (tmp_path / "run" / "report.md").read_text()

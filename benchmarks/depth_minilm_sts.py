@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
 from hwprune.search import compose, run_search, write_report
-from hwprune.search._blocks import block_spec, head_width, model_timer
+from hwprune.search._blocks import model_cost_model, model_timer
 from hwprune.search.config import AppConfig
 
 log = logging.getLogger("depth_minilm_sts")
@@ -69,10 +69,7 @@ def cost_model_of(cfg: AppConfig, model: torch.nn.Module) -> cost_models.CostMod
     profile = cfg.hardware.validate()
     if profile.measure_peaks:
         profile = cost_models.local_profile(profile)
-    spec = block_spec(prunable.discover(model), head_width=head_width(model))
-    return cost_models.cost_model_for(
-        profile, spec, cfg.workload.build(), tables=cost_models.load_tables(profile)
-    )
+    return model_cost_model(profile, model, cfg.workload.build())
 
 
 def predicted_speedup(cm: cost_models.CostModel, plan: prunable.PrunePlan, *, drops: bool) -> float:

@@ -15,7 +15,7 @@ from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import GATE_KINDS, Gates, couplings, gated
 from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
 from hwprune.prunable._kv_cache import append_kv
-from hwprune.prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
+from hwprune.prunable._plan import EXPERT_WIDTH_STEP, PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
 from hwprune.prunable._surgery import apply_plan, converted_copy, pruned_block, pruned_copy
 
@@ -34,6 +34,7 @@ def model_ref(model: Any, *, source: str | None = None, with_weights: bool = Tru
 
 __all__ = [
     "BUNDLED",
+    "EXPERT_WIDTH_STEP",
     "GATE_KINDS",
     "MINILM",
     "PLAN_VERSION",

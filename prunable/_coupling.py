@@ -126,6 +126,14 @@ class LayerCouplings:
     mlp_residual: Tap | None = None
     experts: ExpertCoupling | None = None
 
+    def couple_mlp(self, inputs: list[Any], output: Any, width: int, residual: Tap | None = None) -> None:
+        """Couple an MLP's `width` neurons: neuron n owns row n of every input projection (up, and
+        gate in a gated MLP) and column n of `output`, where its gate acts."""
+        index = contiguous_index(width, 1)  # (neurons, 1)
+        self.mlp = [Coupling(m, "out", index) for m in inputs] + [Coupling(output, "in", index)]
+        self.mlp_gate_site = output
+        self.mlp_residual = residual
+
     def of(self, kind: str) -> list[Coupling]:
         if kind == "heads":
             return self.heads

@@ -20,7 +20,7 @@ from torch import nn
 from hwprune.prunable._coupling import LayerCouplings
 from hwprune.prunable._experts import ExpertCoupling, gated_experts_forward, masked_routing
 from hwprune.prunable._families import family_of
-from hwprune.prunable._structure import Structure
+from hwprune.prunable._structure import UNIT_KINDS, Structure
 
 if TYPE_CHECKING:
     from hwprune.prunable._plan import PrunePlan
@@ -32,7 +32,7 @@ def couplings(model: nn.Module) -> list[LayerCouplings]:
     return [family.couplings(block, model.config) for block in family.blocks(model)]
 
 
-GATE_KINDS = ("heads", "mlp", "experts", "expert_mlp")
+GATE_KINDS = (*UNIT_KINDS, "experts", "expert_mlp")  # what gates and unit scores hold per layer
 
 
 class Gates:

@@ -12,7 +12,7 @@ Apps: `hwprune-search` (search.app), `hwprune-profile` (search.profile_app), `hw
 numbers cost models take, and `ParetoLocalSearchSampler` is the default Optuna sampler.
 """
 
-from hwprune.search._blocks import block_spec, model_timer
+from hwprune.search._blocks import block_spec, model_cost_model, model_timer
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._report import write_report
 from hwprune.search._run import run_search
@@ -29,6 +29,7 @@ __all__ = [
     "block_spec",
     "compose",
     "load_hardware",
+    "model_cost_model",
     "model_timer",
     "run_apply",
     "run_search",

@@ -46,6 +46,15 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
     )
 
 
+def model_cost_model(
+    profile: cost_models.HardwareProfile, model: nn.Module, workload: cost_models.Workload
+) -> cost_models.CostModel:
+    """The cost model of `model` at `workload` on `profile`: its dense block shape, and the most
+    faithful source this device's tables allow (`cost_models.cost_model_for`)."""
+    spec = block_spec(prunable.discover(model), head_width=head_width(model))
+    return cost_models.cost_model_for(profile, spec, workload, tables=cost_models.load_tables(profile))
+
+
 def _cache_keyword(module: nn.Module) -> str:
     """What a decoder (or one of its layers) calls its KV cache argument (`cache` in transformers 5.24+)."""
     params = inspect.signature(module.forward).parameters

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from hwprune import cost_models, hessian, prunable
-from hwprune.search._blocks import block_spec, head_width
+from hwprune.search._blocks import model_cost_model
 from hwprune.search._outcome import RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
 from hwprune.search._proxy import SaliencyProxy
@@ -68,8 +68,9 @@ def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
     """Refuse a latency budget no configuration meets, before the saliency and the study run."""
     n, spec = cost_model.spec.num_layers, cost_model.spec
     zeros = np.zeros(n, dtype=int)
-    # Routed experts cannot all go: top_k of them stay, at the narrowest width.
-    least = {"experts": np.full(n, spec.top_k), "expert_width": np.full(n, 8)} if spec.experts else {}
+    # Routed experts cannot all go: top_k of them stay, at the narrowest width a plan allows.
+    narrowest = np.full(n, prunable.EXPERT_WIDTH_STEP)
+    least = {"experts": np.full(n, spec.top_k), "expert_width": narrowest} if spec.experts else {}
     if cfg.search.depth and not spec.experts:  # every layer dropped but one, which keeps a single unit
         one = np.eye(n, dtype=int)[0]
         fastest = min(
@@ -139,9 +140,8 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
     method.check_structure(structure)  # before the task's data and the scoring passes
-    spec = block_spec(structure, head_width=head_width(model))
-    workload = cfg.workload.build()
-    cost_model = cost_models.cost_model_for(profile, spec, workload, tables=cost_models.load_tables(profile))
+    cost_model = model_cost_model(profile, model, cfg.workload.build())
+    spec = cost_model.spec
     log.info(
         "%s on %s (%s): latency from the %s model",
         cfg.model.name,

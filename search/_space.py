@@ -15,7 +15,6 @@ import numpy as np
 
 from hwprune import prunable
 from hwprune.cost_models import width_grid
-from hwprune.prunable._plan import EXPERT_WIDTH_STEP
 
 
 class Widths(NamedTuple):
@@ -78,7 +77,7 @@ class SearchSpace:
             return cls(structure, units, mlp)
         if not expert_axes:
             return cls(structure, units, mlp, (layer.num_experts,), (layer.expert_width,))
-        step = -(-(expert_width_step or mlp_step) // EXPERT_WIDTH_STEP) * EXPERT_WIDTH_STEP
+        step = -(-(expert_width_step or mlp_step) // prunable.EXPERT_WIDTH_STEP) * prunable.EXPERT_WIDTH_STEP
         widths = width_grid(layer.expert_width, step, start=step)
         experts = tuple(range(layer.top_k, layer.num_experts + 1))
         return cls(structure, units, mlp, experts, widths)

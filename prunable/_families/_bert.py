@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
 from hwprune.prunable._families._base import Family, Skipped
@@ -11,7 +11,7 @@ from hwprune.prunable._structure import LayerStructure, Structure
 
 class BertFamily(Family):
     name = "bert"
-    model_types = ("bert", "roberta")
+    model_types: ClassVar[tuple[str, ...]] = ("bert", "roberta")
     blocks_path = "encoder.layer"
 
     def layer_structure(self, block: Any, config: Any) -> LayerStructure:
@@ -31,21 +31,24 @@ class BertFamily(Family):
             head_dim=layer.head_dim,
         )
         if layer.num_heads:
-            attn, proj = block.attention.self, block.attention.output.dense
+            proj = block.attention.output.dense
             index = contiguous_index(layer.num_heads, layer.head_dim)  # (heads, hd)
-            out.heads = [Coupling(m, "out", index) for m in (attn.query, attn.key, attn.value)]
+            out.heads = [Coupling(m, "out", index) for m in self.head_projections(block.attention.self)]
             out.heads.append(Coupling(proj, "in", index))
             out.attn_gate_site = proj
-            out.attn_residual = Tap(block.attention.self.query)
+            out.attn_residual = self.attention_residual(block)
         if layer.mlp_width:
-            index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
-            out.mlp = [
-                Coupling(block.intermediate.dense, "out", index),
-                Coupling(block.output.dense, "in", index),
-            ]
-            out.mlp_gate_site = block.output.dense
-            out.mlp_residual = Tap(block.intermediate.dense)
+            dense = block.intermediate.dense
+            out.couple_mlp([dense], block.output.dense, layer.mlp_width, Tap(dense))
         return out
+
+    def head_projections(self, attn: Any) -> list[Any]:
+        """The projections whose output rows each head owns a slice of."""
+        return [attn.query, attn.key, attn.value]
+
+    def attention_residual(self, block: Any) -> Tap:
+        """Where the layer's input (what the attention output is added to) can be read."""
+        return Tap(block.attention.self.query)
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:
         if heads == 0:

@@ -33,10 +33,7 @@ class DistilBertFamily(Family):
             out.attn_gate_site = attn.out_lin
             out.attn_residual = Tap(attn.q_lin)  # the block's input, which the attention output joins
         if layer.mlp_width:
-            index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
-            out.mlp = [Coupling(block.ffn.lin1, "out", index), Coupling(block.ffn.lin2, "in", index)]
-            out.mlp_gate_site = block.ffn.lin2
-            out.mlp_residual = Tap(block.ffn.lin1)
+            out.couple_mlp([block.ffn.lin1], block.ffn.lin2, layer.mlp_width, Tap(block.ffn.lin1))
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

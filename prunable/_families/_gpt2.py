@@ -40,10 +40,7 @@ class GPT2Family(Family):
             out.attn_gate_site = block.attn.c_proj
             out.attn_residual = Tap(block.ln_1)
         if layer.mlp_width:
-            index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
-            out.mlp = [Coupling(block.mlp.c_fc, "out", index), Coupling(block.mlp.c_proj, "in", index)]
-            out.mlp_gate_site = block.mlp.c_proj
-            out.mlp_residual = Tap(block.ln_2)
+            out.couple_mlp([block.mlp.c_fc], block.mlp.c_proj, layer.mlp_width, Tap(block.ln_2))
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

@@ -49,12 +49,8 @@ class GPTNeoXFamily(Family):
             if sequential:
                 out.attn_residual = Tap(block.input_layernorm)
         if layer.mlp_width:
-            m = block.mlp
-            index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
-            out.mlp = [Coupling(m.dense_h_to_4h, "out", index), Coupling(m.dense_4h_to_h, "in", index)]
-            out.mlp_gate_site = m.dense_4h_to_h
-            if sequential:
-                out.mlp_residual = Tap(block.post_attention_layernorm)
+            residual = Tap(block.post_attention_layernorm) if sequential else None
+            out.couple_mlp([block.mlp.dense_h_to_4h], block.mlp.dense_4h_to_h, layer.mlp_width, residual)
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

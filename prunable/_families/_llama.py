@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
+from hwprune.prunable._coupling import LayerCouplings, Tap
 from hwprune.prunable._experts import ExpertCoupling
 from hwprune.prunable._families._base import Family, Skipped, qkvo_couplings
 from hwprune.prunable._structure import LayerStructure, Structure
@@ -130,14 +130,11 @@ class LlamaFamily(Family):
                 out.attn_residual = Tap(block.input_layernorm)
         if layer.mlp_width:
             m = self.dense_mlp(block)
-            index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
-            out.mlp = [Coupling(m.gate_proj, "out", index), Coupling(m.up_proj, "out", index)]
-            out.mlp.append(Coupling(m.down_proj, "in", index))
-            out.mlp_gate_site = m.down_proj
             # A shared expert's output is gated and summed with the routed experts' first.
             as_is = layout.adds_output_as_is and not layer.is_moe
-            if as_is and not getattr(config, "use_parallel_residual", False):
-                out.mlp_residual = Tap(getattr(block, layout.mlp_norm))
+            parallel = getattr(config, "use_parallel_residual", False)
+            residual = Tap(getattr(block, layout.mlp_norm)) if as_is and not parallel else None
+            out.couple_mlp([m.gate_proj, m.up_proj], m.down_proj, layer.mlp_width, residual)
         if layer.is_moe:
             out.experts = ExpertCoupling(block=block.mlp, router=block.mlp.gate, experts=block.mlp.experts)
         return out

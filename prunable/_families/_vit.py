@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
+from hwprune.prunable._coupling import LayerCouplings, Tap
 from hwprune.prunable._families._base import Family, Skipped, qkvo_couplings
 from hwprune.prunable._structure import LayerStructure, Structure
 
@@ -42,10 +42,7 @@ class ViTFamily(Family):
             out.attn_gate_site = a.o_proj
             out.attn_residual = Tap(block.layernorm_before)
         if layer.mlp_width:
-            index = contiguous_index(layer.mlp_width, 1)  # (neurons, 1)
-            out.mlp = [Coupling(block.mlp.fc1, "out", index), Coupling(block.mlp.fc2, "in", index)]
-            out.mlp_gate_site = block.mlp.fc2
-            out.mlp_residual = Tap(block.layernorm_after)
+            out.couple_mlp([block.mlp.fc1], block.mlp.fc2, layer.mlp_width, Tap(block.layernorm_after))
         return out
 
     def set_widths(self, block: Any, config: Any, *, heads: int, kv_heads: int, mlp: int) -> None:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import transformers
 
 from hwprune import cost_models, hessian
 from hwprune.cost_models.profilers import nvml_metadata
+from hwprune.hessian import _hutchinson as hutchinson_module
 from hwprune.search.tasks._lm import NextTokenLoss
 
 log = logging.getLogger("saliency_scale")
@@ -90,7 +92,31 @@ METHODS = {
     "taylor": hessian.TaylorSaliency,
     "fisher": hessian.FisherSaliency,
     "hutchinson": lambda: hessian.HutchinsonSaliency(max_probes=4, min_probes=4),
+    # The same probes through the Hessian-vector products of releases before 2026-11-26 (double
+    # backward holding the gradients and H v whole), to compare in one run.
+    "hutchinson-before": lambda: hessian.HutchinsonSaliency(max_probes=4, min_probes=4),
 }
+
+
+def forms_before(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    probes: list[torch.Tensor],
+    loss: Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hessian._hutchinson.quadratic_forms` as it was: H v whole, from the grad of g . v."""
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        value = loss()
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        gv = torch.stack([(g * v).sum() for g, v in zip(grads, probes, strict=True)]).sum()
+        hv = torch.autograd.grad(gv, params)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    forms = torch.stack([(v.double() * h.double()).sum() for v, h in zip(probes, hv, strict=True)])
+    return value.detach(), forms
 
 
 def build(shape: str, device: str, dtype: str | None) -> torch.nn.Module:
@@ -138,6 +164,8 @@ def child(args: argparse.Namespace) -> None:
     params = sum(p.numel() for p in model.parameters())
     calib = calibration(model, args.samples, args.seq, args.batch_size)
     options = hessian.ScoringOptions(max_samples=args.max_samples or None)
+    if args.method == "hutchinson-before":
+        hutchinson_module.quadratic_forms = forms_before
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -192,6 +220,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sample")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per calibration batch")
     parser.add_argument("--max-samples", type=int, default=2, help="samples per pass of the parts run")
+    parser.add_argument(
+        "--parts-only", action="store_true", help="skip the whole-batch runs (which need far more memory)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(hessian.SCORING_DTYPES), help="model dtype (default fp32)")
     parser.add_argument("--out", default="results/benchmarks/saliency_scale.md")
@@ -205,7 +236,7 @@ def main() -> None:
         child(args)
         return
     started = datetime.now(timezone.utc)
-    rows = []
+    rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
             for method in args.methods:
@@ -213,23 +244,34 @@ def main() -> None:
                     Path(tmp) / f"{shape}-{method}-whole.npz",
                     Path(tmp) / f"{shape}-{method}-parts.npz",
                 )
-                whole = run_child(args, shape, method, None, whole_path)
+                whole = None if args.parts_only else run_child(args, shape, method, None, whole_path)
                 parts = run_child(args, shape, method, args.max_samples, parts_path)
                 diff = float("nan")
-                if "error" not in whole and "error" not in parts:
-                    flat_a, flat_b = (
-                        torch.cat([*s.heads, *s.mlp])
-                        for s in map(hessian.UnitScores.load, (whole_path, parts_path))
-                    )
+                if whole is not None and "error" not in whole and "error" not in parts:
+                    flat_a, flat_b = (flat(s) for s in map(hessian.UnitScores.load, (whole_path, parts_path)))
                     diff = float((flat_a - flat_b).abs().max() / flat_a.abs().max().clamp_min(1e-30))
                 for run in (whole, parts):
-                    run["max_rel_diff"] = diff
-                    rows.append(run)
-                    log.info("%s", run)
-    write(args, rows, started)
+                    if run is not None:
+                        run["max_rel_diff"] = diff
+                        rows.append(run)
+                        log.info("%s", run)
+            if {"hutchinson", "hutchinson-before"} <= set(args.methods):
+                how = "parts" if args.parts_only else "whole"
+                new, old = (Path(tmp) / f"{shape}-{m}-{how}.npz" for m in ("hutchinson", "hutchinson-before"))
+                if new.exists() and old.exists():
+                    a, b = (flat(hessian.UnitScores.load(f)) for f in (new, old))
+                    notes.append(
+                        f"{shape}: hutchinson vs hutchinson-before scores ({how}), largest "
+                        f"difference / largest score {float((a - b).abs().max() / a.abs().max()):.1e}."
+                    )
+    write(args, rows, started, notes)
 
 
-def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetime) -> None:
+def flat(scores: hessian.UnitScores) -> torch.Tensor:
+    return torch.cat([*scores.heads, *scores.mlp])
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetime, notes: list[str]) -> None:
     if args.device.startswith("cuda"):
         machine = f"{torch.cuda.get_device_name()} (driver {nvml_metadata().get('driver', '?')})"
     else:
@@ -240,6 +282,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetim
         f"Command: `python benchmarks/saliency_scale.py --shapes {' '.join(args.shapes)} --samples {args.samples} "
         f"--seq {args.seq} --batch-size {args.batch_size} --max-samples {args.max_samples}"
         + (f" --methods {' '.join(args.methods)}" if args.methods != ["nvit"] else "")
+        + (" --parts-only" if args.parts_only else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --dtype {args.dtype}" if args.dtype else "")
         + "`  ",
@@ -274,6 +317,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetim
             f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / r['fp32_weights_gib']:.1f} | {'yes' if goal else 'no'} | "
             f"{cuda} | {r['max_rel_diff']:.1e} |"
         )
+    lines += ["", *notes] if notes else []
     Path(args.out).write_text("\n".join(lines) + "\n")
     log.info("wrote %s", args.out)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +29,8 @@ class HutchinsonSaliency(Saliency):
     trace can be negative; its magnitude is used, as the sensitivity it measures.
 
     Double backward needs the eager attention kernels; the model's attention implementation is
-    switched for the estimate and restored after.
+    switched for the estimate and restored after. Peak memory: the weights, the probes, the
+    gradients and one pass's graphs (in proportion to `saliency.max_samples`).
 
     Args:
         max_probes: Upper bound on probes.
@@ -87,15 +88,15 @@ class HutchinsonSaliency(Saliency):
             for lc in layers
             for kind in prunable.UNIT_KINDS
         ]
-        params = [p for block in blocks for p in block]
+        params = list({id(p): p for block in blocks for p in block}.values())
+        index = {id(p): i for i, p in enumerate(params)}
+        members = [torch.tensor([index[id(p)] for p in block], dtype=torch.long) for block in blocks]
         gen = torch.Generator().manual_seed(self.seed)
         device = next(model.parameters()).device
         sums = torch.zeros(len(blocks), dtype=torch.float64)
         previous: torch.Tensor | None = None
         settled = 0
         with frozen(model), eager_attention(model):
-            for p in params:
-                p.requires_grad_(True)
             for k in range(self.max_probes):
                 b = k % len(calibration.batches)
                 batch = calibration.batches[b]
@@ -103,19 +104,23 @@ class HutchinsonSaliency(Saliency):
                 # v.Hv of the batch's mean loss, a sum over its parts (the HVP is linear in the loss).
                 for part in batch.chunks(options.max_samples):
                     share = part.n_samples / batch.n_samples
-                    loss = calibration.objective.losses(model, part.to(device)).mean() * share
+                    on_device = part.to(device)
+                    loss, vhv = quadratic_forms(
+                        model,
+                        params,
+                        probes,
+                        lambda: calibration.objective.losses(model, on_device).mean() * share,  # noqa: B023
+                    )
                     check_finite(loss, what="loss", batch_index=b, method=self.name)
-                    grads = torch.autograd.grad(loss, params, create_graph=True)
-                    gv = torch.stack([(g * v).sum() for g, v in zip(grads, probes, strict=True)]).sum()
-                    hv = torch.autograd.grad(gv, params)
-                    vhv = iter((v * h).sum().double().item() for v, h in zip(probes, hv, strict=True))
-                    sums += torch.tensor([sum(next(vhv) for _ in block) for block in blocks])
+                    check_finite(vhv, what="v.Hv", batch_index=b, method=self.name)
+                    sums += torch.stack([vhv[m].sum() for m in members])
                 means = sums / (k + 1)
                 if previous is not None:
                     change = ((means - previous).abs() / previous.abs().clamp_min(1e-12)).max().item()
                     settled = settled + 1 if change < self.tol else 0
                 previous = means
                 self.probes_used = k + 1
+                log.info("hutchinson: probe %d of at most %d", k + 1, self.max_probes)
                 if k + 1 >= self.min_probes and settled >= self.patience:
                     break
         log.info("hutchinson: %d probes", self.probes_used)
@@ -132,15 +137,75 @@ class HutchinsonSaliency(Saliency):
         return out
 
 
+def quadratic_forms(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    probes: list[torch.Tensor],
+    loss: Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and, per parameter i, v_i . (H v)_i in float64, H the Hessian of `loss()` in `params`.
+
+    H v is the gradient of g . v (double backward). Two things keep its memory to the weights, the
+    probes, the gradients and the passes' graphs: the gradients are dropped before the second pass
+    (its graph needs only the probes), and each slice of H v is reduced to v_i . (H v)_i and freed as
+    soon as autograd has it, so H v is never held whole. (Forward-over-reverse, torch.func's jvp of
+    grad, gives the same numbers but peaked 1.3-1.4x higher here: results/benchmarks/
+    saliency_scale_hutchinson.md.)
+    """
+    forms = torch.zeros(len(params), dtype=torch.float64)
+
+    def reduce_into(i: int, v: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            assert p.grad is not None
+            forms[i] = (v * p.grad).sum(dtype=torch.float64).cpu()
+            p.grad = None
+
+        return hook
+
+    for p in params:
+        p.grad = None
+        p.requires_grad_(True)
+    handles = []
+    try:
+        value = loss()
+        grads = torch.autograd.grad(value, params, create_graph=True, allow_unused=True)
+        gv = sum(
+            ((g * v).sum() for g, v in zip(grads, probes, strict=True) if g is not None), value.new_zeros(())
+        )
+        del grads  # the second pass needs the probes, not the gradients
+        handles = [
+            p.register_post_accumulate_grad_hook(reduce_into(i, v))
+            for i, (p, v) in enumerate(zip(params, probes, strict=True))
+        ]
+        if gv.requires_grad:
+            gv.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    return value.detach(), forms
+
+
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Switch a transformers model to eager attention for the block (SDPA has no double backward)."""
-    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    """Switch a transformers model to eager attention for the block (SDPA's CPU kernel has no
+    forward-mode derivative).
+
+    Models that cannot switch through `set_attn_implementation` (Falcon) read the config's setting
+    at every forward, so the setting itself is switched for them.
+    """
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
     switch = previous not in (None, "eager")
     if switch:
         model.set_attn_implementation("eager")  # type: ignore[operator]
+        if config._attn_implementation != "eager":  # type: ignore[union-attr]
+            config._attn_implementation = "eager"  # type: ignore[union-attr]
     try:
         yield
     finally:
         if switch:
             model.set_attn_implementation(previous)  # type: ignore[operator]
+            config._attn_implementation = previous  # type: ignore[union-attr]

@@ -41,7 +41,7 @@ from scipy.stats import kendalltau
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved, nvml_metadata, torch_device
-from hwprune.search._blocks import block_spec, model_timer
+from hwprune.search import block_spec, model_timer
 from hwprune.search.config import load_hardware
 
 log = logging.getLogger("cost_models_check")

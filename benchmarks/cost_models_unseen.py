@@ -41,7 +41,7 @@ from cost_models_check import STEP, describe, metrics, pruned_models, spread_con
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import torch_device
-from hwprune.search._blocks import block_spec, head_width
+from hwprune.search import block_spec, head_width
 from hwprune.search.config import load_hardware
 
 log = logging.getLogger("cost_models_unseen")
@@ -168,7 +168,7 @@ def main() -> None:
     suffix = "" if args.hardware == "cpu_local" else f"_{args.hardware}"
     args.out = args.out or f"results/benchmarks/cost_models_unseen{suffix}.md"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("hwprune.prunable._surgery").setLevel(logging.WARNING)
+    logging.getLogger("hwprune.prunable").setLevel(logging.WARNING)
     started = datetime.now(timezone.utc)
     profile = load_hardware(args.hardware)
     if profile.backend != "torch":

@@ -31,8 +31,7 @@ from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
-from hwprune.search import compose, run_search, write_report
-from hwprune.search._blocks import model_cost_model, model_timer
+from hwprune.search import compose, model_cost_model, model_timer, run_config, write_report
 from hwprune.search.config import AppConfig
 
 log = logging.getLogger("depth_minilm_sts")
@@ -108,7 +107,7 @@ def main() -> None:
                 log.info("%s: reading the finished run back", run_dir)
                 pareto = pd.read_csv(run_dir / "pareto.csv")
             else:
-                outcome = run_search(cfg, run_dir)
+                outcome = run_config(cfg, run_dir)
                 this_run = f"{hardware} {workload} search.depth={str(depth).lower()}"
                 pareto = write_report(
                     outcome, command=f"`python {' '.join(sys.argv)}` (this run: {this_run})."

@@ -31,9 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hwprune import prunable
-from hwprune.search import run_search, write_report
-from hwprune.search.apply_app import apply_config
-from hwprune.search.apply_app import run as run_apply
+from hwprune.search import apply_config, run_apply, run_config, write_report
 from hwprune.search.config import AppConfig, compose, to_object
 from tests.conftest import CASES, Case, run
 from tests.test_depth import depth_plan
@@ -166,7 +164,7 @@ def search_and_apply(case: Case, tmp: Path) -> str:
         cfg = to_object(compose("config", overrides))
         assert isinstance(cfg, AppConfig)
         run_dir = tmp / case.name / "run"
-        write_report(run_search(cfg, run_dir))
+        write_report(run_config(cfg, run_dir))
         pareto = pd.read_csv(run_dir / "pareto.csv")
         pruned = pareto[pareto.kind != "dense"]
         best = pruned.loc[pruned.latency_ms.idxmin()]  # the fastest re-scored plan

@@ -32,9 +32,7 @@ from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
-from hwprune.search import RunOutcome, compose, run_search, write_report
-from hwprune.search._blocks import model_timer
-from hwprune.search._pareto import hypervolume
+from hwprune.search import RunOutcome, compose, hypervolume, model_timer, run_config, write_report
 from hwprune.search.config import AppConfig
 
 log = logging.getLogger("moe_mixtral")
@@ -106,7 +104,7 @@ def main() -> None:
             for axes in ("experts and widths", "attention only"):
                 overrides = [] if axes == "experts and widths" else ["search.expert_axes=false"]
                 cfg = config(work / "model", workload, work, *overrides)
-                outcome = run_search(cfg, work / f"{workload}_{len(outcomes)}")
+                outcome = run_config(cfg, work / f"{workload}_{len(outcomes)}")
                 write_report(outcome)
                 outcomes[axes] = outcome
             reference = (

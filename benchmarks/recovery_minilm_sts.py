@@ -3,7 +3,7 @@
 On the bundled MiniLM and STS-B (train for saliency, recovery and distillation; dev for the metric),
 cpu_local at batch 32 x 128:
 
-1. `run_search` three times with the same seed (so the same Optuna front) and recovery `none`,
+1. `run_config` three times with the same seed (so the same Optuna front) and recovery `none`,
    `reconstruct` and `distill`: every re-scored plan's dev Spearman and recovery seconds.
 2. `hwprune-apply` (`run_apply`) on the fastest distilled plans within 0.5 and 1.5 points of the
    dense model: measured speedup on this CPU (interleaved rounds), the recipe run again.
@@ -36,7 +36,16 @@ import pandas as pd
 import torch
 
 from hwprune import hessian, prunable
-from hwprune.search import apply_config, compose, run_apply, run_search, to_object, write_report
+from hwprune.search import (
+    SaliencyProxy,
+    Widths,
+    apply_config,
+    compose,
+    run_apply,
+    run_config,
+    to_object,
+    write_report,
+)
 from hwprune.search.config import AppConfig, build_task
 from hwprune.search.recovery import Distill, Reconstruct
 
@@ -52,7 +61,7 @@ def search(overrides: list[str], run_dir: Path) -> pd.DataFrame:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     started = time.perf_counter()
-    outcome = run_search(app, run_dir)
+    outcome = run_config(app, run_dir)
     write_report(outcome, command=f"`python {' '.join(sys.argv)}` (this run: `{' '.join(overrides)}`).")
     log.info("%s: %.0f s", run_dir.name, time.perf_counter() - started)
     return pd.read_csv(run_dir / "pareto.csv")
@@ -76,8 +85,6 @@ def best_within(front: pd.DataFrame, dense: float, points: float) -> pd.Series |
 
 def saliency_after_recovery(app: AppConfig, plan_paths: list[Path], steps: int) -> list[dict[str, Any]]:
     """Same widths, units chosen by nvit / magnitude / random; each reconstructed then distilled."""
-    from hwprune.search._proxy import SaliencyProxy
-    from hwprune.search._space import Widths
 
     dense = prunable.load_model(app.model.source, app.model.class_name)
     structure = prunable.discover(dense)
@@ -153,7 +160,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("hwprune.prunable._surgery").setLevel(logging.WARNING)
+    logging.getLogger("hwprune.prunable").setLevel(logging.WARNING)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hwprune import hessian, prunable
-from hwprune.prunable._io import resolve_source
+from hwprune.prunable import resolve_source
 from hwprune.search.tasks import STSTask
 
 log = logging.getLogger("saliency_passes_minilm")

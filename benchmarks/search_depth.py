@@ -26,14 +26,22 @@ import torch
 import transformers
 
 from hwprune import cost_models, hessian, prunable
-from hwprune.search import ParetoLocalSearchSampler
-from hwprune.search._blocks import block_spec, head_width
-from hwprune.search._pareto import exact_front, hypervolume, hypervolume_subset
-from hwprune.search._proxy import SaliencyProxy
-from hwprune.search._run import option_tables, pick
-from hwprune.search._space import SearchSpace
-from hwprune.search._storage import open_storage
-from hwprune.search._study import Constraints, SearchObjective, run_study
+from hwprune.search import (
+    Constraints,
+    ParetoLocalSearchSampler,
+    SaliencyProxy,
+    SearchObjective,
+    SearchSpace,
+    block_spec,
+    exact_front,
+    head_width,
+    hypervolume,
+    hypervolume_subset,
+    open_storage,
+    option_tables,
+    pick,
+    run_study,
+)
 from hwprune.search.config import load_hardware
 
 log = logging.getLogger("search_depth")

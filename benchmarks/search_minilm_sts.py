@@ -29,9 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hwprune import cost_models
-from hwprune.search import compose, run_search, write_report
-from hwprune.search.apply_app import apply_config
-from hwprune.search.apply_app import run as run_apply
+from hwprune.search import apply_config, compose, run_apply, run_config, write_report
 from hwprune.search.config import AppConfig
 
 log = logging.getLogger("search_minilm_sts")
@@ -91,7 +89,7 @@ def main() -> None:
             shutil.rmtree(run_dir)
         app = config(args, *overrides)
         start = time.perf_counter()
-        outcome = run_search(app, run_dir)
+        outcome = run_config(app, run_dir)
         elapsed = time.perf_counter() - start
         write_report(outcome, command=f"`python {' '.join(sys.argv)}` (this run: `{' '.join(overrides)}`).")
         rows.append(

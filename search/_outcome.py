@@ -10,9 +10,9 @@ import numpy as np
 import optuna
 
 from hwprune import cost_models, hessian, prunable
+from hwprune.search._job import SearchJob
 from hwprune.search._pareto import ExactFront
 from hwprune.search._space import SearchSpace, Widths
-from hwprune.search.config import AppConfig
 from hwprune.search.tasks import Task
 
 
@@ -48,7 +48,7 @@ class Candidate:
 class RunOutcome:
     """Everything the report writer needs."""
 
-    cfg: AppConfig
+    job: SearchJob
     run_dir: Path
     structure: prunable.Structure
     cost_model: cost_models.CostModel

@@ -127,7 +127,7 @@ def plot(outcome: RunOutcome, pareto: pd.DataFrame, trials: pd.DataFrame, path: 
     ax.scatter(dense.latency_ms, dense.metric, marker="*", s=200, c="black", label="dense")
     ax.set_xlabel(f"predicted latency, ms ({outcome.cost_model.source}, {outcome.cost_model.profile})")
     ax.set_ylabel(metric)
-    ax.set_title(f"{outcome.cfg.model.name} / {outcome.cfg.task.name} on {outcome.cost_model.profile}")
+    ax.set_title(f"{outcome.job.name} / {outcome.job.task.name} on {outcome.cost_model.profile}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax2.scatter(trials.latency_ms, trials.proxy_loss, s=4, c="lightgray", label="trials")
@@ -178,7 +178,7 @@ def plot_html(outcome: RunOutcome, pareto: pd.DataFrame, path: Path) -> bool:
             "units",
             "mlp",
         ],
-        title=f"{outcome.cfg.model.name} / {outcome.cfg.task.name} on {outcome.cost_model.profile}",
+        title=f"{outcome.job.name} / {outcome.job.task.name} on {outcome.cost_model.profile}",
         labels={
             "latency_ms": f"predicted latency (ms, {outcome.cost_model.source})",
             "metric": outcome.task.metric_name,
@@ -227,26 +227,26 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
     pareto.to_csv(d / "pareto.csv", index=False)
     plot(outcome, pareto, trials, d / "pareto.png")
     has_html = plot_html(outcome, pareto, d / "pareto.html")
-    cfg, cm = outcome.cfg, outcome.cost_model
+    job, cm = outcome.job, outcome.cost_model
     fit = ""
     if isinstance(cm, cost_models.CalibratedModel):
         fit = f" (fitted to {len(cm.fit_error)} table(s) of this device, within {max(cm.fit_error):.0%} of them)"
     dense = pareto[pareto.kind == "dense"].iloc[0]
     best = pareto[(pareto.kind == "search") & ~pareto.dominated.astype(bool)].sort_values("latency_ms")
     lines = [
-        f"# hwprune run: {cfg.model.name} / {cfg.task.name} on {cm.profile}",
+        f"# hwprune run: {job.name} / {job.task.name} on {cm.profile}",
         "",
         *([f"Command: {command}", ""] if command else []),
-        f"- Model: `{cfg.model.source}` ({outcome.structure.describe()})",
+        f"- Model: `{job.source}` ({outcome.structure.describe()})",
         f"- Task: {outcome.task.description}; metric `{outcome.task.metric_name}`",
         f"- Device: `{cm.profile}`, workload {cm.workload.describe()}",
         f"- Latency source: **{cm.source}**{fit} (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
         "to a profiled table, `analytical` = datasheet roofline)",
         f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",
-        f"- Search: {len(trials)} trials, sampler `{cfg.search.sampler._target_}`, {space_summary(outcome.space)}"
-        + (", depth pruning (a layer left without units is dropped)" if cfg.search.depth else ""),
-        f"- Recovery of every re-scored pruned plan before its metric: `{cfg.recovery.name}`"
-        + ("" if cfg.recovery.name == "none" else f" ({cfg.recovery.samples} training samples of the task)"),
+        f"- Search: {len(trials)} trials, sampler `{job.describe_sampler()}`, {space_summary(outcome.space)}"
+        + (", depth pruning (a layer left without units is dropped)" if job.settings.depth else ""),
+        f"- Recovery of every re-scored pruned plan before its metric: `{job.recovery.name}`"
+        + ("" if job.recovery.name == "none" else f" ({job.recovery_samples} training samples of the task)"),
     ]
     if "layer_scores" in outcome.extras:
         lines.append(

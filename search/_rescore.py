@@ -11,12 +11,12 @@ import optuna
 import torch
 
 from hwprune import cost_models, prunable
+from hwprune.search._job import SearchJob
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import pareto_mask
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._space import Widths
 from hwprune.search._study import SearchObjective
-from hwprune.search.config import AppConfig
 from hwprune.search.recovery import NoRecovery, Recovery
 from hwprune.search.tasks import Task
 
@@ -45,12 +45,10 @@ def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
 
 
 def rescore_front(
-    cfg: AppConfig,
+    job: SearchJob,
     outcome: RunOutcome,
     objective: SearchObjective,
     proxy: SaliencyProxy,
-    model: torch.nn.Module,
-    recovery: Recovery,
     ref: prunable.ModelRef,
     hardware: str,
 ) -> list[Candidate]:
@@ -59,7 +57,8 @@ def rescore_front(
     front = study.best_trials
     f_lat = np.array([t.values[0] for t in front])
     candidates = [Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense")]
-    for f in cfg.search.uniform_baselines:
+    settings = job.settings
+    for f in settings.uniform_baselines:
         w = space.uniform(f)
         predicted = cost_model.predict(w.units, w.mlp, experts=w.experts, expert_width=w.expert_width)
         candidates.append(
@@ -71,32 +70,32 @@ def rescore_front(
     seen = {widths_key(c.widths) for c in candidates if c.kind == "dense"}
     fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t)) not in seen]
     # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
-    low, high = cfg.search.rescore_min_speedup, cfg.search.rescore_max_speedup or np.inf
+    low, high = settings.rescore_min_speedup, settings.rescore_max_speedup or np.inf
     wanted = [i for i in fresh if low <= objective.dense_ms / f_lat[i] <= high]
     if len(wanted) < len(fresh):
         log.info(
             "re-scoring %d of %d front points: predicted speedup in [%.2f, %s]",
-            min(len(wanted), cfg.search.rescore),
+            min(len(wanted), settings.rescore),
             len(fresh),
             low,
             f"{high:.2f}" if np.isfinite(high) else "inf",
         )
     if fresh and not wanted:
         log.warning("no front point has a predicted speedup in [%.2f, %.2f]: none re-scored", low, high)
-    for i in spread(np.array(wanted, dtype=int), f_lat, cfg.search.rescore):
+    for i in spread(np.array(wanted, dtype=int), f_lat, settings.rescore):
         t = front[i]
         candidates.append(
             Candidate("search", trial_widths(t), t.values[0], t.values[1], label=f"trial {t.number}")
         )
     rescore = Rescoring(
         task=task,
-        recovery=recovery,
-        recovery_samples=cfg.recovery.samples,
-        recovery_seed=cfg.recovery.seed,
+        recovery=job.recovery,
+        recovery_samples=job.recovery_samples,
+        recovery_seed=job.recovery_seed,
         model_ref=ref,
         hardware=hardware,
     )
-    rescore.evaluate(candidates, model, proxy, cost_model, outcome.run_dir)
+    rescore.evaluate(candidates, job.model, proxy, cost_model, outcome.run_dir)
     return candidates
 
 

@@ -9,20 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 
 from hwprune import cost_models, hessian, prunable
 from hwprune.search._blocks import model_cost_model
+from hwprune.search._job import SearchJob, SearchSettings
 from hwprune.search._outcome import RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._rescore import rescore_front
 from hwprune.search._space import SearchSpace, Widths
-from hwprune.search._storage import open_storage, worker_seed
-from hwprune.search._study import Constraints, SearchObjective, rescoring_turn, run_study
-from hwprune.search.config import AppConfig, build_task
-from hwprune.search.recovery import Recovery
-from hwprune.search.tasks import Task
+from hwprune.search._storage import StudyStorage, open_storage, worker_seed
+from hwprune.search._study import SearchObjective, rescoring_turn, run_study
 
 log = logging.getLogger("hwprune.search")
 
@@ -64,14 +61,14 @@ def model_front(front: ExactFront, proxy: SaliencyProxy, options: Widths) -> Exa
     return ExactFront(latency=front.latency[keep], loss=front.loss[keep], choices=front.choices[keep])
 
 
-def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
+def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) -> None:
     """Refuse a latency budget no configuration meets, before the saliency and the study run."""
     n, spec = cost_model.spec.num_layers, cost_model.spec
     zeros = np.zeros(n, dtype=int)
     # Routed experts cannot all go: top_k of them stay, at the narrowest width a plan allows.
     narrowest = np.full(n, prunable.EXPERT_WIDTH_STEP)
     least = {"experts": np.full(n, spec.top_k), "expert_width": narrowest} if spec.experts else {}
-    if cfg.search.depth and not spec.experts:  # every layer dropped but one, which keeps a single unit
+    if settings.depth and not spec.experts:  # every layer dropped but one, which keeps a single unit
         one = np.eye(n, dtype=int)[0]
         fastest = min(
             float(cost_model.predict(u, m, dropped=one == 0).latency_ms)
@@ -81,10 +78,10 @@ def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
         fastest = float(cost_model.predict(zeros, zeros, **least).latency_ms)  # every prunable unit removed
     dense = cost_model.dense_ms()
     for key, budget, limit, unit in (
-        ("latency_budget_ms", cfg.search.latency_budget_ms, fastest, "ms"),
+        ("latency_budget_ms", settings.latency_budget_ms, fastest, "ms"),
         (
             "latency_budget_fraction",
-            cfg.search.latency_budget_fraction,
+            settings.latency_budget_fraction,
             fastest / dense,
             "of the dense latency",
         ),
@@ -92,7 +89,7 @@ def check_budget(cfg: AppConfig, cost_model: cost_models.CostModel) -> None:
         if budget is not None and budget < limit:
             raise ValueError(
                 f"search.{key}={budget} is unreachable: the fastest configuration (every prunable unit "
-                f"removed{', one layer left' if cfg.search.depth else ''}) predicts {limit:.4g} {unit} on {cost_model.profile} ({cost_model.workload.describe()}); "
+                f"removed{', one layer left' if settings.depth else ''}) predicts {limit:.4g} {unit} on {cost_model.profile} ({cost_model.workload.describe()}); "
                 f"valid: >= {limit:.4g}"
             )
 
@@ -110,46 +107,47 @@ def check_lengths(model: torch.nn.Module, workload: cost_models.Workload) -> Non
         )
 
 
-def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
-    profile = cfg.hardware.validate()
-    # Every configured method is built before anything expensive, so bad settings fail first.
-    method: hessian.Saliency = instantiate(cfg.saliency.method)
-    if cfg.search.depth and not method.estimates_loss:
-        raise ValueError(
-            f"search.depth=true needs saliency that estimates the loss, to weigh a dropped layer's measured "
-            f"loss against slimmer layers; saliency={method.name} does not; valid: "
-            f"{[m.name for m in hessian.METHODS if m.estimates_loss]}"
-        )
-    recovery: Recovery = instantiate(cfg.recovery.method)
-    sampler = instantiate(cfg.search.sampler)
-    # The study's storage first: a server that cannot be reached, or a run directory another
-    # process holds, fails before the model loads.
+def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = None) -> RunOutcome:
+    """Score the units, search per-layer widths on the device's latency, re-score the front on the task.
+
+    Args:
+        job: The model, task, saliency, device, workload and settings.
+        run_dir: Where the study journal (by default) and the candidates' plans go; `write_report`
+            writes the rest there.
+        storage: The study's storage, opened by the caller (None: opened here from
+            `job.settings.storage`). The app opens it before it loads the model, so that a server
+            that cannot be reached, or a run directory another process holds, fails first.
+
+    Returns:
+        The run's outcome, for `write_report`.
+    """
+    settings, profile, model = job.settings, job.hardware, job.model
     run_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(cfg.search.storage, run_dir, heartbeat_s=cfg.search.heartbeat_s)
-    storage.hold_single_worker()
+    if storage is None:
+        storage = open_run_storage(settings, run_dir)
+    seed = settings.seed
     if storage.shared:
-        seed = worker_seed(cfg.search.seed)
+        seed = worker_seed(settings.seed)
         log.info(
             "a worker of a shared study: sampler seed %d (search.seed %d and this process)",
             seed,
-            cfg.search.seed,
+            settings.seed,
         )
-        sampler = instantiate(cfg.search.sampler, seed=seed)
+    sampler = job.sampler(seed=seed)
     if profile.measure_peaks:
         profile = cost_models.local_profile(profile)
-    model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
-    method.check_structure(structure)  # before the task's data and the scoring passes
-    cost_model = model_cost_model(profile, model, cfg.workload.build())
+    job.saliency.check_structure(structure)  # before the task's data and the scoring passes
+    cost_model = model_cost_model(profile, model, job.workload)
     spec = cost_model.spec
     log.info(
         "%s on %s (%s): latency from the %s model",
-        cfg.model.name,
+        job.name,
         profile.name,
         cost_model.workload.describe(),
         cost_model.source,
     )
-    check_budget(cfg, cost_model)
+    check_budget(settings, cost_model)
     check_lengths(model, cost_model.workload)
     if isinstance(cost_model, cost_models.CalibratedModel) and max(cost_model.fit_error) > ROUGH_FIT:
         log.warning(
@@ -158,36 +156,32 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
             ", ".join(f"{e:.0%}" for e in cost_model.fit_error),
         )
 
-    task: Task = build_task(cfg.task, cfg.model.source)
+    task = job.task
     task.prepare(model)
     calibration = task.calibration(model)
     scores = hessian.cached_score(
-        method, model, calibration, cache_dir=cfg.saliency.cache_dir, options=cfg.saliency.options()
+        job.saliency, model, calibration, cache_dir=job.cache_dir, options=job.scoring
     )
 
     layer_scores = None
-    if cfg.search.depth:
+    if settings.depth:
         layer_scores = hessian.cached_layer_scores(
-            model, calibration, cache_dir=cfg.saliency.cache_dir, options=cfg.saliency.options()
+            model, calibration, cache_dir=job.cache_dir, options=job.scoring
         )
         log.info(
             "layer scores (loss of dropping each layer): %s", ", ".join(f"{v:.3g}" for v in layer_scores)
         )
 
-    step = cfg.search.mlp_step or (cost_models.width_step(profile, spec.mlp) if spec.mlp else 1)
+    step = settings.mlp_step or (cost_models.width_step(profile, spec.mlp) if spec.mlp else 1)
     space = SearchSpace.build(
         structure,
         mlp_step=step,
-        unit_step=cfg.search.unit_step,
+        unit_step=settings.unit_step,
         expert_width_step=cost_models.width_step(profile, spec.expert_width) if spec.experts else None,
-        expert_axes=cfg.search.expert_axes,
+        expert_axes=settings.expert_axes,
     )
     proxy = SaliencyProxy(scores, structure, layer_scores)
-    constraints = Constraints(
-        latency_ms=cfg.search.latency_budget_ms,
-        latency_fraction=cfg.search.latency_budget_fraction,
-        params_fraction=cfg.search.params_budget_fraction,
-    )
+    constraints = settings.constraints()
     objective = SearchObjective(space, cost_model, proxy, constraints)
 
     lats, losses, options = option_tables(space, cost_model, proxy)
@@ -196,20 +190,20 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
     # Hypervolume is bounded by the dense latency and the worst loss
     # (the costliest option of every layer: removing all its units, or, with depth, maybe dropping it).
     reference = (objective.dense_ms, float(sum(loss.max() for loss in losses)))
-    seeds = [space.dense()] + [space.uniform(f) for f in cfg.search.uniform_baselines]
+    seeds = [space.dense()] + [space.uniform(f) for f in settings.uniform_baselines]
     # A latency budget only removes points, so the exact front's points within it stay optimal; a
     # parameter budget is another axis, where the exact front says nothing.
     optimum = (
         None if constraints.params_fraction else exact.within(constraints.latency_limit(objective.dense_ms))
     )
     if optimum is not None:
-        picks = hypervolume_subset(optimum.latency, optimum.loss, reference, cfg.search.exact_seeds)
+        picks = hypervolume_subset(optimum.latency, optimum.loss, reference, settings.exact_seeds)
         seeds += [pick(options, optimum.choices[p]) for p in picks]
 
-    ref = prunable.model_ref(model, source=cfg.model.source)
+    ref = prunable.model_ref(model, source=job.source)
     identity = {
         "model": {
-            "source": cfg.model.source,
+            "source": job.source,
             "structure": ref.structure_fingerprint,
             "weights": ref.weights_fingerprint,
         },
@@ -219,7 +213,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         "latency_source": cost_model.source,
         "saliency": {k: scores.meta.get(k) for k in ("params", "calibration")}
         | {"method": scores.method}
-        | ({"dtype": cfg.saliency.dtype} if cfg.saliency.dtype else {}),  # device, pieces: same scores
+        | ({"dtype": job.scoring.dtype} if job.scoring.dtype else {}),  # device, pieces: same scores
         "space": {"units": list(space.unit_choices), "mlp": list(space.mlp_choices)}
         | ({"depth": True} if proxy.depth else {})
         | (
@@ -234,10 +228,10 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         objective,
         sampler=sampler,
         storage=storage,
-        n_trials=cfg.search.n_trials,
+        n_trials=settings.n_trials,
         seeds=seeds,
         identity=identity,
-        study_name=cfg.search.study_name,
+        study_name=settings.study_name,
     )
     study_seconds = time.perf_counter() - started
 
@@ -252,7 +246,7 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
         log.info("hypervolume of the Optuna front / exact front: %.4f", hv_ratio)
 
     outcome = RunOutcome(
-        cfg,
+        job,
         run_dir,
         structure,
         cost_model,
@@ -276,5 +270,16 @@ def run_search(cfg: AppConfig, run_dir: Path) -> RunOutcome:
             )
             outcome.extras["rescored_by"] = elsewhere
             return outcome
-        outcome.candidates = rescore_front(cfg, outcome, objective, proxy, model, recovery, ref, profile.name)
+        outcome.candidates = rescore_front(job, outcome, objective, proxy, ref, profile.name)
     return outcome
+
+
+def open_run_storage(settings: SearchSettings, run_dir: Path) -> StudyStorage:
+    """Open the study's storage and, unless it is shared, hold the run directory for this process.
+
+    Raises:
+        ValueError: An unsupported storage, or another process holding the run directory.
+    """
+    storage = open_storage(settings.storage, run_dir, heartbeat_s=settings.heartbeat_s)
+    storage.hold_single_worker()
+    return storage

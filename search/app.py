@@ -30,14 +30,13 @@ log = logging.getLogger("hwprune.search")
 @hydra.main(config_path="pkg://hwprune.conf", config_name="config", version_base=None)
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    from hwprune.search._from_config import run_config
     from hwprune.search._report import write_report
-    from hwprune.search._run import run_search
 
     app = to_object(cfg)  # fails here, before any work, on an unknown key or a missing field
     assert isinstance(app, AppConfig)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    outcome = run_search(app, run_dir)
-    write_report(outcome)
+    write_report(run_config(app, run_dir))
 
 
 # "Close to dense" in the comparison: fractions of the dense model's metric, so a threshold means

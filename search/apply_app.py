@@ -13,28 +13,18 @@ is written.
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
-import statistics
-import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device
-from hwprune.search._blocks import model_inputs, model_timer
+from hwprune import prunable
+from hwprune.search._apply import apply_and_measure
 from hwprune.search._cli import one_line_errors
 from hwprune.search.config import ApplyConfig, build_task, register_configs, to_object
-from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
-
-log = logging.getLogger("hwprune.apply")
 
 
 def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: Any) -> ApplyConfig:
@@ -54,255 +44,26 @@ def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: An
     return cfg
 
 
-class _TextEncoder(torch.nn.Module):
-    """(input_ids, attention_mask) -> last hidden state: the signature ONNX export needs."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """The dtype to time in: `dtype`, or for "auto" fp32 on CPU and bf16 (tensor cores) on CUDA."""
-    if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(
-            f"workload.dtype={dtype!r} cannot be timed with torch; valid choices: {sorted(TORCH_DTYPES)} or 'auto'"
-        )
-    return TORCH_DTYPES[dtype]
-
-
-def measure_ms(
-    models: list[torch.nn.Module], workload: cost_models.Workload, *, device: torch.device, repeats: int
-) -> list[list[float]]:
-    """Latencies (ms, one per round) of each model at `workload`, timed in interleaved rounds.
-
-    Models move to the device and the workload's dtype in place, so call this after anything that
-    needs them as they were (the task metric, the ONNX export).
-    """
-    timers = [model_timer(model, workload, str(device)) for model in models]
-    return [list(times) for times in interleaved(timers, rounds=repeats, warmup=3)]
-
-
-def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
-    if "pixel_values" in inputs:
-        wrapped: torch.nn.Module = model
-        names = ["pixel_values"]
-        args: tuple[torch.Tensor, ...] = (inputs["pixel_values"],)
-        axes = {"pixel_values": {0: "batch"}}
-    else:
-        wrapped = _TextEncoder(model)
-        names = ["input_ids", "attention_mask"]
-        args = (inputs["input_ids"], inputs["attention_mask"])
-        axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    torch.onnx.export(
-        wrapped.eval(),
-        args,
-        str(path),
-        dynamo=False,
-        input_names=names,
-        output_names=["output"],
-        dynamic_axes=axes,
-        opset_version=17,
-    )
-
-
-def device_metadata(device: torch.device) -> dict[str, Any]:
-    """What the latencies were measured on: the CPU's name, or the GPU's with its NVML details."""
-    if device.type == "cuda":
-        index = device.index or 0
-        return {"type": "cuda", "name": torch.cuda.get_device_name(index), "nvml": nvml_metadata(index)}
-    return {"type": "cpu", "name": cost_models.cpu_name()}
-
-
-def planned_workload(plan: prunable.PrunePlan) -> cost_models.Workload | None:
-    """The workload the plan's latency was predicted for, or None for plans that do not say."""
-    recorded = plan.metadata.get("workload")
-    return cost_models.Workload(**recorded) if isinstance(recorded, dict) else None
-
-
-def timed_workload(cfg: ApplyConfig, plan: prunable.PrunePlan) -> tuple[cost_models.Workload, list[str]]:
-    """The workload to time (the plan's, with any field the user set), and the fields that differ."""
-    planned = planned_workload(plan)
-    base = planned or cost_models.Workload(dtype="auto")
-    given = {k: v for k, v in asdict(cfg.workload).items() if v is not None}
-    workload = replace(base, **given)
-    changed = [k for k, v in given.items() if planned is not None and getattr(planned, k) != v]
-    return workload, changed
-
-
-def recovery_of(cfg: ApplyConfig, plan: prunable.PrunePlan) -> tuple[Recovery, int, int]:
-    """The recovery to run: the one asked for, else the plan's recorded recipe, else none."""
-    if cfg.recovery is not None:
-        return instantiate(cfg.recovery.method), cfg.recovery.samples, cfg.recovery.seed
-    recipe = plan.metadata.get("recovery")
-    if not recipe:
-        return NoRecovery(), 0, 0
-    return from_recipe(recipe), int(recipe.get("data_samples", 2048)), int(recipe.get("data_seed", 0))
-
-
-def check_out(cfg: ApplyConfig, plan: prunable.PrunePlan) -> Path:
-    """The output directory, refused where writing it would lose something."""
-    out = Path(cfg.out).expanduser().resolve()
-    assert plan.model.source is not None
-    source = Path(prunable.resolve_source(plan.model.source)).resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise ValueError(f"out={cfg.out} would write over the model's own directory {source}; choose another")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise ValueError(f"out={cfg.out} exists and is not empty; pass overwrite=true to replace it")
-    return out
-
-
 def run(cfg: ApplyConfig) -> dict[str, Any]:
-    """Prune, recover, save, evaluate and time the plan; every setting is checked first.
-
-    The result is written into a temporary directory beside `out` and moved into place only when
-    everything succeeded, so a failure leaves `out` as it was.
-    """
+    """`hwprune-apply`'s run: the task and the recovery `cfg` names, then `apply_and_measure`."""
     plan = prunable.PrunePlan.load(cfg.plan)
     if plan.model.source is None:
         raise ValueError(f"{cfg.plan}: the plan names no model source, so there is nothing to load")
-    device = torch_device(cfg.device)
-    workload, changed = timed_workload(cfg, plan)
-    dtype = timing_dtype(device, workload.dtype)
-    workload = replace(workload, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
-    if cfg.repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {cfg.repeats}")
-    out = check_out(cfg, plan)
-    recovery, samples, seed = recovery_of(cfg, plan)
-    if changed:
-        log.warning(
-            "timing %s, but the plan's speedup was predicted for %s (%s differ): the two answer different questions",
-            workload.describe(),
-            planned_workload(plan).describe(),  # type: ignore[union-attr]
-            ", ".join(changed),
-        )
-    else:
-        log.info("timing %s, the workload the plan was searched for", workload.describe())
-
-    model = prunable.load_model(plan.model.source, plan.model.class_name)
-    fingerprint = prunable.weights_fingerprint(model) if cfg.check_weights else None
-    plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
-    pruned = prunable.pruned_copy(model, plan, check_weights=cfg.check_weights)
-    task = build_task(cfg.task, plan.model.source)
-    task.prepare(model)
-    metric_dense, metric_unrecovered = task.evaluate(model), task.evaluate(pruned)
-    metric_pruned, report = metric_unrecovered, None
-    if not isinstance(recovery, NoRecovery):
-        report = recovery.recover(
-            pruned, model, task.recovery_data(samples=samples, seed=seed), layers=plan.kept_layers()
-        )
-        metric_pruned = task.evaluate(pruned)
-        plan = replace(
-            plan,
-            metadata={
-                **plan.metadata,
-                "recovery": {**report.recipe(), "data_samples": samples, "data_seed": seed},
-            },
-        )
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
-        prunable.save_pruned(pruned, plan, staging)
-        if cfg.onnx:  # the exported graph is the prefill forward, with dynamic batch and length
-            prefill = replace(workload, phase="prefill", seq_len=max(workload.seq_len, 2), kv_len=0)
-            export_onnx(pruned, model_inputs(pruned, prefill), staging / "model.onnx")
-        dense_t, pruned_t = measure_ms([model, pruned], workload, device=device, repeats=cfg.repeats)
-        result = _result(cfg, plan, workload, device, dense_t, pruned_t, task.metric_name)
-        result |= {
-            "metric_dense": metric_dense,
-            "metric_pruned": metric_pruned,
-            "metric_unrecovered": metric_unrecovered,
-            "recovery": report.recipe() if report else None,
-            "recovery_seconds": report.seconds if report else 0.0,
-            "workload_differs_from_plan": changed,
-            "params_dense": sum(p.numel() for p in model.parameters()),
-            "params_pruned": sum(p.numel() for p in pruned.parameters()),
-            "onnx": str(out / "model.onnx") if cfg.onnx else None,
-        }
-        (staging / "apply.json").write_text(json.dumps(result, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
-    log.info(
-        "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f%s; wrote %s",
-        pred,
-        plan.hardware,
-        result["measured_speedup"],
-        result["latency_ms_dense"],
-        result["latency_ms_pruned"],
-        task.metric_name,
-        metric_dense,
-        metric_pruned,
-        f" ({report.method}: {metric_unrecovered:.3f} before, {report.seconds:.1f} s)" if report else "",
-        out,
+    recovery = None if cfg.recovery is None else instantiate(cfg.recovery.method)
+    return apply_and_measure(
+        cfg.plan,
+        cfg.out,
+        task=build_task(cfg.task, plan.model.source),
+        workload=asdict(cfg.workload),
+        recovery=recovery,
+        recovery_samples=cfg.recovery.samples if cfg.recovery is not None else 2048,
+        recovery_seed=cfg.recovery.seed if cfg.recovery is not None else 0,
+        device=cfg.device,
+        repeats=cfg.repeats,
+        onnx=cfg.onnx,
+        overwrite=cfg.overwrite,
+        check_weights=cfg.check_weights,
     )
-    return result
-
-
-def _result(
-    cfg: ApplyConfig,
-    plan: prunable.PrunePlan,
-    workload: cost_models.Workload,
-    device: torch.device,
-    dense: list[float],
-    pruned: list[float],
-    metric_name: str,
-) -> dict[str, Any]:
-    """apply.json's timing part: predicted and measured speedup, latencies with their quartiles."""
-    meta = plan.metadata
-    predicted = None
-    if meta.get("latency_ms") and meta.get("dense_latency_ms"):
-        predicted = float(meta["dense_latency_ms"]) / float(meta["latency_ms"])
-    dense_ms, pruned_ms = statistics.median(dense), statistics.median(pruned)
-    result: dict[str, Any] = {
-        "plan": str(Path(cfg.plan).resolve()),
-        "hardware": plan.hardware,
-        "predicted_speedup": predicted,
-        "predicted_for": {
-            "hardware": plan.hardware,
-            "workload": meta.get("workload"),
-            "source": meta.get("latency_source"),
-        },
-        "measured_speedup": dense_ms / pruned_ms,
-        "latency_ms_dense": dense_ms,
-        "latency_ms_pruned": pruned_ms,
-        "latency_ms_dense_quartiles": statistics.quantiles(dense, n=4) if len(dense) > 1 else [dense_ms] * 3,
-        "latency_ms_pruned_quartiles": statistics.quantiles(pruned, n=4)
-        if len(pruned) > 1
-        else [pruned_ms] * 3,
-        "metric_name": metric_name,
-        "workload": {
-            **asdict(workload),
-            "device": device_metadata(device),
-            "threads": torch.get_num_threads(),
-            "repeats": cfg.repeats,
-            "timing": f"median of {cfg.repeats} interleaved rounds ({'CUDA events' if device.type == 'cuda' else 'wall clock'})",
-        },
-    }
-    predicted_dense = meta.get("dense_latency_ms")
-    if predicted_dense:
-        ratio = dense_ms / float(predicted_dense)
-        result["dense_measured_over_predicted"] = ratio
-        if not 2 / 3 <= ratio <= 1.5:
-            log.warning(
-                "the dense model measured %.2f ms here, %.2fx the %.2f ms predicted for %s: another device, a "
-                "loaded machine or a stale table; the speedup is still measured in interleaved rounds",
-                dense_ms,
-                ratio,
-                float(predicted_dense),
-                plan.hardware,
-            )
-    return result
 
 
 @hydra.main(config_path="pkg://hwprune.conf", config_name="apply", version_base=None)

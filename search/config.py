@@ -8,6 +8,7 @@ field fails before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hwprune import cost_models
+from hwprune.search._job import SearchSettings
 from hwprune.search._options import (
     RECOVERY_METHODS,
     SALIENCY_METHODS,
@@ -28,7 +30,6 @@ from hwprune.search._options import (
     STSBuild,
     TaskConfig,
 )
-from hwprune.search._storage import check_storage
 
 
 @dataclass
@@ -62,7 +63,8 @@ class WorkloadConfig:
 
 @dataclass
 class SearchConfig:
-    """The Optuna study and the re-scoring of its front."""
+    """The Optuna study and the re-scoring of its front: `SearchSettings` (which says what each field
+    does and checks it) and the sampler (`_target_` an Optuna sampler, typed per option)."""
 
     n_trials: int = 1000
     seed: int = 0
@@ -92,55 +94,11 @@ class SearchConfig:
     expert_axes: bool = True
 
     def __post_init__(self) -> None:
-        """Range checks that need no model: they fail in `to_object`, before anything loads."""
-        checks = [
-            ("n_trials", self.n_trials, self.n_trials >= 1, ">= 1"),
-            ("rescore", self.rescore, self.rescore >= 0, ">= 0"),
-            ("heartbeat_s", self.heartbeat_s, self.heartbeat_s >= 1, ">= 1 (seconds)"),
-            ("rescore_min_speedup", self.rescore_min_speedup, self.rescore_min_speedup >= 1, ">= 1"),
-            (
-                "rescore_max_speedup",
-                self.rescore_max_speedup,
-                self.rescore_max_speedup is None or self.rescore_max_speedup > self.rescore_min_speedup,
-                f"> search.rescore_min_speedup={self.rescore_min_speedup} (or null: no upper bound)",
-            ),
-            ("unit_step", self.unit_step, self.unit_step >= 1, ">= 1"),
-            (
-                "mlp_step",
-                self.mlp_step,
-                self.mlp_step is None or self.mlp_step >= 1,
-                ">= 1 (or null: the device's tile)",
-            ),
-            ("exact_seeds", self.exact_seeds, self.exact_seeds >= 0, ">= 0"),
-            (
-                "uniform_baselines",
-                self.uniform_baselines,
-                all(0 < f < 1 for f in self.uniform_baselines),
-                "fractions in (0, 1)",
-            ),
-            (
-                "latency_budget_ms",
-                self.latency_budget_ms,
-                self.latency_budget_ms is None or self.latency_budget_ms > 0,
-                "> 0 (or null)",
-            ),
-            (
-                "latency_budget_fraction",
-                self.latency_budget_fraction,
-                self.latency_budget_fraction is None or 0 < self.latency_budget_fraction < 1,
-                "in (0, 1) of the dense latency (or null)",
-            ),
-            (
-                "params_budget_fraction",
-                self.params_budget_fraction,
-                self.params_budget_fraction is None or 0 < self.params_budget_fraction < 1,
-                "in (0, 1) of the dense parameters (or null)",
-            ),
-        ]
-        for key, value, ok, valid in checks:
-            if not ok:
-                raise ValueError(f"search.{key}={value!r} is invalid; valid: {valid}")
-        check_storage(self.storage)
+        self.settings()  # the one home of the range checks: they fail in `to_object`, before anything loads
+
+    def settings(self) -> SearchSettings:
+        """These settings as the core takes them (everything but the sampler)."""
+        return SearchSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SearchSettings)})
 
 
 @dataclass
@@ -258,8 +216,6 @@ def check_keys(cfg: DictConfig, path: str = "") -> None:
     `OmegaConf.to_object` then drops the key without a word: `+saliency.method.frist_order=true`
     would silently do nothing. This walk makes such a typo an error.
     """
-    import dataclasses
-
     schema = OmegaConf.get_type(cfg)
     if schema is not None and dataclasses.is_dataclass(schema):
         declared = {f.name for f in dataclasses.fields(schema)}

@@ -120,11 +120,11 @@ def test_a_shared_study_is_joined_only_with_the_same_identity(tmp_path: Path) ->
     ],
 )
 def test_what_needs_the_model_fails_before_the_saliency(override: str, message: str, tmp_path: Path) -> None:
-    from hwprune.search._run import run_search
+    from hwprune.search._from_config import run_config
 
     app = to_object(compose("config", [override, f"saliency.cache_dir={tmp_path / 'cache'}"]))
     with pytest.raises(ValueError, match=message):
-        run_search(app, tmp_path / "run")  # type: ignore[arg-type]
+        run_config(app, tmp_path / "run")  # type: ignore[arg-type]
     assert not (tmp_path / "cache").exists()  # no saliency was computed
     written = sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith("."))
     assert written == ["study.journal"]  # the (empty) study, opened first; nothing else (locks are hidden)

@@ -236,8 +236,8 @@ def test_search_with_expert_axes_end_to_end(tmp_path: Path) -> None:
     and its plans apply, reload and are timed by hwprune-apply."""
     import pandas as pd
 
+    from hwprune.search._from_config import run_config
     from hwprune.search._report import write_report
-    from hwprune.search._run import run_search
     from hwprune.search.apply_app import apply_config
     from hwprune.search.apply_app import run as run_apply
     from hwprune.search.config import AppConfig, compose, to_object
@@ -265,7 +265,7 @@ def test_search_with_expert_axes_end_to_end(tmp_path: Path) -> None:
     ]
     cfg = to_object(compose("config", overrides))
     assert isinstance(cfg, AppConfig)
-    outcome = run_search(cfg, tmp_path / "run")
+    outcome = run_config(cfg, tmp_path / "run")
     pareto = write_report(outcome)
     assert outcome.space.expert_choices == (2, 3, 4) and outcome.cost_model.spec.experts == 4
     trials = pd.read_csv(tmp_path / "run" / "trials.csv")
@@ -338,15 +338,15 @@ def test_heapr_is_the_output_space_second_order_score_of_atomic_experts() -> Non
 def test_a_saliency_that_cannot_score_the_model_fails_before_any_data_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hwprune.search import _run
+    from hwprune.search import _from_config
     from hwprune.search.config import compose, to_object
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("the task was built")
 
-    monkeypatch.setattr(_run, "build_task", boom)
+    monkeypatch.setattr(_from_config, "build_task", boom)
     cfg = to_object(compose("config", ["saliency=heapr", f"saliency.cache_dir={tmp_path}"]))
     with pytest.raises(
         ValueError, match="saliency heapr scores routed experts and BertModel has none; use nvit"
     ):
-        _run.run_search(cfg, tmp_path / "run")  # type: ignore[arg-type]
+        _from_config.run_config(cfg, tmp_path / "run")  # type: ignore[arg-type]

@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
+from hwprune.search._from_config import run_config
 from hwprune.search._report import PARETO_COLUMNS, write_report
-from hwprune.search._run import run_search
 from hwprune.search.app import CompareDevices
 from hwprune.search.apply_app import apply_config
 from hwprune.search.apply_app import run as run_apply
@@ -38,7 +38,7 @@ def app_config(tmp_path: Path, *overrides: str) -> AppConfig:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("search")
-    outcome = run_search(app_config(tmp, "hardware=gpu_h100"), tmp / "run")
+    outcome = run_config(app_config(tmp, "hardware=gpu_h100"), tmp / "run")
     write_report(outcome)
     return tmp / "run"
 
@@ -76,7 +76,7 @@ def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
     app = app_config(tmp_path, "hardware=gpu_h100", "search.n_trials=36", "recovery=none")
     app.saliency.cache_dir = str(run_dir.parent / "cache")
     before = pd.read_csv(resumed / "trials.csv")
-    write_report(run_search(app, resumed))
+    write_report(run_config(app, resumed))
     after = pd.read_csv(resumed / "trials.csv")
     assert len(after) == 36
     pd.testing.assert_frame_equal(after.iloc[:30].reset_index(drop=True), before, check_dtype=False)
@@ -96,7 +96,7 @@ def test_rescoring_spends_its_recoveries_in_the_asked_speedup_window(run_dir: Pa
         "recovery=none",  # which plans are re-scored is the question here, not how they recover
     )
     app.saliency.cache_dir = str(run_dir.parent / "cache")
-    outcome = run_search(app, window)
+    outcome = run_config(app, window)
     searched = [c.latency_ms for c in outcome.candidates if c.kind == "search"]
     dense_ms = outcome.candidates[0].latency_ms
     assert 1 <= len(searched) <= 3
@@ -112,7 +112,7 @@ def test_workers_of_a_shared_study_rescore_its_front_once(run_dir: Path, tmp_pat
     for worker in ("a", "b"):  # one after the other here; tests/test_workers.py runs them at once
         app = app_config(tmp_path, "hardware=gpu_h100", f"search.storage={shared}", "recovery=none")
         app.saliency.cache_dir = str(run_dir.parent / "cache")
-        outcomes.append(run_search(app, tmp_path / worker))
+        outcomes.append(run_config(app, tmp_path / worker))
         write_report(outcomes[-1])
     first, second = outcomes
     assert len(first.candidates) >= 2 and second.candidates == []
@@ -193,7 +193,7 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     for setting, error, match in (
         ({"device": "tpu"}, ValueError, r"unknown torch device 'tpu'; valid choices: 'cpu', 'cuda'"),
         ({"workload": {"dtype": "int8"}}, ValueError, r"workload.dtype='int8' cannot be timed.*'bf16'"),
-        ({"repeats": 0}, ValueError, "repeats must be >= 1, got 0"),
+        ({"repeats": 0}, ValueError, "repeats=0 is invalid; valid: >= 1"),
     ):
         bad_cfg = apply_config(
             plan=str(plan_path),
@@ -229,7 +229,7 @@ def test_sweep_writes_a_device_comparison(run_dir: Path, tmp_path: Path) -> None
 def test_apply_never_loses_an_output_directory(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from hwprune.search import apply_app
+    from hwprune.search import _apply, apply_app
 
     plan = str(run_dir / "plans" / "dense.yaml")
     task = compose("config", SMALL[:2]).task
@@ -253,7 +253,7 @@ def test_apply_never_loses_an_output_directory(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(apply_app, "measure_ms", broken)
+    monkeypatch.setattr(_apply, "measure_ms", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         run_apply(settings(tmp_path / "late"))
     assert not (tmp_path / "late").exists() and not list(tmp_path.glob(".late.*"))
@@ -276,7 +276,7 @@ def test_depth_search_drops_layers_and_apply_times_the_shallower_model(tmp_path:
         "recovery=none",
         "search.rescore_min_speedup=1.5",
     )
-    outcome = run_search(app, tmp_path / "run")
+    outcome = run_config(app, tmp_path / "run")
     pareto = write_report(outcome, command="`hwprune-search search.depth=true`")
     assert len(outcome.extras["layer_scores"]) == 6
     report = (tmp_path / "run" / "report.md").read_text().splitlines()
@@ -304,7 +304,7 @@ def test_depth_search_drops_layers_and_apply_times_the_shallower_model(tmp_path:
     # Magnitude scores are no loss estimate: depth refuses them before anything loads.
     bad = app_config(tmp_path, "search.depth=true", "saliency=magnitude")
     with pytest.raises(ValueError, match=r"search.depth=true needs saliency that estimates the loss.*'nvit'"):
-        run_search(bad, tmp_path / "never")
+        run_config(bad, tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
 
@@ -345,7 +345,7 @@ def test_an_image_model_other_than_vit_searches_and_applies_end_to_end(tmp_path:
         )
     )
     assert isinstance(cfg, AppConfig)
-    pareto = write_report(run_search(cfg, tmp_path / "run"))
+    pareto = write_report(run_config(cfg, tmp_path / "run"))
     plan_path = tmp_path / "run" / pareto[pareto.kind == "uniform"].plan_path.iloc[0]
     result = run_apply(
         apply_config(plan=plan_path, out=tmp_path / "out", task=cfg.task, repeats=2, onnx=False)

@@ -18,6 +18,7 @@ class Task(ABC):
     model as it is now (dense, gated or pruned).
     """
 
+    name: ClassVar[str]  # the option's name under conf/task/
     metric_name: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
 

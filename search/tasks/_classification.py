@@ -58,6 +58,7 @@ class ClassificationTask(Task):
         seed: Seed of the train/test split (use the one the model was trained with).
     """
 
+    name: ClassVar[str] = "classification"
     metric_name: ClassVar[str] = "accuracy_x100"
 
     def __init__(self, *, calibration_samples: int = 256, batch_size: int = 64, seed: int = 0) -> None:

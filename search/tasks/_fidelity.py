@@ -72,6 +72,7 @@ class FidelityTask(Task):
         seed: Seed of the split.
     """
 
+    name: ClassVar[str] = "fidelity"
     metric_name: ClassVar[str] = "cosine_to_dense_x100"
 
     def __init__(

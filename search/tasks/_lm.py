@@ -49,6 +49,7 @@ class LMTask(Task):
         batch_size: Blocks per batch.
     """
 
+    name: ClassVar[str] = "lm"
     metric_name: ClassVar[str] = "perplexity"
     higher_is_better: ClassVar[bool] = False
 

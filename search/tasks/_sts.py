@@ -109,6 +109,7 @@ class STSTask(Task):
         seed: Seed of the calibration draw.
     """
 
+    name: ClassVar[str] = "sts"
     metric_name: ClassVar[str] = "spearman_x100"
 
     def __init__(

@@ -105,7 +105,7 @@ def pruned_models(dense: torch.nn.Module, units: np.ndarray, mlp: np.ndarray) ->
     yield dense
     for k in range(len(units)):
         plan = prunable.PrunePlan.from_units(
-            structure, ref, heads=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
+            structure, ref, attention=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
         )
         yield prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False)
 

@@ -127,7 +127,7 @@ def main() -> None:
                 forced = prunable.PrunePlan.from_units(
                     structure,
                     prunable.model_ref(dense),
-                    heads=[[] if i in drop else range(12) for i in range(6)],
+                    attention=[[] if i in drop else range(12) for i in range(6)],
                     mlp=[[] if i in drop else range(1536) for i in range(6)],
                     drop=[i in drop for i in range(6)],
                 )

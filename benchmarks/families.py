@@ -86,7 +86,7 @@ def automodel(case: Case) -> str:
     structure = prunable.discover(model)
     n = structure.layers[0].mlp_width
     plan = prunable.PrunePlan.from_units(
-        structure, prunable.model_ref(model), heads=[[0]] * 3, mlp=[list(range(0, n, 2))] * 3
+        structure, prunable.model_ref(model), attention=[[0]] * 3, mlp=[list(range(0, n, 2))] * 3
     )
     prunable.apply_plan(model, plan)
     expected = run(case, model)

@@ -32,7 +32,7 @@ def child(shape: str, variant: str) -> None:
     plan = prunable.PrunePlan.from_units(
         structure,
         prunable.model_ref(model, with_weights=False),
-        heads=[range(la.attention_units // 2) for la in structure.layers],
+        attention=[range(la.attention_units // 2) for la in structure.layers],
         mlp=[range(la.mlp_width // 2) for la in structure.layers],
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -150,7 +150,7 @@ def prune_half(model: torch.nn.Module, scores: hessian.UnitScores, policy: str) 
             kept[kind] = [sorted(offset[top][owner[top] == i].tolist()) for i in range(len(per_layer))]
     pruned = copy.deepcopy(model)
     plan = prunable.PrunePlan.from_units(
-        structure, prunable.model_ref(pruned, with_weights=False), heads=kept["heads"], mlp=kept["mlp"]
+        structure, prunable.model_ref(pruned, with_weights=False), attention=kept["heads"], mlp=kept["mlp"]
     )
     return prunable.apply_plan(pruned, plan)
 

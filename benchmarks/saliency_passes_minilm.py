@@ -47,7 +47,7 @@ def main() -> None:
             options = hessian.ScoringOptions(max_samples=max_samples)
             scores = hessian.NViTSaliency().score(model, calibration, options=options)
             seconds = time.perf_counter() - started
-            flat = torch.cat([*scores.heads, *scores.mlp])
+            flat = torch.cat([*scores.attention, *scores.mlp])
             reference = flat if reference is None else reference
             diff = float((flat - reference).abs().max() / reference.abs().max())
             print(

@@ -268,7 +268,7 @@ def main() -> None:
 
 
 def flat(scores: hessian.UnitScores) -> torch.Tensor:
-    return torch.cat([*scores.heads, *scores.mlp])
+    return torch.cat([*scores.attention, *scores.mlp])
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetime, notes: list[str]) -> None:

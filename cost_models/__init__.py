@@ -8,7 +8,7 @@ layer the attention units and MLP neurons kept.
     tables = cost_models.load_tables(profile)         # this device's profiled tables
     model = cost_models.cost_model_for(profile, spec, workload, tables=tables)  # table > calibrated > analytical
     pred = model.predict(units, mlp)          # (N, layers) arrays -> pred.latency_ms (N,)
-    pred.source, pred.profile, pred.workload  # "table" | "calibrated" | "analytical", "gpu_h100", Workload
+    pred.source, pred.hardware, pred.workload  # "table" | "calibrated" | "analytical", "gpu_h100", Workload
 """
 
 from hwprune.cost_models._analytical import AnalyticalModel, Efficiency

@@ -90,8 +90,8 @@ class AnalyticalModel(CostModel):
         source: str = "analytical",
     ) -> None:
         profile.validate()
-        self.hardware = profile
-        self.profile = profile.name
+        self.profile = profile
+        self.hardware = profile.name
         self.spec = spec
         self.workload = profile.resolve_workload(workload)
         self.efficiency = efficiency or Efficiency()
@@ -112,7 +112,7 @@ class AnalyticalModel(CostModel):
         weights_resident: np.ndarray | bool = False,
         attention: bool = False,
     ) -> np.ndarray:
-        hw, eff, b = self.hardware, self.efficiency, self.workload.bytes_per_element
+        hw, eff, b = self.profile, self.efficiency, self.workload.bytes_per_element
         m, n, k, batch = (np.asarray(x, dtype=np.int64) for x in (m, n, k, batch))
         tiles = batch * _ceil_div(m, hw.tile_m) * _ceil_div(n, hw.tile_n)
         k_pad = _ceil_div(k, hw.tile_k) * hw.tile_k
@@ -144,17 +144,17 @@ class AnalyticalModel(CostModel):
         self, active: np.ndarray, rows: np.ndarray | int, cols: np.ndarray | int, tensors_moved: float
     ) -> np.ndarray:
         """Memory-bound op over a (rows, cols) tensor, reading and writing `tensors_moved` copies."""
-        hw = self.hardware
+        hw = self.profile
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         if hw.pad_memory:
             rows = _ceil_div(rows, hw.tile_m) * hw.tile_m
             cols = _ceil_div(cols, hw.tile_n) * hw.tile_n
         moved = (rows * cols).astype(np.float64) * tensors_moved * self.workload.bytes_per_element
-        memory = moved / (self.hardware.memory_bandwidth_gbs * 1e9 * self.efficiency.memory)
+        memory = moved / (self.profile.memory_bandwidth_gbs * 1e9 * self.efficiency.memory)
         return np.where(active, memory + self._overhead(), 0.0)
 
     def _overhead(self) -> float:
-        return self.hardware.launch_overhead_us * 1e-6 * self.efficiency.overhead
+        return self.profile.launch_overhead_us * 1e-6 * self.efficiency.overhead
 
     def _weights_resident(
         self,
@@ -164,7 +164,7 @@ class AnalyticalModel(CostModel):
         expert_width: np.ndarray | None = None,
     ) -> np.ndarray:
         """Whether the block's weights fit in on-chip memory (else they stream from DRAM)."""
-        cap = self.hardware.on_chip_memory_mib
+        cap = self.profile.on_chip_memory_mib
         if cap is None:
             return np.zeros(np.broadcast(units, mlp).shape, dtype=bool)
         params = self.spec.params(units, mlp, experts, expert_width)

@@ -21,14 +21,14 @@ class Prediction:
         latency_ms: (N,) whole-model latency, or a 0-d array for one configuration.
         source: "table" (profiled lookup), "calibrated" (analytical fitted to a table) or
             "analytical" (datasheet roofline).
-        profile: Hardware profile the prediction is for.
+        hardware: Name of the hardware profile the prediction is for.
         workload: The workload it is for (dtype resolved): a label is only worth as much as what it
             labels, so every prediction says which workload its number answers.
     """
 
     latency_ms: np.ndarray
     source: str
-    profile: str
+    hardware: str
     workload: Workload
 
     def __float__(self) -> float:
@@ -43,7 +43,7 @@ class CostModel(ABC):
     """
 
     source: str
-    profile: str
+    hardware: str  # the hardware profile's name
     spec: BlockSpec
     workload: Workload
     base_ms: float = 0.0
@@ -106,7 +106,7 @@ class CostModel(ABC):
             blocks = np.where(d, 0.0, blocks)
         latency = blocks.sum(-1) + self.base_ms
         return Prediction(
-            latency_ms=latency, source=self.source, profile=self.profile, workload=self.workload
+            latency_ms=latency, source=self.source, hardware=self.hardware, workload=self.workload
         )
 
     def dense_ms(self) -> float:

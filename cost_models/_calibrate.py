@@ -83,8 +83,8 @@ def calibrate(
     if not tables:
         raise ValueError(f"calibrating {profile.name} needs at least one profiled table, got none")
     for table in tables:
-        if table.profile != profile.name:
-            raise ValueError(f"a table of {table.profile!r} cannot calibrate {profile.name!r}")
+        if table.hardware != profile.name:
+            raise ValueError(f"a table of {table.hardware!r} cannot calibrate {profile.name!r}")
         if len(table.frame) < 3:
             raise ValueError(f"calibration needs >= 3 measured points per table, one has {len(table.frame)}")
     targets = [_targets(profile, t) for t in tables]

@@ -47,9 +47,9 @@ def load_tables(profile: HardwareProfile) -> list[LatencyTable]:
         paths += found
     for path in paths:
         table = LatencyTable.load(path)
-        if table.profile != profile.name:
+        if table.hardware != profile.name:
             log.warning(
-                "table %s was measured for %r, not %r; skipping it", path, table.profile, profile.name
+                "table %s was measured for %r, not %r; skipping it", path, table.hardware, profile.name
             )
             continue
         if profile.kind == "cpu":
@@ -96,8 +96,8 @@ def cost_model_for(
     profile.validate()
     resolved = profile.resolve_workload(workload)
     for table in tables:
-        if table.profile != profile.name:
-            raise ValueError(f"a table of {table.profile!r} was passed for hardware {profile.name!r}")
+        if table.hardware != profile.name:
+            raise ValueError(f"a table of {table.hardware!r} was passed for hardware {profile.name!r}")
     for table in tables:
         if table.spec == spec and table.workload == resolved:
             return TableModel(table=table, workload=resolved, fit=profile.table_fit)

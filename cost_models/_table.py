@@ -29,7 +29,7 @@ class LatencyTable:
         frame: One row per grid point, columns COLUMNS.
         spec: Block shape that was timed.
         workload: Workload it was timed under.
-        profile: Hardware profile name.
+        hardware: Hardware profile name.
         base_ms: Measured latency of the model outside its blocks (embeddings, head), or 0.
         meta: Backend, device, driver, clocks, library versions, date, command.
     """
@@ -37,7 +37,7 @@ class LatencyTable:
     frame: pd.DataFrame
     spec: BlockSpec
     workload: Workload
-    profile: str
+    hardware: str
     base_ms: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -47,7 +47,7 @@ class LatencyTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.frame[COLUMNS].to_csv(path, index=False, float_format="%.6g")
         sidecar = {
-            "profile": self.profile,
+            "hardware": self.hardware,
             "spec": asdict(self.spec),
             "workload": asdict(self.workload),
             "base_ms": self.base_ms,
@@ -73,7 +73,9 @@ class LatencyTable:
             frame=frame,
             spec=BlockSpec(**side["spec"]),
             workload=Workload(**side["workload"]),
-            profile=side["profile"],
+            hardware=side["hardware"]
+            if "hardware" in side
+            else side["profile"],  # "profile" before 2026-11-26
             base_ms=float(side.get("base_ms", 0.0)),
             meta=side.get("meta", {}),
         )
@@ -108,19 +110,19 @@ class TableModel(CostModel):
             raise ValueError(f"unknown table fit {fit!r}; valid choices: {list(TABLE_FITS)}")
         if workload is not None and workload != table.workload:
             raise ValueError(
-                f"table for {table.profile} was profiled at {table.workload.describe()}, not "
+                f"table for {table.hardware} was profiled at {table.workload.describe()}, not "
                 f"{workload.describe()}; profile that workload or use the analytical model"
             )
         self.table, self.fit = table, fit
-        self.profile = table.profile
+        self.hardware = table.hardware
         self.spec = table.spec
         self.workload = table.workload
         grid = table.frame.pivot_table(index="units", columns="mlp", values="latency_ms", aggfunc="median")
         if grid.isna().any().any():
-            raise ValueError(f"latency table for {table.profile} has an incomplete (units x mlp) grid")
+            raise ValueError(f"latency table for {table.hardware} has an incomplete (units x mlp) grid")
         if min(grid.shape) < 2:
             raise ValueError(
-                f"latency table for {table.profile} needs >= 2 grid points per axis, got {grid.shape}"
+                f"latency table for {table.hardware} needs >= 2 grid points per axis, got {grid.shape}"
             )
         self.units_grid = grid.index.to_numpy(dtype=np.float64)
         self.mlp_grid = grid.columns.to_numpy(dtype=np.float64)
@@ -157,7 +159,7 @@ class TableModel(CostModel):
             if values.size and (values.min() < grid[0] or values.max() > grid[-1]):
                 raise ValueError(
                     f"{name} width {values.min() if values.min() < grid[0] else values.max():g} is outside the "
-                    f"profiled range [{grid[0]:g}, {grid[-1]:g}] of the {self.profile} table; not extrapolating"
+                    f"profiled range [{grid[0]:g}, {grid[-1]:g}] of the {self.hardware} table; not extrapolating"
                 )
         iu, wu = _bracket(self.units_grid, u)
         im, wm = _bracket(self.mlp_grid, m)

@@ -21,7 +21,7 @@ from hwprune.hessian._calibration import Calibration
 
 @dataclass
 class UnitScores:
-    """Saliency of every unit: `heads[i]` is (attention units,), `mlp[i]` is (neurons,) of layer i.
+    """Saliency of every unit: `attention[i]` is (attention units,), `mlp[i]` is (neurons,) of layer i.
 
     Models with mixture-of-experts layers also have `experts[i]` (routed experts,) and
     `expert_mlp[i]` (experts, width), one score per expert and per expert neuron ((0,)-shaped for
@@ -33,14 +33,14 @@ class UnitScores:
 
     method: str
     structure_fingerprint: str
-    heads: list[torch.Tensor]
+    attention: list[torch.Tensor]
     mlp: list[torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     experts: list[torch.Tensor] = field(default_factory=list)
     expert_mlp: list[torch.Tensor] = field(default_factory=list)
 
     def of(self, kind: str) -> list[torch.Tensor]:
-        """Per layer, the scores of one kind of unit ("heads", "mlp", "experts", "expert_mlp")."""
+        """Per layer, the scores of one kind of unit ("attention", "mlp", "experts", "expert_mlp")."""
         if kind in prunable.GATE_KINDS:
             return getattr(self, kind)
         raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(prunable.GATE_KINDS)}")
@@ -52,7 +52,7 @@ class UnitScores:
                 f"scores are for structure {self.structure_fingerprint}, the model is {structure.fingerprint()}"
             )
         shapes = {
-            "heads": lambda la: (la.attention_units,),
+            "attention": lambda la: (la.attention_units,),
             "mlp": lambda la: (la.mlp_width,),
             "experts": lambda la: (la.num_experts,),
             "expert_mlp": lambda la: (la.num_experts, la.expert_width),
@@ -111,17 +111,22 @@ class UnitScores:
     def load(cls, path: str | Path) -> UnitScores:
         with np.load(Path(path)) as data:
             header = json.loads(str(data["header"]))
+            # Files written before 2026-11-26 call the attention units "heads".
+            stored = {
+                kind: "heads" if kind == "attention" and "heads_0" in data.files else kind
+                for kind in prunable.GATE_KINDS
+            }
             kinds = {
                 kind: [
-                    torch.from_numpy(data[f"{kind}_{i}"].copy())
-                    for i in range(sum(1 for k in data.files if k.rsplit("_", 1)[0] == kind))
+                    torch.from_numpy(data[f"{stored[kind]}_{i}"].copy())
+                    for i in range(sum(1 for k in data.files if k.rsplit("_", 1)[0] == stored[kind]))
                 ]
                 for kind in prunable.GATE_KINDS
             }
         return cls(header["method"], header["structure_fingerprint"], meta=header["meta"], **kinds)
 
 
-# A method's scores: per kind of unit, per layer; or (heads, mlp) for methods without expert scores.
+# A method's scores: per kind of unit, per layer; or (attention, mlp) for methods without expert scores.
 Scored = dict[str, list[torch.Tensor]] | tuple[list[torch.Tensor], list[torch.Tensor]]
 
 

@@ -38,7 +38,7 @@ class FisherSaliency(SeededSaliency):
         layers = prunable.couplings(model)
         params = list(
             {
-                id(p): p for lc in layers for c in lc.heads + lc.mlp for p, _ in c.parameters_and_dims()
+                id(p): p for lc in layers for c in lc.attention + lc.mlp for p, _ in c.parameters_and_dims()
             }.values()
         )
         position = {id(p): i for i, p in enumerate(params)}
@@ -46,13 +46,13 @@ class FisherSaliency(SeededSaliency):
         # Per-unit sums of g^2 w^2, accumulated sample by sample where the gradients are: no
         # weight-sized accumulator beside the gradients, no host copy per parameter and sample.
         dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-        heads = [torch.zeros(la.attention_units, dtype=dtype, device=device) for la in structure.layers]
+        attention = [torch.zeros(la.attention_units, dtype=dtype, device=device) for la in structure.layers]
         mlp = [torch.zeros(la.mlp_width, dtype=dtype, device=device) for la in structure.layers]
         # (unit sums, coupling, parameter, its unit dimension) of every coupled tensor
         terms = [
             (sums, coupling, param, dim)
-            for lc, head_sums, mlp_sums in zip(layers, heads, mlp, strict=True)
-            for coupled, sums in ((lc.heads, head_sums), (lc.mlp, mlp_sums))
+            for lc, head_sums, mlp_sums in zip(layers, attention, mlp, strict=True)
+            for coupled, sums in ((lc.attention, head_sums), (lc.mlp, mlp_sums))
             for coupling in coupled
             for param, dim in coupling.parameters_and_dims()
         ]
@@ -73,6 +73,6 @@ class FisherSaliency(SeededSaliency):
                             obd = g.float().pow(2) * param.detach().float().pow(2)
                             sums += coupling.per_unit(obd, dim).sum(1).to(dtype)
         n = calibration.n_samples
-        heads = [0.5 * h / n for h in heads]
+        attention = [0.5 * h / n for h in attention]
         mlp = [0.5 * m / n for m in mlp]
-        return heads, mlp
+        return attention, mlp

@@ -128,7 +128,7 @@ def mean_over_samples(
 def zero_scores(structure: prunable.Structure) -> dict[str, list[torch.Tensor]]:
     """Float64 zeros shaped like the scores of every kind of unit of `structure`."""
     return {
-        "heads": [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers],
+        "attention": [torch.zeros(la.attention_units, dtype=torch.float64) for la in structure.layers],
         "mlp": [torch.zeros(la.mlp_width, dtype=torch.float64) for la in structure.layers],
         "experts": [torch.zeros(la.num_experts, dtype=torch.float64) for la in structure.layers],
         "expert_mlp": [

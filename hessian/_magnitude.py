@@ -66,7 +66,7 @@ class RandomSaliency(SeededSaliency):
         options: ScoringOptions,
     ) -> Scored:
         gen = torch.Generator().manual_seed(self.seed)
-        heads = [
+        attention = [
             torch.rand(la.attention_units, generator=gen, dtype=torch.float64) for la in structure.layers
         ]
         mlp = [torch.rand(la.mlp_width, generator=gen, dtype=torch.float64) for la in structure.layers]
@@ -76,4 +76,4 @@ class RandomSaliency(SeededSaliency):
             torch.rand(la.num_experts, la.expert_width, generator=gen, dtype=torch.float64)
             for la in structure.layers
         ]
-        return {"heads": heads, "mlp": mlp, "experts": experts, "expert_mlp": expert_mlp}
+        return {"attention": attention, "mlp": mlp, "experts": experts, "expert_mlp": expert_mlp}

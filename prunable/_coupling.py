@@ -103,7 +103,7 @@ class LayerCouplings:
     """Everything one block's units are coupled to, plus where their gates act.
 
     Attributes:
-        heads: Couplings of the attention units (Q/K/V rows and output-projection columns).
+        attention: Couplings of the attention units (Q/K/V rows and output-projection columns).
         mlp: Couplings of the MLP neurons (up/gate rows and down-projection columns).
         attn_gate_site: Module whose input is the per-head context (B, T, heads*head_dim).
         mlp_gate_site: Module whose input is the MLP activation (B, T, width).
@@ -116,7 +116,7 @@ class LayerCouplings:
             expert, if it has one).
     """
 
-    heads: list[Coupling] = field(default_factory=list)
+    attention: list[Coupling] = field(default_factory=list)
     mlp: list[Coupling] = field(default_factory=list)
     attn_gate_site: nn.Module | None = None
     mlp_gate_site: nn.Module | None = None
@@ -135,8 +135,8 @@ class LayerCouplings:
         self.mlp_residual = residual
 
     def of(self, kind: str) -> list[Coupling]:
-        if kind == "heads":
-            return self.heads
+        if kind == "attention":
+            return self.attention
         if kind == "mlp":
             return self.mlp
-        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: ['heads', 'mlp']")
+        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: ['attention', 'mlp']")

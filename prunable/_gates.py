@@ -38,7 +38,7 @@ GATE_KINDS = (*UNIT_KINDS, "experts", "expert_mlp")  # what gates and unit score
 class Gates:
     """Gates on every attention unit and MLP neuron of a model.
 
-    `heads[i]` holds layer i's attention-unit gates (one per KV group; one per head without GQA),
+    `attention[i]` holds layer i's attention-unit gates (one per KV group; one per head without GQA),
     `mlp[i]` its neuron gates. Each is (units,) or, after `per_sample(B)`, (B, units). The hooks read
     the current tensors at call time, so gates can be replaced or edited between forwards. Layers in
     `skipped` pass their input through untouched: the masked equivalent of dropping them. In a
@@ -53,14 +53,14 @@ class Gates:
         self.structure = structure
         self._couplings = couplings(model)
         param = next(model.parameters())
-        self.heads: list[torch.Tensor] = []
+        self.attention: list[torch.Tensor] = []
         self.mlp: list[torch.Tensor] = []
         self.experts: list[torch.Tensor] = []
         self.expert_mlp: list[torch.Tensor] = []
         self.routable: list[torch.Tensor | None] = [None] * structure.num_layers
         for layer in structure.layers:
             dtype, device = param.dtype, param.device
-            self.heads.append(torch.ones(layer.attention_units, dtype=dtype, device=device))
+            self.attention.append(torch.ones(layer.attention_units, dtype=dtype, device=device))
             self.mlp.append(torch.ones(layer.mlp_width, dtype=dtype, device=device))
             self.experts.append(torch.ones(layer.num_experts, dtype=dtype, device=device))
             self.expert_mlp.append(
@@ -83,14 +83,14 @@ class Gates:
                 self._attach_experts(i, lc.experts)
 
     def of(self, kind: str) -> list[torch.Tensor]:
-        """The gates of one kind of unit: "heads", "mlp", "experts" or "expert_mlp"."""
+        """The gates of one kind of unit: "attention", "mlp", "experts" or "expert_mlp"."""
         if kind in GATE_KINDS:
             return getattr(self, kind)
         raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(GATE_KINDS)}")
 
     def reset(self, *, batch_size: int | None = None, requires_grad: bool = False) -> None:
         """Set every gate to 1, shaped (units,) or, with `batch_size`, (batch_size, units)."""
-        for gates, dims in ((self.heads, 1), (self.mlp, 1), (self.experts, 1), (self.expert_mlp, 2)):
+        for gates, dims in ((self.attention, 1), (self.mlp, 1), (self.experts, 1), (self.expert_mlp, 2)):
             for i, g in enumerate(gates):
                 unit = tuple(g.shape[-dims:])  # (units,), or (experts, width) for expert neurons
                 shape = unit if batch_size is None else (batch_size, *unit)
@@ -100,8 +100,8 @@ class Gates:
         """Zero every gate whose unit `plan` removes and skip the layers it drops (the masked
         equivalent of applying it)."""
         plan.check(self.structure)
-        for i, (heads, mlp) in enumerate(plan.kept_units(self.structure)):
-            self.heads[i] = torch.zeros_like(self.heads[i]).index_fill_(-1, heads, 1.0)
+        for i, (units, mlp) in enumerate(plan.kept_units(self.structure)):
+            self.attention[i] = torch.zeros_like(self.attention[i]).index_fill_(-1, units, 1.0)
             self.mlp[i] = torch.zeros_like(self.mlp[i]).index_fill_(-1, mlp, 1.0)
             if self.structure.layers[i].is_moe and not plan.layers[i].drop:
                 experts, neurons = plan.layers[i].kept_experts()
@@ -135,7 +135,7 @@ class Gates:
 
         def hook(module: nn.Module, args: tuple) -> tuple:
             x, *rest = args
-            gate = self.heads[i]
+            gate = self.attention[i]
             if lc.heads_per_unit > 1:
                 gate = gate.repeat_interleave(lc.heads_per_unit, dim=-1)  # (.., units*rep) = (.., nq)
             lead = x.shape[:-1]

@@ -78,7 +78,7 @@ class LayerPlan:
 
     def kept_units(self, layer: LayerStructure) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept attention units, kept MLP neurons) of `layer`, as ascending index tensors."""
-        groups = sorted({h // layer.heads_per_group for h in self.heads})
+        groups = sorted({h // layer.heads_per_unit for h in self.heads})
         return torch.tensor(groups, dtype=torch.long), torch.tensor(self.mlp, dtype=torch.long)
 
     def kept_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +107,7 @@ class PrunePlan:
         structure: Structure,
         model: ModelRef,
         *,
-        heads: Sequence[Sequence[int]],
+        attention: Sequence[Sequence[int]],
         mlp: Sequence[Sequence[int]],
         drop: Sequence[bool] | None = None,
         experts: Sequence[Sequence[int] | None] | None = None,
@@ -124,16 +124,16 @@ class PrunePlan:
             expert_mlp: Per layer, each kept expert's neurons (None: all of them).
         """
         drop = [False] * structure.num_layers if drop is None else [bool(d) for d in drop]
-        if not len(heads) == len(mlp) == len(drop) == structure.num_layers:
+        if not len(attention) == len(mlp) == len(drop) == structure.num_layers:
             raise PlanError(
-                f"need one entry per layer ({structure.num_layers}), got {len(heads)} head, {len(mlp)} mlp "
+                f"need one entry per layer ({structure.num_layers}), got {len(attention)} attention, {len(mlp)} mlp "
                 f"and {len(drop)} drop entries"
             )
         layers = []
         for i, (layer, units, neurons, dropped) in enumerate(
-            zip(structure.layers, heads, mlp, drop, strict=True)
+            zip(structure.layers, attention, mlp, drop, strict=True)
         ):
-            rep = layer.heads_per_group
+            rep = layer.heads_per_unit
             query_heads = sorted(int(u) * rep + r for u in units for r in range(rep))
             kept_experts: tuple[int, ...] | None = None
             kept_expert_mlp: tuple[tuple[int, ...], ...] | None = None
@@ -167,7 +167,7 @@ class PrunePlan:
         return cls.from_units(
             structure,
             model,
-            heads=[range(la.attention_units) for la in structure.layers],
+            attention=[range(la.attention_units) for la in structure.layers],
             mlp=[range(la.mlp_width) for la in structure.layers],
             **kwargs,
         )
@@ -356,7 +356,7 @@ def _layer_problems(lp: LayerPlan, layer: LayerStructure) -> list[str]:
         dupes = sorted(v for v, n in Counter(values).items() if n > 1)
         if dupes:
             problems.append(f"{key} indices {dupes[:8]} appear more than once")
-    rep = layer.heads_per_group
+    rep = layer.heads_per_unit
     if rep > 1:
         kept = set(lp.heads)
         groups = {h // rep for h in kept}

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-UnitKind = Literal["heads", "mlp"]
-UNIT_KINDS: tuple[UnitKind, ...] = ("heads", "mlp")
+UnitKind = Literal["attention", "mlp"]
+UNIT_KINDS: tuple[UnitKind, ...] = ("attention", "mlp")
 MOE_FIELDS = ("num_experts", "expert_width", "top_k")
 
 
@@ -49,7 +49,7 @@ class LayerStructure:
         return self.num_experts > 0
 
     @property
-    def heads_per_group(self) -> int:
+    def heads_per_unit(self) -> int:
         """Query heads sharing one key/value head (1 for multi-head attention)."""
         if self.num_kv_heads == 0:
             return 1
@@ -65,8 +65,8 @@ class LayerStructure:
         return self.num_kv_heads
 
     def units(self, kind: UnitKind) -> int:
-        """Number of prunable units of `kind` ("heads" counts attention units, i.e. KV groups)."""
-        if kind == "heads":
+        """Number of prunable units of `kind` ("attention": attention units, i.e. KV groups)."""
+        if kind == "attention":
             return self.attention_units
         if kind == "mlp":
             return self.mlp_width

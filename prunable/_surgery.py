@@ -56,7 +56,7 @@ def slice_blocks(model: nn.Module, kept: dict[int, LayerPlan]) -> None:
         block, layer = blocks[i], structure.layers[i]
         units, neurons = lp.kept_units(layer)
         lc = family.couplings(block, model.config)
-        for coupling in lc.heads:
+        for coupling in lc.attention:
             coupling.keep(units)
         for coupling in lc.mlp:
             coupling.keep(neurons)
@@ -65,7 +65,7 @@ def slice_blocks(model: nn.Module, kept: dict[int, LayerPlan]) -> None:
         family.set_widths(
             block,
             model.config,
-            heads=len(units) * layer.heads_per_group,
+            heads=len(units) * layer.heads_per_unit,
             kv_heads=len(units),
             mlp=len(neurons),
         )
@@ -124,11 +124,11 @@ def pruned_block(model: nn.Module, layer: int, *, units: int, neurons: int) -> n
     import torch
 
     lc = family.couplings(block, model.config)
-    for coupling in lc.heads:
+    for coupling in lc.attention:
         coupling.keep(torch.arange(units))
     for coupling in lc.mlp:
         coupling.keep(torch.arange(neurons))
     family.set_widths(
-        block, model.config, heads=units * structure.heads_per_group, kv_heads=units, mlp=neurons
+        block, model.config, heads=units * structure.heads_per_unit, kv_heads=units, mlp=neurons
     )
     return block

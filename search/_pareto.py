@@ -52,7 +52,10 @@ class ExactFront:
 
     def within(self, latency_limit: float) -> ExactFront:
         """The points no slower than `latency_limit`: a latency budget's constrained optimum."""
-        keep = self.latency <= latency_limit
+        return self.subset(self.latency <= latency_limit)
+
+    def subset(self, keep: np.ndarray) -> ExactFront:
+        """The points where the (P,) mask `keep` is true."""
         return ExactFront(latency=self.latency[keep], loss=self.loss[keep], choices=self.choices[keep])
 
 

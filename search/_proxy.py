@@ -98,7 +98,7 @@ class SaliencyProxy:
     ) -> np.ndarray:
         """Proxy loss of one layer at (arrays of) kept widths: its removed units, or the whole layer."""
         units, mlp = np.asarray(units), np.asarray(mlp)
-        removed = self.layer_loss("heads", layer, units) + self.layer_loss("mlp", layer, mlp)
+        removed = self.layer_loss("attention", layer, units) + self.layer_loss("mlp", layer, mlp)
         if experts is not None and expert_width is not None:
             removed = removed + self._expert_loss[layer][np.asarray(experts), np.asarray(expert_width)]
         if self.layer_scores is None:
@@ -146,7 +146,7 @@ class SaliencyProxy:
         return prunable.PrunePlan.from_units(
             self.structure,
             model,
-            heads=[self.kept("heads", i, int(k)) for i, k in enumerate(units)],
+            attention=[self.kept("attention", i, int(k)) for i, k in enumerate(units)],
             mlp=[self.kept("mlp", i, int(k)) for i, k in enumerate(mlp)],
             drop=self.dropped(units, mlp).tolist(),
             experts=[c[0] if c else None for c in chosen],

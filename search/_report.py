@@ -125,9 +125,9 @@ def plot(outcome: RunOutcome, pareto: pd.DataFrame, trials: pd.DataFrame, path: 
         )
     dense = pareto[pareto.kind == "dense"]
     ax.scatter(dense.latency_ms, dense.metric, marker="*", s=200, c="black", label="dense")
-    ax.set_xlabel(f"predicted latency, ms ({outcome.cost_model.source}, {outcome.cost_model.profile})")
+    ax.set_xlabel(f"predicted latency, ms ({outcome.cost_model.source}, {outcome.cost_model.hardware})")
     ax.set_ylabel(metric)
-    ax.set_title(f"{outcome.job.name} / {outcome.job.task.name} on {outcome.cost_model.profile}")
+    ax.set_title(f"{outcome.job.name} / {outcome.job.task.name} on {outcome.cost_model.hardware}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax2.scatter(trials.latency_ms, trials.proxy_loss, s=4, c="lightgray", label="trials")
@@ -178,7 +178,7 @@ def plot_html(outcome: RunOutcome, pareto: pd.DataFrame, path: Path) -> bool:
             "units",
             "mlp",
         ],
-        title=f"{outcome.job.name} / {outcome.job.task.name} on {outcome.cost_model.profile}",
+        title=f"{outcome.job.name} / {outcome.job.task.name} on {outcome.cost_model.hardware}",
         labels={
             "latency_ms": f"predicted latency (ms, {outcome.cost_model.source})",
             "metric": outcome.task.metric_name,
@@ -234,12 +234,12 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
     dense = pareto[pareto.kind == "dense"].iloc[0]
     best = pareto[(pareto.kind == "search") & ~pareto.dominated.astype(bool)].sort_values("latency_ms")
     lines = [
-        f"# hwprune run: {job.name} / {job.task.name} on {cm.profile}",
+        f"# hwprune run: {job.name} / {job.task.name} on {cm.hardware}",
         "",
         *([f"Command: {command}", ""] if command else []),
         f"- Model: `{job.source}` ({outcome.structure.describe()})",
         f"- Task: {outcome.task.description}; metric `{outcome.task.metric_name}`",
-        f"- Device: `{cm.profile}`, workload {cm.workload.describe()}",
+        f"- Device: `{cm.hardware}`, workload {cm.workload.describe()}",
         f"- Latency source: **{cm.source}**{fit} (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
         "to a profiled table, `analytical` = datasheet roofline)",
         f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",

@@ -19,7 +19,7 @@ from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._rescore import rescore_front
 from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import StudyStorage, open_storage, worker_seed
-from hwprune.search._study import SearchObjective, rescoring_turn, run_study
+from hwprune.search._study import SearchObjective, block_params, rescoring_turn, run_study
 
 log = logging.getLogger("hwprune.search")
 
@@ -58,7 +58,7 @@ def model_front(front: ExactFront, proxy: SaliencyProxy, options: Widths) -> Exa
     """The exact front without its point that drops every layer (depth pruning), which is no model."""
     chosen = pick(options, front.choices)
     keep = ~proxy.dropped(chosen.units, chosen.mlp).all(-1)  # (P,)
-    return ExactFront(latency=front.latency[keep], loss=front.loss[keep], choices=front.choices[keep])
+    return front.subset(np.asarray(keep))
 
 
 def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) -> None:
@@ -89,7 +89,7 @@ def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) ->
         if budget is not None and budget < limit:
             raise ValueError(
                 f"search.{key}={budget} is unreachable: the fastest configuration (every prunable unit "
-                f"removed{', one layer left' if settings.depth else ''}) predicts {limit:.4g} {unit} on {cost_model.profile} ({cost_model.workload.describe()}); "
+                f"removed{', one layer left' if settings.depth else ''}) predicts {limit:.4g} {unit} on {cost_model.hardware} ({cost_model.workload.describe()}); "
                 f"valid: >= {limit:.4g}"
             )
 
@@ -191,14 +191,16 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     # (the costliest option of every layer: removing all its units, or, with depth, maybe dropping it).
     reference = (objective.dense_ms, float(sum(loss.max() for loss in losses)))
     seeds = [space.dense()] + [space.uniform(f) for f in settings.uniform_baselines]
-    # A latency budget only removes points, so the exact front's points within it stay optimal; a
-    # parameter budget is another axis, where the exact front says nothing.
-    optimum = (
-        None if constraints.params_fraction else exact.within(constraints.latency_limit(objective.dense_ms))
-    )
-    if optimum is not None:
-        picks = hypervolume_subset(optimum.latency, optimum.loss, reference, settings.exact_seeds)
-        seeds += [pick(options, optimum.choices[p]) for p in picks]
+    # No configuration dominates a point of the exact front, so each one within the budgets is optimal
+    # under them. A latency budget only removes points: those within it are the whole constrained
+    # optimum. Under a parameter budget they are part of it (a configuration dominated only by
+    # over-budget ones is optimal too): they seed the study but do not bound it.
+    optimum = exact.within(constraints.latency_limit(objective.dense_ms))
+    if constraints.params_fraction is not None:
+        params = block_params(spec, pick(options, optimum.choices))  # (P,)
+        optimum = optimum.subset(params <= constraints.params_fraction * objective.dense_params)
+    picks = hypervolume_subset(optimum.latency, optimum.loss, reference, settings.exact_seeds)
+    seeds += [pick(options, optimum.choices[p]) for p in picks]
 
     ref = prunable.model_ref(model, source=job.source)
     identity = {
@@ -239,7 +241,7 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     f_lat = np.array([t.values[0] for t in front])
     f_loss = np.array([t.values[1] for t in front])
     hv_ratio = None
-    if optimum is not None and len(optimum.latency):  # against the exact front within the budget
+    if constraints.params_fraction is None and len(optimum.latency):  # the whole constrained optimum
         hv_ratio = hypervolume(f_lat, f_loss, reference) / max(
             hypervolume(optimum.latency, optimum.loss, reference), 1e-30
         )

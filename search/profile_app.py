@@ -90,7 +90,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     if profile.backend == "torch" and cfg.profiler.real_blocks:
         ref = prunable.model_ref(model, with_weights=False)
         empty_plan = prunable.PrunePlan.from_units(
-            structure, ref, heads=[range(0)] * spec.num_layers, mlp=[range(0)] * spec.num_layers
+            structure, ref, attention=[range(0)] * spec.num_layers, mlp=[range(0)] * spec.num_layers
         )
         empty = prunable.apply_plan(copy.deepcopy(model), empty_plan, check_weights=False)
         references = {
@@ -102,7 +102,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
         workload,
         units_grid=units_grid,
         mlp_grid=mlp_grid,
-        profile=profile.name,
+        hardware=profile.name,
         command=command,
         rounds=cfg.profiler.rounds,
         references=references,

@@ -54,7 +54,7 @@ def synthetic_table(spec: BlockSpec, workload: Workload, *, step: int = 256) -> 
             "repeats": 1,
         }
     )
-    return LatencyTable(frame=frame, spec=spec, workload=workload, profile="gpu_a100", base_ms=0.25)
+    return LatencyTable(frame=frame, spec=spec, workload=workload, hardware="gpu_a100", base_ms=0.25)
 
 
 Builder = Callable[[BlockSpec, Workload], cost_models.CostModel]
@@ -119,12 +119,12 @@ def test_conformance(name: str, build: Builder, spec: BlockSpec, workload: Workl
     units = rng.integers(0, spec.units + 1, size=(50, spec.num_layers))
     mlp = rng.integers(0, spec.mlp + 1, size=(50, spec.num_layers))
     pred = model.predict(units, mlp)
-    # Finite, positive, one per configuration, labelled with its source, profile and workload.
+    # Finite, positive, one per configuration, labelled with its source, hardware and workload.
     assert pred.latency_ms.shape == (50,)
     assert np.isfinite(pred.latency_ms).all() and (pred.latency_ms > 0).all()
     assert pred.source in cost_models.SOURCES and pred.source == model.source
-    assert pred.profile == model.profile
-    assert pred.workload == model.workload == load_profile(model.profile).resolve_workload(workload)
+    assert pred.hardware == model.hardware
+    assert pred.workload == model.workload == load_profile(model.hardware).resolve_workload(workload)
     assert model.spec == spec
     # Deterministic.
     assert np.array_equal(model.predict(units, mlp).latency_ms, pred.latency_ms)
@@ -159,7 +159,7 @@ def test_conformance_latency_moves_with_the_workload_and_the_shape(
     for field, factor in (("batch_size", 4), (length, 4)):
         bigger = replace(workload, **{field: getattr(workload, field) * factor})
         grown = build(spec, bigger)
-        assert grown.workload.describe() == load_profile(grown.profile).resolve_workload(bigger).describe()
+        assert grown.workload.describe() == load_profile(grown.hardware).resolve_workload(bigger).describe()
         assert grown.dense_ms() > dense, f"{field} x{factor} did not raise the latency"
     wider = replace(spec, hidden=2 * spec.hidden)
     assert build(wider, workload).dense_ms() > dense
@@ -254,7 +254,7 @@ def test_additive_fit_averages_noise_and_keeps_the_staircase() -> None:
     frame = pd.DataFrame(
         {"units": uu.ravel(), "heads": uu.ravel(), "mlp": mm.ravel(), "latency_ms": noisy.ravel()}
     ).assign(p10_ms=0.0, p90_ms=0.0, repeats=1)
-    table = LatencyTable(frame=frame, spec=MINILM, workload=Workload(), profile="cpu_local")
+    table = LatencyTable(frame=frame, spec=MINILM, workload=Workload(), hardware="cpu_local")
     additive, grid = TableModel(table=table), TableModel(table=table, fit="grid")
     err_additive = np.abs(additive.block_latency_ms(uu, mm) / truth - 1)
     err_grid = np.abs(grid.block_latency_ms(uu, mm) / truth - 1)
@@ -347,7 +347,7 @@ def test_calibration_rejects_what_it_cannot_fit() -> None:
     profile = load_profile("gpu_a100")
     with pytest.raises(ValueError, match="calibrating gpu_a100 needs at least one profiled table, got none"):
         cost_models.calibrate(profile, [], spec=MINILM, workload=Workload(dtype="bf16"))
-    other = replace(synthetic_table(MINILM, Workload(dtype="bf16")), profile="gpu_h100")
+    other = replace(synthetic_table(MINILM, Workload(dtype="bf16")), hardware="gpu_h100")
     with pytest.raises(ValueError, match="a table of 'gpu_h100' cannot calibrate 'gpu_a100'"):
         cost_models.calibrate(profile, [other], spec=MINILM, workload=Workload(dtype="bf16"))
 
@@ -373,7 +373,7 @@ def test_regression_calibrated_model_answers_the_requested_model_and_workload() 
     """
     profile = replace(load_profile("cpu_local"), peak_tflops={"fp32": 0.15, "bf16": 0.4}, measure_peaks=False)
     tables = [
-        replace(synthetic_table(MINILM, Workload(batch_size=b, dtype="fp32")), profile="cpu_local")
+        replace(synthetic_table(MINILM, Workload(batch_size=b, dtype="fp32")), hardware="cpu_local")
         for b in (1, 32)
     ]
     small = replace(LLAMA, num_layers=3)
@@ -398,7 +398,7 @@ def test_load_tables_keeps_only_this_device(tmp_path: Path, caplog: pytest.LogCa
         "other_cpu": {**here, "host_cpu": "Some Other CPU"},
         "other_threads": {**here, "threads": here["threads"] + 7},
     }.items():
-        table = replace(synthetic_table(MINILM, Workload()), profile="cpu_local", meta=meta)
+        table = replace(synthetic_table(MINILM, Workload()), hardware="cpu_local", meta=meta)
         paths[name] = str(table.save(tmp_path / f"{name}.csv"))
     profile = replace(load_profile("cpu_local"), tables=[*paths.values(), str(tmp_path / "missing.csv")])
     with caplog.at_level("INFO"):
@@ -423,7 +423,7 @@ def test_tables_of_several_machines_sit_side_by_side(tmp_path: Path, monkeypatch
     for machine, meta in {key: here, "other-cpu-x2": {**here, "host_cpu": "Other CPU"}}.items():
         for batch in (1, 8):
             table = replace(
-                synthetic_table(MINILM, Workload(batch_size=batch)), profile="cpu_local", meta=meta
+                synthetic_table(MINILM, Workload(batch_size=batch)), hardware="cpu_local", meta=meta
             )
             table.save(tmp_path / "cpu_local" / machine / f"minilm_b{batch}_s128.csv")
     shipped = cost_models.find_tables("cpu_local/*/*.csv")  # from the package: nothing here has it

@@ -39,7 +39,7 @@ def depth_plan(
         mlp.append(torch.randperm(layer.mlp_width, generator=gen)[:n_neurons].tolist())
     drops = [i in drop for i in range(structure.num_layers)]
     return prunable.PrunePlan.from_units(
-        structure, prunable.model_ref(model), heads=heads, mlp=mlp, drop=drops
+        structure, prunable.model_ref(model), attention=heads, mlp=mlp, drop=drops
     )
 
 

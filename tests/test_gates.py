@@ -13,7 +13,7 @@ def test_gates_at_one_change_nothing_and_leave_no_trace(case: Case) -> None:
     before = run(case, model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with prunable.gated(model) as gates:
-        assert len(gates.heads) == len(gates.mlp) == prunable.discover(model).num_layers
+        assert len(gates.attention) == len(gates.mlp) == prunable.discover(model).num_layers
         assert torch.equal(run(case, model), before)
         for g in gates.mlp + gates.expert_mlp:
             g.zero_()
@@ -28,12 +28,12 @@ def test_gate_shapes_follow_units(case: Case) -> None:
     model = case.build()
     structure = prunable.discover(model)
     with prunable.gated(model) as gates:
-        for layer, h, m in zip(structure.layers, gates.heads, gates.mlp, strict=True):
+        for layer, h, m in zip(structure.layers, gates.attention, gates.mlp, strict=True):
             assert h.shape == (layer.attention_units,)
             assert m.shape == (layer.mlp_width,)
         gates.reset(batch_size=5, requires_grad=True)
         assert all(
-            g.shape == (5, n.attention_units) for g, n in zip(gates.heads, structure.layers, strict=True)
+            g.shape == (5, n.attention_units) for g, n in zip(gates.attention, structure.layers, strict=True)
         )
 
 
@@ -46,11 +46,11 @@ def test_per_sample_gate_gradients_sum_to_shared_gate_gradient(case: Case) -> No
     with prunable.gated(model) as gates:
         gates.reset(batch_size=batch, requires_grad=True)
         case.output(model(**inputs)).pow(2).sum().backward()
-        every = gates.heads + gates.mlp + gates.experts + gates.expert_mlp
+        every = gates.attention + gates.mlp + gates.experts + gates.expert_mlp
         per_sample = [g.grad.clone() for g in every if g.shape[-1]]  # (0,)-shaped gates gate nothing
         gates.reset(requires_grad=True)
         case.output(model(**inputs)).pow(2).sum().backward()
-        every = gates.heads + gates.mlp + gates.experts + gates.expert_mlp
+        every = gates.attention + gates.mlp + gates.experts + gates.expert_mlp
         shared = [g.grad for g in every if g.shape[-1]]
     for ps, sh in zip(per_sample, shared, strict=True):
         assert ps.shape[0] == batch

@@ -63,7 +63,7 @@ def test_uniform_plans_load_with_automodel(
     structure = prunable.discover(model)
     n = structure.layers[0].mlp_width
     plan = prunable.PrunePlan.from_units(
-        structure, prunable.model_ref(model), heads=[heads] * 3, mlp=[list(range(1, n, 3))] * 3
+        structure, prunable.model_ref(model), attention=[heads] * 3, mlp=[list(range(1, n, 3))] * 3
     )
     prunable.apply_plan(model, plan)
     expected = run(case, model)
@@ -103,7 +103,7 @@ def test_minilm_prune_save_reload(minilm: torch.nn.Module, tmp_path: Path) -> No
     gen = torch.Generator().manual_seed(0)
     heads = [torch.randperm(12, generator=gen)[: 12 - i].tolist() for i in range(6)]
     mlp = [torch.randperm(1536, generator=gen)[: 1536 - 200 * i].tolist() for i in range(6)]
-    plan = prunable.PrunePlan.from_units(structure, ref, heads=heads, mlp=mlp, hardware="cpu_local")
+    plan = prunable.PrunePlan.from_units(structure, ref, attention=heads, mlp=mlp, hardware="cpu_local")
     ids = torch.randint(1000, 5000, (2, 16), generator=gen)
     with prunable.gated(model) as gates, torch.no_grad():
         gates.keep_only(plan)

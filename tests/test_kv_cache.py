@@ -45,7 +45,7 @@ def plan_with_empty_attention(model: torch.nn.Module, empty: int | None, seed: i
         width = count(gen, layer.mlp_width)
         mlp.append(sorted(torch.randperm(layer.mlp_width, generator=gen)[:width].tolist()))
     ref = prunable.model_ref(model, with_weights=False)
-    return prunable.PrunePlan.from_units(structure, ref, heads=heads, mlp=mlp)
+    return prunable.PrunePlan.from_units(structure, ref, attention=heads, mlp=mlp)
 
 
 def cache_of(out: object) -> object:

@@ -19,7 +19,7 @@ def dropped_loss(model: torch.nn.Module, calib: hessian.Calibration, layer: int)
     plan = prunable.PrunePlan.from_units(
         structure,
         prunable.model_ref(model),
-        heads=[[] if i == layer else range(la.attention_units) for i, la in enumerate(structure.layers)],
+        attention=[[] if i == layer else range(la.attention_units) for i, la in enumerate(structure.layers)],
         mlp=[[] if i == layer else range(la.mlp_width) for i, la in enumerate(structure.layers)],
         drop=[i == layer for i in range(n)],
     )

@@ -24,7 +24,7 @@ def uniform_plan(model: torch.nn.Module, *, experts: list[int], width: int) -> p
     return prunable.PrunePlan.from_units(
         structure,
         prunable.model_ref(model),
-        heads=[range(la.attention_units) for la in structure.layers],
+        attention=[range(la.attention_units) for la in structure.layers],
         mlp=[range(la.mlp_width // 2) for la in structure.layers],
         experts=[experts] * structure.num_layers,
         expert_mlp=[[range(width)] * len(experts)] * structure.num_layers,
@@ -161,7 +161,7 @@ def test_expert_scores_conform(method: hessian.Saliency, name: str, tmp_path: Pa
         assert torch.isfinite(neurons).all() and (neurons != 0).any()
     again = hessian.UnitScores.load(scores.save(tmp_path / "scores.npz"))
     assert all(torch.equal(a, b) for a, b in zip(again.expert_mlp, scores.expert_mlp, strict=True))
-    assert set(scores.to_frame().kind) == {"heads", "mlp", "experts", "expert_mlp"} - (
+    assert set(scores.to_frame().kind) == {"attention", "mlp", "experts", "expert_mlp"} - (
         {"mlp"} if structure.layers[0].mlp_width == 0 else set()
     )
 
@@ -215,7 +215,7 @@ def test_the_proxy_keeps_the_top_experts_and_their_top_neurons() -> None:
         e, n = scores.experts[i].numpy(), scores.expert_mlp[i].numpy()
         top = np.argsort(-e)[:k]
         expected += np.sort(e)[: len(e) - k].sum() + sum(np.sort(n[j])[: n.shape[1] - w].sum() for j in top)
-        expected += np.sort(scores.heads[i].numpy())[: 2 - widths.units[i]].sum()
+        expected += np.sort(scores.attention[i].numpy())[: 2 - widths.units[i]].sum()
     assert float(proxy.loss(*widths)[0]) == pytest.approx(expected, rel=1e-12)
     plan = proxy.plan(widths, prunable.model_ref(model))
     for i, lp in enumerate(plan.layers):

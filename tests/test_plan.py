@@ -91,10 +91,10 @@ def test_layer_count_mismatch(plan: prunable.PrunePlan) -> None:
 def test_from_units_expands_groups_to_query_heads() -> None:
     structure = prunable.discover(CASES["llama_gqa"].build())
     ref = prunable.ModelRef(class_name="LlamaModel", structure_fingerprint=structure.fingerprint())
-    plan = prunable.PrunePlan.from_units(structure, ref, heads=[[1], [], [0, 1]], mlp=[[3, 1], [], [0]])
+    plan = prunable.PrunePlan.from_units(structure, ref, attention=[[1], [], [0, 1]], mlp=[[3, 1], [], [0]])
     assert plan.layers[0].heads == (4, 5, 6, 7)
     assert plan.layers[0].mlp == (1, 3)
     assert plan.kept_counts() == [(4, 2), (0, 0), (8, 1)]
     assert [u.tolist() for u, _ in plan.kept_units(structure)] == [[1], [], [0, 1]]
     with pytest.raises(prunable.PlanError, match="need one entry per layer"):
-        prunable.PrunePlan.from_units(structure, ref, heads=[[0]], mlp=[[0]])
+        prunable.PrunePlan.from_units(structure, ref, attention=[[0]], mlp=[[0]])

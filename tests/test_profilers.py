@@ -63,23 +63,24 @@ def test_profiler_conformance(backend: str, workload: Workload, tmp_path: Path) 
     """Every profiler: a table of the grid asked for, positive ordered statistics, the shape, workload
     and profile it measured, metadata saying where and when, a file round trip, bad grids refused."""
     profiler = PROFILERS[backend]()
-    table = profiler.profile(SPEC, workload, units_grid=[0, 1, 2], mlp_grid=[0, 48, 96], profile="dev_x")
+    table = profiler.profile(SPEC, workload, units_grid=[0, 1, 2], mlp_grid=[0, 48, 96], hardware="dev_x")
     check_table(table, [0, 1, 2], [0, 48, 96])
-    assert table.spec == SPEC and table.workload == workload and table.profile == "dev_x"
+    assert table.spec == SPEC and table.workload == workload and table.hardware == "dev_x"
     assert table.meta["backend"] == backend and table.meta["date"] and table.meta["host_cpu"]
     assert table.base_ms >= 0
     again = LatencyTable.load(table.save(tmp_path / "t.csv"))
     assert again.spec == table.spec and again.workload == table.workload
-    np.testing.assert_allclose(again.frame["latency_ms"], table.frame["latency_ms"], atol=1e-6)  # saved in us
+    # The CSV keeps 6 significant digits (`LatencyTable.save`): 0.5 ns at 1 ms, 50 ns at 100 ms.
+    np.testing.assert_allclose(again.frame["latency_ms"], table.frame["latency_ms"], rtol=5e-6, atol=0)
     with pytest.raises(ValueError, match=r"units_grid needs >= 2 distinct values in \[0, 2\], got \[0, 5\]"):
-        profiler.profile(SPEC, workload, units_grid=[0, 5], mlp_grid=[0, 96], profile="dev_x")
+        profiler.profile(SPEC, workload, units_grid=[0, 5], mlp_grid=[0, 96], hardware="dev_x")
 
 
 def test_torch_profiler_validates() -> None:
     with pytest.raises(ValueError, match=r"unknown torch device 'tpu'; valid choices"):
         TorchProfiler(device="tpu")
     with pytest.raises(ValueError, match=r"units_grid needs >= 2 distinct values in \[0, 2\], got \[0, 5\]"):
-        TorchProfiler(repeats=1).profile(SPEC, WORKLOAD, units_grid=[0, 5], mlp_grid=[0, 96], profile="x")
+        TorchProfiler(repeats=1).profile(SPEC, WORKLOAD, units_grid=[0, 5], mlp_grid=[0, 96], hardware="x")
     with pytest.raises(ValueError, match="need warmup >= 0 and repeats >= 1"):
         TorchProfiler(repeats=0)
     if not torch.cuda.is_available():
@@ -172,12 +173,12 @@ def test_reference_block_skips_empty_sublayers() -> None:
 def test_backend_specific_metadata() -> None:
     assert (
         PROFILERS["torch"]()
-        .profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x")
+        .profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], hardware="x")
         .meta["device"]
         == "cpu"
     )
     ort_table = PROFILERS["onnxruntime"]().profile(
-        SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x"
+        SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], hardware="x"
     )
     assert ort_table.meta["execution_provider"] == "CPUExecutionProvider"
 
@@ -279,7 +280,7 @@ def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() 
         WORKLOAD,
         units_grid=[0, 2],
         mlp_grid=[0, 96],
-        profile="x",
+        hardware="x",
         rounds=3,
         references={"dense_model": lambda: next(references)},
     )
@@ -291,4 +292,4 @@ def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() 
     assert table.meta["dense_model_ms"] == 2.0 and table.meta["rounds"] == 3
     assert next(references, None) is None  # 1 warm-up + 2 per round
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
-        profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], profile="x", rounds=0)
+        profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], hardware="x", rounds=0)

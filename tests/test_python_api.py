@@ -79,3 +79,21 @@ def test_benchmarks_use_the_public_api_only() -> None:
         if m.group(0) != "hwprune.hessian._hutchinson"  # saliency_scale swaps in the old HVP to compare
     ]
     assert offenders == []
+
+
+def test_a_parameter_budget_is_seeded_with_the_exact_front_points_within_it(
+    minilm: nn.Module, tmp_path: Path
+) -> None:
+    settings = search.SearchSettings(
+        n_trials=12, rescore=0, uniform_baselines=(0.5,), exact_seeds=5, params_budget_fraction=0.4
+    )
+    outcome = search.run_search(job(minilm, settings=settings), tmp_path / "run")
+    trials = outcome.study.trials
+    seeded = [t for t in trials if "fixed_params" in t.system_attrs][2:]  # after dense and uniform 50 %
+    assert len(seeded) == 5 and outcome.hv_ratio is None  # no exact bound under a parameter budget
+    assert outcome.exact is not None
+    on_front = set(zip(outcome.exact.latency.round(9), outcome.exact.loss.round(9), strict=True))
+    dense = trials[0].user_attrs["block_params"]
+    for t in seeded:
+        assert t.user_attrs["block_params"] <= 0.4 * dense  # within the budget: feasible
+        assert (round(t.values[0], 9), round(t.values[1], 9)) in on_front  # and optimal under it

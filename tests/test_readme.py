@@ -19,14 +19,14 @@ def test_python_api_example_runs(tmp_path: Path) -> None:
     section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None
-    report = "\nimport json\nprint(json.dumps({'source': pred.source, 'profile': pred.profile, 'lat': pred.latency_ms.tolist()}))\n"
+    report = "\nimport json\nprint(json.dumps({'source': pred.source, 'hardware': pred.hardware, 'lat': pred.latency_ms.tolist()}))\n"
     # Run from an empty directory so that nothing but the installed package can be imported.
     done = subprocess.run(
         [sys.executable, "-c", code.group(1) + report], cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     pred = json.loads(done.stdout.strip().splitlines()[-1])
-    assert pred["source"] == "analytical" and pred["profile"] == "tpu_v5e"
+    assert pred["source"] == "analytical" and pred["hardware"] == "tpu_v5e"
     assert pred["lat"][1] < pred["lat"][0]
     assert (tmp_path / "plan.yaml").is_file() and (tmp_path / "pruned" / "hwprune.json").is_file()
 

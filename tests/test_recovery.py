@@ -22,7 +22,7 @@ def pruned_pair(case: Case) -> tuple[nn.Module, nn.Module, prunable.PrunePlan]:
     plan = prunable.PrunePlan.from_units(
         structure,
         prunable.model_ref(dense),
-        heads=[range(0, la.attention_units, 2) for la in structure.layers],
+        attention=[range(0, la.attention_units, 2) for la in structure.layers],
         mlp=[range(0, la.mlp_width, 2) for la in structure.layers],
     )
     return dense, prunable.apply_plan(copy.deepcopy(dense), plan), plan
@@ -256,7 +256,9 @@ def depth_pair(case: Case) -> tuple[nn.Module, nn.Module, prunable.PrunePlan]:
     plan = prunable.PrunePlan.from_units(
         structure,
         prunable.model_ref(dense),
-        heads=[[] if i == 1 else range(0, la.attention_units, 2) for i, la in enumerate(structure.layers)],
+        attention=[
+            [] if i == 1 else range(0, la.attention_units, 2) for i, la in enumerate(structure.layers)
+        ],
         mlp=[[] if i == 1 else range(0, la.mlp_width, 2) for i, la in enumerate(structure.layers)],
         drop=[i == 1 for i in range(structure.num_layers)],
     )
@@ -282,5 +284,5 @@ def test_recovery_matches_a_shallower_student_to_the_layers_it_kept(method: type
         assert {e["layer"] for e in report.details["sites"]} == {0, 1}
         dense_sites = {(s.layer, s.kind): s.dense_projection for s in rc._sites(student, dense, [0, 2])}
         teacher = prunable.couplings(dense)[2]
-        assert dense_sites[(1, "heads")] is teacher.attn_gate_site
+        assert dense_sites[(1, "attention")] is teacher.attn_gate_site
         assert dense_sites[(1, "mlp")] is teacher.mlp_gate_site

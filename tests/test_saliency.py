@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,7 +94,7 @@ def test_conformance(method: hessian.Saliency, family: str, supervised: bool) ->
         for a, b in zip(scores.of(kind), again.of(kind), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12)
     frame = scores.to_frame()
-    assert len(frame) == structure.total_units("heads") + structure.total_units("mlp")
+    assert len(frame) == structure.total_units("attention") + structure.total_units("mlp")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -102,12 +103,12 @@ def test_unit_with_zeroed_weights_scores_zero(method: hessian.Saliency, family: 
     model, calib = calibration(family, supervised=True)
     lc = prunable.couplings(model)[1]
     with torch.no_grad():
-        for kind, unit in (("heads", 0), ("mlp", 3)):
+        for kind, unit in (("attention", 0), ("mlp", 3)):
             for coupling in lc.of(kind):
                 for param, dim in coupling.parameters_and_dims():
                     param.index_fill_(dim, coupling.index[unit], 0.0)
     scores = method.score(model, calib)
-    for kind, unit in (("heads", 0), ("mlp", 3)):
+    for kind, unit in (("attention", 0), ("mlp", 3)):
         layer_scores = scores.of(kind)[1].abs()
         assert layer_scores[unit].item() <= 1e-9 * max(layer_scores.max().item(), 1e-30) + 1e-12
         assert layer_scores.max().item() > 0
@@ -118,14 +119,14 @@ def test_nvit_equals_brute_force_per_sample_fisher() -> None:
     model, calib = calibration("llama_gqa", supervised=True, n_batches=1)
     scores = hessian.NViTSaliency().score(model, calib)
     batch = calib.batches[0]
-    expected_heads = [torch.zeros_like(h) for h in scores.heads]
+    expected_heads = [torch.zeros_like(h) for h in scores.attention]
     with prunable.gated(model) as gates:
         for s in range(batch.n_samples):
             gates.reset(requires_grad=True)
             calib.objective.losses(model, batch.select([s])).sum().backward()
-            for acc, g in zip(expected_heads, gates.heads, strict=True):
+            for acc, g in zip(expected_heads, gates.attention, strict=True):
                 acc += g.grad.double().pow(2)
-    for got, want in zip(scores.heads, expected_heads, strict=True):
+    for got, want in zip(scores.attention, expected_heads, strict=True):
         torch.testing.assert_close(got, 0.5 * want / batch.n_samples, rtol=1e-4, atol=1e-12)
 
 
@@ -252,7 +253,15 @@ def test_scores_save_and_load(tmp_path: Path) -> None:
     scores = hessian.MagnitudeSaliency().score(model, calib)
     loaded = hessian.UnitScores.load(scores.save(tmp_path / "s.npz"))
     assert loaded.method == "magnitude" and loaded.meta == scores.meta
-    for a, b in zip(scores.heads + scores.mlp, loaded.heads + loaded.mlp, strict=True):
+    for a, b in zip(scores.attention + scores.mlp, loaded.attention + loaded.mlp, strict=True):
+        assert torch.equal(a, b)
+    # Caches written before the attention units had their name stored them as "heads_<layer>".
+    with np.load(tmp_path / "s.npz") as data:
+        old = {k.replace("attention_", "heads_"): data[k] for k in data.files}
+    np.savez(tmp_path / "old.npz", **old)
+    legacy = hessian.UnitScores.load(tmp_path / "old.npz")
+    assert len(legacy.attention) == len(scores.attention) > 0
+    for a, b in zip(scores.attention, legacy.attention, strict=True):
         assert torch.equal(a, b)
 
 
@@ -265,7 +274,9 @@ def test_fisher_is_obd_with_the_per_sample_fisher_diagonal(family: str) -> None:
     scores = hessian.FisherSaliency(seed=1).score(model, calib)
     layers = prunable.couplings(model)
     params = list(
-        {id(p): p for lc in layers for c in lc.heads + lc.mlp for p, _ in c.parameters_and_dims()}.values()
+        {
+            id(p): p for lc in layers for c in lc.attention + lc.mlp for p, _ in c.parameters_and_dims()
+        }.values()
     )
     squares = {id(p): torch.zeros_like(p) for p in params}
     for batch in calib.batches:
@@ -278,6 +289,6 @@ def test_fisher_is_obd_with_the_per_sample_fisher_diagonal(family: str) -> None:
     structure = prunable.discover(model)
     for i, (lc, la) in enumerate(zip(layers, structure.layers, strict=True)):
         torch.testing.assert_close(
-            scores.heads[i], unit_sums(lc.heads, obd, la.attention_units), rtol=1e-4, atol=0
+            scores.attention[i], unit_sums(lc.attention, obd, la.attention_units), rtol=1e-4, atol=0
         )
         torch.testing.assert_close(scores.mlp[i], unit_sums(lc.mlp, obd, la.mlp_width), rtol=1e-4, atol=0)

@@ -21,7 +21,7 @@ CHUNKED = [
 
 
 def flat(scores: hessian.UnitScores) -> torch.Tensor:
-    return torch.cat([*scores.heads, *scores.mlp])
+    return torch.cat([*scores.attention, *scores.mlp])
 
 
 @pytest.mark.parametrize("supervised", [True, False], ids=["supervised", "label-free"])

@@ -61,7 +61,7 @@ def test_proxy_is_the_sum_of_removed_scores(setup) -> None:  # type: ignore[no-u
     expected = np.zeros(20)
     for n in range(20):
         for i in range(3):
-            h = np.sort(scores.heads[i].numpy())
+            h = np.sort(scores.attention[i].numpy())
             m = np.sort(scores.mlp[i].numpy())
             expected[n] += h[: 4 - units[n, i]].sum() + m[: 96 - mlp[n, i]].sum()
     np.testing.assert_allclose(proxy.loss(units, mlp), expected, rtol=1e-12, atol=1e-12)

@@ -57,8 +57,8 @@ def test_discover_reads_every_layer(name: str) -> None:
 def test_gqa_units_are_kv_groups() -> None:
     layer = prunable.discover(CASES["llama_gqa"].build()).layers[0]
     assert layer.attention_units == 2
-    assert layer.heads_per_group == 4
-    assert layer.units("heads") == 2 and layer.units("mlp") == 80
+    assert layer.heads_per_unit == 4
+    assert layer.units("attention") == 2 and layer.units("mlp") == 80
     with pytest.raises(ValueError, match="unknown unit kind 'experts'"):
         layer.units("experts")  # type: ignore[arg-type]
 
@@ -98,7 +98,7 @@ def test_bundled_minilm_structure(minilm: torch.nn.Module) -> None:
     assert structure.num_layers == 6
     assert structure.hidden_size == 384
     assert all((la.num_heads, la.head_dim, la.mlp_width) == (12, 32, 1536) for la in structure.layers)
-    assert structure.total_units("heads") == 72
+    assert structure.total_units("attention") == 72
 
 
 TINY = {

@@ -27,7 +27,7 @@ def random_plan(model: torch.nn.Module, seed: int, *, empty_layer: int | None = 
         mlp.append(torch.randperm(layer.mlp_width, generator=gen)[:n_neurons].tolist())
     experts, neurons = random_experts(structure, gen)
     return prunable.PrunePlan.from_units(
-        structure, prunable.model_ref(model), heads=heads, mlp=mlp, experts=experts, expert_mlp=neurons
+        structure, prunable.model_ref(model), attention=heads, mlp=mlp, experts=experts, expert_mlp=neurons
     )
 
 
@@ -96,7 +96,7 @@ def test_uniform_gqa_plan_updates_config() -> None:
     model = case.build()
     structure = prunable.discover(model)
     plan = prunable.PrunePlan.from_units(
-        structure, prunable.model_ref(model), heads=[[1]] * 3, mlp=[list(range(0, 80, 2))] * 3
+        structure, prunable.model_ref(model), attention=[[1]] * 3, mlp=[list(range(0, 80, 2))] * 3
     )
     prunable.apply_plan(model, plan)
     assert model.config.num_attention_heads == 4
@@ -182,7 +182,7 @@ def test_phi3_layers_read_their_own_head_counts_and_the_shared_config_for_the_re
     plan = prunable.PrunePlan.from_units(
         structure,
         prunable.model_ref(model),
-        heads=[[0], [0, 1], [1]],
+        attention=[[0], [0, 1], [1]],
         mlp=[range(80), range(40), range(80)],
     )
     prunable.apply_plan(model, plan)

@@ -141,7 +141,7 @@ def test_classification_recipe_trains_a_real_vit(tmp_path: Path) -> None:
     accuracy = task.evaluate(model)
     assert accuracy > 60.0  # far above chance (10 %) after a few epochs on real digits
     scores = hessian.NViTSaliency().score(model, task.calibration(model))
-    assert len(scores.heads) == 4
+    assert len(scores.attention) == 4
     built = build_task(
         TaskConfig(
             name="classification",

@@ -119,7 +119,7 @@ class Profiler(ABC):
         *,
         units_grid: Sequence[int],
         mlp_grid: Sequence[int],
-        profile: str,
+        hardware: str,
         base_ms: float = 0.0,
         command: str = "",
         rounds: int = 1,
@@ -153,7 +153,7 @@ class Profiler(ABC):
                 reference()
         try:
             tracker = Progress(
-                f"profiling {profile} ({self.backend}), grid points", len(points) * rounds, logger=log
+                f"profiling {hardware} ({self.backend}), grid points", len(points) * rounds, logger=log
             )
             for _ in range(rounds):
                 order = points if rounds == 1 else rng.sample(points, len(points))
@@ -181,7 +181,7 @@ class Profiler(ABC):
         for name, times in reference_ms.items():
             meta[f"{name}_ms"] = statistics.median(times)
         return LatencyTable(
-            frame=frame, spec=spec, workload=workload, profile=profile, base_ms=base_ms, meta=meta
+            frame=frame, spec=spec, workload=workload, hardware=hardware, base_ms=base_ms, meta=meta
         )
 
 

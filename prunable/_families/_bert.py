@@ -33,8 +33,8 @@ class BertFamily(Family):
         if layer.num_heads:
             proj = block.attention.output.dense
             index = contiguous_index(layer.num_heads, layer.head_dim)  # (heads, hd)
-            out.heads = [Coupling(m, "out", index) for m in self.head_projections(block.attention.self)]
-            out.heads.append(Coupling(proj, "in", index))
+            out.attention = [Coupling(m, "out", index) for m in self.head_projections(block.attention.self)]
+            out.attention.append(Coupling(proj, "in", index))
             out.attn_gate_site = proj
             out.attn_residual = self.attention_residual(block)
         if layer.mlp_width:

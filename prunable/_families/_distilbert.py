@@ -28,8 +28,8 @@ class DistilBertFamily(Family):
         if layer.num_heads:
             attn = block.attention
             index = contiguous_index(layer.num_heads, layer.head_dim)  # (heads, hd)
-            out.heads = [Coupling(m, "out", index) for m in (attn.q_lin, attn.k_lin, attn.v_lin)]
-            out.heads.append(Coupling(attn.out_lin, "in", index))
+            out.attention = [Coupling(m, "out", index) for m in (attn.q_lin, attn.k_lin, attn.v_lin)]
+            out.attention.append(Coupling(attn.out_lin, "in", index))
             out.attn_gate_site = attn.out_lin
             out.attn_residual = Tap(attn.q_lin)  # the block's input, which the attention output joins
         if layer.mlp_width:

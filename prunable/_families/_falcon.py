@@ -54,14 +54,14 @@ class FalconFamily(Family):
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
         layer = self.layer_structure(block, config)
-        out = LayerCouplings(heads_per_unit=layer.heads_per_group, head_dim=layer.head_dim)
+        out = LayerCouplings(heads_per_unit=layer.heads_per_unit, head_dim=layer.head_dim)
         sequential = not (config.parallel_attn or config.new_decoder_architecture)
         if layer.num_heads:
             attn, hd, units, rep = (
                 block.self_attention,
                 layer.head_dim,
                 layer.attention_units,
-                layer.heads_per_group,
+                layer.heads_per_unit,
             )
             if config.new_decoder_architecture:
                 fused = contiguous_index(units, (rep + 2) * hd)  # (groups, ...): [its q heads | k | v]
@@ -69,7 +69,7 @@ class FalconFamily(Family):
                 fused = contiguous_index(1, (layer.num_heads + 2) * hd)  # one unit: every row
             else:
                 fused = contiguous_index(units, 3 * hd)  # (heads, 3 hd): [q | k | v] of each head
-            out.heads = [
+            out.attention = [
                 Coupling(attn.query_key_value, "out", fused),
                 Coupling(attn.dense, "in", contiguous_index(units, rep * hd)),
             ]

@@ -33,7 +33,7 @@ class GPT2Family(Family):
             width = layer.num_heads * layer.head_dim
             # c_attn's output is [q | k | v], each `width` wide; head h owns its slice of all three.
             fused = torch.cat([per_head, per_head + width, per_head + 2 * width], dim=1)  # (heads, 3*hd)
-            out.heads = [
+            out.attention = [
                 Coupling(block.attn.c_attn, "out", fused),
                 Coupling(block.attn.c_proj, "in", per_head),
             ]

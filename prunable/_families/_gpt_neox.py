@@ -41,7 +41,7 @@ class GPTNeoXFamily(Family):
         sequential = not config.use_parallel_residual
         if layer.num_heads:
             attn = block.attention
-            out.heads = [
+            out.attention = [
                 Coupling(attn.query_key_value, "out", contiguous_index(layer.num_heads, 3 * layer.head_dim)),
                 Coupling(attn.dense, "in", contiguous_index(layer.num_heads, layer.head_dim)),
             ]

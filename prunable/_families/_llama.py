@@ -111,18 +111,18 @@ class LlamaFamily(Family):
         layout = LAYOUTS[config.model_type]
         layer = self.layer_structure(block, config)
         out = LayerCouplings(
-            heads_per_unit=layer.heads_per_group,
+            heads_per_unit=layer.heads_per_unit,
             head_dim=layer.head_dim,
         )
         if layer.num_heads:
             a = block.self_attn
-            out.heads = qkvo_couplings(
+            out.attention = qkvo_couplings(
                 a.q_proj,
                 a.k_proj,
                 a.v_proj,
                 a.o_proj,
                 kv_heads=layer.num_kv_heads,
-                rep=layer.heads_per_group,
+                rep=layer.heads_per_unit,
                 head_dim=layer.head_dim,
             )
             out.attn_gate_site = a.o_proj

@@ -42,7 +42,7 @@ class ModernBertFamily(Family):
             per_head = contiguous_index(layer.num_heads, layer.head_dim)  # (heads, hd)
             width = layer.num_heads * layer.head_dim
             fused = torch.cat([per_head, per_head + width, per_head + 2 * width], dim=1)  # (heads, 3*hd)
-            out.heads = [Coupling(block.attn.Wqkv, "out", fused), Coupling(block.attn.Wo, "in", per_head)]
+            out.attention = [Coupling(block.attn.Wqkv, "out", fused), Coupling(block.attn.Wo, "in", per_head)]
             out.attn_gate_site = block.attn.Wo
             out.attn_residual = Tap(block.attn_norm)  # an Identity in layer 0: its input is the stream
         if layer.mlp_width:

@@ -66,13 +66,13 @@ class Phi3Family(Family):
 
     def couplings(self, block: Any, config: Any) -> LayerCouplings:
         layer = self.layer_structure(block, config)
-        out = LayerCouplings(heads_per_unit=layer.heads_per_group, head_dim=layer.head_dim)
+        out = LayerCouplings(heads_per_unit=layer.heads_per_unit, head_dim=layer.head_dim)
         if layer.num_heads:
-            a, hd, kv, rep = block.self_attn, layer.head_dim, layer.num_kv_heads, layer.heads_per_group
+            a, hd, kv, rep = block.self_attn, layer.head_dim, layer.num_kv_heads, layer.heads_per_unit
             q = contiguous_index(kv, rep * hd)  # (groups, rep*hd)
             k = contiguous_index(kv, hd, offset=kv * rep * hd)  # (groups, hd)
             v = contiguous_index(kv, hd, offset=kv * (rep + 1) * hd)
-            out.heads = [
+            out.attention = [
                 Coupling(a.qkv_proj, "out", torch.cat([q, k, v], dim=1)),  # (groups, (rep+2)*hd)
                 Coupling(a.o_proj, "in", q),
             ]

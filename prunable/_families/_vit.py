@@ -30,7 +30,7 @@ class ViTFamily(Family):
         )
         if layer.num_heads:
             a = block.attention
-            out.heads = qkvo_couplings(
+            out.attention = qkvo_couplings(
                 a.q_proj,
                 a.k_proj,
                 a.v_proj,

@@ -106,12 +106,12 @@ def _sites(student: nn.Module, teacher: nn.Module, layers: list[int]) -> list[_S
     for layer, (s_lc, t_lc) in enumerate(pairs):
         for kind, projection, residual, dense_projection, dense_residual, coupled in (
             (
-                "heads",
+                "attention",
                 s_lc.attn_gate_site,
                 s_lc.attn_residual,
                 t_lc.attn_gate_site,
                 t_lc.attn_residual,
-                s_lc.heads,
+                s_lc.attention,
             ),
             ("mlp", s_lc.mlp_gate_site, s_lc.mlp_residual, t_lc.mlp_gate_site, t_lc.mlp_residual, s_lc.mlp),
         ):

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune._progress import progress
 from hwprune.hessian._base import ScoringOptions, SeededSaliency, frozen
 from hwprune.hessian._calibration import Calibration, check_finite
+from hwprune.hessian._layer_progress import layer_progress
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,13 @@ class FisherSaliency(SeededSaliency):
         ]
         generator = torch.Generator().manual_seed(self.seed)
         objective = calibration.objective
-        with frozen(model):
+        with (
+            frozen(model),
+            layer_progress(model, self.name + " saliency", passes=calibration.n_samples, logger=log),
+        ):
             for p in params:
                 p.requires_grad_(True)
-            for b, batch in enumerate(progress(calibration.batches, "fisher saliency, batches", logger=log)):
+            for b, batch in enumerate(calibration.batches):
                 for s in range(batch.n_samples):  # one sample per pass: max_samples has nothing to split
                     sample = batch.select([s]).to(device)
                     loss = objective.curvature_losses(model, sample, generator).sum()

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from hwprune._progress import progress
 from hwprune.hessian._base import frozen
 from hwprune.hessian._calibration import Calibration, check_finite
+from hwprune.hessian._layer_progress import layer_progress
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,12 @@ def per_sample_gate_grads(
     objective = calibration.objective
     device = next(model.parameters()).device
     parts = [batch.chunks(max_samples) for batch in calibration.batches]
-    passes = progress(
-        ((b, part) for b, batch_parts in enumerate(parts) for part in batch_parts),
-        f"{method} saliency, forward-backward passes",
-        logger=log,
-        total=sum(len(p) for p in parts),
-    )
-    with frozen(model), prunable.gated(model, structure) as gates:
+    passes = [(b, part) for b, batch_parts in enumerate(parts) for part in batch_parts]
+    with (
+        frozen(model),
+        prunable.gated(model, structure) as gates,
+        layer_progress(model, f"{method} saliency", passes=len(passes), logger=log),
+    ):
         gates.expert_observer = expert_observer
         pending: list[GateGrads] = []  # the parts of calibration batch `b` done so far
         for b, part in passes:

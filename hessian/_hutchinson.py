@@ -13,6 +13,7 @@ from torch import nn
 from hwprune import prunable
 from hwprune.hessian._base import Saliency, ScoringOptions, frozen, unit_sums
 from hwprune.hessian._calibration import Calibration, check_finite
+from hwprune.hessian._layer_progress import layer_progress
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,12 @@ class HutchinsonSaliency(Saliency):
         sums = torch.zeros(len(blocks), dtype=torch.float64)
         previous: torch.Tensor | None = None
         settled = 0
-        with frozen(model), eager_attention(model):
+        passes = self.max_probes * max(len(b.chunks(options.max_samples)) for b in calibration.batches)
+        with (
+            frozen(model),
+            eager_attention(model),
+            layer_progress(model, f"{self.name} saliency (at most)", passes=passes, logger=log),
+        ):
             for k in range(self.max_probes):
                 b = k % len(calibration.batches)
                 batch = calibration.batches[b]

@@ -12,7 +12,7 @@ from typing import Any
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap
 from hwprune.prunable._discover import discover, weights_fingerprint
 from hwprune.prunable._families import Skipped, supported_model_types
-from hwprune.prunable._gates import GATE_KINDS, Gates, couplings, gated
+from hwprune.prunable._gates import GATE_KINDS, Gates, blocks, couplings, gated
 from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
 from hwprune.prunable._kv_cache import append_kv
 from hwprune.prunable._plan import EXPERT_WIDTH_STEP, PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
@@ -53,6 +53,7 @@ __all__ = [
     "UnitKind",
     "append_kv",
     "apply_plan",
+    "blocks",
     "converted_copy",
     "couplings",
     "discover",

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from hwprune.prunable._plan import PrunePlan
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks, in order (one per layer of its structure)."""
+    return family_of(model).blocks(model)
+
+
 def couplings(model: nn.Module) -> list[LayerCouplings]:
     """Per layer, the weight slices each unit owns and where its gates act."""
     family = family_of(model)

@@ -211,9 +211,9 @@ def apply_and_measure(
             },
         )
 
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None)
-    )
+    # Staged beside `out` (its parent made if need be), so that moving it into place is one rename.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         prunable.save_pruned(pruned, plan, staging)
         if onnx:  # the exported graph is the prefill forward, with dynamic batch and length

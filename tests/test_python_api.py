@@ -47,8 +47,10 @@ def test_a_search_from_plain_objects_writes_its_outputs_and_its_plan_applies(
     assert report.startswith("# hwprune run: minilm / fidelity on gpu_h100")
     assert "sampler `NSGAIISampler(population_size=8)`" in report and "`none`" in report
     plan = outcome.run_dir / next(c for c in outcome.candidates if c.kind == "search").plan_path
-    result = search.apply_and_measure(plan, tmp_path / "out", task=outcome.job.task, repeats=1, onnx=False)
-    assert (tmp_path / "out" / "apply.json").is_file() and result["measured_speedup"] > 0
+    out = tmp_path / "deploy" / "out"  # its parent is made too
+    result = search.apply_and_measure(plan, out, task=outcome.job.task, repeats=1, onnx=False)
+    assert (out / "apply.json").is_file() and result["measured_speedup"] > 0
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # no staging directory left beside it
     assert result["params_pruned"] < result["params_dense"] and result["recovery"] is None
     trials = pd.read_csv(tmp_path / "run" / "trials.csv")
     assert len(trials) == 25

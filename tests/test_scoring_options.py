@@ -152,3 +152,30 @@ def test_scoring_on_cuda_matches_the_cpu_and_leaves_the_model_on_the_cpu(supervi
         )
     )
     assert torch.corrcoef(torch.stack([bf16, cpu]))[0, 1] > 0.95
+
+
+@pytest.mark.parametrize(
+    ("method", "passes"),
+    [
+        (hessian.NViTSaliency(seed=1), 2 * 2),  # 2 batches in parts of 2 samples (3 per batch)
+        (hessian.FisherSaliency(seed=1), 6),  # one pass per sample
+        (
+            hessian.HutchinsonSaliency(max_probes=3, min_probes=3, seed=1),
+            3 * 2,
+        ),  # per probe, its batch's parts
+    ],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_scoring_reports_progress_layer_by_layer(
+    method: hessian.Saliency, passes: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, calib = calibration("llama_gqa", supervised=True)
+    layers = len(prunable.blocks(model))
+    with caplog.at_level("INFO", logger="hwprune.hessian"):
+        method.score(model, calib, options=hessian.ScoringOptions(max_samples=2))
+    lines = [r.getMessage() for r in caplog.records if "layers x passes" in r.getMessage()]
+    total = passes * layers
+    assert (
+        lines and lines[-1].startswith(f"{method.name} saliency") and f": {total}/{total} (100%)" in lines[-1]
+    )
+    assert all(not block._forward_hooks for block in prunable.blocks(model))  # the counting hooks are gone

@@ -15,7 +15,8 @@ from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import GATE_KINDS, Gates, blocks, couplings, gated
 from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
 from hwprune.prunable._kv_cache import append_kv
-from hwprune.prunable._plan import EXPERT_WIDTH_STEP, PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
+from hwprune.prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
+from hwprune.prunable._plan_checks import EXPERT_WIDTH_STEP
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
 from hwprune.prunable._surgery import apply_plan, converted_copy, pruned_block, pruned_copy
 

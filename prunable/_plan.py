@@ -23,7 +23,6 @@ File layout (YAML; JSON is read too)::
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 
+from hwprune.prunable._plan_checks import layer_problems
 from hwprune.prunable._structure import LayerStructure, Structure
 
 PLAN_FORMAT = "hwprune.plan"
@@ -201,7 +201,7 @@ class PrunePlan:
         problems = [
             f"layer {i}: {p}"
             for i, (lp, layer) in enumerate(zip(self.layers, structure.layers, strict=True))
-            for p in _layer_problems(lp, layer)
+            for p in layer_problems(lp, layer)
         ]
         if problems:
             raise PlanError("invalid plan:\n  " + "\n  ".join(problems))
@@ -330,7 +330,6 @@ class PrunePlan:
 
 
 MOE_KEYS = ("experts", "expert_mlp")
-EXPERT_WIDTH_STEP = 8
 
 
 def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
@@ -343,33 +342,6 @@ def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
     return out
 
 
-def _layer_problems(lp: LayerPlan, layer: LayerStructure) -> list[str]:
-    if lp.drop and (lp.heads or lp.mlp or lp.experts):
-        return [f"dropped, but keeps {len(lp.heads)} heads and {len(lp.mlp)} MLP neurons"]
-    if lp.drop:
-        return []
-    problems = _expert_problems(lp, layer)
-    for key, values, size in (("heads", lp.heads, layer.num_heads), ("mlp", lp.mlp, layer.mlp_width)):
-        bad = sorted({v for v in values if not 0 <= v < size})
-        if bad:
-            problems.append(f"{key} indices {bad[:8]} out of range [0, {size})")
-        dupes = sorted(v for v, n in Counter(values).items() if n > 1)
-        if dupes:
-            problems.append(f"{key} indices {dupes[:8]} appear more than once")
-    rep = layer.heads_per_unit
-    if rep > 1:
-        kept = set(lp.heads)
-        groups = {h // rep for h in kept}
-        broken = sorted(g for g in groups if any(g * rep + r not in kept for r in range(rep)))
-        if broken:
-            g = broken[0]
-            problems.append(
-                f"heads break the KV grouping ({layer.num_kv_heads} groups of {rep} query heads): group {g} "
-                f"needs all of {list(range(g * rep, (g + 1) * rep))} or none"
-            )
-    return problems
-
-
 class _PlanDumper(yaml.SafeDumper):
     """Writes index lists on one line each, so a plan reads as one row per layer."""
 
@@ -380,41 +352,3 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 
 
 _PlanDumper.add_representer(list, _represent_list)
-
-
-def _expert_problems(lp: LayerPlan, layer: LayerStructure) -> list[str]:
-    if not layer.is_moe:
-        return ["keeps experts, but its MLP is dense"] if lp.experts is not None else []
-    if lp.experts is None:
-        return [f"a mixture-of-experts layer ({layer.num_experts} experts) needs 'experts' and 'expert_mlp'"]
-    problems = []
-    bad = sorted({e for e in lp.experts if not 0 <= e < layer.num_experts})
-    if bad:
-        problems.append(f"experts {bad[:8]} out of range [0, {layer.num_experts})")
-    if len(set(lp.experts)) != len(lp.experts):
-        problems.append("experts appear more than once")
-    if len(lp.experts) < layer.top_k:
-        problems.append(
-            f"keeps {len(lp.experts)} experts, fewer than the {layer.top_k} each token is routed to (top_k)"
-        )
-    neurons = lp.expert_mlp or ()
-    if len(neurons) != len(lp.experts):
-        problems.append(f"expert_mlp has {len(neurons)} entries for {len(lp.experts)} kept experts")
-    widths = {len(n) for n in neurons}
-    if len(widths) > 1 or 0 in widths:
-        problems.append(
-            f"every kept expert must keep the same number (>= 1) of neurons, got {sorted(widths)} "
-            "(a layer's experts share one weight tensor)"
-        )
-    elif widths and (width := widths.pop()) != layer.expert_width and width % EXPERT_WIDTH_STEP:
-        problems.append(
-            f"experts keep {width} neurons; a pruned expert width must be a multiple of {EXPERT_WIDTH_STEP} "
-            "(grouped-GEMM expert kernels need 16-byte rows in bf16)"
-        )
-    for n in neurons:
-        if any(not 0 <= v < layer.expert_width for v in n) or len(set(n)) != len(n):
-            problems.append(
-                f"expert_mlp {list(n)[:8]} has duplicates or indices out of range [0, {layer.expert_width})"
-            )
-            break
-    return problems

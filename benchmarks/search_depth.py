@@ -170,7 +170,8 @@ def main() -> None:
             rows.append((shape, space.num_layers, len(exact.latency), k, seeds_hv, ratios, secs))
             log.info("%s k=%d: seeds alone %.4f, study %s", shape, k, seeds_hv, [f"{r:.4f}" for r in ratios])
     lines = [
-        "# Search quality by depth: hypervolume of the study's front / the exact proxy front (measured)",
+        "# Search quality by depth: hypervolume of the study's front / "
+        + ("the best front known (measured)" if args.params_fraction else "the exact proxy front (measured)"),
         "",
         f"Command: `python benchmarks/search_depth.py --trials {args.trials} --exact-seeds "
         f"{' '.join(map(str, args.exact_seeds))} --seeds {' '.join(map(str, args.seeds))}"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hwprune import prunable
-from hwprune.hessian._hutchinson import eager_attention, quadratic_forms
-from tests.conftest import Case
+from hwprune.hessian._hutchinson import Probes, eager_attention, quadratic_forms
+from tests.conftest import CASES, Case
 
 
 def _double_backward(
@@ -59,3 +59,32 @@ def test_quadratic_forms_equal_double_backward(case: Case) -> None:
     # Equal to 1e-15 of the largest where the whole model computes in float64 (BERT, GPT-2, Falcon);
     # families that compute rotary angles or norms in float32 whatever the weights reach 5e-6.
     torch.testing.assert_close(got, want, rtol=0, atol=tol * float(want.abs().max()))
+
+
+def test_probes_are_drawn_again_as_they_were_stored() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))]
+    gen = torch.Generator().manual_seed(7)
+    stored = [torch.randint(0, 2, p.shape, generator=gen).to(p) * 2 - 1 for p in params]
+    after = torch.rand(1, generator=gen)  # where the generator stands once every draw is made
+    gen = torch.Generator().manual_seed(7)
+    probes = Probes(params, gen)
+    assert len(probes) == 2 and torch.equal(torch.rand(1, generator=gen), after)
+    for i in (1, 0, 1):  # any order, any number of times
+        assert torch.equal(probes[i], stored[i]) and probes[i].dtype == params[i].dtype
+    assert set(stored[0].unique().tolist()) == {-1.0, 1.0}
+
+
+def test_quadratic_forms_with_drawn_probes_equal_stored_ones() -> None:
+    model = CASES["llama_gqa"].build()
+    params = [p for p in model.parameters() if p.dim() == 2][:6]
+    inputs = CASES["llama_gqa"].inputs(torch.Generator().manual_seed(1))
+
+    def loss() -> torch.Tensor:
+        return CASES["llama_gqa"].output(model(**inputs)).pow(2).mean()
+
+    drawn = Probes(params, torch.Generator().manual_seed(5))
+    stored = [drawn[i] for i in range(len(params))]
+    with eager_attention(model):
+        _, a = quadratic_forms(model, params, drawn, loss)
+        _, b = quadratic_forms(model, params, stored, loss)
+    assert a.abs().max() > 0 and torch.equal(a, b)

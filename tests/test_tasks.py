@@ -248,7 +248,11 @@ def _task_cases(tmp_path: Path, tokenizer) -> list[tuple]:  # type: ignore[no-un
 def test_task_conformance(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """Every task: calibration with per-sample losses, a deterministic finite metric, and recovery
     data that runs through the model, is seeded, and never contains what the metric is measured on."""
+    conf = Path(__file__).resolve().parents[1] / "conf" / "task"
     for name, task, model, eval_rows in _task_cases(tmp_path, tokenizer):
+        assert (conf / f"{task.name}.yaml").is_file(), (
+            f"{name}: task.name {task.name!r} is no conf/task option"
+        )
         task.prepare(model)
         calib = task.calibration(model)
         assert calib.batches, name

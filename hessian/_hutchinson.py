@@ -201,7 +201,7 @@ def quadratic_forms(
     and freed as the first backward makes it; each slice of H v is reduced to v_i . (H v)_i and freed
     as the second backward makes it; and with `Probes`, v_i is drawn again where it is needed. What
     remains is the two passes' graphs, in proportion to the samples per pass. (An earlier release held
-    g, v and H v whole: 5.9x the weights at 0.3B in parts of 2 where this holds 5.3x; forward-over-
+    g, v and H v whole: 5.9x the weights at 0.3B in parts of 2 where this holds 4.2x; forward-over-
     reverse, torch.func's jvp of grad, held more than either.)
 
     Args:

@@ -41,6 +41,7 @@ from hwprune.search import (
     option_tables,
     pick,
     run_study,
+    within_budgets,
 )
 from hwprune.search.config import load_hardware
 
@@ -123,16 +124,7 @@ def main() -> None:
         exact = exact_front(lats, losses, base=cost_model.base_ms)
         zeros = np.zeros(space.num_layers, int)
         reference = (objective.dense_ms, float(proxy.loss(zeros, zeros)[0]))
-        optimum = exact.within(constraints.latency_limit(objective.dense_ms))  # as hwprune-search does
-        if args.params_fraction:  # the exact points within the budget: optimal, but not all of the optimum
-            params = spec.params(*pick(options, optimum.choices)).sum(-1)  # (P,) the blocks' weights
-            log.info(
-                "%s: %d of %d exact points within the parameter budget",
-                shape,
-                int((params <= args.params_fraction * objective.dense_params).sum()),
-                len(params),
-            )
-            optimum = optimum.subset(params <= args.params_fraction * objective.dense_params)
+        optimum = within_budgets(exact, options, objective)  # as hwprune-search does
         fronts: list[tuple[np.ndarray, np.ndarray]] = [(optimum.latency, optimum.loss)]
         shape_rows = []
         for k in args.exact_seeds:

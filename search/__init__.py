@@ -32,7 +32,7 @@ from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._report import write_report
-from hwprune.search._run import option_tables, pick, run_search
+from hwprune.search._run import option_tables, pick, run_search, within_budgets
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import open_storage
@@ -72,5 +72,6 @@ __all__ = [
     "run_search",
     "run_study",
     "to_object",
+    "within_budgets",
     "write_report",
 ]

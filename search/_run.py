@@ -54,6 +54,22 @@ def pick(options: Widths, choices: np.ndarray) -> Widths:
     return Widths(units, mlp, experts, width)
 
 
+def within_budgets(exact: ExactFront, options: Widths, objective: SearchObjective) -> ExactFront:
+    """The points of the exact front within the objective's latency and parameter budgets.
+
+    No configuration dominates an exact-front point, so each one within the budgets is optimal under
+    them. A latency budget only removes points: those within it are the whole constrained optimum.
+    Under a parameter budget they are part of it (a configuration dominated only by over-budget ones
+    is optimal too).
+    """
+    constraints = objective.constraints
+    optimum = exact.within(constraints.latency_limit(objective.dense_ms))
+    if constraints.params_fraction is not None:
+        params = block_params(objective.cost_model.spec, pick(options, optimum.choices))  # (P,)
+        optimum = optimum.subset(params <= constraints.params_fraction * objective.dense_params)
+    return optimum
+
+
 def model_front(front: ExactFront, proxy: SaliencyProxy, options: Widths) -> ExactFront:
     """The exact front without its point that drops every layer (depth pruning), which is no model."""
     chosen = pick(options, front.choices)
@@ -191,14 +207,8 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     # (the costliest option of every layer: removing all its units, or, with depth, maybe dropping it).
     reference = (objective.dense_ms, float(sum(loss.max() for loss in losses)))
     seeds = [space.dense()] + [space.uniform(f) for f in settings.uniform_baselines]
-    # No configuration dominates a point of the exact front, so each one within the budgets is optimal
-    # under them. A latency budget only removes points: those within it are the whole constrained
-    # optimum. Under a parameter budget they are part of it (a configuration dominated only by
-    # over-budget ones is optimal too): they seed the study but do not bound it.
-    optimum = exact.within(constraints.latency_limit(objective.dense_ms))
-    if constraints.params_fraction is not None:
-        params = block_params(spec, pick(options, optimum.choices))  # (P,)
-        optimum = optimum.subset(params <= constraints.params_fraction * objective.dense_params)
+    # Under a parameter budget these seed the study but do not bound it (see within_budgets).
+    optimum = within_budgets(exact, options, objective)
     picks = hypervolume_subset(optimum.latency, optimum.loss, reference, settings.exact_seeds)
     seeds += [pick(options, optimum.choices[p]) for p in picks]
 

@@ -125,20 +125,9 @@ class ApplyWorkload:
 
 @dataclass
 class ApplyConfig:
-    """Settings of `hwprune-apply`.
-
-    Attributes:
-        plan: The plan file.
-        out: Output directory; must not exist or be empty (see `overwrite`).
-        task: The task to evaluate (and to draw recovery data from).
-        workload: What to time; unset fields come from the plan.
-        recovery: A recovery option to run instead of the plan's recorded recipe (None: the plan's).
-        device: "cpu", "cuda" or "cuda:<i>".
-        repeats: Interleaved timing rounds.
-        onnx: Also export `model.onnx`.
-        overwrite: Replace a non-empty `out`.
-        check_weights: Refuse a plan made for other weights (false: apply it to a fine-tuned
-            checkpoint of the same architecture on purpose).
+    """Settings of `hwprune-apply`: `search.apply_and_measure`'s arguments (see there), with the task
+    and the recovery as config options (`task`: a task option; `recovery`: a recovery option run
+    instead of the plan's recorded recipe, None: the plan's) and `workload` as its unset-able fields.
     """
 
     plan: str = MISSING

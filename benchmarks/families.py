@@ -174,7 +174,6 @@ def search_and_apply(case: Case, tmp: Path) -> str:
                 out=tmp / case.name / "apply",
                 task=cfg.task,
                 repeats=3,
-                onnx=False,
             )
         )
     except ValueError as err:  # a refusal with its reason (hwprune's one-line errors)
@@ -185,7 +184,13 @@ def search_and_apply(case: Case, tmp: Path) -> str:
     # Timing a 3-layer, 64-wide model measures Python overhead, not the plan: only the prediction is shown.
     assert applied["measured_speedup"] > 0 and applied["params_pruned"] < applied["params_dense"]
     kept = applied["params_pruned"] / applied["params_dense"]
-    return f"ok ({applied['predicted_speedup']:.2f}x predicted, {kept:.0%} of the parameters)"
+    onnx = applied["onnx"]
+    exported = (
+        f"ONNX Runtime max diff {onnx['max_abs_diff']:.0e}"
+        if onnx["exported"]
+        else f"ONNX skipped: {onnx['reason'][:60]}"
+    )
+    return f"ok ({applied['predicted_speedup']:.2f}x predicted, {kept:.0%} of the parameters, {exported})"
 
 
 def main() -> None:
@@ -226,7 +231,8 @@ def main() -> None:
         "CPU. Random-init models of `tests/conftest.py` (3 layers, hidden 64, GQA 8 query / 2 KV heads for "
         "the decoders). Errors are the largest absolute difference of outputs (hidden states or logits). "
         "Search + apply: 30 trials against the gpu_h100 roofline, recovery none, the fastest re-scored plan "
-        "applied (pruned, saved, reloaded, its metric re-measured, timed on this CPU); a 64-wide model's "
+        "applied by `hwprune-apply`'s defaults (pruned, saved, its metric measured, exported to ONNX and run "
+        "in ONNX Runtime in a fresh process against the pruned torch model, timed on this CPU); a 64-wide model's "
         "timing is Python overhead, so the table shows the predicted speedup and the parameters kept.",
         "",
         "| " + " | ".join(columns) + " |",

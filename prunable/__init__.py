@@ -5,12 +5,14 @@ with prunable.gated(model) as gates: ...        # multiplicative per-unit gates 
 plan = prunable.PrunePlan.load("plan.yaml")     # kept units per layer; `drop: true` removes a layer
 prunable.apply_plan(model, plan)                # physically slices the weights (and the router)
 prunable.save_pruned(model, plan, "out/")       # reload with prunable.load_pruned("out/")
+with prunable.exportable(model): torch.onnx.export(...)   # routed experts as a traceable graph
 """
 
 from typing import Any
 
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap
 from hwprune.prunable._discover import discover, weights_fingerprint
+from hwprune.prunable._export import exportable
 from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import GATE_KINDS, Gates, blocks, couplings, gated
 from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
@@ -58,6 +60,7 @@ __all__ = [
     "converted_copy",
     "couplings",
     "discover",
+    "exportable",
     "gated",
     "load_model",
     "load_pruned",

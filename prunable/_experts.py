@@ -135,3 +135,26 @@ def masked_routing(router: Any, logits: torch.Tensor, allowed: torch.Tensor) -> 
     if hasattr(router, "norm_topk_prob"):  # Qwen's routers return the logits' dtype, Mixtral's fp32
         weights = weights.to(logits.dtype)
     return logits, weights, indices
+
+
+def exportable_experts_forward(
+    experts: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts' forward as a graph exporters can trace: the same sums as transformers' eager loop.
+
+    transformers dispatches tokens with `torch.histc` and grouped GEMMs (no ONNX operator) or a loop
+    over the experts that happen to be hit by the example input (a trace would freeze that set).
+    Here the loop runs over every expert, and each one gathers its tokens with a data-dependent
+    `nonzero`, so the exported graph routes any input as the model does.
+
+    Args:
+        hidden: (tokens, hidden) routed inputs.
+        top_k_index: (tokens, k) experts of each token; top_k_weights: (tokens, k) their weights.
+    """
+    out = torch.zeros_like(hidden)
+    for e in range(experts.gate_up_proj.shape[0]):
+        token, slot = torch.nonzero(top_k_index == e, as_tuple=True)  # (n,) each; n is data-dependent
+        gate, up = F.linear(hidden[token], experts.gate_up_proj[e]).chunk(2, dim=-1)  # (n, width) each
+        y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])  # (n, hidden)
+        out = out.index_add(0, token, (y * top_k_weights[token, slot][:, None]).to(out.dtype))
+    return out

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import statistics
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,23 +15,13 @@ import torch
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device
-from hwprune.search._blocks import model_inputs, model_timer
+from hwprune.search._blocks import model_timer
+from hwprune.search._onnx import check_onnx, export_onnx
+from hwprune.search._output import check_out, staged
 from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
 from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.apply")
-
-
-class _TextEncoder(torch.nn.Module):
-    """(input_ids, attention_mask) -> last hidden state: the signature ONNX export needs."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
@@ -59,29 +47,6 @@ def measure_ms(
     return [list(times) for times in interleaved(timers, rounds=repeats, warmup=3)]
 
 
-def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
-    if "pixel_values" in inputs:
-        wrapped: torch.nn.Module = model
-        names = ["pixel_values"]
-        args: tuple[torch.Tensor, ...] = (inputs["pixel_values"],)
-        axes = {"pixel_values": {0: "batch"}}
-    else:
-        wrapped = _TextEncoder(model)
-        names = ["input_ids", "attention_mask"]
-        args = (inputs["input_ids"], inputs["attention_mask"])
-        axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    torch.onnx.export(
-        wrapped.eval(),
-        args,
-        str(path),
-        dynamo=False,
-        input_names=names,
-        output_names=["output"],
-        dynamic_axes=axes,
-        opset_version=17,
-    )
-
-
 def device_metadata(device: torch.device) -> dict[str, Any]:
     """What the latencies were measured on: the CPU's name, or the GPU's with its NVML details."""
     if device.type == "cuda":
@@ -102,7 +67,8 @@ def timed_workload(
     """The workload to time (the plan's, with any field the user set), and the fields that differ."""
     planned = planned_workload(plan)
     base = planned or cost_models.Workload(dtype="auto")
-    given = {k: v for k, v in overrides.items() if v is not None}
+    # dtype "auto" is the device's default, which the plan's dtype already is (resolved).
+    given = {k: v for k, v in overrides.items() if v is not None and (k, v) != ("dtype", "auto")}
     workload = replace(base, **given)
     changed = [k for k, v in given.items() if planned is not None and getattr(planned, k) != v]
     return workload, changed
@@ -114,18 +80,6 @@ def recorded_recovery(plan: prunable.PrunePlan) -> tuple[Recovery, int, int]:
     if not recipe:
         return NoRecovery(), 1, 0
     return from_recipe(recipe), int(recipe.get("data_samples", 2048)), int(recipe.get("data_seed", 0))
-
-
-def check_out(out_arg: str | Path, plan: prunable.PrunePlan, *, overwrite: bool) -> Path:
-    """The output directory, refused where writing it would lose something."""
-    out = Path(out_arg).expanduser().resolve()
-    assert plan.model.source is not None
-    source = Path(prunable.resolve_source(plan.model.source)).resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise ValueError(f"out={out_arg} would write over the model's own directory {source}; choose another")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"out={out_arg} exists and is not empty; pass overwrite=true to replace it")
-    return out
 
 
 def apply_and_measure(
@@ -175,7 +129,8 @@ def apply_and_measure(
     timed = replace(timed, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
     if repeats < 1:
         raise ValueError(f"repeats={repeats} is invalid; valid: >= 1")
-    out_dir = check_out(out, plan, overwrite=overwrite)
+    source = prunable.resolve_source(plan.model.source)
+    out_dir = check_out(out, model_dir=source, plan=Path(plan_path), overwrite=overwrite)
     if recovery_samples < 1:
         raise ValueError(f"recovery.samples={recovery_samples} is invalid; valid: >= 1")
     if recovery is None:
@@ -211,14 +166,11 @@ def apply_and_measure(
             },
         )
 
-    # Staged beside `out` (its parent made if need be), so that moving it into place is one rename.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged(
+        out_dir, marker={"made_by": "hwprune-apply", "plan": str(Path(plan_path).resolve())}
+    ) as staging:
         prunable.save_pruned(pruned, plan, staging)
-        if onnx:  # the exported graph is the prefill forward, with dynamic batch and length
-            prefill = replace(timed, phase="prefill", seq_len=max(timed.seq_len, 2), kv_len=0)
-            export_onnx(pruned, model_inputs(pruned, prefill), staging / "model.onnx")
+        onnx_result = _onnx_artifact(pruned, timed, staging / "model.onnx", out_dir) if onnx else None
         dense_t, pruned_t = measure_ms([model, pruned], timed, device=torch_dev, repeats=repeats)
         result = _result(plan_path, plan, timed, torch_dev, dense_t, pruned_t, task.metric_name)
         result |= {
@@ -230,15 +182,9 @@ def apply_and_measure(
             "workload_differs_from_plan": changed,
             "params_dense": sum(p.numel() for p in model.parameters()),
             "params_pruned": sum(p.numel() for p in pruned.parameters()),
-            "onnx": str(out_dir / "model.onnx") if onnx else None,
+            "onnx": onnx_result,
         }
         (staging / "apply.json").write_text(json.dumps(result, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
     log.info(
         "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f%s; wrote %s",
@@ -254,6 +200,24 @@ def apply_and_measure(
         out_dir,
     )
     return result
+
+
+def _onnx_artifact(
+    pruned: torch.nn.Module, workload: cost_models.Workload, path: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Export `model.onnx` and prove it in ONNX Runtime; what apply.json says of it.
+
+    An exporter that cannot trace the model leaves the torch artifact as the result, with one
+    warning and the reason recorded; a file the runtime runs differently fails the apply.
+    """
+    try:
+        export_onnx(pruned, workload, path)
+    except Exception as err:  # the exporter's own errors are many and unrelated
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        log.warning("ONNX export skipped: torch.onnx could not export this model (%s)", reason)
+        path.unlink(missing_ok=True)
+        return {"exported": False, "reason": reason}
+    return {"exported": True, "path": str(out_dir / path.name), **check_onnx(pruned, path, workload)}
 
 
 def _result(

@@ -32,6 +32,8 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
+from hwprune.search._journal import repair_journal
+
 log = logging.getLogger(__name__)
 
 StorageKind = Literal["run_dir", "journal", "sqlite", "postgresql"]
@@ -124,14 +126,12 @@ def open_storage(spec: str | None, run_dir: Path, *, heartbeat_s: int = 10) -> S
         ValueError: An unsupported storage, or PostgreSQL without a driver; names the valid choices.
     """
     check_storage(spec)
-    if spec is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "study.journal"
-        return StudyStorage("run_dir", str(path), JournalStorage(JournalFileBackend(str(path))))
-    if spec.endswith((".journal", ".log")):
-        path = Path(spec).expanduser()
+    if spec is None or spec.endswith((".journal", ".log")):
+        path = run_dir / "study.journal" if spec is None else Path(spec).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        return StudyStorage("journal", str(path), JournalStorage(JournalFileBackend(str(path))))
+        repair_journal(path)  # before Optuna appends to a record a crash cut off
+        kind: StorageKind = "run_dir" if spec is None else "journal"
+        return StudyStorage(kind, str(path), JournalStorage(JournalFileBackend(str(path))))
     if spec.startswith("sqlite:///"):
         Path(spec.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         return StudyStorage("sqlite", spec, spec)

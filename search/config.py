@@ -42,8 +42,23 @@ class ModelConfig:
 
 
 @dataclass
-class WorkloadConfig:
-    """Mirror of `cost_models.Workload` (which is frozen) for overriding from the command line."""
+class ApplyWorkload:
+    """The workload `hwprune-apply` times; every field left unset is the one the plan was searched for."""
+
+    batch_size: int | None = None
+    seq_len: int | None = None
+    dtype: str | None = None
+    phase: str | None = None
+    kv_len: int | None = None
+
+
+@dataclass
+class WorkloadConfig(ApplyWorkload):
+    """Mirror of `cost_models.Workload` (which is frozen) for overriding from the command line.
+
+    A workload with every field set: it subclasses `ApplyWorkload` so that a `workload=<option>` file
+    also sets all of `hwprune-apply`'s fields.
+    """
 
     batch_size: int = 1
     seq_len: int = 0  # 0: 128 for prefill, 1 (one new token) for decode
@@ -110,17 +125,6 @@ class AppConfig:
     search: SearchConfig = MISSING
     recovery: RecoveryConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
-
-
-@dataclass
-class ApplyWorkload:
-    """The workload to time; every field left unset is the one the plan was searched for."""
-
-    batch_size: int | None = None
-    seq_len: int | None = None
-    dtype: str | None = None
-    phase: str | None = None
-    kv_len: int | None = None
 
 
 @dataclass

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 import transformers
 from torch import nn
+
+if TYPE_CHECKING:
+    from hwprune.search.config import AppConfig
 
 SHARED_STSB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsb"
 
@@ -450,3 +454,34 @@ def stsb_dir() -> Path:
     if not (SHARED_STSB / "sts-dev.csv").is_file():
         pytest.skip(f"STS-B data not found at {SHARED_STSB}")
     return SHARED_STSB
+
+
+# A small search of the bundled MiniLM (fidelity task, gpu_h100 roofline), shared by the tests of the
+# apps and of bad input: tests that change a run work on a copy.
+SMALL = [
+    "task.build.calibration_samples=24",
+    "task.build.eval_samples=24",
+    "search.n_trials=30",
+    "search.rescore=2",
+    "search.uniform_baselines=[0.5]",
+    "search.exact_seeds=3",
+]
+
+
+def app_config(tmp_path: Path, *overrides: str) -> AppConfig:
+    from hwprune.search.config import AppConfig, compose, to_object
+
+    cfg = compose("config", [*SMALL, f"saliency.cache_dir={tmp_path / 'cache'}", *overrides])
+    app = to_object(cfg)
+    assert isinstance(app, AppConfig)
+    return app
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hwprune.search import run_config, write_report
+
+    tmp = tmp_path_factory.mktemp("search")
+    outcome = run_config(app_config(tmp, "hardware=gpu_h100"), tmp / "run")
+    write_report(outcome)
+    return tmp / "run"

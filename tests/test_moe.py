@@ -276,11 +276,12 @@ def test_search_with_expert_axes_end_to_end(tmp_path: Path) -> None:
     row = search.iloc[0]
     plan = prunable.PrunePlan.load(tmp_path / "run" / row.plan_path)
     assert [len(lp.experts or ()) for lp in plan.layers] == [int(v) for v in row.experts.split()]
+    # hwprune-apply's defaults, ONNX included (transformers' experts dispatch has no ONNX operator).
     result = run_apply(
-        apply_config(
-            plan=tmp_path / "run" / row.plan_path, out=tmp_path / "out", task=cfg.task, repeats=2, onnx=False
-        )
+        apply_config(plan=tmp_path / "run" / row.plan_path, out=tmp_path / "out", task=cfg.task)
     )
+    assert result["onnx"]["exported"] and (tmp_path / "out" / "model.onnx").is_file()
+    assert result["onnx"]["max_abs_diff"] <= result["onnx"]["tolerance"]
     reloaded = prunable.load_pruned(tmp_path / "out")
     assert [la.num_experts for la in prunable.discover(reloaded).layers] == [
         int(v) for v in row.experts.split()

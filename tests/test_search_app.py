@@ -17,30 +17,7 @@ from hwprune.search.app import CompareDevices
 from hwprune.search.apply_app import apply_config
 from hwprune.search.apply_app import run as run_apply
 from hwprune.search.config import AppConfig, compose
-
-SMALL = [
-    "task.build.calibration_samples=24",
-    "task.build.eval_samples=24",
-    "search.n_trials=30",
-    "search.rescore=2",
-    "search.uniform_baselines=[0.5]",
-    "search.exact_seeds=3",
-]
-
-
-def app_config(tmp_path: Path, *overrides: str) -> AppConfig:
-    cfg = compose("config", [*SMALL, f"saliency.cache_dir={tmp_path / 'cache'}", *overrides])
-    app = OmegaConf.to_object(cfg)
-    assert isinstance(app, AppConfig)
-    return app
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("search")
-    outcome = run_config(app_config(tmp, "hardware=gpu_h100"), tmp / "run")
-    write_report(outcome)
-    return tmp / "run"
+from tests.conftest import SMALL, app_config
 
 
 def test_run_writes_the_output_contract(run_dir: Path) -> None:
@@ -246,7 +223,7 @@ def test_apply_never_loses_an_output_directory(
     source = prunable.resolve_source(prunable.MINILM)
     with pytest.raises(ValueError, match="would write over the model's own directory"):
         run_apply(settings(Path(source), overwrite=True))
-    with pytest.raises(ValueError, match="would write over the model's own directory"):
+    with pytest.raises(ValueError, match="would write into the model's own directory"):
         run_apply(settings(Path(source) / "pruned", overwrite=True))
 
     # A failure after work began leaves neither a half-written `out` nor a staging directory.
@@ -259,10 +236,20 @@ def test_apply_never_loses_an_output_directory(
     assert not (tmp_path / "late").exists() and not list(tmp_path.glob(".late.*"))
     monkeypatch.undo()
 
-    # overwrite=true replaces the directory whole; a workload other than the plan's is recorded.
+    # overwrite=true never deletes a directory hwprune-apply did not write.
+    with pytest.raises(
+        ValueError, match=r"is not an earlier hwprune-apply output \(it has no \.hwprune-apply file\)"
+    ):
+        run_apply(settings(out, overwrite=True))
+    assert (out / "keep.txt").read_text() == "mine"
+
+    # It replaces an earlier apply's output whole; a workload other than the plan's is recorded.
+    applied = tmp_path / "applied"
+    run_apply(settings(applied))
+    (applied / "stale.txt").write_text("from the first apply")
     with caplog.at_level("WARNING"):
-        result = run_apply(settings(out, overwrite=True, workload={"batch_size": 2, "dtype": "fp32"}))
-    assert not (out / "keep.txt").exists() and (out / "apply.json").is_file()
+        result = run_apply(settings(applied, overwrite=True, workload={"batch_size": 2, "dtype": "fp32"}))
+    assert not (applied / "stale.txt").exists() and (applied / "apply.json").is_file()
     assert sorted(result["workload_differs_from_plan"]) == ["batch_size", "dtype"]
     assert result["workload"]["batch_size"] == 2 and result["workload"]["seq_len"] == 128
     assert "the plan's speedup was predicted for prefill batch 1 x seq 128, bf16" in caplog.text
@@ -355,3 +342,54 @@ def test_an_image_model_other_than_vit_searches_and_applies_end_to_end(tmp_path:
     assert type(reloaded).__name__ == "DeiTForImageClassification"
     assert prunable.discover(reloaded).layers[0].num_heads == 2
     assert result["params_pruned"] < result["params_dense"]
+
+
+def test_apply_takes_a_workload_option_and_records_what_differs(run_dir: Path, tmp_path: Path) -> None:
+    """`workload=<option>`, as the search takes it: the option's fields replace the plan's."""
+    from hwprune.search.config import to_object
+
+    plan = run_dir / "plans" / "dense.yaml"
+    cfg = to_object(
+        compose(
+            "apply",
+            [
+                *SMALL[:2],
+                f"plan={plan}",
+                f"out={tmp_path / 'out'}",
+                "workload=b8_s128",
+                "repeats=1",
+                "onnx=false",
+            ],
+        )
+    )
+    result = run_apply(cfg)  # type: ignore[arg-type]
+    assert result["workload"]["batch_size"] == 8 and result["workload"]["seq_len"] == 128
+    # The plan was searched for gpu_h100 at batch 1 in bf16; "auto" leaves the plan's dtype alone.
+    assert result["workload_differs_from_plan"] == ["batch_size"] and result["workload"]["dtype"] == "bf16"
+
+
+def test_a_model_the_exporter_cannot_trace_still_applies_and_says_so(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hwprune.search import _apply
+
+    def unsupported(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Exporting the operator 'aten::histc' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(_apply, "export_onnx", unsupported)
+    plan = run_dir / "plans" / "dense.yaml"
+    with caplog.at_level("WARNING"):
+        result = run_apply(
+            apply_config(plan=plan, out=tmp_path / "out", task=compose("config", SMALL[:2]).task, repeats=1)
+        )
+    assert result["onnx"] == {
+        "exported": False,
+        "reason": "RuntimeError: Exporting the operator 'aten::histc' to ONNX opset version 17 is not supported",
+    }
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    saved = json.loads((tmp_path / "out" / "apply.json").read_text())
+    assert saved["onnx"]["exported"] is False
+    assert [r.message for r in caplog.records if r.message.startswith("ONNX")] == [
+        "ONNX export skipped: torch.onnx could not export this model (RuntimeError: Exporting the operator "
+        "'aten::histc' to ONNX opset version 17 is not supported)"
+    ]

@@ -36,11 +36,13 @@ def find_tables(entry: str) -> list[Path]:
 def load_tables(profile: HardwareProfile) -> list[LatencyTable]:
     """The profile's tables that exist and were measured on this very device.
 
-    A CPU table counts only on the CPU model and thread count it was measured with; every table
-    skipped is logged with the reason.
+    A CPU table counts only on the CPU model and thread count it was measured with; the tables used
+    are logged in one line, and those of other machines in one more, counted per machine.
     """
     tables = []
     paths = []
+    used: list[str] = []
+    elsewhere: dict[str, int] = {}  # tables of other CPUs (or thread counts), per machine
     for entry in profile.tables:
         if not (found := find_tables(entry)):
             log.warning("hardware %s lists table %s, which does not exist; skipping it", profile.name, entry)
@@ -56,15 +58,26 @@ def load_tables(profile: HardwareProfile) -> list[LatencyTable]:
             here = (cpu_name(), torch.get_num_threads())
             there = (table.meta.get("host_cpu"), table.meta.get("threads"))
             if there != here:
-                log.info(
-                    "table %s was measured on %s x %s threads, this is %s x %s; not using it",
-                    path,
-                    *there,
-                    *here,
-                )
+                machine = f"{there[0]} x {there[1]} threads"
+                elsewhere[machine] = elsewhere.get(machine, 0) + 1
                 continue
-        log.info("table %s: %s", path, table.workload.describe())
         tables.append(table)
+        used.append(path.name)
+    if elsewhere:
+        log.info(
+            "%s: %d table(s) of other machines not used (%s); this is %s x %s threads",
+            profile.name,
+            sum(elsewhere.values()),
+            "; ".join(f"{n} of {machine}" for machine, n in elsewhere.items()),
+            *(cpu_name(), torch.get_num_threads()),
+        )
+    if tables:
+        log.info(
+            "%s: %d table(s) of this device: %s",
+            profile.name,
+            len(tables),
+            ", ".join(used),
+        )
     return tables
 
 

@@ -215,6 +215,8 @@ class Saliency(ABC):
     estimates_loss: ClassVar[bool] = True
     # Whether the method scores routed experts and their neurons (else it refuses MoE models).
     scores_experts: ClassVar[bool] = False
+    # Whether scores are made of the loss gradient alone (zero where the loss is at its minimum).
+    gradient_only: ClassVar[bool] = False
 
     def score(
         self, model: nn.Module, calibration: Calibration, *, options: ScoringOptions | None = None
@@ -230,6 +232,7 @@ class Saliency(ABC):
         if not calibration.batches:
             raise ValueError(f"{self.name}: calibration has no batches")
         self.check_structure(structure)
+        self.check_objective(calibration)
         moe = any(la.is_moe for la in structure.layers)
         was_training = model.training
         model.eval()  # dropout off: saliency of the deterministic network
@@ -256,6 +259,12 @@ class Saliency(ABC):
             },
         )
         scores.check(structure)
+        if all(not bool(t.any()) for kind in prunable.GATE_KINDS for t in scores.of(kind)):
+            raise ValueError(
+                f"saliency={self.name} scored every unit 0 on {calibration.description}: the loss does not "
+                "change with any unit there, so every plan would look free; use a task with labels, or "
+                f"another saliency method: {[m.name for m in _methods() if m is not type(self)]}"
+            )
         return scores
 
     def params(self) -> dict[str, Any]:
@@ -268,11 +277,23 @@ class Saliency(ABC):
         Cheap (no model needed): apps call it before loading data or running anything.
         """
         if any(la.is_moe for la in structure.layers) and not self.scores_experts:
-            from hwprune.hessian import METHODS
-
             raise ValueError(
                 f"saliency {self.name} does not score routed experts, and {structure.model_class} has them; "
-                f"valid for mixture-of-experts models: {[m.name for m in METHODS if m.scores_experts]}"
+                f"valid for mixture-of-experts models: {[m.name for m in _methods() if m.scores_experts]}"
+            )
+
+    def check_objective(self, calibration: Calibration) -> None:
+        """Raise ValueError, naming the methods that can, if this method would score every unit 0.
+
+        Cheap (no pass over the data): apps call it before the scoring passes.
+        """
+        objective = calibration.objective
+        if self.gradient_only and objective.minimal_at_dense:
+            valid = [m.name for m in _methods() if not m.gradient_only]
+            raise ValueError(
+                f"saliency={self.name} uses the loss gradient alone, and the {objective.name} objective is at "
+                f"its minimum at the dense model (a distance to its own outputs): every score would be 0; "
+                f"valid with this objective: {valid}, or a task with labels"
             )
 
     @abstractmethod
@@ -285,6 +306,12 @@ class Saliency(ABC):
     ) -> Scored:
         """Per kind of unit, per layer, the scores, with `model` already placed; (attention-unit
         scores, neuron scores) from methods that do not score experts."""
+
+
+def _methods() -> tuple[type[Saliency], ...]:
+    from hwprune.hessian import METHODS
+
+    return METHODS
 
 
 class SeededSaliency(Saliency):

@@ -12,6 +12,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -114,6 +115,9 @@ class Objective(ABC):
     """A per-sample loss, and per-sample probes of its curvature."""
 
     name: str = "objective"
+    # Whether the loss is at its minimum at the dense model (a distance to its own outputs): its
+    # gradient is zero there, so scores made of the gradient alone are zero too.
+    minimal_at_dense: ClassVar[bool] = False
 
     @abstractmethod
     def losses(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -154,6 +158,8 @@ class OutputDistance(Objective):
         output: Maps `(model, batch)` to per-row outputs (rows, D) (e.g. pooled embeddings, logits).
         name: Objective name, part of the saliency cache key.
     """
+
+    minimal_at_dense = True
 
     def __init__(
         self, *, output: Callable[[torch.nn.Module, Batch], torch.Tensor], name: str = "output-distance"

@@ -19,6 +19,7 @@ class TaylorSaliency(Saliency):
 
     name = "taylor"
     scores_experts = True
+    gradient_only = True
 
     def _score(
         self,

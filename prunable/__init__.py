@@ -11,7 +11,7 @@ with prunable.exportable(model): torch.onnx.export(...)   # routed experts as a 
 from typing import Any
 
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap
-from hwprune.prunable._discover import discover, weights_fingerprint
+from hwprune.prunable._discover import discover, is_decoder, weights_fingerprint
 from hwprune.prunable._export import exportable
 from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import GATE_KINDS, Gates, blocks, couplings, gated
@@ -62,6 +62,7 @@ __all__ = [
     "discover",
     "exportable",
     "gated",
+    "is_decoder",
     "load_model",
     "load_pruned",
     "model_ref",

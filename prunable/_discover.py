@@ -25,6 +25,11 @@ def discover(model: nn.Module) -> Structure:
     return family_of(model).structure(model)
 
 
+def is_decoder(model: nn.Module) -> bool:
+    """Whether `model` generates token by token with a KV cache (its family declares it)."""
+    return family_of(model).decoder
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of the backbone's weights (names, shapes, dtypes and values).
 

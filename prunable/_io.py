@@ -97,6 +97,9 @@ def load_model(source: str, class_name: str = "AutoModel", **kwargs: Any) -> Any
         model, info = model_class(class_name).from_pretrained(
             str(path), local_files_only=True, output_loading_info=True, **kwargs
         )
+    except (OSError, ValueError) as err:  # a corrupt config.json, no weights, a class that does not fit
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"{source}: {class_name} cannot be loaded from {path}: {first}") from err
     finally:
         transformers.logging.set_verbosity(verbosity)
     report_loading(source, class_name, model, info)

@@ -249,6 +249,16 @@ class PrunePlan:
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
         path = Path(path)
+        if path.is_dir():
+            found = (
+                sorted(p.name for p in (path / "plans").glob("*.yaml"))[:3]
+                or sorted(p.name for p in path.glob("*.yaml"))[:3]
+            )
+            raise PlanError(
+                f"plan={path} is a directory; valid: a plan file (a search run's plans/*.yaml"
+                + (f", e.g. {', '.join(found)}" if found else "")
+                + ")"
+            )
         if not path.is_file():
             raise PlanError(f"plan file {path} does not exist")
         try:

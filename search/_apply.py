@@ -7,17 +7,19 @@ import json
 import logging
 import statistics
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import TORCH_DTYPES, interleaved, nvml_metadata, torch_device
-from hwprune.search._blocks import model_timer
+from hwprune.cost_models.profilers import TORCH_DTYPES, nvml_metadata, torch_device
+from hwprune.search._blocks import check_workload, model_cost_model
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
+from hwprune.search._space import plan_widths
+from hwprune.search._timing import Timing, measure
 from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
 from hwprune.search.tasks import Task
 
@@ -33,18 +35,6 @@ def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
             f"workload.dtype={dtype!r} cannot be timed with torch; valid choices: {sorted(TORCH_DTYPES)} or 'auto'"
         )
     return TORCH_DTYPES[dtype]
-
-
-def measure_ms(
-    models: list[torch.nn.Module], workload: cost_models.Workload, *, device: torch.device, repeats: int
-) -> list[list[float]]:
-    """Latencies (ms, one per round) of each model at `workload`, timed in interleaved rounds.
-
-    Models move to the device and the workload's dtype in place, so call this after anything that
-    needs them as they were (the task metric, the ONNX export).
-    """
-    timers = [model_timer(model, workload, str(device)) for model in models]
-    return [list(times) for times in interleaved(timers, rounds=repeats, warmup=3)]
 
 
 def device_metadata(device: torch.device) -> dict[str, Any]:
@@ -149,6 +139,8 @@ def apply_and_measure(
     model = prunable.load_model(plan.model.source, plan.model.class_name)
     fingerprint = prunable.weights_fingerprint(model) if check_weights else None
     plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
+    check_workload(model, timed)
+    prediction = predict_plan(plan, model)
     pruned = prunable.pruned_copy(model, plan, check_weights=check_weights)
     task.prepare(model)
     metric_dense, metric_unrecovered = task.evaluate(model), task.evaluate(pruned)
@@ -171,8 +163,8 @@ def apply_and_measure(
     ) as staging:
         prunable.save_pruned(pruned, plan, staging)
         onnx_result = _onnx_artifact(pruned, timed, staging / "model.onnx", out_dir) if onnx else None
-        dense_t, pruned_t = measure_ms([model, pruned], timed, device=torch_dev, repeats=repeats)
-        result = _result(plan_path, plan, timed, torch_dev, dense_t, pruned_t, task.metric_name)
+        timing = measure(model, pruned, timed, device=torch_dev, repeats=repeats)
+        result = _result(plan_path, plan, timed, torch_dev, timing, task.metric_name, prediction)
         result |= {
             "metric_dense": metric_dense,
             "metric_pruned": metric_pruned,
@@ -202,6 +194,56 @@ def apply_and_measure(
     return result
 
 
+@dataclass(frozen=True)
+class PlanPrediction:
+    """The speedup a plan's widths predict on its hardware at its workload.
+
+    Attributes:
+        speedup: Priced from the widths the plan keeps (None: the plan names no hardware or workload).
+        source: The cost model's latency source ("table", "calibrated", "analytical").
+        stored: What the plan file says it predicted when it was made (None: nothing).
+    """
+
+    speedup: float | None
+    source: str | None
+    stored: float | None
+
+
+def predict_plan(plan: prunable.PrunePlan, model: torch.nn.Module) -> PlanPrediction:
+    """Price the plan as it is: a plan edited by hand, or priced with other tables, says so."""
+    meta = plan.metadata
+    stored = None
+    if meta.get("latency_ms") and meta.get("dense_latency_ms"):
+        stored = float(meta["dense_latency_ms"]) / float(meta["latency_ms"])
+    workload = planned_workload(plan)
+    if plan.hardware is None or workload is None:
+        return PlanPrediction(stored, meta.get("latency_source"), stored)
+    try:
+        profile = cost_models.load_profile(plan.hardware)
+    except ValueError as err:
+        log.warning("the plan's widths cannot be priced again (%s): reporting the plan's own prediction", err)
+        return PlanPrediction(stored, meta.get("latency_source"), stored)
+    if profile.measure_peaks:
+        profile = cost_models.local_profile(profile)
+    cost_model = model_cost_model(profile, model, workload)
+    widths, dropped = plan_widths(plan, prunable.discover(model))
+    latency = cost_model.predict(
+        widths.units, widths.mlp, dropped=dropped, experts=widths.experts, expert_width=widths.expert_width
+    ).latency_ms
+    speedup = cost_model.dense_ms() / float(latency)
+    if stored is not None and abs(speedup / stored - 1) > 1e-6:  # more than rounding
+        log.warning(
+            "the plan says it predicted %.2fx, its widths predict %.2fx on %s (%s): the plan was edited, or "
+            "the cost model changed (tables, or another machine for cpu_local); reporting %.2fx",
+            stored,
+            speedup,
+            plan.hardware,
+            cost_model.source,
+            speedup,
+        )
+    return PlanPrediction(speedup, cost_model.source, stored)
+
+
 def _onnx_artifact(
     pruned: torch.nn.Module, workload: cost_models.Workload, path: Path, out_dir: Path
 ) -> dict[str, Any]:
@@ -225,26 +267,30 @@ def _result(
     plan: prunable.PrunePlan,
     workload: cost_models.Workload,
     device: torch.device,
-    dense: list[float],
-    pruned: list[float],
+    timing: Timing,
     metric_name: str,
+    prediction: PlanPrediction,
 ) -> dict[str, Any]:
     """apply.json's timing part: predicted and measured speedup, latencies with their quartiles."""
     meta = plan.metadata
-    predicted = None
-    if meta.get("latency_ms") and meta.get("dense_latency_ms"):
-        predicted = float(meta["dense_latency_ms"]) / float(meta["latency_ms"])
+    dense, pruned = timing.dense, timing.pruned
     dense_ms, pruned_ms = statistics.median(dense), statistics.median(pruned)
     result: dict[str, Any] = {
         "plan": str(Path(plan_path).resolve()),
         "hardware": plan.hardware,
-        "predicted_speedup": predicted,
+        "predicted_speedup": prediction.speedup,
         "predicted_for": {
             "hardware": plan.hardware,
             "workload": meta.get("workload"),
-            "source": meta.get("latency_source"),
+            "source": prediction.source,
         },
-        "measured_speedup": dense_ms / pruned_ms,
+        "predicted_speedup_stored": prediction.stored,
+        "measured_speedup": timing.speedup,
+        "measured_speedup_quartiles": statistics.quantiles(timing.round_speedups, n=4)
+        if len(dense) > 1
+        else [timing.speedup] * 3,
+        "timing_spread": timing.spread,
+        "timing_stable": timing.stable,
         "latency_ms_dense": dense_ms,
         "latency_ms_pruned": pruned_ms,
         "latency_ms_dense_quartiles": statistics.quantiles(dense, n=4) if len(dense) > 1 else [dense_ms] * 3,

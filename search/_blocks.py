@@ -46,6 +46,25 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
     )
 
 
+def check_workload(model: torch.nn.Module, workload: cost_models.Workload) -> None:
+    """Refuse a workload the model cannot run (decode on an encoder, more tokens than its position
+    table), before anything expensive."""
+    if workload.phase == "decode" and not prunable.is_decoder(model):
+        raise ValueError(
+            f"workload.phase=decode needs a decoder that generates with a KV cache; {type(model).__name__} "
+            f"({prunable.discover(model).family}) is an encoder; valid for it: workload.phase=prefill"
+        )
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    tokens = workload.seq_len + workload.kv_len
+    if isinstance(limit, int) and tokens > limit:
+        what = f"workload.seq_len={workload.seq_len}" + (
+            f" + workload.kv_len={workload.kv_len}" if workload.kv_len else ""
+        )
+        raise ValueError(
+            f"{what} exceeds the model's max_position_embeddings={limit}; valid: <= {limit} tokens"
+        )
+
+
 def model_cost_model(
     profile: cost_models.HardwareProfile, model: nn.Module, workload: cost_models.Workload
 ) -> cost_models.CostModel:

@@ -34,6 +34,7 @@ class Candidate:
     plan_path: str = ""
     label: str = ""
     dominated: bool = False
+    degenerate: str = ""  # why the plan is no real choice ("" for most): see `degenerate_reason`
 
     @property
     def units(self) -> np.ndarray:

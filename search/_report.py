@@ -36,6 +36,7 @@ PARETO_COLUMNS = [
     "flops",
     "proxy_loss",
     "dominated",
+    "degenerate",
     "layers",
     "units",
     "mlp",
@@ -83,7 +84,8 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "params": c.params,
             "flops": c.flops,
             "proxy_loss": c.proxy_loss,
-            "dominated": c.dominated if c.kind != "uniform" else None,
+            "dominated": c.dominated,
+            "degenerate": c.degenerate,
             "layers": c.layers,
             "units": " ".join(map(str, c.units)),
             "mlp": " ".join(map(str, c.mlp)),
@@ -95,6 +97,52 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
         for c in outcome.candidates
     ]
     return pd.DataFrame(rows, columns=PARETO_COLUMNS)
+
+
+# "Close to dense": fractions of the dense model's metric, so a tolerance means the same for Spearman
+# x 100 (dense ~87), fidelity (dense 100) and perplexity (lower is better).
+TOLERANCES = (0.005, 0.01, 0.02, 0.05)
+
+
+def tolerance_label(tol: float) -> str:
+    return f"{tol * 100:g}%"
+
+
+def best_within(pareto: pd.DataFrame, tol: float, *, higher_is_better: bool) -> pd.Series | None:
+    """The fastest re-scored plan (search or uniform, not degenerate) whose metric is at most `tol` of
+    the dense model's worse, or None."""
+    dense = pareto[pareto.kind == "dense"].iloc[0]
+    sign = 1.0 if higher_is_better else -1.0
+    plans = pareto[(pareto.kind != "dense") & (pareto.degenerate.fillna("") == "")]
+    loss = sign * (dense.metric - plans.metric)  # how much worse than dense, in metric units
+    close = plans[loss <= tol * abs(dense.metric)]
+    return close.sort_values("latency_ms").iloc[0] if len(close) else None
+
+
+def which_plan(pareto: pd.DataFrame, *, higher_is_better: bool, source: str) -> list[str]:
+    """The report's "which plan to take" table: per tolerance, the fastest plan within it."""
+    dense = pareto[pareto.kind == "dense"].iloc[0]
+    lines = [
+        "## Which plan to take",
+        "",
+        f"The fastest re-scored plan whose metric is within X of the dense model's ({dense.metric:.3f}); speed "
+        f"predicted ({source}), metric measured on the task after recovery. Degenerate plans are left out.",
+        "",
+        "| within | plan | predicted speedup | metric | vs dense |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for tol in TOLERANCES:
+        best = best_within(pareto, tol, higher_is_better=higher_is_better)
+        if best is None:
+            lines.append(
+                f"| {tolerance_label(tol)} | dense (no plan is this close) | 1.00x | {dense.metric:.3f} | 0 |"
+            )
+            continue
+        lines.append(
+            f"| {tolerance_label(tol)} | `{best.plan_path}` | {best.speedup:.2f}x | {best.metric:.3f} | "
+            f"{best.metric - dense.metric:+.3f} |"
+        )
+    return [*lines, ""]
 
 
 def plot(outcome: RunOutcome, pareto: pd.DataFrame, trials: pd.DataFrame, path: Path) -> None:
@@ -261,14 +309,16 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
         "",
         f"Dense: {dense.latency_ms:.3f} ms predicted, {outcome.task.metric_name} {dense.metric:.3f}.",
         "",
+        *which_plan(pareto, higher_is_better=outcome.task.higher_is_better, source=cm.source),
         "## Front (re-scored on the task, non-dominated)",
         "",
         "| plan | predicted ms | speedup | metric | before recovery | recovery (s) | params | layers |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in best.itertuples():
+        note = f" (degenerate: {r.degenerate})" if isinstance(r.degenerate, str) and r.degenerate else ""
         lines.append(
-            f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | "
+            f"| `{r.plan_path}`{note} | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | "
             f"{r.metric_unrecovered:.3f} | {r.recovery} ({r.recovery_seconds:.1f}) | {r.params:,} | "
             f"{r.layers}/{outcome.structure.num_layers} |"
         )

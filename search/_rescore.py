@@ -154,6 +154,7 @@ class Rescoring:
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())
             c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
+            c.degenerate = "" if c.kind == "dense" else degenerate_reason(c.widths, cost_model.spec)
             plan = replace(
                 plan,
                 metadata={
@@ -184,8 +185,37 @@ class Rescoring:
                 c.metric,
                 recovered if recipe else "",
             )
-        real = [c for c in candidates if c.kind in ("dense", "search")]
-        sign = 1.0 if task.higher_is_better else -1.0
-        mask = pareto_mask(np.array([c.latency_ms for c in real]), -sign * np.array([c.metric for c in real]))
-        for c, keep in zip(real, mask, strict=True):
-            c.dominated = not bool(keep)
+        mark_dominated(candidates, higher_is_better=task.higher_is_better)
+
+
+# A plan removing less than this fraction of the blocks' weights is the dense model in all but name.
+ALMOST_NOTHING = 0.01
+
+
+def degenerate_reason(widths: Widths, spec: cost_models.BlockSpec) -> str:
+    """Why a pruned configuration is no real choice, or "": it removes almost nothing, or it leaves
+    no attention (or no MLP) in any layer, which no deployed transformer does."""
+    units, mlp = np.asarray(widths.units), np.asarray(widths.mlp)
+    dense = spec.num_layers * float(spec.params(spec.kv_heads, spec.mlp))  # units are KV groups
+    removed = 1 - float(spec.params(*widths).sum()) / dense
+    if removed < ALMOST_NOTHING:
+        return f"removes {removed:.1%} of the blocks' weights"
+    if not units.any():
+        return "no attention left"
+    if spec.mlp and not mlp.any():
+        return "no MLP left"
+    return ""
+
+
+def mark_dominated(candidates: list[Candidate], *, higher_is_better: bool) -> None:
+    """Mark every candidate another one beats on both predicted latency and measured metric.
+
+    Every measured plan counts, uniform baselines too: a search plan that a baseline beats on
+    both is no plan to choose.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    mask = pareto_mask(
+        np.array([c.latency_ms for c in candidates]), -sign * np.array([c.metric for c in candidates])
+    )
+    for c, keep in zip(candidates, mask, strict=True):
+        c.dominated = not bool(keep)

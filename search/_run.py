@@ -8,10 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hwprune import cost_models, hessian, prunable
-from hwprune.search._blocks import model_cost_model
+from hwprune.search._blocks import check_workload, model_cost_model
 from hwprune.search._job import SearchJob, SearchSettings
 from hwprune.search._outcome import RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
@@ -19,7 +18,8 @@ from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._rescore import rescore_front
 from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import StudyStorage, open_storage, worker_seed
-from hwprune.search._study import SearchObjective, block_params, rescoring_turn, run_study
+from hwprune.search._study import SearchObjective, block_params, run_study
+from hwprune.search._workers import rescoring_turn
 
 log = logging.getLogger("hwprune.search")
 
@@ -110,17 +110,32 @@ def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) ->
             )
 
 
-def check_lengths(model: torch.nn.Module, workload: cost_models.Workload) -> None:
-    """Refuse a workload longer than the model's position table, before anything expensive."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    tokens = workload.seq_len + workload.kv_len
-    if isinstance(limit, int) and tokens > limit:
-        what = f"workload.seq_len={workload.seq_len}" + (
-            f" + workload.kv_len={workload.kv_len}" if workload.kv_len else ""
-        )
-        raise ValueError(
-            f"{what} exceeds the model's max_position_embeddings={limit}; valid: <= {limit} tokens"
-        )
+def check_params_budget(
+    settings: SearchSettings,
+    exact: ExactFront,
+    optimum: ExactFront,
+    options: Widths,
+    objective: SearchObjective,
+) -> None:
+    """Refuse a parameter budget under which only the configuration that removes every unit is optimal.
+
+    Such a budget (0.001 for 0.1) makes "remove everything" the study's one feasible optimum, and
+    every plan on its front a degenerate one.
+    """
+    if settings.params_budget_fraction is None:
+        return
+    spec, dense = objective.cost_model.spec, objective.dense_params
+    params = block_params(spec, pick(options, exact.choices)) / dense  # (P,) of the exact front
+    least = float(params.min())  # every prunable unit removed
+    within = block_params(spec, pick(options, optimum.choices)) / dense
+    if (within > least).any():
+        return
+    smallest = float(params[params > least].min()) if (params > least).any() else 1.0
+    raise ValueError(
+        f"search.params_budget_fraction={settings.params_budget_fraction} leaves no optimal configuration "
+        f"but the one that removes every unit: the next smallest on the exact front keeps {smallest:.3g} of "
+        f"the blocks' parameters; valid: >= {smallest:.3g} (or null)"
+    )
 
 
 def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = None) -> RunOutcome:
@@ -164,7 +179,7 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
         cost_model.source,
     )
     check_budget(settings, cost_model)
-    check_lengths(model, cost_model.workload)
+    check_workload(model, cost_model.workload)
     if isinstance(cost_model, cost_models.CalibratedModel) and max(cost_model.fit_error) > ROUGH_FIT:
         log.warning(
             "the calibrated model fits the tables it was fitted to only within %s: treat its latencies "
@@ -175,6 +190,7 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     task = job.task
     task.prepare(model)
     calibration = task.calibration(model)
+    job.saliency.check_objective(calibration)  # before the scoring passes (and any cached scores)
     scores = hessian.cached_score(
         job.saliency, model, calibration, cache_dir=job.cache_dir, options=job.scoring
     )
@@ -209,6 +225,7 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     seeds = [space.dense()] + [space.uniform(f) for f in settings.uniform_baselines]
     # Under a parameter budget these seed the study but do not bound it (see within_budgets).
     optimum = within_budgets(exact, options, objective)
+    check_params_budget(settings, exact, optimum, options, objective)
     picks = hypervolume_subset(optimum.latency, optimum.loss, reference, settings.exact_seeds)
     seeds += [pick(options, optimum.choices[p]) for p in picks]
 

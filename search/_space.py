@@ -134,3 +134,27 @@ class SearchSpace:
         return Widths(
             units, mlp, np.full(n, self.expert_choices[-1]), np.full(n, nearest(self.expert_width_choices))
         )
+
+
+def plan_widths(plan: prunable.PrunePlan, structure: prunable.Structure) -> tuple[Widths, np.ndarray]:
+    """What a plan keeps, as widths per layer, and which layers it drops ((layers,) bool).
+
+    The inverse of `SaliencyProxy.plan` up to which units are kept: what a cost model needs to
+    price the plan as it is (edited by hand or not). A dropped layer's expert axes read as dense
+    (it costs nothing either way).
+    """
+    kept = plan.kept_units(structure)
+    units = np.array([len(u) for u, _ in kept])
+    mlp = np.array([len(m) for _, m in kept])
+    dropped = np.array([lp.drop for lp in plan.layers], dtype=bool)
+    if not any(la.is_moe for la in structure.layers):
+        return Widths(units, mlp), dropped
+    pairs = list(zip(plan.layers, structure.layers, strict=True))
+    # None in a plan keeps every expert / every neuron of an expert.
+    experts = np.array(
+        [la.num_experts if lp.drop or lp.experts is None else len(lp.experts) for lp, la in pairs]
+    )
+    width = np.array(
+        [la.expert_width if lp.drop or lp.expert_mlp is None else len(lp.expert_mlp[0]) for lp, la in pairs]
+    )
+    return Widths(units, mlp, experts, width), dropped

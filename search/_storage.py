@@ -136,18 +136,27 @@ def open_storage(spec: str | None, run_dir: Path, *, heartbeat_s: int = 10) -> S
         Path(spec.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         return StudyStorage("sqlite", spec, spec)
     assert spec.startswith(("postgresql://", "postgresql+"))
+    import sqlalchemy
+
     url = postgres_url(spec)
     storage = StudyStorage("postgresql", url, None)
-    # Creating the tables is not safe for two processes at once: only under the lock.
-    with storage.lock("create"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API
-        storage.storage = RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True},
-            heartbeat_interval=heartbeat_s,
-            grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES),
+    try:
+        # Creating the tables is not safe for two processes at once: only under the lock.
+        with storage.lock("create"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API
+            storage.storage = RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=heartbeat_s,
+                grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES),
+            )
+    except sqlalchemy.exc.DBAPIError as err:  # no server, no such database, refused login
+        shown = sqlalchemy.engine.make_url(spec).render_as_string(hide_password=True)
+        reason = next(
+            (line.strip() for line in str(err.orig).splitlines() if line.strip()), type(err).__name__
         )
+        raise ValueError(f"search.storage={shown}: cannot connect to PostgreSQL: {reason}") from None
     return storage
 
 

@@ -21,14 +21,25 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from hwprune.search._cli import one_line_errors
-from hwprune.search.config import AppConfig, register_configs, to_object
+from hwprune.search import tasks
+from hwprune.search._cli import one_line_errors, run_app, save_hydra_record
+from hwprune.search._report import TOLERANCES, best_within, tolerance_label
+from hwprune.search.config import AppConfig, to_object
 
 log = logging.getLogger("hwprune.search")
 
 
+def _interrupted() -> str:
+    """What Ctrl-C leaves of a search, and the command that resumes it."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.run.dir=")]
+    command = " ".join(["hwprune-search", *overrides, f"hydra.run.dir={run_dir}"])
+    return f"the study's finished trials are kept in {run_dir}; resume with: {command}"
+
+
 @hydra.main(config_path="pkg://hwprune.conf", config_name="config", version_base=None)
-@one_line_errors
+@one_line_errors(interrupted=_interrupted)
 def main(cfg: DictConfig) -> None:
     from hwprune.search._from_config import run_config
     from hwprune.search._report import write_report
@@ -36,29 +47,14 @@ def main(cfg: DictConfig) -> None:
     app = to_object(cfg)  # fails here, before any work, on an unknown key or a missing field
     assert isinstance(app, AppConfig)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    write_report(run_config(app, run_dir))
-
-
-# "Close to dense" in the comparison: fractions of the dense model's metric, so a threshold means
-# the same for Spearman x 100 (dense ~87), fidelity (dense 100) and perplexity (lower is better).
-TOLERANCES = (0.01, 0.02, 0.05)
-
-
-def higher_is_better(metric_name: str) -> bool:
-    """The direction of a task metric, from the task that defines it."""
-    from hwprune.search import tasks
-
-    for task in (tasks.STSTask, tasks.FidelityTask, tasks.ClassificationTask, tasks.LMTask):
-        if task.metric_name == metric_name:
-            return task.higher_is_better
-    return True
+    write_report(run_config(app, run_dir, accepted=lambda: save_hydra_record(cfg, run_dir)))
 
 
 class CompareDevices(Callback):
     """After a multirun, one table comparing the devices' fronts (comparison.md / .csv in the sweep dir).
 
     Per device: the dense latency and metric, and the fastest re-scored plan whose metric is within
-    1 %, 2 % and 5 % of the dense model's (on the worse side; the metric's direction respected).
+    0.5 %, 1 %, 2 % and 5 % of the dense model's (on the worse side; the metric's direction respected).
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -68,8 +64,8 @@ class CompareDevices(Callback):
             frame = pd.read_csv(pareto_path)
             dense = frame[frame.kind == "dense"].iloc[0]
             front = frame[(frame.kind == "search") & (frame.dominated == False)]  # noqa: E712
-            sign = 1.0 if higher_is_better(str(dense.metric_name)) else -1.0
-            loss = sign * (dense.metric - front.metric)  # how much worse than dense, in metric units
+            if "degenerate" not in frame:  # pareto.csv files written before 2026-12-07
+                frame["degenerate"] = ""
             row = {
                 "run": pareto_path.parent.name,
                 "latency_source": dense.latency_source,
@@ -77,13 +73,15 @@ class CompareDevices(Callback):
                 "dense_ms": dense.latency_ms,
                 "dense_metric": dense.metric,
             }
+            better = tasks.higher_is_better(str(dense.metric_name))
             for tol in TOLERANCES:
-                close = front[loss <= tol * abs(dense.metric)]
-                best = close.sort_values("latency_ms").iloc[0] if len(close) else dense
+                best = best_within(frame, tol, higher_is_better=better)
+                best = dense if best is None else best
+                label = tolerance_label(tol)
                 row |= {
-                    f"within_{tol:.0%}_speedup": best.speedup,
-                    f"within_{tol:.0%}_metric": best.metric,
-                    f"within_{tol:.0%}_plan": best.label,
+                    f"within_{label}_speedup": best.speedup,
+                    f"within_{label}_metric": best.metric,
+                    f"within_{label}_plan": best.label,
                 }
             row |= {
                 "fastest_ms": front.latency_ms.min() if len(front) else float("nan"),
@@ -115,5 +113,4 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def entry() -> None:
-    register_configs()
-    main()
+    run_app("config", main)

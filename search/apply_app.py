@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from hwprune import prunable
 from hwprune.search._apply import apply_and_measure
-from hwprune.search._cli import one_line_errors
-from hwprune.search.config import ApplyConfig, build_task, register_configs, to_object
+from hwprune.search._cli import one_line_errors, run_app
+from hwprune.search.config import ApplyConfig, build_task, to_object
 
 
 def apply_config(*, plan: str | Path, out: str | Path, task: Any, **settings: Any) -> ApplyConfig:
@@ -66,8 +66,12 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     )
 
 
+def _interrupted() -> str:
+    return "nothing was written (out stays as it was)"
+
+
 @hydra.main(config_path="pkg://hwprune.conf", config_name="apply", version_base=None)
-@one_line_errors
+@one_line_errors(interrupted=_interrupted)
 def main(cfg: DictConfig) -> None:
     app = to_object(cfg)
     assert isinstance(app, ApplyConfig)
@@ -75,5 +79,4 @@ def main(cfg: DictConfig) -> None:
 
 
 def entry() -> None:
-    register_configs()
-    main()
+    run_app("apply", main)

@@ -27,8 +27,8 @@ from hwprune.cost_models.profilers import (
     TorchProfiler,
 )
 from hwprune.search._blocks import block_spec, head_width, model_timer, real_block_factory
-from hwprune.search._cli import one_line_errors
-from hwprune.search.config import ProfileAppConfig, register_configs, to_object
+from hwprune.search._cli import one_line_errors, run_app
+from hwprune.search.config import ProfileAppConfig, to_object
 
 log = logging.getLogger("hwprune.profile")
 
@@ -114,8 +114,12 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     return table
 
 
+def _interrupted() -> str:
+    return "no table was written"
+
+
 @hydra.main(config_path="pkg://hwprune.conf", config_name="profile", version_base=None)
-@one_line_errors
+@one_line_errors(interrupted=_interrupted)
 def main(cfg: DictConfig) -> None:
     app = to_object(cfg)
     assert isinstance(app, ProfileAppConfig)
@@ -123,8 +127,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def entry() -> None:
-    register_configs()
-    main()
+    run_app("profile", main)
 
 
 if __name__ == "__main__":  # `python -m hwprune.search.profile_app`, where the package is not installed

@@ -78,7 +78,10 @@ def test_missing_sts_file(tmp_path: Path) -> None:
 
 def test_sts_task_batches_and_metric(tmp_path: Path, tokenizer, minilm: torch.nn.Module) -> None:  # type: ignore[no-untyped-def]
     path = write_sts(tmp_path / "s.tsv", ROWS)
-    task = STSTask(train_path=path, eval_path=path, tokenizer=tokenizer, calibration_samples=3, batch_size=2)
+    held_out = write_sts(tmp_path / "dev.tsv", ROWS[::-1])  # the same pairs in another order: another file
+    task = STSTask(
+        train_path=path, eval_path=held_out, tokenizer=tokenizer, calibration_samples=3, batch_size=2
+    )
     calib = task.calibration(minilm)
     assert calib.n_samples == 3 and [b.n_samples for b in calib.batches] == [2, 1]
     assert calib.batches[0].sample_of_row.tolist() == [0, 1, 0, 1]  # [first sentences; second sentences]
@@ -98,7 +101,7 @@ def test_sts_task_batches_and_metric(tmp_path: Path, tokenizer, minilm: torch.nn
     rho = task.evaluate(minilm)
     assert -100.0 <= rho <= 100.0 and rho > 0  # the pretrained model ranks these pairs sensibly
     with pytest.raises(ValueError, match="calibration_samples must be >= 1, got 0"):
-        STSTask(train_path=path, eval_path=path, tokenizer=tokenizer, calibration_samples=0)
+        STSTask(train_path=path, eval_path=held_out, tokenizer=tokenizer, calibration_samples=0)
 
 
 def test_sts_on_shared_dev_reproduces_the_reference(

@@ -18,8 +18,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hwprune.search._identity import study_name_for
 from hwprune.search._storage import StudyStorage, open_storage, worker_id
-from hwprune.search._study import RESCORED_ATTR, rescoring_turn, study_name_for
+from hwprune.search._workers import RESCORED_ATTR, rescoring_turn
 from tests._worker import IDENTITY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,8 +214,8 @@ def test_the_front_is_rescored_once(kind: str, tmp_path: Path, request: pytest.F
 def test_a_trial_whose_worker_died_while_sampling_is_failed_and_not_waited_for(
     shared: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hwprune.search import _study
-    from hwprune.search._study import _fail_dead_workers, _SharedTrial
+    from hwprune.search import _workers
+    from hwprune.search._workers import _fail_dead_workers, _SharedTrial
     from tests.test_search_core import make_objective, structure_and_scores
 
     storage = open_storage(shared, tmp_path, heartbeat_s=1)
@@ -232,7 +233,7 @@ def test_a_trial_whose_worker_died_while_sampling_is_failed_and_not_waited_for(
     def no_second_wait(seconds: float) -> None:
         raise AssertionError(f"waited again ({seconds} s) for a trial already given up")
 
-    monkeypatch.setattr(_study, "time", SimpleNamespace(monotonic=time.monotonic, sleep=no_second_wait))
+    monkeypatch.setattr(_workers, "time", SimpleNamespace(monotonic=time.monotonic, sleep=no_second_wait))
     assert guarded._earlier_twin(later, patience_s=0.3) is None
     monkeypatch.undo()
     assert not _fail_dead_workers(study, storage, study.get_trials())  # too young to call dead

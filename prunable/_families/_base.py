@@ -78,6 +78,8 @@ class Family(ABC):
     """
 
     name: ClassVar[str]
+    # Whether the family's models generate token by token with a KV cache (decode workloads).
+    decoder: ClassVar[bool] = False
     model_types: ClassVar[tuple[str, ...]]
     blocks_path: ClassVar[str]
 

@@ -20,6 +20,7 @@ from hwprune.prunable._structure import LayerStructure, Structure
 
 class FalconFamily(Family):
     name = "falcon"
+    decoder = True
     model_types = ("falcon",)
     blocks_path = "h"
 

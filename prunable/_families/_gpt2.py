@@ -13,6 +13,7 @@ from hwprune.prunable._structure import LayerStructure, Structure
 
 class GPT2Family(Family):
     name = "gpt2"
+    decoder = True
     model_types = ("gpt2",)
     blocks_path = "h"
 

@@ -16,6 +16,7 @@ from hwprune.prunable._structure import LayerStructure, Structure
 
 class GPTNeoXFamily(Family):
     name = "gpt_neox"
+    decoder = True
     model_types = ("gpt_neox",)
     blocks_path = "layers"
 

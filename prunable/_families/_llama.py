@@ -63,6 +63,7 @@ LAYOUTS: dict[str, DecoderLayout] = {
 
 class LlamaFamily(Family):
     name = "llama"
+    decoder = True
     model_types = tuple(LAYOUTS)
     blocks_path = "layers"
 

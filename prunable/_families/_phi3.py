@@ -43,6 +43,7 @@ class LayerConfig:
 
 class Phi3Family(Family):
     name = "phi3"
+    decoder = True
     model_types = ("phi3",)
     blocks_path = "layers"
 

@@ -1,6 +1,6 @@
 """Tasks: calibration data and objectives for saliency, and the real metric of the Pareto front."""
 
-from hwprune.search.tasks._base import Task
+from hwprune.search.tasks._base import TASKS, Task, higher_is_better
 from hwprune.search.tasks._classification import (
     ClassificationTask,
     CrossEntropy,
@@ -14,6 +14,7 @@ from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches,
 
 __all__ = [
     "PYDOC_SOURCE",
+    "TASKS",
     "ClassificationTask",
     "CosineSimilarityLoss",
     "CrossEntropy",
@@ -26,6 +27,7 @@ __all__ = [
     "embed_batch",
     "embed_texts",
     "file_passages",
+    "higher_is_better",
     "length_batches",
     "mean_pool",
     "pydoc_passages",

@@ -10,17 +10,30 @@ from torch import nn
 from hwprune import hessian
 from hwprune.search.recovery._base import RecoveryData
 
+# Every task class, by its name: filled when a class is defined (`Task.__init_subclass__`), so that
+# whatever needs the list (a metric's direction) reads it here and a new task is one file.
+TASKS: dict[str, type[Task]] = {}
+
 
 class Task(ABC):
     """A dataset and metric that a pruned model is judged on.
 
     `calibration` feeds saliency; `evaluate` is the task metric of the Pareto front. Both take the
-    model as it is now (dense, gated or pruned).
+    model as it is now (dense, gated or pruned). A subclass with a `name` registers itself in
+    `TASKS`.
     """
 
     name: ClassVar[str]  # the option's name under conf/task/
     metric_name: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if isinstance(name, str):
+            if name in TASKS and TASKS[name].__qualname__ != cls.__qualname__:
+                raise ValueError(f"task name {name!r} is taken by {TASKS[name].__qualname__}")
+            TASKS[name] = cls
 
     def prepare(self, dense: nn.Module) -> None:  # noqa: B027 - optional hook, most tasks need none
         """Called once with the dense model before anything is pruned (reference outputs)."""
@@ -43,3 +56,17 @@ class Task(ABC):
     @property
     def description(self) -> str:
         return type(self).__name__
+
+
+def higher_is_better(metric_name: str) -> bool:
+    """The direction of a task metric, from the registered task that defines it.
+
+    Raises:
+        ValueError: No registered task has this metric (guessing a direction would silently turn
+            a lower-is-better metric into a higher-is-better one).
+    """
+    for task in TASKS.values():
+        if task.metric_name == metric_name:
+            return task.higher_is_better
+    known = sorted({t.metric_name for t in TASKS.values()})
+    raise ValueError(f"no task defines the metric {metric_name!r}; known metrics: {known}")

@@ -58,6 +58,14 @@ def read_sts(path: str | Path) -> Pairs:
     return Pairs(first, second, torch.tensor(scores, dtype=torch.float32))
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file, or two files with the same bytes."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.is_file() and pb.is_file()):
+        return False
+    return pa.samefile(pb) or (pa.stat().st_size == pb.stat().st_size and pa.read_bytes() == pb.read_bytes())
+
+
 class CosineSimilarityLoss(hessian.Objective):
     """Per pair, (cos(u, v) - score/5)^2: the loss all-MiniLM-style models are tuned with on STS.
 
@@ -126,8 +134,20 @@ class STSTask(Task):
         for name, value in (("calibration_samples", calibration_samples), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if _same_file(train_path, eval_path):
+            raise ValueError(
+                f"task.build.eval_path={eval_path} is the training file too: recovery would train on what "
+                "the metric is measured on; valid: another split (e.g. STS-B's sts-dev.csv)"
+            )
         self.train = read_sts(train_path)
         self.eval = read_sts(eval_path)
+        distinct = len(set(self.eval.scores.tolist()))
+        if distinct < 2:
+            raise ValueError(
+                f"task.build.eval_path={eval_path}: {len(self.eval.scores)} pair(s) with {distinct} distinct "
+                "score(s); Spearman's correlation needs pairs with at least 2 different scores (else every "
+                "metric is NaN); valid: an evaluation split such as STS-B's sts-dev.csv"
+            )
         self.tokenizer = tokenizer
         self.calibration_samples = calibration_samples
         self.batch_size = batch_size

@@ -60,7 +60,11 @@ class ExactFront:
 
 
 def exact_front(
-    option_latency: list[np.ndarray], option_loss: list[np.ndarray], base: float = 0.0
+    option_latency: list[np.ndarray],
+    option_loss: list[np.ndarray],
+    base: float = 0.0,
+    *,
+    excluded: list[np.ndarray] | None = None,
 ) -> ExactFront:
     """Exact front of choosing one option per layer.
 
@@ -68,23 +72,51 @@ def exact_front(
         option_latency: Per layer, (options,) latency of each option.
         option_loss: Per layer, (options,) proxy loss of each option.
         base: Latency added to every point (the model outside its blocks).
+        excluded: Per layer, (options,) mask of the options that, chosen in every layer at once,
+            make no configuration (depth pruning's dropped layer: a model keeps one layer at
+            least). None: every combination counts.
+
+    The exclusion runs inside the dynamic programme, which keeps two fronts per layer: of the
+    prefixes that chose an excluded option in every layer so far, and of the rest. Filtering the
+    all-excluded point out afterwards would be wrong: it may have eliminated valid configurations
+    that only it dominated.
     """
-    latency = np.array([base])
-    loss = np.array([0.0])
-    parents: list[np.ndarray] = []  # per layer, (P_l, 2): index into the previous front, option
-    for lat_l, loss_l in zip(option_latency, option_loss, strict=True):
-        cand_lat = (latency[:, None] + lat_l[None, :]).ravel()  # (P * options,)
-        cand_loss = (loss[:, None] + loss_l[None, :]).ravel()
-        keep = np.flatnonzero(pareto_mask(cand_lat, cand_loss))
-        parents.append(np.stack(np.divmod(keep, len(lat_l)), axis=1))
-        latency, loss = cand_lat[keep], cand_loss[keep]
+    n_layers = len(option_latency)
+    masks = excluded or [np.zeros(len(lat), dtype=bool) for lat in option_latency]
+    # fronts[f]: (latency, loss) of the prefixes with flag f: 0 = every layer excluded so far, 1 = not.
+    fronts = [(np.array([base]), np.array([0.0])), (np.zeros(0), np.zeros(0))]
+    back: list[list[np.ndarray]] = []  # per layer, per flag: (P_f, 3) previous flag, its index, option
+    for lat_l, loss_l, ex_l in zip(option_latency, option_loss, masks, strict=True):
+        ex_l = np.asarray(ex_l, dtype=bool)
+        sources = [[(0, ex_l)], [(1, np.ones_like(ex_l)), (0, ~ex_l)]]  # what feeds flag 0 and flag 1
+        new_fronts, pointers = [], []
+        for feeds in sources:
+            lats, losses, ptrs = [np.zeros(0)], [np.zeros(0)], [np.zeros((0, 3), dtype=np.int64)]
+            for prev, allowed in feeds:
+                opts = np.flatnonzero(allowed)
+                prev_lat, prev_loss = fronts[prev]
+                idx, opt = np.divmod(np.arange(len(prev_lat) * len(opts)), len(opts))  # (P * options,)
+                lats.append(prev_lat[idx] + lat_l[opts[opt]])
+                losses.append(prev_loss[idx] + loss_l[opts[opt]])
+                ptrs.append(np.stack([np.full(len(idx), prev), idx, opts[opt]], axis=1))
+            cand_lat, cand_loss, cand_ptr = np.concatenate(lats), np.concatenate(losses), np.concatenate(ptrs)
+            keep = np.flatnonzero(pareto_mask(cand_lat, cand_loss))
+            new_fronts.append((cand_lat[keep], cand_loss[keep]))
+            pointers.append(cand_ptr[keep])
+        fronts, back = new_fronts, [*back, pointers]
+    # Without exclusions flag 0 empties after the first layer: flag 1 holds every configuration.
+    latency, loss = fronts[1]
     # Walk the back-pointers from the last layer to the first.
-    choices = np.empty((len(latency), len(parents)), dtype=np.int64)
-    index = np.arange(len(latency))
-    for layer in range(len(parents) - 1, -1, -1):
-        choices[:, layer] = parents[layer][index, 1]
-        index = parents[layer][index, 0]
-    order = np.argsort(latency)
+    flag, index = np.ones(len(latency), dtype=np.int64), np.arange(len(latency))
+    choices = np.empty((len(latency), n_layers), dtype=np.int64)
+    for layer in range(n_layers - 1, -1, -1):
+        step = np.empty((len(latency), 3), dtype=np.int64)
+        for f in (0, 1):
+            at = flag == f
+            step[at] = back[layer][f][index[at]]
+        choices[:, layer] = step[:, 2]
+        flag, index = step[:, 0], step[:, 1]
+    order = np.argsort(latency, kind="stable")
     return ExactFront(latency=latency[order], loss=loss[order], choices=choices[order])
 
 

@@ -70,13 +70,6 @@ def within_budgets(exact: ExactFront, options: Widths, objective: SearchObjectiv
     return optimum
 
 
-def model_front(front: ExactFront, proxy: SaliencyProxy, options: Widths) -> ExactFront:
-    """The exact front without its point that drops every layer (depth pruning), which is no model."""
-    chosen = pick(options, front.choices)
-    keep = ~proxy.dropped(chosen.units, chosen.mlp).all(-1)  # (P,)
-    return front.subset(np.asarray(keep))
-
-
 def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) -> None:
     """Refuse a latency budget no configuration meets, before the saliency and the study run."""
     n, spec = cost_model.spec.num_layers, cost_model.spec
@@ -217,7 +210,9 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     objective = SearchObjective(space, cost_model, proxy, constraints)
 
     lats, losses, options = option_tables(space, cost_model, proxy)
-    exact = model_front(exact_front(lats, losses, base=cost_model.base_ms), proxy, options)
+    # With depth pruning the option without units drops the layer, and a model keeps one layer.
+    drops = proxy.dropped(options.units, options.mlp)  # (options,)
+    exact = exact_front(lats, losses, base=cost_model.base_ms, excluded=[drops] * space.num_layers)
     log.info("exact proxy front: %d points", len(exact.latency))
     # Hypervolume is bounded by the dense latency and the worst loss
     # (the costliest option of every layer: removing all its units, or, with depth, maybe dropping it).

@@ -85,6 +85,31 @@ def test_pareto_mask_matches_brute_force() -> None:
         assert mask[i] == (not dominated)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_exact_front_without_the_excluded_combination_equals_enumeration(seed: int) -> None:
+    """Depth pruning: option 0 drops a layer (no latency, its layer score), and dropping every
+    layer is no model. The front must be that of every other combination; removing the all-dropped
+    point after the DP left out points only it had dominated (13 points instead of 17 on llama_gqa)."""
+    rng = np.random.default_rng(seed)
+    layers, options = 4, 5
+    lats = [np.concatenate([[0.0], 0.2 + rng.random(options - 1)]) for _ in range(layers)]
+    losses = [np.concatenate([[rng.random() * 0.3], rng.random(options - 1)]) for _ in range(layers)]
+    excluded = [np.arange(options) == 0 for _ in range(layers)]
+    front = exact_front(lats, losses, base=0.5, excluded=excluded)
+    combos = np.array(list(itertools.product(range(options), repeat=layers)))
+    combos = combos[(combos != 0).any(1)]  # every combination but the all-dropped one
+    all_lat = 0.5 + sum(lats[i][combos[:, i]] for i in range(layers))
+    all_loss = sum(losses[i][combos[:, i]] for i in range(layers))
+    mask = pareto_mask(all_lat, all_loss)
+    assert len(front.latency) == mask.sum()
+    np.testing.assert_allclose(sorted(all_lat[mask]), front.latency)
+    assert (front.choices != 0).any(1).all()
+    recon_lat = 0.5 + sum(lats[i][front.choices[:, i]] for i in range(layers))
+    recon_loss = sum(losses[i][front.choices[:, i]] for i in range(layers))
+    np.testing.assert_allclose(recon_lat, front.latency)
+    np.testing.assert_allclose(recon_loss, front.loss)
+
+
 def test_hypervolume_of_a_staircase() -> None:
     # Points (1, 3), (2, 1) against reference (4, 4): 1*(4-3) + 2*(4-1) = 7.
     assert hypervolume(np.array([1.0, 2.0, 3.0]), np.array([3.0, 1.0, 2.0]), (4.0, 4.0)) == pytest.approx(7.0)
@@ -238,7 +263,7 @@ def test_depth_objective_times_dropped_layers_as_nothing_and_prunes_empty_models
 
 
 def test_depth_exact_front_has_shallower_points_and_never_an_empty_model(setup) -> None:  # type: ignore[no-untyped-def]
-    from hwprune.search._run import model_front, option_tables
+    from hwprune.search._run import option_tables
 
     structure, scores = setup
     space = SearchSpace.build(structure, mlp_step=32)
@@ -248,7 +273,8 @@ def test_depth_exact_front_has_shallower_points_and_never_an_empty_model(setup) 
     layer_scores = torch.tensor([1e-4, 1e-4, 1e-4], dtype=torch.float64)  # dropping is nearly free
     proxy = SaliencyProxy(scores, structure, layer_scores)
     lats, losses, options = option_tables(space, cost, proxy)
-    front = model_front(exact_front(lats, losses, base=cost.base_ms), proxy, options)
+    drops = proxy.dropped(options.units, options.mlp)
+    front = exact_front(lats, losses, base=cost.base_ms, excluded=[drops] * structure.num_layers)
     units, mlp = options.units, options.mlp
     dropped = proxy.dropped(units[front.choices], mlp[front.choices])  # (P, layers)
     assert not dropped.all(-1).any()

@@ -12,7 +12,7 @@ Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fi
 `fisher` (OBD diagonal Fisher), `hutchinson` (HAWQ-V2 layer traces), `taylor`, `magnitude`, `random`.
 """
 
-from hwprune.hessian._base import SCORING_DTYPES, Saliency, ScoringOptions, UnitScores
+from hwprune.hessian._base import SALIENCY, SCORING_DTYPES, Saliency, ScoringOptions, UnitScores
 from hwprune.hessian._cache import cached_layer_scores, cached_score
 from hwprune.hessian._calibration import Batch, Calibration, Objective, OutputDistance
 from hwprune.hessian._depth import layer_scores
@@ -23,19 +23,8 @@ from hwprune.hessian._magnitude import MagnitudeSaliency, RandomSaliency
 from hwprune.hessian._nvit import NViTSaliency
 from hwprune.hessian._taylor import TaylorSaliency
 
-METHODS: tuple[type[Saliency], ...] = (
-    NViTSaliency,
-    HEAPrSaliency,
-    FisherSaliency,
-    HutchinsonSaliency,
-    TaylorSaliency,
-    MagnitudeSaliency,
-    RandomSaliency,
-)
-
-
 __all__ = [
-    "METHODS",
+    "SALIENCY",
     "SCORING_DTYPES",
     "Batch",
     "Calibration",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
+from hwprune._registry import Registry
 from hwprune.hessian._calibration import Calibration
 
 
@@ -169,6 +170,10 @@ class ScoringOptions:
                 )
 
 
+# Every saliency method, by name: filled as each class is defined.
+SALIENCY: Registry[Saliency] = Registry("saliency method")
+
+
 @contextmanager
 def placed(model: nn.Module, options: ScoringOptions) -> Iterator[nn.Module]:
     """`model` on the options' device and in their dtype, for the duration of the block.
@@ -206,8 +211,14 @@ class Saliency(ABC):
 
     Subclasses implement `_score`; `score` wraps it with evaluation mode, placement (device, dtype),
     the structure check and the result check, so every method returns finite scores of the right
-    shapes or raises.
+    shapes or raises. A subclass with a `name` registers itself in `SALIENCY` (pass
+    `register=False` for one that should not be offered).
     """
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            SALIENCY.add(cls)
 
     name: ClassVar[str]
     # Whether scores estimate the loss increase of removing a unit (so that they add up with other
@@ -263,7 +274,7 @@ class Saliency(ABC):
             raise ValueError(
                 f"saliency={self.name} scored every unit 0 on {calibration.description}: the loss does not "
                 "change with any unit there, so every plan would look free; use a task with labels, or "
-                f"another saliency method: {[m.name for m in _methods() if m is not type(self)]}"
+                f"another saliency method: {[m.name for m in SALIENCY if m is not type(self)]}"
             )
         return scores
 
@@ -279,7 +290,7 @@ class Saliency(ABC):
         if any(la.is_moe for la in structure.layers) and not self.scores_experts:
             raise ValueError(
                 f"saliency {self.name} does not score routed experts, and {structure.model_class} has them; "
-                f"valid for mixture-of-experts models: {[m.name for m in _methods() if m.scores_experts]}"
+                f"valid for mixture-of-experts models: {[m.name for m in SALIENCY if m.scores_experts]}"
             )
 
     def check_objective(self, calibration: Calibration) -> None:
@@ -289,7 +300,7 @@ class Saliency(ABC):
         """
         objective = calibration.objective
         if self.gradient_only and objective.minimal_at_dense:
-            valid = [m.name for m in _methods() if not m.gradient_only]
+            valid = [m.name for m in SALIENCY if not m.gradient_only]
             raise ValueError(
                 f"saliency={self.name} uses the loss gradient alone, and the {objective.name} objective is at "
                 f"its minimum at the dense model (a distance to its own outputs): every score would be 0; "
@@ -306,12 +317,6 @@ class Saliency(ABC):
     ) -> Scored:
         """Per kind of unit, per layer, the scores, with `model` already placed; (attention-unit
         scores, neuron scores) from methods that do not score experts."""
-
-
-def _methods() -> tuple[type[Saliency], ...]:
-    from hwprune.hessian import METHODS
-
-    return METHODS
 
 
 class SeededSaliency(Saliency):

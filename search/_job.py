@@ -144,7 +144,7 @@ def check_depth(settings: SearchSettings, saliency: hessian.Saliency) -> None:
         raise ValueError(
             "search.depth=true needs saliency that estimates the loss, to weigh a dropped layer's "
             f"measured loss against slimmer layers; saliency={saliency.name} does not; valid: "
-            f"{[m.name for m in hessian.METHODS if m.estimates_loss]}"
+            f"{[m.name for m in hessian.SALIENCY if m.estimates_loss]}"
         )
 
 

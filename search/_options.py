@@ -2,57 +2,124 @@
 
 One dataclass per option (`task/build: sts`, `saliency: nvit`, `search: pls`, `recovery: distill`),
 so a misspelt setting of one option fails at compose time; `search.config` registers them and holds
-the apps' top-level schemas.
+the apps' top-level schemas. The options' schemas are derived from their classes' constructors
+(`schema_of`), one per class in the plug-in registries, so a setting and its default are written
+once: in the constructor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import sys
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import optuna
 from omegaconf import MISSING
 
 from hwprune import hessian
+from hwprune.search import tasks
+from hwprune.search._sampler import ParetoLocalSearchSampler
+from hwprune.search.recovery import RECOVERY
+
+_PLAIN = (int, float, bool, str)
 
 
-@dataclass
-class STSBuild:
-    _target_: str = "hwprune.search.tasks.STSTask"
-    train_path: str = MISSING
-    eval_path: str = MISSING
-    calibration_samples: int = 512
-    batch_size: int = 32
-    max_length: int = 128
-    seed: int = 0
+def _config_type(annotation: Any) -> Any:
+    """The type a config file can hold for a constructor argument, or None (then it is left out).
+
+    Paths are strings in a config; `X | None` stays optional; anything else (objects, callables)
+    has no place in a YAML file.
+    """
+    if annotation in _PLAIN:
+        return annotation
+    if annotation is Path:
+        return str
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        plain = {_config_type(a) for a in args}
+        if len(plain) == 1 and None not in plain:
+            (one,) = plain
+            return one | None if type(None) in typing.get_args(annotation) else one
+    return None
 
 
-@dataclass
-class FidelityBuild:
-    _target_: str = "hwprune.search.tasks.FidelityTask"
-    text_path: str | None = None
-    calibration_samples: int = 256
-    eval_samples: int = 256
-    batch_size: int = 32
-    max_length: int = 128
-    seed: int = 0
+def _annotations(cls: type) -> dict[str, Any]:
+    """The constructor's argument types, each evaluated alone (a library's hints may name types it
+    imports for type checking only: those arguments are left out)."""
+    module = vars(sys.modules[cls.__module__])
+    hints: dict[str, Any] = {}
+    for name, param in inspect.signature(cls).parameters.items():
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, module)
+            except Exception:
+                continue
+        hints[name] = annotation
+    return hints
 
 
-@dataclass
-class ClassificationBuild:
-    _target_: str = "hwprune.search.tasks.ClassificationTask"
-    calibration_samples: int = 256
-    batch_size: int = 64
-    seed: int = 0
+def _public_path(cls: type) -> str:
+    """`cls`'s shortest import path (`optuna.samplers.TPESampler`, not its private module's)."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:end]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{module.__name__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-@dataclass
-class LMBuild:
-    _target_: str = "hwprune.search.tasks.LMTask"
-    text_path: str | None = None
-    block_size: int = 128
-    calibration_blocks: int = 64
-    eval_blocks: int = 64
-    batch_size: int = 8
+def schema_of(cls: type, *, injected: tuple[str, ...] = ()) -> type:
+    """A structured-config schema of `cls`: `_target_` and its keyword arguments with their defaults.
+
+    Arguments of plain types (int, float, bool, str, paths, their optionals) become fields with the
+    constructor's default, MISSING where it has none; others keep the constructor's default.
+
+    Args:
+        injected: Arguments the app passes when it instantiates (a task's tokenizer).
+
+    Raises:
+        TypeError: A required argument no config can hold and nobody injects (a plug-in bug).
+    """
+    hints = _annotations(cls)
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=_public_path(cls)))]
+    for name, param in inspect.signature(cls).parameters.items():
+        if name in injected or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        kind = _config_type(hints.get(name))
+        if kind is None:
+            if param.default is param.empty:
+                raise TypeError(f"{cls.__qualname__}: required argument {name!r} cannot be set from a config")
+            continue
+        default = MISSING if param.default is param.empty else param.default
+        fields.append((name, kind, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
+# Samplers are Optuna's classes (and ours): named here, their settings read from their constructors.
+SAMPLERS: dict[str, type] = {
+    "pls": ParetoLocalSearchSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "gp": optuna.samplers.GPSampler,
+}
+
+
+def option_schemas() -> dict[str, dict[str, type]]:
+    """Per config group, one schema per option: read from the registries when called, so a plug-in
+    defined after hwprune was imported is offered too."""
+    return {
+        "saliency": {name: schema_of(cls) for name, cls in hessian.SALIENCY.items()},
+        "recovery": {name: schema_of(cls) for name, cls in RECOVERY.items()},
+        "task/build": {name: schema_of(cls, injected=("tokenizer",)) for name, cls in tasks.TASKS.items()},
+        "search": {name: schema_of(cls) for name, cls in SAMPLERS.items()},
+    }
 
 
 TOKENIZER_MODES = ("required", "optional", "none")
@@ -76,62 +143,6 @@ class TaskConfig:
             raise ValueError(
                 f"task.tokenizer {self.tokenizer!r} invalid; valid choices: {list(TOKENIZER_MODES)}"
             )
-
-
-@dataclass
-class NViTMethod:
-    _target_: str = "hwprune.hessian.NViTSaliency"
-    seed: int = 0
-    first_order: bool = False
-
-
-@dataclass
-class HEAPrMethod:
-    _target_: str = "hwprune.hessian.HEAPrSaliency"
-    seed: int = 0
-
-
-@dataclass
-class FisherMethod:
-    _target_: str = "hwprune.hessian.FisherSaliency"
-    seed: int = 0
-
-
-@dataclass
-class HutchinsonMethod:
-    _target_: str = "hwprune.hessian.HutchinsonSaliency"
-    max_probes: int = 64
-    min_probes: int = 8
-    tol: float = 0.02
-    patience: int = 3
-    seed: int = 0
-
-
-@dataclass
-class TaylorMethod:
-    _target_: str = "hwprune.hessian.TaylorSaliency"
-
-
-@dataclass
-class MagnitudeMethod:
-    _target_: str = "hwprune.hessian.MagnitudeSaliency"
-
-
-@dataclass
-class RandomMethod:
-    _target_: str = "hwprune.hessian.RandomSaliency"
-    seed: int = 0
-
-
-SALIENCY_METHODS = {
-    "nvit": NViTMethod,
-    "heapr": HEAPrMethod,
-    "fisher": FisherMethod,
-    "hutchinson": HutchinsonMethod,
-    "taylor": TaylorMethod,
-    "magnitude": MagnitudeMethod,
-    "random": RandomMethod,
-}
 
 
 @dataclass
@@ -160,81 +171,6 @@ class SaliencyConfig:
 
 
 @dataclass
-class PLSSamplerConfig:
-    _target_: str = "hwprune.search.ParetoLocalSearchSampler"
-    seed: int | None = None
-    n_startup_trials: int = 10
-    move_p: float = 0.8
-    max_retries: int = 50
-
-
-@dataclass
-class NSGA2SamplerConfig:
-    _target_: str = "optuna.samplers.NSGAIISampler"
-    seed: int | None = None
-    population_size: int = 50
-
-
-@dataclass
-class TPESamplerConfig:
-    _target_: str = "optuna.samplers.TPESampler"
-    seed: int | None = None
-    multivariate: bool = True
-
-
-@dataclass
-class RandomSamplerConfig:
-    _target_: str = "optuna.samplers.RandomSampler"
-    seed: int | None = None
-
-
-@dataclass
-class GPSamplerConfig:
-    _target_: str = "optuna.samplers.GPSampler"
-    seed: int | None = None
-
-
-SAMPLERS = {
-    "pls": PLSSamplerConfig,
-    "nsga2": NSGA2SamplerConfig,
-    "tpe": TPESamplerConfig,
-    "random": RandomSamplerConfig,
-    "gp": GPSamplerConfig,
-}
-
-
-@dataclass
-class NoRecoveryMethod:
-    _target_: str = "hwprune.search.recovery.NoRecovery"
-
-
-@dataclass
-class ReconstructMethod:
-    """`hwprune.search.recovery.Reconstruct`: per-unit scales and bias compensation, seconds."""
-
-    _target_: str = "hwprune.search.recovery.Reconstruct"
-    samples: int = 128
-    ridge: float = 1.0
-    bias: bool = True
-
-
-@dataclass
-class DistillMethod:
-    """`hwprune.search.recovery.Distill`: distillation to the dense model, minutes."""
-
-    _target_: str = "hwprune.search.recovery.Distill"
-    steps: int = 400
-    lr: float = 3e-4
-    hidden_weight: float = 1.0
-    output_weight: float = 1.0
-    label_weight: float = 0.0
-    temperature: float = 2.0
-    weight_decay: float = 0.0
-    held_out: int = 4
-    seed: int = 0
-
-
-@dataclass
 class RecoveryConfig:
     """Recovery after pruning: every re-scored candidate gets it before its metric is measured.
 
@@ -253,6 +189,3 @@ class RecoveryConfig:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError(f"recovery.samples={self.samples} is invalid; valid: >= 1")
-
-
-RECOVERY_METHODS = {"none": NoRecoveryMethod, "reconstruct": ReconstructMethod, "distill": DistillMethod}

@@ -18,17 +18,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from hwprune import cost_models
 from hwprune.search._job import SearchSettings
 from hwprune.search._options import (
-    RECOVERY_METHODS,
-    SALIENCY_METHODS,
-    SAMPLERS,
     TOKENIZER_FILES,
-    ClassificationBuild,
-    FidelityBuild,
-    LMBuild,
     RecoveryConfig,
     SaliencyConfig,
-    STSBuild,
     TaskConfig,
+    option_schemas,
 )
 
 
@@ -187,15 +181,14 @@ def register_configs() -> None:
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="workload", name="schema", node=WorkloadConfig)
     cs.store(group="task", name="schema", node=TaskConfig)
-    cs.store(group="task/build", name="sts", node=STSBuild)
-    cs.store(group="task/build", name="fidelity", node=FidelityBuild)
-    cs.store(group="task/build", name="classification", node=ClassificationBuild)
-    cs.store(group="task/build", name="lm", node=LMBuild)
-    for name, method in SALIENCY_METHODS.items():
+    schemas = option_schemas()
+    for name, build in schemas["task/build"].items():
+        cs.store(group="task/build", name=name, node=build)
+    for name, method in schemas["saliency"].items():
         cs.store(group="saliency", name=f"schema_{name}", node=SaliencyConfig(name=name, method=method()))
-    for name, sampler in SAMPLERS.items():
+    for name, sampler in schemas["search"].items():
         cs.store(group="search", name=f"schema_{name}", node=SearchConfig(sampler=sampler()))
-    for name, method in RECOVERY_METHODS.items():
+    for name, method in schemas["recovery"].items():
         cs.store(group="recovery", name=f"schema_{name}", node=RecoveryConfig(name=name, method=method()))
     cs.store(name="profile_schema", node=ProfileAppConfig)
     cs.store(name="app_schema", node=AppConfig)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian, prunable
-from hwprune.search.recovery import METHODS, Distill, NoRecovery, Reconstruct, RecoveryData, from_recipe
+from hwprune.search.recovery import RECOVERY, Distill, NoRecovery, Reconstruct, RecoveryData, from_recipe
 from hwprune.search.recovery._reconstruct import merge_batches
 from tests.conftest import CASES, Case, run
 
@@ -43,7 +43,7 @@ def small(method: type) -> object:
     return method()
 
 
-@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+@pytest.mark.parametrize("method", list(RECOVERY), ids=RECOVERY.names())
 @pytest.mark.parametrize(
     "family",
     [

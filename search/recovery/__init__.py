@@ -11,11 +11,9 @@
 from collections.abc import Mapping
 from typing import Any
 
-from hwprune.search.recovery._base import NoRecovery, Recovery, RecoveryData, RecoveryReport
+from hwprune.search.recovery._base import RECOVERY, NoRecovery, Recovery, RecoveryData, RecoveryReport
 from hwprune.search.recovery._distill import Distill
 from hwprune.search.recovery._reconstruct import Reconstruct
-
-METHODS: tuple[type[Recovery], ...] = (NoRecovery, Reconstruct, Distill)
 
 
 def from_recipe(recipe: Mapping[str, Any]) -> Recovery:
@@ -24,16 +22,15 @@ def from_recipe(recipe: Mapping[str, Any]) -> Recovery:
     Raises:
         ValueError: An unknown method, naming the valid ones.
     """
-    methods = {m.name: m for m in METHODS}
     name = recipe.get("method")
-    if name not in methods:
-        raise ValueError(f"unknown recovery method {name!r} in the recipe; valid methods: {sorted(methods)}")
+    if name not in RECOVERY:
+        raise ValueError(f"unknown recovery method {name!r} in the recipe; valid methods: {RECOVERY.names()}")
     settings = {k: v for k, v in recipe.items() if k not in ("method", "data_samples", "data_seed")}
-    return methods[name](**settings)
+    return RECOVERY[str(name)](**settings)
 
 
 __all__ = [
-    "METHODS",
+    "RECOVERY",
     "Distill",
     "NoRecovery",
     "Reconstruct",

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian, prunable
+from hwprune._registry import Registry
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,23 @@ class RecoveryReport:
         return {"method": self.method, **self.params}
 
 
+# Every recovery method, by name: filled as each class is defined.
+RECOVERY: Registry[Recovery] = Registry("recovery method")
+
+
 class Recovery(ABC):
     """Restores a pruned model's accuracy against its dense teacher, in place.
 
     The teacher is never modified: implementations run it under `torch.no_grad` only. A recovery is
-    deterministic under its seed.
+    deterministic under its seed. A subclass with a `name` registers itself in `RECOVERY`.
     """
 
     name: ClassVar[str]
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            RECOVERY.add(cls)
 
     def recover(
         self,

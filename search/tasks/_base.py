@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from hwprune import hessian
+from hwprune._registry import Registry
 from hwprune.search.recovery._base import RecoveryData
 
 # Every task class, by its name: filled when a class is defined (`Task.__init_subclass__`), so that
-# whatever needs the list (a metric's direction) reads it here and a new task is one file.
-TASKS: dict[str, type[Task]] = {}
+# whatever needs the list (a metric's direction, the config schemas) reads it here.
+TASKS: Registry[Task] = Registry("task")
 
 
 class Task(ABC):
@@ -27,13 +28,10 @@ class Task(ABC):
     metric_name: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
 
-    def __init_subclass__(cls, **kwargs: object) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if isinstance(name, str):
-            if name in TASKS and TASKS[name].__qualname__ != cls.__qualname__:
-                raise ValueError(f"task name {name!r} is taken by {TASKS[name].__qualname__}")
-            TASKS[name] = cls
+        if register:
+            TASKS.add(cls)
 
     def prepare(self, dense: nn.Module) -> None:  # noqa: B027 - optional hook, most tasks need none
         """Called once with the dense model before anything is pruned (reference outputs)."""
@@ -65,8 +63,8 @@ def higher_is_better(metric_name: str) -> bool:
         ValueError: No registered task has this metric (guessing a direction would silently turn
             a lower-is-better metric into a higher-is-better one).
     """
-    for task in TASKS.values():
+    for task in TASKS:
         if task.metric_name == metric_name:
             return task.higher_is_better
-    known = sorted({t.metric_name for t in TASKS.values()})
+    known = sorted({t.metric_name for t in TASKS})
     raise ValueError(f"no task defines the metric {metric_name!r}; known metrics: {known}")

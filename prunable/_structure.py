@@ -83,6 +83,8 @@ class Structure:
         model_type: The `transformers` config's `model_type`.
         hidden_size: Width of the residual stream.
         layers: One entry per transformer block, in order.
+        norm: The blocks' normalisation, "layernorm" or "rmsnorm" (read from their modules): what a
+            cost model prices per norm. Not part of the fingerprint (it prunes nothing).
     """
 
     family: str
@@ -90,6 +92,7 @@ class Structure:
     model_type: str
     hidden_size: int
     layers: tuple[LayerStructure, ...]
+    norm: str = "layernorm"
 
     @property
     def num_layers(self) -> int:
@@ -105,9 +108,9 @@ class Structure:
         """A short stable hash of the prunable architecture (not the weights, not the task head).
 
         The model class is left out so that a plan made on `BertModel` applies to the same backbone
-        loaded as `BertForSequenceClassification`.
+        loaded as `BertForSequenceClassification`; so is the norm, which no unit owns.
         """
-        fields = {k: v for k, v in self.to_dict().items() if k != "model_class"}
+        fields = {k: v for k, v in self.to_dict().items() if k not in ("model_class", "norm")}
         # Dense layers leave the expert fields out, so fingerprints from before they existed hold.
         fields["layers"] = [
             {k: v for k, v in layer.items() if k not in MOE_FIELDS or layer["num_experts"]}

@@ -38,7 +38,7 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
         mlp=first.mlp_width,
         num_layers=structure.num_layers,
         gated_mlp=first.gated_mlp,
-        norm="rmsnorm" if structure.family == "llama" else "layernorm",
+        norm=structure.norm,
         head_width=head_width,
         experts=first.num_experts,
         top_k=first.top_k,
@@ -198,8 +198,7 @@ def model_timer(model: nn.Module, workload: cost_models.Workload, device: str) -
     }
     if workload.phase != "decode":
         return torch_timer(lambda: model(**inputs), on)
-    if prunable.discover(model).family != "llama":
-        raise ValueError(f"timing decode steps needs a LLaMA-family decoder, not {type(model).__name__}")
+    check_workload(model, workload)  # decode needs a decoder (every decoder family has a KV cache)
     cache = prefilled_cache(model, workload.batch_size, workload.kv_len)
     keyword = _cache_keyword(model)  # `cache` from transformers 5.24 (`past_key_values` is deprecated)
 

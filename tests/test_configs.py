@@ -173,7 +173,10 @@ def test_default_search_is_pareto_local_search() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("+saliency.method.frist_order=true", r"unknown key 'saliency.method.frist_order' \(NViTSaliencyConfig\)"),
+        (
+            "+saliency.method.frist_order=true",
+            r"unknown key 'saliency.method.frist_order' \(NViTSaliencyConfig\)",
+        ),
         ("+search.sampler.seeed=3", r"unknown key 'search.sampler.seeed' \(ParetoLocalSearchSamplerConfig\)"),
         ("+recovery.method.stesp=5", r"unknown key 'recovery.method.stesp' \(ReconstructConfig\)"),
         ("+search.n_trails=5", r"unknown key 'search.n_trails' \(SearchConfig\); valid keys: \[.*'n_trials'"),

@@ -112,3 +112,35 @@ def test_append_kv_counts_the_tokens_of_a_headless_layer() -> None:
     plain = transformers.DynamicCache()
     plain.update(empty, empty, 0)
     assert plain.get_seq_length() == 0  # what transformers reports without append_kv
+
+
+def record_decode_calls(model: torch.nn.Module) -> list[tuple[tuple[int, ...], int]]:
+    """Wrap `model.forward` to record each call's (input_ids shape, cached tokens)."""
+    seen: list[tuple[tuple[int, ...], int]] = []
+    forward = model.forward
+
+    def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append((tuple(kwargs["input_ids"].shape), cache.get_seq_length()))
+        return forward(*args, **kwargs)
+
+    model.forward = recorded  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "phi3", "falcon_mqa", "falcon_gqa", "llama_gqa"])
+def test_every_decoder_family_is_timed_at_decode(name: str) -> None:
+    """`hwprune-apply` measures decode plans of every decoder family (it refused all but LLaMA's)."""
+    from hwprune import cost_models
+    from hwprune.search._blocks import model_timer
+    from tests.test_surgery import random_plan
+
+    model = CASES[name].build()
+    pruned = prunable.pruned_copy(model, random_plan(model, 1, empty_layer=1), check_weights=False)
+    workload = cost_models.Workload(batch_size=2, phase="decode", kv_len=16, dtype="fp32")
+    for m in (model, pruned):
+        seen = record_decode_calls(m)
+        step = model_timer(m, workload, "cpu")
+        times = [step() for _ in range(3)]
+        # Every timed call is one new token per sequence against the same 16 cached tokens.
+        assert seen == [((2, 1), 16)] * 3 and min(times) > 0

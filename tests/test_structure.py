@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import transformers
 
 from hwprune import prunable
-from tests.conftest import CASES
+from tests.conftest import CASES, Case
 
 EXPECTED = {
     "bert": (4, 4, 16, 96, False),
@@ -140,3 +141,17 @@ def test_falcon_with_alibi_is_refused_with_the_reason() -> None:
     )
     with pytest.raises(ValueError, match="alibi=True is not supported: the model builds one ALiBi slope per"):
         prunable.discover(model)
+
+
+RMSNORM_FAMILIES = {
+    "llama_gqa", "qwen2", "mistral", "phi3", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
+    "mixtral", "qwen2_moe", "qwen3_moe",
+}  # fmt: skip
+
+
+def test_each_family_reports_the_norm_its_blocks_use(case: Case) -> None:
+    """Read from the modules, not guessed from the family: Phi-3 is priced with RMSNorm, OLMo's
+    parameter-free norm and StableLM's with LayerNorm (the LLaMA adapter serves all three)."""
+    structure = prunable.discover(case.build())
+    assert structure.norm == ("rmsnorm" if case.name in RMSNORM_FAMILIES else "layernorm")
+    assert structure.fingerprint() == dataclasses.replace(structure, norm="other").fingerprint()

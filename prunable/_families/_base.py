@@ -140,7 +140,14 @@ class Family(ABC):
             model_type=config.model_type,
             hidden_size=int(config.hidden_size),
             layers=layers,
+            norm=self.norm(self.blocks(model)[0]),
         )
+
+    def norm(self, block: Any) -> str:
+        """The block's normalisation: "rmsnorm" where its norm modules are RMSNorms (LLaMA, Gemma,
+        Phi-3, Qwen), else "layernorm" (BERT, GPT-2, OLMo's parameter-free LayerNorm, StableLM)."""
+        names = [type(m).__name__ for m in block.modules()]
+        return "rmsnorm" if any(n.endswith("RMSNorm") for n in names) else "layernorm"
 
     @abstractmethod
     def layer_structure(self, block: Any, config: Any) -> LayerStructure:

@@ -20,7 +20,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def embed_batch(model: nn.Module, batch: hessian.Batch) -> torch.Tensor:
     """Mean-pooled last hidden states of every row: (rows, D)."""
     out = model(**batch.inputs)
-    return mean_pool(out.last_hidden_state, batch.inputs["attention_mask"])
+    # Pooled in fp32 whatever the model computes in (a bf16 or int8 model is judged on the same footing).
+    return mean_pool(out.last_hidden_state.float(), batch.inputs["attention_mask"])
 
 
 def length_batches(

@@ -30,7 +30,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hwprune import prunable
+from hwprune import cost_models, prunable
 from hwprune.search import apply_config, run_apply, run_config, write_report
 from hwprune.search.config import AppConfig, compose, to_object
 from tests.conftest import CASES, Case, run
@@ -228,7 +228,7 @@ def main() -> None:
         "",
         "Command: `python benchmarks/families.py`  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, transformers {transformers.__version__}, "
-        "CPU. Random-init models of `tests/conftest.py` (3 layers, hidden 64, GQA 8 query / 2 KV heads for "
+        f"machine: {cost_models.cpu_name()} x {torch.get_num_threads()} threads. Random-init models of `tests/conftest.py` (3 layers, hidden 64, GQA 8 query / 2 KV heads for "
         "the decoders). Errors are the largest absolute difference of outputs (hidden states or logits). "
         "Search + apply: 30 trials against the gpu_h100 roofline, recovery none, the fastest re-scored plan "
         "applied by `hwprune-apply`'s defaults (pruned, saved, its metric measured, exported to ONNX and run "

@@ -20,7 +20,7 @@ from hwprune.prunable._kv_cache import append_kv
 from hwprune.prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
 from hwprune.prunable._plan_checks import EXPERT_WIDTH_STEP
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
-from hwprune.prunable._surgery import apply_plan, converted_copy, pruned_block, pruned_copy
+from hwprune.prunable._surgery import apply_plan, cast, converted_copy, pruned_block, pruned_copy
 
 MINILM = "bundled:all-MiniLM-L6-v2"
 
@@ -57,6 +57,7 @@ __all__ = [
     "append_kv",
     "apply_plan",
     "blocks",
+    "cast",
     "converted_copy",
     "couplings",
     "discover",

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
@@ -20,7 +21,7 @@ from safetensors.torch import save_model as save_safetensors
 from hwprune.prunable._discover import discover
 from hwprune.prunable._families import family_of
 from hwprune.prunable._plan import PrunePlan
-from hwprune.prunable._surgery import slice_blocks
+from hwprune.prunable._surgery import cast, slice_blocks
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,9 @@ def save_pruned(model: Any, plan: PrunePlan, directory: str | Path) -> Path:
         "format": MANIFEST_FORMAT,
         "version": 1,
         "plan": PLAN_FILE,
+        # The weights' dtype (a model saved in bf16 reloads in bf16); absent in directories saved
+        # before 2026-12-07, which are fp32.
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "config_expresses_shape": dense_shape_in_config,
         "structure_fingerprint": structure.fingerprint(),
         "structure": structure.to_dict(),
@@ -186,11 +190,12 @@ def load_pruned(directory: str | Path) -> Any:
     config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     class_name = (config.architectures or [plan.model.class_name])[0]
     cls = model_class(class_name)
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
     if manifest["config_expresses_shape"]:
-        model = cls.from_pretrained(str(directory), local_files_only=True)
+        model = cls.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
     else:
         # config.json has the dense widths and the kept layers only: slice those to the plan.
-        model = cls(config)
+        model = cast(cls(config), dtype)
         dense = discover(model)
         kept = [lp for lp in plan.layers if not lp.drop]
         if len(kept) != dense.num_layers:

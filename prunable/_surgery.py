@@ -132,3 +132,20 @@ def pruned_block(model: nn.Module, layer: int, *, units: int, neurons: int) -> n
         block, model.config, heads=units * structure.heads_per_unit, kv_heads=units, mlp=neurons
     )
     return block
+
+
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` with its parameters and persistent floating-point buffers in `dtype`, in place.
+
+    Buffers a model computes for itself (rotary frequencies, not saved) keep their dtype, as
+    `from_pretrained(dtype=...)` leaves them: a model cast here and the same model saved and reloaded
+    compute the same.
+    """
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        persistent = set(module.state_dict(keep_vars=True))
+        for name, buffer in module.named_buffers(recurse=False):
+            if name in persistent and buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+    return model

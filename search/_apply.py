@@ -18,6 +18,7 @@ from hwprune.cost_models.profilers import TORCH_DTYPES, nvml_metadata, torch_dev
 from hwprune.search._blocks import check_workload, model_cost_model
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
+from hwprune.search._precision import check_precision, copy_at_precision, to_precision
 from hwprune.search._space import plan_widths
 from hwprune.search._timing import Timing, measure
 from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
@@ -86,6 +87,7 @@ def apply_and_measure(
     onnx: bool = True,
     overwrite: bool = False,
     check_weights: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Prune, recover, save, evaluate and time a plan; every setting is checked first.
 
@@ -106,6 +108,9 @@ def apply_and_measure(
         overwrite: Replace a non-empty `out`.
         check_weights: Refuse a plan made for other weights (False: apply it to a fine-tuned
             checkpoint of the same architecture on purpose).
+        precision: The pruned model's deployed precision ("fp32", "bf16"): after recovery it is
+            converted, evaluated, saved and timed at it; the dense model at that precision is
+            timed beside it (`measured_speedup` stays over the dense model as loaded).
 
     Returns:
         What `<out>/apply.json` holds: predicted and measured speedup, metrics, recovery, sizes.
@@ -119,6 +124,7 @@ def apply_and_measure(
     timed = replace(timed, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
     if repeats < 1:
         raise ValueError(f"repeats={repeats} is invalid; valid: >= 1")
+    check_precision(precision)
     source = prunable.resolve_source(plan.model.source)
     out_dir = check_out(out, model_dir=source, plan=Path(plan_path), overwrite=overwrite)
     if recovery_samples < 1:
@@ -161,13 +167,19 @@ def apply_and_measure(
     with staged(
         out_dir, marker={"made_by": "hwprune-apply", "plan": str(Path(plan_path).resolve())}
     ) as staging:
-        prunable.save_pruned(pruned, plan, staging)
+        # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
         onnx_result = _onnx_artifact(pruned, timed, staging / "model.onnx", out_dir) if onnx else None
-        timing = measure(model, pruned, timed, device=torch_dev, repeats=repeats)
+        quantized = _quantize(model, pruned, task, precision, timed)
+        prunable.save_pruned(pruned, plan, staging)
+        timed_models = [(model, timed), (pruned, quantized.workload)]
+        if quantized.dense is not None:
+            timed_models.append((quantized.dense, quantized.workload))
+        timing = measure(timed_models, device=torch_dev, repeats=repeats)
         result = _result(plan_path, plan, timed, torch_dev, timing, task.metric_name, prediction)
+        result |= quantized.fields(timing, metric_pruned)
         result |= {
             "metric_dense": metric_dense,
-            "metric_pruned": metric_pruned,
+            "metric_pruned": quantized.metric if quantized.metric is not None else metric_pruned,
             "metric_unrecovered": metric_unrecovered,
             "recovery": report.recipe() if report else None,
             "recovery_seconds": report.seconds if report else 0.0,
@@ -178,6 +190,14 @@ def apply_and_measure(
         }
         (staging / "apply.json").write_text(json.dumps(result, indent=2))
     pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
+    if precision != "fp32":
+        log.info(
+            "at %s: %.2fx over the dense model at %s, which is %.2fx over the dense model as loaded",
+            precision,
+            result["measured_speedup_same_precision"],
+            precision,
+            result["measured_speedup"] / result["measured_speedup_same_precision"],
+        )
     log.info(
         "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f%s; wrote %s",
         pred,
@@ -192,6 +212,58 @@ def apply_and_measure(
         out_dir,
     )
     return result
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The pruned model at its deployed precision, and what that changed.
+
+    Attributes:
+        precision: The deployed precision.
+        workload: The timed workload at that precision.
+        metric: The pruned model's metric at that precision (None: fp32, measured already).
+        dense: The dense model at that precision, timed beside the others (None: fp32).
+        metric_dense: The dense model's metric at that precision (None: fp32).
+    """
+
+    precision: str
+    workload: cost_models.Workload
+    metric: float | None = None
+    dense: torch.nn.Module | None = None
+    metric_dense: float | None = None
+
+    def fields(self, timing: Timing, metric_unquantized: float) -> dict[str, Any]:
+        """apply.json's precision part."""
+        fields: dict[str, Any] = {"precision": self.precision, "metric_unquantized": metric_unquantized}
+        if self.dense is not None:
+            (same,) = timing.others
+            dense_ms, pruned_ms = statistics.median(same), statistics.median(timing.pruned)
+            fields |= {
+                "metric_dense_same_precision": self.metric_dense,
+                "latency_ms_dense_same_precision": dense_ms,
+                "measured_speedup_same_precision": dense_ms / pruned_ms,
+            }
+        return fields
+
+
+def _quantize(
+    dense: torch.nn.Module, pruned: torch.nn.Module, task: Task, precision: str, timed: cost_models.Workload
+) -> Quantized:
+    """Convert the recovered pruned model to `precision` in place; evaluate it and a dense copy there."""
+    if precision == "fp32":
+        return Quantized(precision, timed)
+    to_precision(pruned, precision)
+    dense_copy = copy_at_precision(dense, precision)
+    metric, metric_dense = task.evaluate(pruned), task.evaluate(dense_copy)
+    log.info(
+        "at %s: %s %.3f (the dense model at %s: %.3f)",
+        precision,
+        task.metric_name,
+        metric,
+        precision,
+        metric_dense,
+    )
+    return Quantized(precision, replace(timed, dtype=precision), metric, dense_copy, metric_dense)
 
 
 @dataclass(frozen=True)

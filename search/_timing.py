@@ -28,10 +28,12 @@ MIN_ROUNDS = 4  # fewer rounds have no quartiles to judge the spread by
 
 @dataclass(frozen=True)
 class Timing:
-    """Latencies (ms) of the dense and the pruned model, one per interleaved round each."""
+    """Latencies (ms) of the dense and the pruned model, one per interleaved round each, and of any
+    other model timed in the same rounds (the dense model at the pruned model's precision)."""
 
     dense: list[float]
     pruned: list[float]
+    others: tuple[list[float], ...] = ()
 
     @property
     def speedup(self) -> float:
@@ -58,20 +60,26 @@ class Timing:
 
 
 def measure(
-    dense: torch.nn.Module,
-    pruned: torch.nn.Module,
-    workload: cost_models.Workload,
+    timed: list[tuple[torch.nn.Module, cost_models.Workload]],
     *,
     device: torch.device,
     repeats: int,
 ) -> Timing:
-    """Time both models at `workload` in interleaved rounds; more rounds while the speedup is unstable.
+    """Time the (model, workload) pairs in interleaved rounds, the dense then the pruned model first;
+    more rounds while the pruned model's speedup is unstable.
 
-    Models move to the device and the workload's dtype in place, so call this after anything that
-    needs them as they were (the task metric, the ONNX export).
+    Models move to the device and their workload's dtype in place, so call this after anything
+    that needs them as they were (the task metric, the ONNX export).
     """
-    timers = [model_timer(model, workload, str(device)) for model in (dense, pruned)]
-    timing = Timing(*interleaved(timers, rounds=repeats, warmup=3))
+    if len(timed) < 2:
+        raise ValueError(f"measure needs the dense and the pruned model, got {len(timed)} model(s)")
+    timers = [model_timer(model, workload, str(device)) for model, workload in timed]
+
+    def timing_of(latencies: list[list[float]]) -> Timing:
+        return Timing(latencies[0], latencies[1], tuple(latencies[2:]))
+
+    latencies = interleaved(timers, rounds=repeats, warmup=3)
+    timing = timing_of(latencies)
     batches = 1
     while timing.stable is False and batches < MAX_BATCHES:
         log.info(
@@ -81,7 +89,8 @@ def measure(
             repeats,
         )
         more = interleaved(timers, rounds=repeats, warmup=0, seed=batches)
-        timing = Timing(timing.dense + more[0], timing.pruned + more[1])
+        latencies = [done + extra for done, extra in zip(latencies, more, strict=True)]
+        timing = timing_of(latencies)
         batches += 1
     if timing.stable is False:
         q1, q2, q3 = statistics.quantiles(timing.round_speedups, n=4)

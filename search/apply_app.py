@@ -2,6 +2,7 @@
 
     hwprune-apply plan=results/runs/.../plans/trial_12.yaml out=deploy/minilm-pruned
     hwprune-apply plan=... out=... device=cuda workload.batch_size=32     # on the GPU it was searched for
+    hwprune-apply plan=... out=... precision=bf16                         # prune, recover, then bf16
 
 Loads the model the plan names, checks its fingerprints, prunes it physically, saves the pruned
 directory (`prunable.load_pruned`) and an ONNX export, evaluates the task metric of both models,
@@ -63,6 +64,7 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
         onnx=cfg.onnx,
         overwrite=cfg.overwrite,
         check_weights=cfg.check_weights,
+        precision=cfg.precision,
     )
 
 

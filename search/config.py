@@ -24,6 +24,7 @@ from hwprune.search._options import (
     TaskConfig,
     option_schemas,
 )
+from hwprune.search._precision import check_precision
 
 
 @dataclass
@@ -138,6 +139,10 @@ class ApplyConfig:
     onnx: bool = True
     overwrite: bool = False
     check_weights: bool = True
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)  # at compose time, before a model loads
 
 
 @dataclass

@@ -374,9 +374,7 @@ def test_an_unstable_speedup_is_measured_again_then_flagged(
     fake_timers(monkeypatch, warm + busy, warm + [50.0] * len(busy))
     with caplog.at_level("INFO"):
         timing = measure(
-            torch.nn.Identity(),
-            torch.nn.Identity(),
-            cost_models.Workload(),
+            [(torch.nn.Identity(), cost_models.Workload()), (torch.nn.Identity(), cost_models.Workload())],
             device=torch.device("cpu"),
             repeats=4,
         )
@@ -390,9 +388,7 @@ def test_an_unstable_speedup_is_measured_again_then_flagged(
     fake_timers(monkeypatch, warm + settled, warm + [10.0] * 16)
     with caplog.at_level("INFO"):
         timing = measure(
-            torch.nn.Identity(),
-            torch.nn.Identity(),
-            cost_models.Workload(),
+            [(torch.nn.Identity(), cost_models.Workload()), (torch.nn.Identity(), cost_models.Workload())],
             device=torch.device("cpu"),
             repeats=4,
         )

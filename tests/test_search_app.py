@@ -282,9 +282,9 @@ def test_depth_search_drops_layers_and_apply_times_the_shallower_model(tmp_path:
         out=str(out),
         task=compose("config", SMALL[:2]).task,
         repeats=2,
-        onnx=False,
     )
-    result = run_apply(cfg)
+    result = run_apply(cfg)  # the default apply, ONNX included: the shallower model exports too
+    assert result["onnx"]["exported"] and result["onnx"]["max_abs_diff"] <= result["onnx"]["tolerance"]
     reloaded = prunable.load_pruned(out)
     assert prunable.discover(reloaded).num_layers == row.layers == reloaded.config.num_hidden_layers
     assert result["metric_pruned"] == pytest.approx(row.metric, abs=1e-3)
@@ -335,9 +335,8 @@ def test_an_image_model_other_than_vit_searches_and_applies_end_to_end(tmp_path:
     assert isinstance(cfg, AppConfig)
     pareto = write_report(run_config(cfg, tmp_path / "run"))
     plan_path = tmp_path / "run" / pareto[pareto.kind == "uniform"].plan_path.iloc[0]
-    result = run_apply(
-        apply_config(plan=plan_path, out=tmp_path / "out", task=cfg.task, repeats=2, onnx=False)
-    )
+    result = run_apply(apply_config(plan=plan_path, out=tmp_path / "out", task=cfg.task, repeats=2))
+    assert result["onnx"]["exported"] and result["onnx"]["inputs"] == "batch 2"  # pixel_values only
     assert pareto.metric_name.iloc[0] == "accuracy_x100"
     reloaded = prunable.load_pruned(tmp_path / "out")
     assert type(reloaded).__name__ == "DeiTForImageClassification"

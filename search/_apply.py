@@ -87,7 +87,7 @@ def apply_and_measure(
     onnx: bool = True,
     overwrite: bool = False,
     check_weights: bool = True,
-    precision: str = "fp32",
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Prune, recover, save, evaluate and time a plan; every setting is checked first.
 
@@ -108,7 +108,8 @@ def apply_and_measure(
         overwrite: Replace a non-empty `out`.
         check_weights: Refuse a plan made for other weights (False: apply it to a fine-tuned
             checkpoint of the same architecture on purpose).
-        precision: The pruned model's deployed precision ("fp32", "bf16"): after recovery it is
+        precision: The pruned model's deployed precision ("fp32", "bf16"; None: the plan's, which is
+            the precision its search measured the metric at, else fp32): after recovery it is
             converted, evaluated, saved and timed at it; the dense model at that precision is
             timed beside it (`measured_speedup` stays over the dense model as loaded).
 
@@ -124,6 +125,7 @@ def apply_and_measure(
     timed = replace(timed, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
     if repeats < 1:
         raise ValueError(f"repeats={repeats} is invalid; valid: >= 1")
+    precision = precision or str(plan.metadata.get("precision", "fp32"))
     check_precision(precision)
     source = prunable.resolve_source(plan.model.source)
     out_dir = check_out(out, model_dir=source, plan=Path(plan_path), overwrite=overwrite)
@@ -190,7 +192,7 @@ def apply_and_measure(
         }
         (staging / "apply.json").write_text(json.dumps(result, indent=2))
     pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
-    if precision != "fp32":
+    if "measured_speedup_same_precision" in result:
         log.info(
             "at %s: %.2fx over the dense model at %s, which is %.2fx over the dense model as loaded",
             precision,
@@ -222,8 +224,9 @@ class Quantized:
         precision: The deployed precision.
         workload: The timed workload at that precision.
         metric: The pruned model's metric at that precision (None: fp32, measured already).
-        dense: The dense model at that precision, timed beside the others (None: fp32).
-        metric_dense: The dense model's metric at that precision (None: fp32).
+        dense: The dense model at that precision, timed beside the others (None: the dense model
+            is timed at this precision already, or it is fp32).
+        metric_dense: The dense model's metric at that precision (None where `dense` is).
     """
 
     precision: str
@@ -252,17 +255,13 @@ def _quantize(
     """Convert the recovered pruned model to `precision` in place; evaluate it and a dense copy there."""
     if precision == "fp32":
         return Quantized(precision, timed)
-    to_precision(pruned, precision)
+    metric = task.evaluate(to_precision(pruned, precision))
+    log.info("at %s: %s %.3f", precision, task.metric_name, metric)
+    if timed.dtype == precision:  # the dense model is timed at this precision already
+        return Quantized(precision, timed, metric)
     dense_copy = copy_at_precision(dense, precision)
-    metric, metric_dense = task.evaluate(pruned), task.evaluate(dense_copy)
-    log.info(
-        "at %s: %s %.3f (the dense model at %s: %.3f)",
-        precision,
-        task.metric_name,
-        metric,
-        precision,
-        metric_dense,
-    )
+    metric_dense = task.evaluate(dense_copy)
+    log.info("the dense model at %s: %s %.3f", precision, task.metric_name, metric_dense)
     return Quantized(precision, replace(timed, dtype=precision), metric, dense_copy, metric_dense)
 
 

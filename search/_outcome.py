@@ -24,8 +24,10 @@ class Candidate:
     widths: Widths
     latency_ms: float
     proxy_loss: float
-    metric: float = float("nan")  # after recovery: what a user of the plan gets
+    metric: float = float("nan")  # after recovery, at `metric_precision`: what a user of the plan gets
     metric_unrecovered: float = float("nan")
+    metric_unquantized: float = float("nan")  # after recovery, in fp32
+    metric_precision: str = "fp32"  # the precision `metric` was measured at
     recovery: str = "none"
     recovery_seconds: float = 0.0
     params: int = 0

@@ -38,3 +38,10 @@ def copy_at_precision(model: nn.Module, precision: str) -> nn.Module:
         model, params=lambda t: t.detach().to(dtype), buffers=lambda t: t.detach().clone()
     )
     return prunable.cast(copy, dtype)  # the persistent buffers, as `to_precision` converts them
+
+
+def measured_precision(dtype: str) -> str:
+    """The precision a model priced at `dtype` is evaluated at here: `dtype` where torch runs it on
+    any device (fp32, bf16), else fp32 (int8, fp8 and fp16 need their runtime's quantisation; the
+    report says so)."""
+    return dtype if dtype in PRECISIONS else "fp32"

@@ -28,6 +28,8 @@ PARETO_COLUMNS = [
     "latency_source",
     "speedup",
     "metric",
+    "metric_precision",
+    "metric_unquantized",
     "metric_unrecovered",
     "recovery",
     "recovery_seconds",
@@ -77,6 +79,8 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "latency_source": outcome.cost_model.source,
             "speedup": dense_ms / c.latency_ms,
             "metric": c.metric,
+            "metric_precision": c.metric_precision,
+            "metric_unquantized": c.metric_unquantized,
             "metric_unrecovered": c.metric_unrecovered,
             "recovery": c.recovery,
             "recovery_seconds": c.recovery_seconds,
@@ -293,6 +297,13 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
         f"- Saliency: `{outcome.scores.method}` on {outcome.scores.meta.get('calibration', '')}",
         f"- Search: {len(trials)} trials, sampler `{job.describe_sampler()}`, {space_summary(outcome.space)}"
         + (", depth pruning (a layer left without units is dropped)" if job.settings.depth else ""),
+        f"- Metric measured at **{pareto.metric_precision.iloc[0]}**"
+        + (
+            f" (the device runs {cm.workload.dtype}, priced here; its quantisation is not measured yet, so the "
+            "front pairs its latency with the fp32 model's metric)"
+            if pareto.metric_precision.iloc[0] != cm.workload.dtype
+            else " (the precision the latency is priced at)"
+        ),
         f"- Recovery of every re-scored pruned plan before its metric: `{job.recovery.name}`"
         + ("" if job.recovery.name == "none" else f" ({job.recovery_samples} training samples of the task)"),
     ]

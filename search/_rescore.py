@@ -14,6 +14,7 @@ from hwprune import cost_models, prunable
 from hwprune.search._job import SearchJob
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import pareto_mask
+from hwprune.search._precision import measured_precision, to_precision
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._space import Widths
 from hwprune.search._study import SearchObjective
@@ -87,6 +88,17 @@ def rescore_front(
         candidates.append(
             Candidate("search", trial_widths(t), t.values[0], t.values[1], label=f"trial {t.number}")
         )
+    precision = measured_precision(cost_model.workload.dtype)
+    if precision != cost_model.workload.dtype:
+        log.warning(
+            "%s runs %s: its latency is priced in %s, but the metric is measured on the %s model (no %s "
+            "quantisation is measured yet)",
+            hardware,
+            cost_model.workload.dtype,
+            cost_model.workload.dtype,
+            precision,
+            cost_model.workload.dtype,
+        )
     rescore = Rescoring(
         task=task,
         recovery=job.recovery,
@@ -151,6 +163,10 @@ class Rescoring:
                     "data_samples": self.recovery_samples,
                     "data_seed": self.recovery_seed,
                 }
+            c.metric_unquantized = c.metric
+            c.metric_precision = measured_precision(cost_model.workload.dtype)
+            if c.metric_precision != "fp32":  # the front pairs a precision's latency with its metric
+                c.metric = task.evaluate(to_precision(pruned, c.metric_precision))
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())
             c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
@@ -169,6 +185,8 @@ class Rescoring:
                     "metric_name": task.metric_name,
                     "metric": c.metric,
                     "metric_unrecovered": c.metric_unrecovered,
+                    "metric_unquantized": c.metric_unquantized,
+                    "precision": c.metric_precision,
                     "recovery": recipe,
                 },
             )

@@ -139,10 +139,11 @@ class ApplyConfig:
     onnx: bool = True
     overwrite: bool = False
     check_weights: bool = True
-    precision: str = "fp32"
+    precision: str | None = None  # None: the plan's (the precision its metric was measured at)
 
     def __post_init__(self) -> None:
-        check_precision(self.precision)  # at compose time, before a model loads
+        if self.precision is not None:
+            check_precision(self.precision)  # at compose time, before a model loads
 
 
 @dataclass

@@ -228,6 +228,7 @@ def test_apply_prices_the_widths_it_applies(
     with caplog.at_level("WARNING"):
         as_searched = run_apply(apply_settings(plan_path, tmp_path / "a"))
     assert as_searched["predicted_speedup"] == pytest.approx(stored, rel=1e-9)
+    assert as_searched["precision"] == plan.metadata["precision"] == "bf16"  # the plan's (gpu_h100)
     assert as_searched["predicted_speedup_stored"] == pytest.approx(stored, rel=1e-9)
     assert "the plan says it predicted" not in caplog.text
 

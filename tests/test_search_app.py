@@ -30,7 +30,9 @@ def test_run_writes_the_output_contract(run_dir: Path) -> None:
     assert list(pareto.columns) == PARETO_COLUMNS
     dense = pareto[pareto.kind == "dense"]
     assert len(dense) == 1 and dense.speedup.iloc[0] == pytest.approx(1.0)
-    assert dense.metric.iloc[0] == pytest.approx(100.0, abs=1e-3)  # the dense model agrees with itself
+    assert dense.metric_unquantized.iloc[0] == pytest.approx(100.0, abs=1e-3)  # fp32 agrees with itself
+    # gpu_h100 runs bf16: the front's metric is the bf16 model's, priced and measured alike.
+    assert (pareto.metric_precision == "bf16").all() and 99.9 < dense.metric.iloc[0] < 100.0
     assert (pareto.latency_source == "analytical").all() and (
         pareto.metric_name == "cosine_to_dense_x100"
     ).all()
@@ -104,7 +106,11 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     pareto = pd.read_csv(run_dir / "pareto.csv")
     plan_path = run_dir / pareto[pareto.kind == "uniform"].plan_path.iloc[0]
     cfg = apply_config(
-        plan=str(plan_path), out=str(tmp_path / "out"), task=compose("config", SMALL[:2]).task, repeats=2
+        plan=str(plan_path),
+        out=str(tmp_path / "out"),
+        task=compose("config", SMALL[:2]).task,
+        repeats=2,
+        precision="fp32",  # the plan's is bf16 (gpu_h100): fp32 here, to hold the ONNX file to 1e-4 below
     )
     result = run_apply(cfg)
     saved = json.loads((tmp_path / "out" / "apply.json").read_text())
@@ -127,7 +133,9 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     assert saved["workload_differs_from_plan"] == []
     # The plan's recovery recipe ran again, and the saved weights are the recovered ones.
     assert saved["recovery"]["method"] == "reconstruct" and saved["recovery_seconds"] > 0
-    assert saved["metric_pruned"] == pytest.approx(pareto[pareto.kind == "uniform"].metric.iloc[0], abs=1e-3)
+    assert saved["metric_pruned"] == pytest.approx(
+        pareto[pareto.kind == "uniform"].metric_unquantized.iloc[0], abs=1e-3
+    )  # fp32 here: the search's fp32 metric
     assert saved["metric_unrecovered"] == pytest.approx(
         pareto[pareto.kind == "uniform"].metric_unrecovered.iloc[0], abs=1e-3
     )

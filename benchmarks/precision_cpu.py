@@ -25,13 +25,15 @@ Output: results/benchmarks/precision_cpu.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
+import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -170,7 +172,7 @@ def main() -> None:
         return out
 
     dev = batches(dev_a + dev_b)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         fp32_onnx = export(model, Path(tmp) / "fp32.onnx")
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -183,6 +185,9 @@ def main() -> None:
 
         pre = Path(tmp) / "pre.onnx"
         # Symbolic shape inference gives up on BERT's dynamic shapes; ONNX's own inference suffices.
+        # The quantisation tools may leave external-data files in the working directory (a 90 MB
+        # one was found in the checkout after a failed run): they work inside the temporary one.
+        stack.enter_context(_working_directory(Path(tmp)))
         quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
         dyn = Path(tmp) / "int8_dynamic.onnx"
         quantize_dynamic(str(pre), str(dyn), per_channel=True, weight_type=QuantType.QInt8)
@@ -285,6 +290,16 @@ def main() -> None:
         )
     args.out.write_text("\n".join(lines) + "\n")
     log.info("wrote %s", args.out)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _ms(run: Callable[[], object]) -> float:

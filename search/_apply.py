@@ -171,7 +171,8 @@ def apply_and_measure(
     ) as staging:
         # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
         onnx_result = _onnx_artifact(pruned, timed, staging / "model.onnx", out_dir) if onnx else None
-        quantized = _quantize(model, pruned, task, precision, timed)
+        quantized = _quantize(model, pruned, task, precision, timed, metric_dense)
+        plan = replace(plan, metadata={**plan.metadata, "precision": precision})
         prunable.save_pruned(pruned, plan, staging)
         timed_models = [(model, timed), (pruned, quantized.workload)]
         if quantized.dense is not None:
@@ -209,7 +210,7 @@ def apply_and_measure(
         result["latency_ms_pruned"],
         task.metric_name,
         metric_dense,
-        metric_pruned,
+        result["metric_pruned"],
         f" ({report.method}: {metric_unrecovered:.3f} before, {report.seconds:.1f} s)" if report else "",
         out_dir,
     )
@@ -224,8 +225,8 @@ class Quantized:
         precision: The deployed precision.
         workload: The timed workload at that precision.
         metric: The pruned model's metric at that precision (None: fp32, measured already).
-        dense: The dense model at that precision, timed beside the others (None: the dense model
-            is timed at this precision already, or it is fp32).
+        dense: The dense model at that precision, timed beside the others (None: the dense
+            reference is timed at this precision already).
         metric_dense: The dense model's metric at that precision (None where `dense` is).
     """
 
@@ -250,19 +251,27 @@ class Quantized:
 
 
 def _quantize(
-    dense: torch.nn.Module, pruned: torch.nn.Module, task: Task, precision: str, timed: cost_models.Workload
+    dense: torch.nn.Module,
+    pruned: torch.nn.Module,
+    task: Task,
+    precision: str,
+    timed: cost_models.Workload,
+    metric_dense: float,
 ) -> Quantized:
-    """Convert the recovered pruned model to `precision` in place; evaluate it and a dense copy there."""
-    if precision == "fp32":
-        return Quantized(precision, timed)
-    metric = task.evaluate(to_precision(pruned, precision))
-    log.info("at %s: %s %.3f", precision, task.metric_name, metric)
-    if timed.dtype == precision:  # the dense model is timed at this precision already
-        return Quantized(precision, timed, metric)
+    """Convert the recovered pruned model to `precision` in place and evaluate it there; where the
+    dense reference is timed at another dtype, a dense copy at `precision` is timed beside it."""
+    metric = None
+    if precision != "fp32":
+        metric = task.evaluate(to_precision(pruned, precision))
+        log.info("at %s: %s %.3f", precision, task.metric_name, metric)
+    deployed = replace(timed, dtype=precision)
+    if timed.dtype == precision:  # the dense reference is timed at this precision already
+        return Quantized(precision, deployed, metric)
     dense_copy = copy_at_precision(dense, precision)
-    metric_dense = task.evaluate(dense_copy)
-    log.info("the dense model at %s: %s %.3f", precision, task.metric_name, metric_dense)
-    return Quantized(precision, replace(timed, dtype=precision), metric, dense_copy, metric_dense)
+    if precision != "fp32":
+        metric_dense = task.evaluate(dense_copy)
+        log.info("the dense model at %s: %s %.3f", precision, task.metric_name, metric_dense)
+    return Quantized(precision, deployed, metric, dense_copy, metric_dense)
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,35 @@ def test_a_bf16_model_saves_and_reloads_in_bf16(name: str, tmp_path: Path) -> No
     reloaded = prunable.load_pruned(tmp_path / "m")
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
     assert torch.equal(run(case, reloaded), run(case, pruned))
+
+
+def test_an_fp32_deployment_of_a_bf16_plan_is_timed_in_fp32(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dense reference is timed at the plan's dtype (bf16, gpu_h100); the pruned model at the
+    precision it is deployed at (fp32), with the dense fp32 model beside it for the same-precision
+    speedup: no speedup mixes a bf16 model with an fp32 one unsaid."""
+    from hwprune.search import _apply
+
+    timed: list[list[str]] = []
+    real = _apply.measure
+
+    def spy(models, **kwargs):  # type: ignore[no-untyped-def]
+        timed.append([w.dtype for _, w in models])
+        return real(models, **kwargs)
+
+    monkeypatch.setattr(_apply, "measure", spy)
+    result = run_apply(
+        apply_config(
+            plan=run_dir / "plans" / "uniform_50pct.yaml",
+            out=tmp_path / "out",
+            task=compose("config", SMALL[:2]).task,
+            repeats=1,
+            onnx=False,
+            precision="fp32",
+        )
+    )
+    assert timed == [["bf16", "fp32", "fp32"]]  # dense as the plan runs, pruned fp32, dense fp32
+    assert result["precision"] == "fp32" and result["workload"]["dtype"] == "bf16"
+    assert result["metric_dense_same_precision"] == result["metric_dense"]
+    assert prunable.PrunePlan.load(tmp_path / "out" / "hwprune_plan.yaml").metadata["precision"] == "fp32"

@@ -285,6 +285,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetim
         + (" --parts-only" if args.parts_only else "")
         + (f" --device {args.device}" if args.device != "cpu" else "")
         + (f" --dtype {args.dtype}" if args.dtype else "")
+        + (f" --out {args.out}" if args.out != "results/benchmarks/saliency_scale.md" else "")
         + "`  ",
         f"Machine: {machine}; torch {torch.__version__}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC. Random-init models, random calibration tokens "

@@ -170,6 +170,7 @@ def main() -> None:
         + (f" --latency-fraction {args.latency_fraction}" if args.latency_fraction else "")
         + (f" --params-fraction {args.params_fraction}" if args.params_fraction else "")
         + (f" --shapes {' '.join(args.shapes)}" if args.shapes != list(SHAPES) else "")
+        + (f" --out {args.out}" if args.out != "results/benchmarks/search_depth.md" else "")
         + "`  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC; {cost_models.cpu_name()}. Random-init models, NViT on random "
         "tokens, gpu_h100 roofline (analytical) at batch 1 x 128; sampler: the default Pareto local search; "

@@ -18,10 +18,10 @@ from hwprune.cost_models.profilers import TORCH_DTYPES, nvml_metadata, torch_dev
 from hwprune.search._blocks import check_workload, model_cost_model
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
-from hwprune.search._precision import check_precision, copy_at_precision, to_precision
+from hwprune.search._precision import check_precision, quantize
 from hwprune.search._space import plan_widths
 from hwprune.search._timing import Timing, measure
-from hwprune.search.recovery import NoRecovery, Recovery, from_recipe
+from hwprune.search.recovery import NoRecovery, Recovery, RecoveryReport, from_recipe
 from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.apply")
@@ -133,7 +133,42 @@ def apply_and_measure(
         raise ValueError(f"recovery.samples={recovery_samples} is invalid; valid: >= 1")
     if recovery is None:
         recovery, recovery_samples, recovery_seed = recorded_recovery(plan)
-    samples, seed = recovery_samples, recovery_seed
+    _log_timed_workload(plan, timed, changed)
+
+    model = prunable.load_model(plan.model.source, plan.model.class_name)
+    fingerprint = prunable.weights_fingerprint(model) if check_weights else None
+    plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
+    check_workload(model, timed)
+    prediction = predict_plan(plan, model)
+    done = _prune_and_recover(
+        model, plan, task, recovery, samples=recovery_samples, seed=recovery_seed, check_weights=check_weights
+    )
+    marker = {"made_by": "hwprune-apply", "plan": str(Path(plan_path).resolve())}
+    with staged(out_dir, marker=marker) as staging:
+        # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
+        onnx_result = _onnx_artifact(done.pruned, timed, staging / "model.onnx", out_dir) if onnx else None
+        quantized = quantize(model, done.pruned, task, precision, timed, done.metric_dense)
+        plan = replace(done.plan, metadata={**done.plan.metadata, "precision": precision})
+        prunable.save_pruned(done.pruned, plan, staging)
+        timed_models = [(model, timed), (done.pruned, quantized.workload)]
+        if quantized.dense is not None:
+            timed_models.append((quantized.dense, quantized.workload))
+        timing = measure(timed_models, device=torch_dev, repeats=repeats)
+        result = _result(plan_path, plan, timed, torch_dev, timing, task.metric_name, prediction)
+        result |= quantized.fields(timing, done.metric_pruned) | done.fields()
+        result |= {
+            "metric_pruned": quantized.metric if quantized.metric is not None else done.metric_pruned,
+            "workload_differs_from_plan": changed,
+            "params_dense": sum(p.numel() for p in model.parameters()),
+            "params_pruned": sum(p.numel() for p in done.pruned.parameters()),
+            "onnx": onnx_result,
+        }
+        (staging / "apply.json").write_text(json.dumps(result, indent=2))
+    _log_result(result, plan, precision, done, task.metric_name, out_dir)
+    return result
+
+
+def _log_timed_workload(plan: prunable.PrunePlan, timed: cost_models.Workload, changed: list[str]) -> None:
     if changed:
         log.warning(
             "timing %s, but the plan's speedup was predicted for %s (%s differ): the two answer different questions",
@@ -144,55 +179,68 @@ def apply_and_measure(
     else:
         log.info("timing %s, the workload the plan was searched for", timed.describe())
 
-    model = prunable.load_model(plan.model.source, plan.model.class_name)
-    fingerprint = prunable.weights_fingerprint(model) if check_weights else None
-    plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
-    check_workload(model, timed)
-    prediction = predict_plan(plan, model)
+
+@dataclass(frozen=True)
+class Recovered:
+    """The plan applied to the model and recovered, with the metrics along the way.
+
+    Attributes:
+        pruned: The pruned, recovered model (fp32).
+        plan: The plan, its recovery recipe recorded as run here.
+        metric_dense: The dense model's metric.
+        metric_unrecovered: The pruned model's metric before recovery.
+        metric_pruned: After recovery.
+        report: What the recovery did (None: no recovery).
+    """
+
+    pruned: torch.nn.Module
+    plan: prunable.PrunePlan
+    metric_dense: float
+    metric_unrecovered: float
+    metric_pruned: float
+    report: RecoveryReport | None
+
+    def fields(self) -> dict[str, Any]:
+        """apply.json's metric and recovery part."""
+        return {
+            "metric_dense": self.metric_dense,
+            "metric_unrecovered": self.metric_unrecovered,
+            "recovery": self.report.recipe() if self.report else None,
+            "recovery_seconds": self.report.seconds if self.report else 0.0,
+        }
+
+
+def _prune_and_recover(
+    model: torch.nn.Module,
+    plan: prunable.PrunePlan,
+    task: Task,
+    recovery: Recovery,
+    *,
+    samples: int,
+    seed: int,
+    check_weights: bool,
+) -> Recovered:
+    """Prune a copy of `model` by `plan`, recover it with `recovery`, measure the task before and after."""
     pruned = prunable.pruned_copy(model, plan, check_weights=check_weights)
     task.prepare(model)
     metric_dense, metric_unrecovered = task.evaluate(model), task.evaluate(pruned)
-    metric_pruned, report = metric_unrecovered, None
-    if not isinstance(recovery, NoRecovery):
-        report = recovery.recover(
-            pruned, model, task.recovery_data(samples=samples, seed=seed), layers=plan.kept_layers()
-        )
-        metric_pruned = task.evaluate(pruned)
-        plan = replace(
-            plan,
-            metadata={
-                **plan.metadata,
-                "recovery": {**report.recipe(), "data_samples": samples, "data_seed": seed},
-            },
-        )
+    if isinstance(recovery, NoRecovery):
+        return Recovered(pruned, plan, metric_dense, metric_unrecovered, metric_unrecovered, None)
+    data = task.recovery_data(samples=samples, seed=seed)
+    report = recovery.recover(pruned, model, data, layers=plan.kept_layers())
+    recipe = {**report.recipe(), "data_samples": samples, "data_seed": seed}
+    plan = replace(plan, metadata={**plan.metadata, "recovery": recipe})
+    return Recovered(pruned, plan, metric_dense, metric_unrecovered, task.evaluate(pruned), report)
 
-    with staged(
-        out_dir, marker={"made_by": "hwprune-apply", "plan": str(Path(plan_path).resolve())}
-    ) as staging:
-        # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
-        onnx_result = _onnx_artifact(pruned, timed, staging / "model.onnx", out_dir) if onnx else None
-        quantized = _quantize(model, pruned, task, precision, timed, metric_dense)
-        plan = replace(plan, metadata={**plan.metadata, "precision": precision})
-        prunable.save_pruned(pruned, plan, staging)
-        timed_models = [(model, timed), (pruned, quantized.workload)]
-        if quantized.dense is not None:
-            timed_models.append((quantized.dense, quantized.workload))
-        timing = measure(timed_models, device=torch_dev, repeats=repeats)
-        result = _result(plan_path, plan, timed, torch_dev, timing, task.metric_name, prediction)
-        result |= quantized.fields(timing, metric_pruned)
-        result |= {
-            "metric_dense": metric_dense,
-            "metric_pruned": quantized.metric if quantized.metric is not None else metric_pruned,
-            "metric_unrecovered": metric_unrecovered,
-            "recovery": report.recipe() if report else None,
-            "recovery_seconds": report.seconds if report else 0.0,
-            "workload_differs_from_plan": changed,
-            "params_dense": sum(p.numel() for p in model.parameters()),
-            "params_pruned": sum(p.numel() for p in pruned.parameters()),
-            "onnx": onnx_result,
-        }
-        (staging / "apply.json").write_text(json.dumps(result, indent=2))
-    pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
+
+def _log_result(
+    result: dict[str, Any],
+    plan: prunable.PrunePlan,
+    precision: str,
+    done: Recovered,
+    metric_name: str,
+    out_dir: Path,
+) -> None:
     if "measured_speedup_same_precision" in result:
         log.info(
             "at %s: %.2fx over the dense model at %s, which is %.2fx over the dense model as loaded",
@@ -201,6 +249,8 @@ def apply_and_measure(
             precision,
             result["measured_speedup"] / result["measured_speedup_same_precision"],
         )
+    pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
+    report = done.report
     log.info(
         "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f%s; wrote %s",
         pred,
@@ -208,70 +258,12 @@ def apply_and_measure(
         result["measured_speedup"],
         result["latency_ms_dense"],
         result["latency_ms_pruned"],
-        task.metric_name,
-        metric_dense,
+        metric_name,
+        done.metric_dense,
         result["metric_pruned"],
-        f" ({report.method}: {metric_unrecovered:.3f} before, {report.seconds:.1f} s)" if report else "",
+        f" ({report.method}: {done.metric_unrecovered:.3f} before, {report.seconds:.1f} s)" if report else "",
         out_dir,
     )
-    return result
-
-
-@dataclass(frozen=True)
-class Quantized:
-    """The pruned model at its deployed precision, and what that changed.
-
-    Attributes:
-        precision: The deployed precision.
-        workload: The timed workload at that precision.
-        metric: The pruned model's metric at that precision (None: fp32, measured already).
-        dense: The dense model at that precision, timed beside the others (None: the dense
-            reference is timed at this precision already).
-        metric_dense: The dense model's metric at that precision (None where `dense` is).
-    """
-
-    precision: str
-    workload: cost_models.Workload
-    metric: float | None = None
-    dense: torch.nn.Module | None = None
-    metric_dense: float | None = None
-
-    def fields(self, timing: Timing, metric_unquantized: float) -> dict[str, Any]:
-        """apply.json's precision part."""
-        fields: dict[str, Any] = {"precision": self.precision, "metric_unquantized": metric_unquantized}
-        if self.dense is not None:
-            (same,) = timing.others
-            dense_ms, pruned_ms = statistics.median(same), statistics.median(timing.pruned)
-            fields |= {
-                "metric_dense_same_precision": self.metric_dense,
-                "latency_ms_dense_same_precision": dense_ms,
-                "measured_speedup_same_precision": dense_ms / pruned_ms,
-            }
-        return fields
-
-
-def _quantize(
-    dense: torch.nn.Module,
-    pruned: torch.nn.Module,
-    task: Task,
-    precision: str,
-    timed: cost_models.Workload,
-    metric_dense: float,
-) -> Quantized:
-    """Convert the recovered pruned model to `precision` in place and evaluate it there; where the
-    dense reference is timed at another dtype, a dense copy at `precision` is timed beside it."""
-    metric = None
-    if precision != "fp32":
-        metric = task.evaluate(to_precision(pruned, precision))
-        log.info("at %s: %s %.3f", precision, task.metric_name, metric)
-    deployed = replace(timed, dtype=precision)
-    if timed.dtype == precision:  # the dense reference is timed at this precision already
-        return Quantized(precision, deployed, metric)
-    dense_copy = copy_at_precision(dense, precision)
-    if precision != "fp32":
-        metric_dense = task.evaluate(dense_copy)
-        log.info("the dense model at %s: %s %.3f", precision, task.metric_name, metric_dense)
-    return Quantized(precision, deployed, metric, dense_copy, metric_dense)
 
 
 @dataclass(frozen=True)

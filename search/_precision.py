@@ -10,10 +10,19 @@ one the user started from (fp32), and the dense model at the same precision is t
 
 from __future__ import annotations
 
+import logging
+import statistics
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 from torch import nn
 
-from hwprune import prunable
+from hwprune import cost_models, prunable
+from hwprune.search._timing import Timing
+from hwprune.search.tasks import Task
+
+log = logging.getLogger("hwprune.apply")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,3 +54,60 @@ def measured_precision(dtype: str) -> str:
     any device (fp32, bf16), else fp32 (int8, fp8 and fp16 need their runtime's quantisation; the
     report says so)."""
     return dtype if dtype in PRECISIONS else "fp32"
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The pruned model at its deployed precision, and what that changed.
+
+    Attributes:
+        precision: The deployed precision.
+        workload: The timed workload at that precision.
+        metric: The pruned model's metric at that precision (None: fp32, measured already).
+        dense: The dense model at that precision, timed beside the others (None: the dense
+            reference is timed at this precision already).
+        metric_dense: The dense model's metric at that precision (None where `dense` is).
+    """
+
+    precision: str
+    workload: cost_models.Workload
+    metric: float | None = None
+    dense: torch.nn.Module | None = None
+    metric_dense: float | None = None
+
+    def fields(self, timing: Timing, metric_unquantized: float) -> dict[str, Any]:
+        """apply.json's precision part."""
+        fields: dict[str, Any] = {"precision": self.precision, "metric_unquantized": metric_unquantized}
+        if self.dense is not None:
+            (same,) = timing.others
+            dense_ms, pruned_ms = statistics.median(same), statistics.median(timing.pruned)
+            fields |= {
+                "metric_dense_same_precision": self.metric_dense,
+                "latency_ms_dense_same_precision": dense_ms,
+                "measured_speedup_same_precision": dense_ms / pruned_ms,
+            }
+        return fields
+
+
+def quantize(
+    dense: torch.nn.Module,
+    pruned: torch.nn.Module,
+    task: Task,
+    precision: str,
+    timed: cost_models.Workload,
+    metric_dense: float,
+) -> Quantized:
+    """Convert the recovered pruned model to `precision` in place and evaluate it there; where the
+    dense reference is timed at another dtype, a dense copy at `precision` is timed beside it."""
+    metric = None
+    if precision != "fp32":
+        metric = task.evaluate(to_precision(pruned, precision))
+        log.info("at %s: %s %.3f", precision, task.metric_name, metric)
+    deployed = replace(timed, dtype=precision)
+    if timed.dtype == precision:  # the dense reference is timed at this precision already
+        return Quantized(precision, deployed, metric)
+    dense_copy = copy_at_precision(dense, precision)
+    if precision != "fp32":
+        metric_dense = task.evaluate(dense_copy)
+        log.info("the dense model at %s: %s %.3f", precision, task.metric_name, metric_dense)
+    return Quantized(precision, deployed, metric, dense_copy, metric_dense)

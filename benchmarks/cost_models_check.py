@@ -317,6 +317,7 @@ def write(
         + (f" --previous {args.previous}" if args.previous else "")
         + (f" --model-source {args.model_source}" if args.model_source != prunable.MINILM else "")
         + (f" --stability-seconds {args.stability_seconds:g}" if args.stability_seconds != 120.0 else "")
+        + f" --out {args.out}"
         + "`"
         + (" (profiles each table, then checks it)" if args.profile else "")
         + f"; every measured latency is in `{Path(args.out).with_suffix('.csv').name}`.  ",

@@ -71,7 +71,7 @@ def check_keys_before_hydra(config_name: str, args: list[str]) -> str | None:
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from hwprune.search.config import compose
+    from hwprune.search.config import compose, unknown_key
 
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     try:
@@ -81,8 +81,7 @@ def check_keys_before_hydra(config_name: str, args: list[str]) -> str | None:
         schema = getattr(cause, "object_type", None)
         if isinstance(cause, ConfigAttributeError | ConfigKeyError) and dataclasses.is_dataclass(schema):
             assert isinstance(schema, type)
-            valid = sorted(f.name for f in dataclasses.fields(schema) if not f.name.startswith("_"))
-            return f"unknown key {cause.full_key!r} ({schema.__name__}); valid keys: {valid}"
+            return unknown_key(str(cause.full_key), schema)
     except Exception:
         pass
     return None

@@ -146,6 +146,7 @@ class Rescoring:
         )
         ref = self.model_ref
         plans = run_dir / "plans"
+        precision = measured_precision(cost_model.workload.dtype)  # the front's metric is measured at it
         for i, c in enumerate(candidates, start=1):
             plan = proxy.plan(c.widths, ref, hardware=self.hardware)
             pruned = prunable.pruned_copy(model, plan, check_weights=False)
@@ -164,8 +165,8 @@ class Rescoring:
                     "data_seed": self.recovery_seed,
                 }
             c.metric_unquantized = c.metric
-            c.metric_precision = measured_precision(cost_model.workload.dtype)
-            if c.metric_precision != "fp32":  # the front pairs a precision's latency with its metric
+            c.metric_precision = precision
+            if precision != "fp32":  # the front pairs a precision's latency with its metric
                 c.metric = task.evaluate(to_precision(pruned, c.metric_precision))
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())

@@ -12,6 +12,7 @@ study from its journal instead of starting over.
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def _interrupted() -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.run.dir=")]
-    command = " ".join(["hwprune-search", *overrides, f"hydra.run.dir={run_dir}"])
+    command = shlex.join(["hwprune-search", *overrides, f"hydra.run.dir={run_dir}"])  # pasteable as is
     return f"the study's finished trials are kept in {run_dir}; resume with: {command}"
 
 

@@ -201,6 +201,12 @@ def register_configs() -> None:
     cs.store(name="apply_schema", node=ApplyConfig)
 
 
+def unknown_key(key: str, schema: type) -> str:
+    """The one-line error for `key`, which the dataclass `schema` does not declare: its valid keys."""
+    valid = sorted(f.name for f in dataclasses.fields(schema))
+    return f"unknown key {key!r} ({schema.__name__}); valid keys: {valid}"
+
+
 def check_keys(cfg: DictConfig, path: str = "") -> None:
     """Fail on any key that a node's schema does not declare, naming it and the valid keys.
 
@@ -213,9 +219,8 @@ def check_keys(cfg: DictConfig, path: str = "") -> None:
         declared = {f.name for f in dataclasses.fields(schema)}
         unknown = sorted(str(k) for k in cfg if str(k) not in declared)
         if unknown:
-            raise ValueError(
-                f"unknown key {path + unknown[0]!r} ({schema.__name__}); valid keys: {sorted(declared)}"
-            )
+            assert isinstance(schema, type)
+            raise ValueError(unknown_key(path + unknown[0], schema))
     for key in cfg:
         child = cfg._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -521,7 +522,7 @@ def test_ctrl_c_keeps_the_trials_says_how_to_resume_and_a_refused_resume_changes
     assert done.returncode == 130, done.stdout[-3000:]
     line = one_error(done)
     assert "interrupted: the study's finished trials are kept in" in line
-    resume = line.split("resume with: ", 1)[1].split()
+    resume = shlex.split(line.split("resume with: ", 1)[1])  # as a shell reads the pasted command
     assert resume[0] == "hwprune-search" and f"hydra.run.dir={run}" in resume
     assert set(args[1:-1]) <= set(resume)
     # The printed command resumes (here with a trial budget already met: nothing more runs).

@@ -34,6 +34,18 @@ def identity_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any])
     ]
 
 
+def other_settings(differences: list[str], study_name: str | None = None) -> ValueError:
+    """The error for a study recorded for other settings: of the run directory (`study_name` None),
+    or the shared study `study_name`; names the differences and what to do."""
+    if study_name is None:
+        where = "this run directory holds a study made for other settings"
+        fix = "resume it with the settings it was made with, or start a new run directory"
+    else:
+        where = f"study {study_name!r} was made for other settings"
+        fix = "join it with the same settings or give this search another search.study_name"
+    return ValueError(f"{where} ({'; '.join(differences)}); {fix}")
+
+
 def check_resumable(storage: StudyStorage, known: Mapping[str, Any], study_name: str | None = None) -> None:
     """Refuse, before the model loads, to resume a study recorded for other settings.
 
@@ -45,13 +57,9 @@ def check_resumable(storage: StudyStorage, known: Mapping[str, Any], study_name:
         ValueError: The differences, as `run_study` names them.
     """
     if storage.kind == "run_dir":
-        names = optuna.get_all_study_names(storage.storage)
-        where = "this run directory holds a study made for other settings"
-        fix = "resume it with the settings it was made with, or start a new run directory"
+        names, shared_name = optuna.get_all_study_names(storage.storage), None
     elif study_name is not None and study_name in optuna.get_all_study_names(storage.storage):
-        names = [study_name]
-        where = f"study {study_name!r} was made for other settings"
-        fix = "join it with the same settings or give this search another search.study_name"
+        names, shared_name = [study_name], study_name
     else:
         return  # a new study, or one named after the whole identity
     for name in names:
@@ -63,4 +71,4 @@ def check_resumable(storage: StudyStorage, known: Mapping[str, Any], study_name:
             for k, v in known.items()
         }
         if differences := identity_differences(seen, known):
-            raise ValueError(f"{where} ({'; '.join(differences)}); {fix}")
+            raise other_settings(differences, shared_name)

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from hwprune import cost_models
 from hwprune._progress import Progress
-from hwprune.search._identity import IDENTITY_ATTR, identity_differences, study_name_for
+from hwprune.search._identity import IDENTITY_ATTR, identity_differences, other_settings, study_name_for
 from hwprune.search._interrupt import between_trials
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._space import SearchSpace, Widths
@@ -207,10 +207,7 @@ def _open_study(
                 IDENTITY_ATTR
             )
             if recorded is not None and recorded != identity:
-                raise ValueError(
-                    f"this run directory holds a study made for other settings ({'; '.join(identity_differences(recorded, identity))}); "
-                    "resume it with the settings it was made with, or start a new run directory"
-                )
+                raise other_settings(identity_differences(recorded, identity))
     study = optuna.create_study(
         study_name=name,
         storage=storage.storage,
@@ -222,10 +219,7 @@ def _open_study(
     if identity and recorded is None:
         study.set_user_attr(IDENTITY_ATTR, identity)
     elif identity and recorded != identity:
-        raise ValueError(
-            f"study {name!r} was made for other settings ({'; '.join(identity_differences(recorded or {}, identity))}); "
-            "join it with the same settings or give this search another search.study_name"
-        )
+        raise other_settings(identity_differences(recorded or {}, identity), name)
     if not storage.shared:  # this process holds the storage: whatever is running was interrupted
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)

@@ -44,6 +44,7 @@ from scipy.stats import spearmanr
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
+from hwprune.search import export_onnx
 from hwprune.search.config import build_task, compose, to_object
 
 log = logging.getLogger("precision_cpu")
@@ -101,30 +102,6 @@ def bf16_parts(model: torch.nn.Module, parts: tuple[str, ...]) -> torch.nn.Modul
     return copy_
 
 
-class Wrapped(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def export(model: torch.nn.Module, path: Path) -> Path:
-    ids = torch.randint(0, 1000, (2, 16))
-    torch.onnx.export(
-        Wrapped(model).eval(),
-        (ids, torch.ones_like(ids)),
-        str(path),
-        dynamo=False,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["hidden"],
-        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")},
-        opset_version=17,
-    )
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,7 +150,10 @@ def main() -> None:
 
     dev = batches(dev_a + dev_b)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        fp32_onnx = export(model, Path(tmp) / "fp32.onnx")
+        fp32_onnx = Path(tmp) / "fp32.onnx"
+        export_onnx(
+            model, cost_models.Workload(batch_size=2, seq_len=16), fp32_onnx
+        )  # hwprune-apply's export
         from onnxruntime.quantization import (
             CalibrationDataReader,
             QuantFormat,

@@ -21,13 +21,15 @@ The search's parts, for studies of the search itself: `SearchSpace` and `Widths`
 choices), `SaliencyProxy` (predicted loss of a configuration), `option_tables` and `exact_front`
 (the proxy's exact Pareto front over a cost model), `hypervolume`, `SearchObjective` and
 `run_study` (the Optuna study), `open_storage`; `block_spec`, `model_cost_model` and
-`model_timer` connect a model to `cost_models`.
+`model_timer` connect a model to `cost_models`; `export_onnx` and `check_onnx` write a model's ONNX
+graph and prove it in ONNX Runtime in a fresh process.
 """
 
 from hwprune.search._apply import apply_and_measure
 from hwprune.search._blocks import block_spec, head_width, model_cost_model, model_timer
 from hwprune.search._from_config import run_config
 from hwprune.search._job import SearchJob, SearchSettings
+from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
 from hwprune.search._proxy import SaliencyProxy
@@ -56,8 +58,10 @@ __all__ = [
     "apply_and_measure",
     "apply_config",
     "block_spec",
+    "check_onnx",
     "compose",
     "exact_front",
+    "export_onnx",
     "head_width",
     "hypervolume",
     "hypervolume_subset",

@@ -28,6 +28,7 @@ graph and prove it in ONNX Runtime in a fresh process.
 from hwprune.search._apply import apply_and_measure
 from hwprune.search._blocks import block_spec, head_width, model_cost_model, model_timer
 from hwprune.search._from_config import run_config
+from hwprune.search._int8 import Int8Recipe, OnnxRuntimeModel, quantize_int8
 from hwprune.search._job import SearchJob, SearchSettings
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._outcome import Candidate, RunOutcome
@@ -47,6 +48,8 @@ __all__ = [
     "Candidate",
     "Constraints",
     "ExactFront",
+    "Int8Recipe",
+    "OnnxRuntimeModel",
     "ParetoLocalSearchSampler",
     "RunOutcome",
     "SaliencyProxy",
@@ -71,6 +74,7 @@ __all__ = [
     "open_storage",
     "option_tables",
     "pick",
+    "quantize_int8",
     "run_apply",
     "run_config",
     "run_search",

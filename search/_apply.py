@@ -16,6 +16,7 @@ import torch
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TORCH_DTYPES, nvml_metadata, torch_device
 from hwprune.search._blocks import check_workload, model_cost_model
+from hwprune.search._int8 import Int8Recipe
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
 from hwprune.search._precision import check_precision, quantize
@@ -73,6 +74,16 @@ def recorded_recovery(plan: prunable.PrunePlan) -> tuple[Recovery, int, int]:
     return from_recipe(recipe), int(recipe.get("data_samples", 2048)), int(recipe.get("data_seed", 0))
 
 
+def recorded_int8_recipe(plan: prunable.PrunePlan) -> Int8Recipe:
+    """The int8 recipe a plan records (its calibration draw), or the default."""
+    recipe = plan.metadata.get("quantization") or {}
+    default = Int8Recipe()
+    return Int8Recipe(
+        calibration_samples=int(recipe.get("calibration_samples", default.calibration_samples)),
+        calibration_seed=int(recipe.get("calibration_seed", default.calibration_seed)),
+    )
+
+
 def apply_and_measure(
     plan_path: str | Path,
     out: str | Path,
@@ -108,10 +119,12 @@ def apply_and_measure(
         overwrite: Replace a non-empty `out`.
         check_weights: Refuse a plan made for other weights (False: apply it to a fine-tuned
             checkpoint of the same architecture on purpose).
-        precision: The pruned model's deployed precision ("fp32", "bf16"; None: the plan's, which is
-            the precision its search measured the metric at, else fp32): after recovery it is
-            converted, evaluated, saved and timed at it; the dense model at that precision is
-            timed beside it (`measured_speedup` stays over the dense model as loaded).
+        precision: The pruned model's deployed precision ("fp32", "bf16", "int8"; None: the plan's,
+            which is the precision its search measured the metric at, else fp32): after recovery
+            it is converted, evaluated, saved and timed at it; the dense model at that precision
+            is timed beside it (`measured_speedup` stays over the dense model as loaded). int8 is
+            the QDQ `model.onnx` int8 runtimes consume, quantised by the plan's recorded recipe
+            (else the default `Int8Recipe`) and run by ONNX Runtime.
 
     Returns:
         What `<out>/apply.json` holds: predicted and measured speedup, metrics, recovery, sizes.
@@ -121,12 +134,22 @@ def apply_and_measure(
         raise ValueError(f"{plan_path}: the plan names no model source, so there is nothing to load")
     torch_dev = torch_device(device)
     timed, changed = timed_workload(plan, workload or {})
+    if timed.dtype == "int8" and (workload or {}).get("dtype") in (None, "auto"):
+        # An int8 plan (an NPU's, say): the dense model as the user has it is timed beside it.
+        timed = replace(timed, dtype="auto")
     dtype = timing_dtype(torch_dev, timed.dtype)
     timed = replace(timed, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
     if repeats < 1:
         raise ValueError(f"repeats={repeats} is invalid; valid: >= 1")
     precision = precision or str(plan.metadata.get("precision", "fp32"))
     check_precision(precision)
+    if precision == "int8" and not onnx:
+        raise ValueError("precision='int8' deploys the int8 QDQ model.onnx; onnx=False contradicts it")
+    if precision == "int8" and timed.phase == "decode":
+        raise ValueError(
+            f"precision='int8' deploys the prefill ONNX graph, which cannot time {timed.describe()}; "
+            "valid: a prefill workload, or precision fp32/bf16"
+        )
     source = prunable.resolve_source(plan.model.source)
     out_dir = check_out(out, model_dir=source, plan=Path(plan_path), overwrite=overwrite)
     if recovery_samples < 1:
@@ -145,12 +168,36 @@ def apply_and_measure(
     )
     marker = {"made_by": "hwprune-apply", "plan": str(Path(plan_path).resolve())}
     with staged(out_dir, marker=marker) as staging:
-        # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
-        onnx_result = _onnx_artifact(done.pruned, timed, staging / "model.onnx", out_dir) if onnx else None
-        quantized = quantize(model, done.pruned, task, precision, timed, done.metric_dense)
-        plan = replace(done.plan, metadata={**done.plan.metadata, "precision": precision})
+        if precision == "int8":  # model.onnx is the int8 QDQ model, proved in a fresh process
+            quantized = quantize(
+                model,
+                done.pruned,
+                task,
+                precision,
+                timed,
+                done.metric_dense,
+                int8_path=staging / "model.onnx",
+                recipe=recorded_int8_recipe(plan),
+            )
+            check = check_onnx(quantized.model, staging / "model.onnx", timed)
+            onnx_result: dict[str, Any] | None = {
+                "exported": True,
+                "path": str(out_dir / "model.onnx"),
+                "precision": "int8",
+                **check,
+            }
+        else:
+            # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
+            onnx_result = (
+                _onnx_artifact(done.pruned, timed, staging / "model.onnx", out_dir) if onnx else None
+            )
+            quantized = quantize(model, done.pruned, task, precision, timed, done.metric_dense)
+        plan = replace(
+            done.plan,
+            metadata={**done.plan.metadata, "precision": precision, "quantization": quantized.recipe},
+        )
         prunable.save_pruned(done.pruned, plan, staging)
-        timed_models = [(model, timed), (done.pruned, quantized.workload)]
+        timed_models = [(model, timed), (quantized.model, quantized.workload)]
         if quantized.dense is not None:
             timed_models.append((quantized.dense, quantized.workload))
         timing = measure(timed_models, device=torch_dev, repeats=repeats)

@@ -28,6 +28,7 @@ class Candidate:
     metric_unrecovered: float = float("nan")
     metric_unquantized: float = float("nan")  # after recovery, in fp32
     metric_precision: str = "fp32"  # the precision `metric` was measured at
+    quantization: str = ""  # how the model was quantised for `metric` ("" where it was not: fp32, bf16)
     recovery: str = "none"
     recovery_seconds: float = 0.0
     params: int = 0

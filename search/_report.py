@@ -30,6 +30,7 @@ PARETO_COLUMNS = [
     "metric",
     "metric_precision",
     "metric_unquantized",
+    "quantization",
     "metric_unrecovered",
     "recovery",
     "recovery_seconds",
@@ -81,6 +82,7 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "metric": c.metric,
             "metric_precision": c.metric_precision,
             "metric_unquantized": c.metric_unquantized,
+            "quantization": c.quantization,
             "metric_unrecovered": c.metric_unrecovered,
             "recovery": c.recovery,
             "recovery_seconds": c.recovery_seconds,
@@ -302,6 +304,8 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
             f" (the device runs {cm.workload.dtype}, priced here; its quantisation is not measured yet, so the "
             "front pairs its latency with the fp32 model's metric)"
             if pareto.metric_precision.iloc[0] != cm.workload.dtype
+            else f" (the precision the latency is priced at; {pareto.quantization.iloc[0]})"
+            if pareto.quantization.iloc[0]
             else " (the precision the latency is priced at)"
         ),
         f"- Recovery of every re-scored pruned plan before its metric: `{job.recovery.name}`"

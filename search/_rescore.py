@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +11,11 @@ import optuna
 import torch
 
 from hwprune import cost_models, prunable
+from hwprune.search._int8 import Int8Recipe
 from hwprune.search._job import SearchJob
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import pareto_mask
-from hwprune.search._precision import measured_precision, to_precision
+from hwprune.search._precision import int8_calibration, int8_model, measured_precision, to_precision
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._space import Widths
 from hwprune.search._study import SearchObjective
@@ -122,6 +123,7 @@ class Rescoring:
         recovery_seed: Seed of that draw.
         model_ref: The dense model's reference (source and fingerprints), recorded in the plans.
         hardware: The target's profile name, recorded in the plans.
+        int8: How plans priced at int8 are quantised before their metric.
     """
 
     task: Task
@@ -130,6 +132,7 @@ class Rescoring:
     recovery_seed: int
     model_ref: prunable.ModelRef
     hardware: str
+    int8: Int8Recipe = field(default_factory=Int8Recipe)
 
     def evaluate(
         self,
@@ -147,6 +150,8 @@ class Rescoring:
         ref = self.model_ref
         plans = run_dir / "plans"
         precision = measured_precision(cost_model.workload.dtype)  # the front's metric is measured at it
+        calibration = int8_calibration(task, self.int8) if precision == "int8" else []
+        quantization = self.int8.describe() if precision == "int8" else None
         for i, c in enumerate(candidates, start=1):
             plan = proxy.plan(c.widths, ref, hardware=self.hardware)
             pruned = prunable.pruned_copy(model, plan, check_weights=False)
@@ -166,7 +171,10 @@ class Rescoring:
                 }
             c.metric_unquantized = c.metric
             c.metric_precision = precision
-            if precision != "fp32":  # the front pairs a precision's latency with its metric
+            if precision == "int8":  # the QDQ model int8 runtimes consume, run by ONNX Runtime
+                c.metric = task.evaluate(int8_model(pruned, calibration, cost_model.workload))
+                c.quantization = self.int8.summary()
+            elif precision != "fp32":  # the front pairs a precision's latency with its metric
                 c.metric = task.evaluate(to_precision(pruned, c.metric_precision))
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())
@@ -188,6 +196,7 @@ class Rescoring:
                     "metric_unrecovered": c.metric_unrecovered,
                     "metric_unquantized": c.metric_unquantized,
                     "precision": c.metric_precision,
+                    "quantization": quantization,
                     "recovery": recipe,
                 },
             )

@@ -18,6 +18,7 @@ import torch
 from hwprune import cost_models
 from hwprune.cost_models.profilers import interleaved
 from hwprune.search._blocks import model_timer
+from hwprune.search._int8 import OnnxRuntimeModel
 
 log = logging.getLogger("hwprune.apply")
 
@@ -73,7 +74,13 @@ def measure(
     """
     if len(timed) < 2:
         raise ValueError(f"measure needs the dense and the pruned model, got {len(timed)} model(s)")
-    timers = [model_timer(model, workload, str(device)) for model, workload in timed]
+    # An ONNX Runtime model (int8) times itself; torch models move to the device and dtype.
+    timers = [
+        model.timer(workload)
+        if isinstance(model, OnnxRuntimeModel)
+        else model_timer(model, workload, str(device))
+        for model, workload in timed
+    ]
 
     def timing_of(latencies: list[list[float]]) -> Timing:
         return Timing(latencies[0], latencies[1], tuple(latencies[2:]))

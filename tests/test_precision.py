@@ -52,7 +52,7 @@ def test_apply_deploys_a_plan_in_bf16(run_dir: Path, tmp_path: Path) -> None:
 
 def test_a_precision_apply_cannot_deploy_fails_at_compose_time(run_dir: Path) -> None:
     with pytest.raises(
-        Exception, match=r"precision='int4' is not supported; valid choices: \['fp32', 'bf16'\]"
+        Exception, match=r"precision='int4' is not supported; valid choices: \['fp32', 'bf16', 'int8'\]"
     ):
         to_object(compose("apply", [f"plan={run_dir / 'plans' / 'dense.yaml'}", "out=x", "precision=int4"]))
 

@@ -202,6 +202,9 @@ def projections_only(path: Path) -> None:
         dead = [n for n in graph.node if n.op_type == op and n.output[0] not in read]
         for node in dead:
             graph.node.remove(node)
+    read = {name for n in graph.node for name in n.input}
+    for init in [i for i in graph.initializer if i.name not in read]:  # their scales and zero points
+        graph.initializer.remove(init)
     onnx.save(model, str(path))
     log.debug("%s: %d non-projection inputs read the float tensor again", path.name, rewired)
 

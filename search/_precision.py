@@ -29,8 +29,10 @@ from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.apply")
 
-# The precisions torch runs a model at, and the one ONNX Runtime's int8 QDQ model runs at.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The precisions torch runs a model at, and the one ONNX Runtime's int8 QDQ model runs at. fp16 is
+# measured where it is priced (T4, L4, Jetson and NPUs run it): its narrow range overflows where
+# bf16's does not, which is what a metric at fp16 shows.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEPLOY_PRECISIONS = (*PRECISIONS, "int8")
 
 
@@ -62,8 +64,8 @@ def copy_at_precision(model: nn.Module, precision: str) -> nn.Module:
 
 def measured_precision(dtype: str) -> str:
     """The precision a model priced at `dtype` is evaluated at here: `dtype` where torch runs it
-    (fp32, bf16) or ONNX Runtime's int8 QDQ model stands for it (int8), else fp32 (fp8 and fp16 need
-    their runtime's conversion; the report says so)."""
+    (fp32, bf16, fp16) or ONNX Runtime's int8 QDQ model stands for it (int8), else fp32 (fp8 needs
+    its runtime's conversion, tf32 is fp32 storage; the report says so)."""
     return dtype if dtype in DEPLOY_PRECISIONS else "fp32"
 
 

@@ -52,15 +52,17 @@ def test_apply_deploys_a_plan_in_bf16(run_dir: Path, tmp_path: Path) -> None:
 
 def test_a_precision_apply_cannot_deploy_fails_at_compose_time(run_dir: Path) -> None:
     with pytest.raises(
-        Exception, match=r"precision='int4' is not supported; valid choices: \['fp32', 'bf16', 'int8'\]"
+        Exception,
+        match=r"precision='int4' is not supported; valid choices: \['fp32', 'bf16', 'fp16', 'int8'\]",
     ):
         to_object(compose("apply", [f"plan={run_dir / 'plans' / 'dense.yaml'}", "out=x", "precision=int4"]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "name", ["bert", "llama_gqa"]
 )  # a config that cannot, and one that can, say the shape
-def test_a_bf16_model_saves_and_reloads_in_bf16(name: str, tmp_path: Path) -> None:
+def test_a_half_model_saves_and_reloads_in_its_dtype(name: str, dtype: torch.dtype, tmp_path: Path) -> None:
     from tests.conftest import CASES
 
     case: Case = CASES[name]
@@ -76,10 +78,10 @@ def test_a_bf16_model_saves_and_reloads_in_bf16(name: str, tmp_path: Path) -> No
             mlp=[list(range(16)) for _ in structure.layers],
         )
         pruned = prunable.pruned_copy(model, plan, check_weights=False)
-    prunable.cast(pruned, torch.bfloat16)  # as hwprune-apply precision=bf16 does
+    prunable.cast(pruned, dtype)  # as hwprune-apply precision=bf16 / fp16 does
     prunable.save_pruned(pruned, plan, tmp_path / "m")
     reloaded = prunable.load_pruned(tmp_path / "m")
-    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in reloaded.parameters()} == {dtype}
     assert torch.equal(run(case, reloaded), run(case, pruned))
 
 
@@ -113,3 +115,20 @@ def test_an_fp32_deployment_of_a_bf16_plan_is_timed_in_fp32(
     assert result["precision"] == "fp32" and result["workload"]["dtype"] == "bf16"
     assert result["metric_dense_same_precision"] == result["metric_dense"]
     assert prunable.PrunePlan.load(tmp_path / "out" / "hwprune_plan.yaml").metadata["precision"] == "fp32"
+
+
+def test_a_front_priced_in_fp16_is_measured_in_fp16(tmp_path: Path) -> None:
+    """gpu_t4 runs fp16 first: every re-scored plan's metric is the fp16 model's, beside its fp32 one."""
+    from hwprune.search import run_config
+    from tests.conftest import app_config
+
+    overrides = ["hardware=gpu_t4", "recovery=none", "search.rescore=1", "search.uniform_baselines=[]"]
+    outcome = run_config(app_config(tmp_path, *overrides), tmp_path / "run")
+    assert outcome.cost_model.workload.dtype == "fp16"
+    assert {c.metric_precision for c in outcome.candidates} == {"fp16"}
+    dense = outcome.candidates[0]
+    # The fidelity metric compares with the dense fp32 model: 100 in fp32, a hair less in fp16.
+    assert dense.metric_unquantized == pytest.approx(100.0, abs=1e-3)
+    assert 99.0 < dense.metric < dense.metric_unquantized
+    plan = prunable.PrunePlan.load(tmp_path / "run" / outcome.candidates[-1].plan_path)
+    assert plan.metadata["precision"] == "fp16"

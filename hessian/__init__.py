@@ -6,6 +6,7 @@
     options = hessian.ScoringOptions(device="cuda", dtype="bf16", max_samples=4)   # where, in what pieces
     scores = hessian.NViTSaliency().score(model, calibration, options=options)
     drop = hessian.layer_scores(model, calibration)                  # measured loss of dropping each layer
+    sens = hessian.precision_sensitivity(model, calibration, ("bf16", "int8"))  # each block at a precision
 
 Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fisher/Gauss-Newton),
 `heapr` (HEAPr's output-space second-order scores of routed experts' neurons; MoE models),
@@ -21,9 +22,22 @@ from hwprune.hessian._heapr import HEAPrSaliency
 from hwprune.hessian._hutchinson import HutchinsonSaliency
 from hwprune.hessian._magnitude import MagnitudeSaliency, RandomSaliency
 from hwprune.hessian._nvit import NViTSaliency
+from hwprune.hessian._quantization import (
+    BLOCKS,
+    ESTIMATES,
+    QUANT_PRECISIONS,
+    PrecisionSensitivity,
+    block_projections,
+    fake_quantized,
+    input_ranges,
+    precision_sensitivity,
+)
 from hwprune.hessian._taylor import TaylorSaliency
 
 __all__ = [
+    "BLOCKS",
+    "ESTIMATES",
+    "QUANT_PRECISIONS",
     "SALIENCY",
     "SCORING_DTYPES",
     "Batch",
@@ -35,12 +49,17 @@ __all__ = [
     "NViTSaliency",
     "Objective",
     "OutputDistance",
+    "PrecisionSensitivity",
     "RandomSaliency",
     "Saliency",
     "ScoringOptions",
     "TaylorSaliency",
     "UnitScores",
+    "block_projections",
     "cached_layer_scores",
     "cached_score",
+    "fake_quantized",
+    "input_ranges",
     "layer_scores",
+    "precision_sensitivity",
 ]

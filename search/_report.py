@@ -48,6 +48,23 @@ PARETO_COLUMNS = [
 ]
 
 
+def memory_lines(outcome: RunOutcome) -> list[str]:
+    """The run's peak resident memory per phase (each phase's own high-water mark)."""
+    memory = outcome.extras.get("memory")
+    rows = [r for r in memory.rows() if r["peak_gib"] is not None] if memory is not None else []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Memory (resident set of this process, GiB)",
+        "",
+        "| phase | peak | after |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {r['phase']} | {r['peak_gib']:.2f} | {r['resident_after_gib']:.2f} |" for r in rows]
+    return lines
+
+
 def trials_frame(outcome: RunOutcome) -> pd.DataFrame:
     rows = []
     for t in outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -348,6 +365,7 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
         lines.append(
             f"| `{r.plan_path}` | {r.latency_ms:.3f} | {r.speedup:.2f}x | {r.metric:.3f} | {r.metric_unrecovered:.3f} |"
         )
+    lines += memory_lines(outcome)
     lines += [
         "",
         "Files: `trials.csv`, `pareto.csv`, `pareto.png`"

@@ -13,6 +13,7 @@ import torch
 from hwprune import cost_models, prunable
 from hwprune.search._int8 import Int8Recipe
 from hwprune.search._job import SearchJob
+from hwprune.search._memory import MemoryLog, release
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import pareto_mask
 from hwprune.search._precision import int8_calibration, int8_model, measured_precision, to_precision
@@ -108,7 +109,9 @@ def rescore_front(
         model_ref=ref,
         hardware=hardware,
     )
-    rescore.evaluate(candidates, job.model, proxy, cost_model, outcome.run_dir)
+    rescore.evaluate(
+        candidates, job.model, proxy, cost_model, outcome.run_dir, memory=outcome.extras.get("memory")
+    )
     return candidates
 
 
@@ -141,8 +144,15 @@ class Rescoring:
         proxy: SaliencyProxy,
         cost_model: cost_models.CostModel,
         run_dir: Path,
+        *,
+        memory: MemoryLog | None = None,
     ) -> None:
-        """Fill in each candidate's metrics and plan file; mark the dominated ones."""
+        """Fill in each candidate's metrics and plan file; mark the dominated ones.
+
+        Each candidate's pruned copy, recovery buffers and evaluation outputs live only while it is
+        scored: its memory goes back to the system before the next one (`memory` logs each one's
+        peak).
+        """
         task, recovers = self.task, not isinstance(self.recovery, NoRecovery)
         data = (
             task.recovery_data(samples=self.recovery_samples, seed=self.recovery_seed) if recovers else None
@@ -213,6 +223,10 @@ class Rescoring:
                 c.metric,
                 recovered if recipe else "",
             )
+            del pruned, plan
+            release()
+            if memory is not None:
+                memory.end(f"re-score {c.label}")
         mark_dominated(candidates, higher_is_better=task.higher_is_better)
 
 

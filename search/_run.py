@@ -12,6 +12,7 @@ import numpy as np
 from hwprune import cost_models, hessian, prunable
 from hwprune.search._blocks import check_workload, model_cost_model
 from hwprune.search._job import SearchJob, SearchSettings
+from hwprune.search._memory import MemoryLog
 from hwprune.search._outcome import RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
 from hwprune.search._proxy import SaliencyProxy
@@ -146,6 +147,8 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
         The run's outcome, for `write_report`.
     """
     settings, profile, model = job.settings, job.hardware, job.model
+    memory = MemoryLog()
+    memory.end("load (model, task data)")  # the process's peak so far: loading happened before
     run_dir.mkdir(parents=True, exist_ok=True)
     if storage is None:
         storage = open_run_storage(settings, run_dir)
@@ -197,6 +200,7 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
             "layer scores (loss of dropping each layer): %s", ", ".join(f"{v:.3g}" for v in layer_scores)
         )
 
+    memory.end("saliency")
     step = settings.mlp_step or (cost_models.width_step(profile, spec.mlp) if spec.mlp else 1)
     space = SearchSpace.build(
         structure,
@@ -258,6 +262,7 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
         study_name=settings.study_name,
     )
     study_seconds = time.perf_counter() - started
+    memory.end("study")
 
     front = study.best_trials
     f_lat = np.array([t.values[0] for t in front])
@@ -281,7 +286,7 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
         exact,
         [],
         hv_ratio,
-        extras={"study_seconds": study_seconds}
+        extras={"study_seconds": study_seconds, "memory": memory}
         | ({"layer_scores": layer_scores.tolist()} if layer_scores is not None else {}),
     )
     # Re-scoring prunes and recovers every candidate: on a shared study one worker does it.

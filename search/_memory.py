@@ -1,10 +1,12 @@
 """Memory of a run, phase by phase: what `report.md` says each phase peaked at.
 
 The peak resident set of each phase is the kernel's high-water mark (VmHWM), reset when a phase
-starts (`/proc/self/clear_refs`), so a phase's figure is its own, not the run's so far. Between
-re-scored candidates the process hands freed memory back to the system (`gc.collect`, then glibc's
-`malloc_trim`): without it the allocator keeps each candidate's pruned copy and recovery buffers
-mapped, and the resident set grows with every candidate although nothing of it is alive.
+starts (`/proc/self/clear_refs`), so a phase's figure is its own, not the run's so far. At the end of
+each phase, and between re-scored candidates, the process hands freed memory back to the system
+(`gc.collect`, then glibc's `malloc_trim`): without it the allocator keeps what a phase freed mapped
+(measured on a 24-layer BERT-large shape: 2.0 of the 3.8 GiB resident after scoring saliency was
+freed memory the allocator held; trimmed, 1.8 GiB stayed), so the resident set grows phase after
+phase although nothing of it is alive.
 """
 
 from __future__ import annotations
@@ -87,8 +89,11 @@ class MemoryLog:
         reset_peak()
 
     def end(self, phase: str) -> None:
-        """A phase ends: record its peak and what stays resident; the next phase begins."""
-        peak, now = peak_gib(), resident_gib()
+        """A phase ends: record its peak and what stays resident once its garbage is collected and
+        its freed memory handed back; the next phase begins."""
+        peak = peak_gib()
+        release()
+        now = resident_gib()
         self.phases.append((phase, peak, now))
         if peak is not None and now is not None:
             log.info("memory: %s peaked at %.2f GiB resident, %.2f GiB after", phase, peak, now)

@@ -92,7 +92,8 @@ def cost_model_for(
 
     1. A table of exactly this block shape and workload: table lookup ("table").
     2. Tables of this device at other shapes or workloads: the roofline with efficiencies fitted to
-       those of the same phase (prefill or decode; all of them where that phase has none),
+       those of the same phase (prefill or decode; all of them where that phase has none) and,
+       among those, of the same dtype where there are any,
        predicting this shape and workload ("calibrated").
     3. No table: the datasheet roofline ("analytical").
 
@@ -115,8 +116,10 @@ def cost_model_for(
         if table.spec == spec and table.workload == resolved:
             return TableModel(table=table, workload=resolved, fit=profile.table_fit)
     if tables:
-        # Prefill and decode run different kernels (large GEMMs against few-row GEMV and a cache):
-        # one phase's efficiencies do not transfer to the other when that phase was measured.
-        same_phase = [t for t in tables if t.workload.phase == resolved.phase]
-        return calibrate(profile, same_phase or list(tables), spec=spec, workload=resolved)
+        # Prefill and decode run different kernels (large GEMMs against few-row GEMV and a cache),
+        # and so do dtypes (AMX bf16 tiles against AVX-512 fp32): one's efficiencies do not transfer
+        # to the other where the other was measured. Phase first, then dtype.
+        same_phase = [t for t in tables if t.workload.phase == resolved.phase] or list(tables)
+        same_dtype = [t for t in same_phase if t.workload.dtype == resolved.dtype]
+        return calibrate(profile, same_dtype or same_phase, spec=spec, workload=resolved)
     return AnalyticalModel(profile=profile, spec=spec, workload=resolved)

@@ -170,15 +170,17 @@ class Workload:
         return DTYPE_BYTES[self.dtype]
 
     def tag(self) -> str:
-        """A short file-name tag: "b32_s128" for prefill, "decode_b1_kv2048" for one-token decode.
+        """A short file-name tag: "b32_s128" for prefill, "decode_b1_kv2048" for one-token decode,
+        "b32_s128_bf16" for a dtype set explicitly.
 
-        The dtype is left out: a table's dtype is its device's default unless set, and is in its
-        metadata either way.
+        The dtype "auto" (the device's default) is left out: such a table's dtype is in its metadata,
+        and tables of other dtypes need names of their own beside it.
         """
+        dtype = "" if self.dtype == "auto" else f"_{self.dtype}"
         if self.phase != "decode":
-            return f"b{self.batch_size}_s{self.seq_len}"
+            return f"b{self.batch_size}_s{self.seq_len}{dtype}"
         new = f"_s{self.seq_len}" if self.seq_len != 1 else ""
-        return f"decode_b{self.batch_size}{new}_kv{self.kv_len}"
+        return f"decode_b{self.batch_size}{new}_kv{self.kv_len}{dtype}"
 
     def describe(self) -> str:
         extra = f", kv_len {self.kv_len}" if self.phase == "decode" else ""

@@ -176,9 +176,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("hwprune.table_dir", cost_models.table_dir)
     if not OmegaConf.has_resolver("hwprune.workload_tag"):  # and its file name
 
-        def workload_tag(batch_size: int, seq_len: int, phase: str, kv_len: int) -> str:
+        def workload_tag(batch_size: int, seq_len: int, phase: str, kv_len: int, dtype: str = "auto") -> str:
             return cost_models.Workload(
-                batch_size=batch_size, seq_len=seq_len, phase=phase, kv_len=kv_len
+                batch_size=batch_size, seq_len=seq_len, phase=phase, kv_len=kv_len, dtype=dtype
             ).tag()
 
         OmegaConf.register_new_resolver("hwprune.workload_tag", workload_tag)

@@ -600,3 +600,28 @@ def test_width_grid_steps_from_the_start_and_ends_at_the_dense_width() -> None:
     assert cost_models.width_grid(0, 16) == (0,)
     with pytest.raises(ValueError, match="width step must be >= 1, got 0"):
         cost_models.width_grid(96, 0)
+
+
+def test_calibration_fits_the_dtype_it_predicts_where_that_dtype_was_measured() -> None:
+    """Tables of two dtypes of one device (AMX bf16 tiles and AVX-512 fp32 run different kernels): a
+    bf16 prediction at another batch is fitted to the bf16 tables alone, as if the others were not
+    there."""
+    profile = load_profile("gpu_a100")
+    fp32 = synthetic_table(MINILM, Workload(batch_size=32, dtype="fp32"))
+    bf16 = synthetic_table(MINILM, Workload(batch_size=32, dtype="bf16"))
+    frame = bf16.frame.assign(**{c: bf16.frame[c] * 3.0 for c in ("latency_ms", "p10_ms", "p90_ms")})
+    bf16 = replace(bf16, frame=frame, base_ms=bf16.base_ms * 3.0)  # a third of the datasheet's rate
+    wanted = Workload(batch_size=8, dtype="bf16")
+    both = cost_models.cost_model_for(profile, MINILM, wanted, tables=[fp32, bf16])
+    alone = cost_models.cost_model_for(profile, MINILM, wanted, tables=[bf16])
+    assert both.source == alone.source == "calibrated"
+    assert both.dense_ms() == pytest.approx(alone.dense_ms())
+    pooled = cost_models.calibrate(profile, [fp32, bf16], spec=MINILM, workload=wanted)  # the old fit
+    assert pooled.dense_ms() != pytest.approx(alone.dense_ms(), rel=0.05)
+
+
+def test_a_workload_of_a_set_dtype_names_its_tables_apart() -> None:
+    assert Workload(batch_size=32, seq_len=128, dtype="auto").tag() == "b32_s128"
+    assert Workload(batch_size=32, seq_len=128, dtype="bf16").tag() == "b32_s128_bf16"
+    decode = Workload(batch_size=1, seq_len=1, phase="decode", kv_len=2048, dtype="int8")
+    assert decode.tag() == "decode_b1_kv2048_int8"

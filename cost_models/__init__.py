@@ -9,13 +9,15 @@ layer the attention units and MLP neurons kept.
     model = cost_models.cost_model_for(profile, spec, workload, tables=tables)  # table > calibrated > analytical
     pred = model.predict(units, mlp)          # (N, layers) arrays -> pred.latency_ms (N,)
     pred.source, pred.hardware, pred.workload  # "table" | "calibrated" | "analytical", "gpu_h100", Workload
+    mixed = cost_models.mixed_precision_model(profile, spec, workload, ["bf16"], tables=tables)
+    mixed.predict_mixed(units, mlp, attention_precision=a, mlp_precision=m)  # per block: index into mixed.precisions
 """
 
 from hwprune.cost_models._analytical import AnalyticalModel, Efficiency
 from hwprune.cost_models._base import SOURCES, CostModel, Prediction
 from hwprune.cost_models._calibrate import CalibratedModel, calibrate
 from hwprune.cost_models._cpu_peaks import cpu_name, local_profile, machine_key, measure_peaks, table_dir
-from hwprune.cost_models._factory import cost_model_for, find_tables, load_tables
+from hwprune.cost_models._factory import cost_model_for, find_tables, load_tables, mixed_precision_model
 from hwprune.cost_models._hardware import (
     BACKENDS,
     KINDS,
@@ -25,6 +27,7 @@ from hwprune.cost_models._hardware import (
     width_grid,
     width_step,
 )
+from hwprune.cost_models._mixed import MixedPrecisionModel
 from hwprune.cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
 from hwprune.cost_models._table import TABLE_FITS, LatencyTable, TableModel
 
@@ -41,6 +44,7 @@ __all__ = [
     "Efficiency",
     "HardwareProfile",
     "LatencyTable",
+    "MixedPrecisionModel",
     "Prediction",
     "TableModel",
     "Workload",
@@ -53,6 +57,7 @@ __all__ = [
     "local_profile",
     "machine_key",
     "measure_peaks",
+    "mixed_precision_model",
     "profile_names",
     "table_dir",
     "width_grid",

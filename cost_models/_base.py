@@ -80,6 +80,17 @@ class CostModel(ABC):
                 keeps them all (mixture-of-experts blocks only).
             expert_width: (..., num_layers) neurons kept per routed expert; None keeps them all.
         """
+        u, m, e, w = self.checked_widths(units, mlp, experts, expert_width)
+        return self.total(self.block_latency_ms(u, m, e, w), dropped)
+
+    def checked_widths(
+        self,
+        units: ArrayLike,
+        mlp: ArrayLike,
+        experts: ArrayLike | None = None,
+        expert_width: ArrayLike | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The widths of `predict` as arrays of one shape, each checked against the dense block."""
         u, m = np.asarray(units), np.asarray(mlp)
         if u.shape != m.shape or u.ndim < 1 or u.shape[-1] != self.spec.num_layers:
             raise ValueError(
@@ -98,10 +109,13 @@ class CostModel(ABC):
                 raise ValueError(
                     f"{name} widths must lie in [{low}, {top}], got range [{values.min()}, {values.max()}]"
                 )
-        blocks = self.block_latency_ms(u, m, e, w)
+        return u, m, e, w
+
+    def total(self, blocks: np.ndarray, dropped: ArrayLike | None = None) -> Prediction:
+        """(..., layers) block latencies -> the whole model's prediction (dropped layers cost nothing)."""
         if dropped is not None:
             d = np.asarray(dropped, dtype=bool)
-            if d.shape[-1:] != u.shape[-1:]:
+            if d.shape[-1:] != blocks.shape[-1:]:
                 raise ValueError(f"dropped must be (..., {self.spec.num_layers}), got {d.shape}")
             blocks = np.where(d, 0.0, blocks)
         latency = blocks.sum(-1) + self.base_ms

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from hwprune.cost_models._base import CostModel
 from hwprune.cost_models._calibrate import calibrate
 from hwprune.cost_models._cpu_peaks import cpu_name
 from hwprune.cost_models._hardware import HardwareProfile
+from hwprune.cost_models._mixed import MixedPrecisionModel
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models._table import LatencyTable, TableModel
 
@@ -123,3 +125,25 @@ def cost_model_for(
         same_dtype = [t for t in same_phase if t.workload.dtype == resolved.dtype]
         return calibrate(profile, same_dtype or same_phase, spec=spec, workload=resolved)
     return AnalyticalModel(profile=profile, spec=spec, workload=resolved)
+
+
+def mixed_precision_model(
+    profile: HardwareProfile,
+    spec: BlockSpec,
+    workload: Workload,
+    precisions: Sequence[str],
+    *,
+    tables: Sequence[LatencyTable] = (),
+) -> MixedPrecisionModel:
+    """Per-block precisions priced on `profile`: one `cost_model_for` per precision (each from that
+    dtype's tables where the device was measured at it), the workload's resolved dtype the reference.
+
+    Raises:
+        ValueError: A precision the device does not run, naming the ones it does.
+    """
+    resolved = profile.resolve_workload(workload)
+    wanted = list(dict.fromkeys([resolved.dtype, *precisions]))
+    for p in wanted:
+        profile.resolve_dtype(p)  # the device's error, naming its dtypes
+    models = {p: cost_model_for(profile, spec, replace(resolved, dtype=p), tables=tables) for p in wanted}
+    return MixedPrecisionModel(models, reference=resolved.dtype)

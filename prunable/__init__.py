@@ -4,6 +4,7 @@ structure = prunable.discover(model)            # per layer: heads, KV groups, M
 with prunable.gated(model) as gates: ...        # multiplicative per-unit gates (experts too), layer skips
 plan = prunable.PrunePlan.load("plan.yaml")     # kept units per layer; `drop: true` removes a layer
 prunable.apply_plan(model, plan)                # physically slices the weights (and the router)
+prunable.set_precisions(model, plan)            # per-layer block precisions (after any recovery)
 prunable.save_pruned(model, plan, "out/")       # reload with prunable.load_pruned("out/")
 with prunable.exportable(model): torch.onnx.export(...)   # routed experts as a traceable graph
 """
@@ -17,8 +18,9 @@ from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import GATE_KINDS, Gates, blocks, couplings, gated
 from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
 from hwprune.prunable._kv_cache import append_kv
-from hwprune.prunable._plan import PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
+from hwprune.prunable._plan import PLAN_PRECISIONS, PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
 from hwprune.prunable._plan_checks import EXPERT_WIDTH_STEP
+from hwprune.prunable._precision import block_precisions, set_precisions
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
 from hwprune.prunable._surgery import apply_plan, cast, converted_copy, pruned_block, pruned_copy
 
@@ -40,6 +42,7 @@ __all__ = [
     "EXPERT_WIDTH_STEP",
     "GATE_KINDS",
     "MINILM",
+    "PLAN_PRECISIONS",
     "PLAN_VERSION",
     "UNIT_KINDS",
     "Coupling",
@@ -56,6 +59,7 @@ __all__ = [
     "UnitKind",
     "append_kv",
     "apply_plan",
+    "block_precisions",
     "blocks",
     "cast",
     "converted_copy",
@@ -71,6 +75,7 @@ __all__ = [
     "pruned_copy",
     "resolve_source",
     "save_pruned",
+    "set_precisions",
     "supported_model_types",
     "weights_fingerprint",
 ]

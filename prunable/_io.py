@@ -21,6 +21,7 @@ from safetensors.torch import save_model as save_safetensors
 from hwprune.prunable._discover import discover
 from hwprune.prunable._families import family_of
 from hwprune.prunable._plan import PrunePlan
+from hwprune.prunable._precision import set_precisions
 from hwprune.prunable._surgery import cast, slice_blocks
 
 log = logging.getLogger(__name__)
@@ -214,4 +215,6 @@ def load_pruned(directory: str | Path) -> Any:
         raise ValueError(
             f"{directory}: reloaded structure {discover(model).describe()} differs from the saved one"
         )
-    return model.eval()
+    # Projections the plan puts at a precision of their own reloaded in the manifest's dtype: back
+    # to theirs (exactly: their values came from that precision) and computing there.
+    return set_precisions(model, plan).eval()

@@ -19,12 +19,15 @@ File layout (YAML; JSON is read too)::
       mlp: []                  #   (the shared expert's neurons, if it has one)
       experts: [0, 2, 3]       #   at least top_k of them
       expert_mlp: [[0, 5], [1, 2], [0, 7]]   # each kept expert's neurons, as many for each
+    - heads: [0, 1, 2]         # a layer may say the precision its projections run at
+      mlp: [0, 3, 4]           #   (`prunable.set_precisions`; absent: the model's own dtype)
+      precision: {attention: bf16, mlp: fp32}
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ from hwprune.prunable._plan_checks import layer_problems
 from hwprune.prunable._structure import LayerStructure, Structure
 
 PLAN_FORMAT = "hwprune.plan"
+# The precisions a plan may set per block, and the torch dtypes `set_precisions` runs them in.
+PLAN_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PLAN_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
@@ -68,6 +73,9 @@ class LayerPlan:
     A layer with `drop` set is removed from the model altogether (it keeps no units): the pruned
     model has one block fewer, where a layer keeping no units stays as a block that only adds its
     sub-layers' output biases (and, in a post-norm block, applies its norms).
+
+    `precision`, where set, is the (attention, MLP) precision the layer's projections run at, among
+    `PLAN_PRECISIONS`; None leaves them in the model's own dtype.
     """
 
     heads: tuple[int, ...]
@@ -75,6 +83,7 @@ class LayerPlan:
     drop: bool = False
     experts: tuple[int, ...] | None = None
     expert_mlp: tuple[tuple[int, ...], ...] | None = None
+    precision: tuple[str, str] | None = None
 
     def kept_units(self, layer: LayerStructure) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept attention units, kept MLP neurons) of `layer`, as ascending index tensors."""
@@ -224,6 +233,26 @@ class PrunePlan:
 
     # ------------------------------------------------------------------ files
 
+    def with_precisions(self, attention: Sequence[str], mlp: Sequence[str]) -> PrunePlan:
+        """This plan with each layer's attention and MLP projections at the given precisions (one
+        per layer of the plan; a dropped layer's are ignored)."""
+        if not len(attention) == len(mlp) == len(self.layers):
+            raise PlanError(
+                f"need one precision per layer ({len(self.layers)}), got {len(attention)} attention and {len(mlp)} mlp"
+            )
+        for name in (*attention, *mlp):
+            check_precision(name)
+        layers = tuple(
+            lp if lp.drop else replace(lp, precision=(str(a), str(m)))
+            for lp, a, m in zip(self.layers, attention, mlp, strict=True)
+        )
+        return replace(self, layers=layers)
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether any layer sets the precision of its projections."""
+        return any(lp.precision is not None for lp in self.layers)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
@@ -297,14 +326,23 @@ class PrunePlan:
             if entry == {"drop": True}:
                 parsed.append(LayerPlan(heads=(), mlp=(), drop=True))
                 continue
-            if not isinstance(entry, dict) or set(entry) not in (
-                {"heads", "mlp"},
-                {"heads", "mlp", *MOE_KEYS},
-            ):
+            keys = set(entry) - {"precision"} if isinstance(entry, dict) else None
+            if keys not in ({"heads", "mlp"}, {"heads", "mlp", *MOE_KEYS}):
                 raise fail(
                     f"layers[{i}] must have exactly the keys 'heads' and 'mlp' (and 'experts' and 'expert_mlp' "
-                    f"for a mixture-of-experts layer), or be {{drop: true}}, got {entry!r:.80}"
+                    f"for a mixture-of-experts layer; 'precision' optional), or be {{drop: true}}, got {entry!r:.80}"
                 )
+            precision = entry.get("precision")
+            if precision is not None:
+                if not isinstance(precision, dict) or set(precision) != {"attention", "mlp"}:
+                    raise fail(
+                        f"layers[{i}].precision must be {{attention: ..., mlp: ...}}, got {precision!r:.80}"
+                    )
+                try:
+                    for block in ("attention", "mlp"):
+                        check_precision(precision[block])
+                except PlanError as err:
+                    raise fail(f"layers[{i}].{err}") from None
             for key in ("heads", "mlp", "experts"):
                 values = entry.get(key, [])
                 if not isinstance(values, list) or not all(type(v) is int for v in values):
@@ -321,6 +359,7 @@ class PrunePlan:
                     mlp=tuple(entry["mlp"]),
                     experts=tuple(entry["experts"]) if moe else None,
                     expert_mlp=tuple(tuple(v) for v in nested) if moe else None,
+                    precision=None if precision is None else (precision["attention"], precision["mlp"]),
                 )
             )
         metadata = data.get("metadata") or {}
@@ -349,7 +388,15 @@ def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
     if lp.experts is not None:
         out["experts"] = list(lp.experts)
         out["expert_mlp"] = [list(n) for n in lp.expert_mlp or ()]
+    if lp.precision is not None:
+        out["precision"] = {"attention": lp.precision[0], "mlp": lp.precision[1]}
     return out
+
+
+def check_precision(name: object) -> None:
+    """Raise PlanError for a block precision a plan cannot set, naming the valid ones."""
+    if name not in PLAN_PRECISIONS:
+        raise PlanError(f"precision {name!r} is not supported; valid choices: {list(PLAN_PRECISIONS)}")
 
 
 class _PlanDumper(yaml.SafeDumper):

@@ -9,12 +9,16 @@ rest of it (MLP, norms, residual additions) at precision `m` costs
 the block at `m` without attention, plus what attention adds to the block at `a`. Where `a == m`
 this is the block's own latency at that precision, exactly (a table stays a lookup); where they
 differ it assumes the attention's share of a block does not depend on the precision of the rest,
-which holds for a roofline whose terms add and is what a mixed block's measurement tests.
+which holds for a roofline whose terms add, and the prediction is a model fitted to the tables, no
+lookup: labelled "calibrated" at best. (`prunable.set_precisions` runs such a layer at m with the
+attention's projections at a, so its attention core, softmax and the products around it, runs at
+m: `hwprune-apply` measures what that costs.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -131,7 +135,13 @@ class MixedPrecisionModel(CostModel):
                     f"{name} must index the precisions {list(self.precisions)} (0..{len(self.precisions) - 1}), "
                     f"got {p.tolist()}"
                 )
-        return self.total(self.mixed_block_latency_ms(u, m, e, w, *picks), dropped)
+        prediction = self.total(self.mixed_block_latency_ms(u, m, e, w, *picks), dropped)
+        if (
+            prediction.source == "table"
+            and (np.broadcast_to(picks[0], u.shape) != np.broadcast_to(picks[1], u.shape)).any()
+        ):
+            return replace(prediction, source="calibrated")  # composed from tables, looked up in none
+        return prediction
 
 
 def _shape(model: CostModel) -> tuple[int, int, str, int]:

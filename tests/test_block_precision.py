@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
-from tests.conftest import CASES, Case, run
+from tests.conftest import CASES, run
 from tests.test_surgery import random_plan
 
 DENSE_CASES = sorted(
@@ -32,56 +32,55 @@ def projections(model: nn.Module) -> list[tuple[list[nn.Module], list[nn.Module]
     ]
 
 
-def reference_output(case: Case, model: nn.Module, plan: prunable.PrunePlan) -> torch.Tensor:
-    """The model run with each projection's weight, bias and input rounded to its block's precision
-    and its product taken in fp32: what computing in that precision approximates."""
-    hooks = []
-    kept = [lp for lp in plan.layers if not lp.drop]
-    for lp, (attention, mlp) in zip(kept, projections(model), strict=True):
-        for modules, name in zip((attention, mlp), lp.precision or ("fp32", "fp32"), strict=True):
-            dtype = prunable.PLAN_PRECISIONS[name]
-            for m in {id(m): m for m in modules}.values():
-                with torch.no_grad():
-                    for p in m.parameters(recurse=False):
-                        p.copy_(p.to(dtype).float())
-                hooks.append(m.register_forward_pre_hook(lambda _m, a, d=dtype: (a[0].to(d).float(), *a[1:])))
-    try:
-        return run(case, model)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 @pytest.mark.parametrize("name", DENSE_CASES)
-def test_blocks_compute_at_their_plan_s_precision_and_the_rest_stays(name: str) -> None:
+def test_layers_compute_at_their_plan_s_precisions_between_a_stream_in_the_model_s_dtype(name: str) -> None:
     case = CASES[name]
     model = case.build()
     plan = mixed(random_plan(model, 3), seed=5)
     prunable.apply_plan(model, plan)
     fp32_out = run(case, model)
-    reference = reference_output(case, _copy(model), plan)
     prunable.set_precisions(model, plan)
-    kept = [lp for lp in plan.layers if not lp.drop]
-    for lp, (attention, mlp) in zip(kept, projections(model), strict=True):
-        assert lp.precision is not None
-        for modules, p in zip((attention, mlp), lp.precision, strict=True):
-            assert all(m.weight.dtype == prunable.PLAN_PRECISIONS[p] for m in modules)
-    assert prunable.block_precisions(model) == [
-        (lp.precision[0] if attention else None, lp.precision[1] if mlp else None)
-        for lp, (attention, mlp) in zip(kept, projections(model), strict=True)
-        if lp.precision is not None
-    ]
-    # Everything but the projections keeps its dtype: embeddings, norms, heads.
-    inside = {id(p) for a, b in projections(model) for m in a + b for p in m.parameters()}
-    assert all(p.dtype == torch.float32 for p in model.parameters() if id(p) not in inside)
+    kept = [lp.precision for lp in plan.layers if not lp.drop]
+    layers = prunable.blocks(model)
+    dtype = prunable.PLAN_PRECISIONS
+    seen: dict[str, list] = {"layer out": [], "attention in": [], "mlp in": []}
+    hooks = []
+    for k, (layer, (att, mlp)) in enumerate(zip(layers, projections(model), strict=True)):
+        precision = kept[k]
+        assert precision is not None
+        a, m = (dtype[p] for p in precision)
+        # Weights: the attention's projections at a, everything else of the layer at m.
+        own = {id(p) for mod in att for p in mod.parameters()}
+        assert all(p.dtype == a for mod in att for p in mod.parameters())
+        assert all(p.dtype == m for p in layer.parameters() if id(p) not in own)
+        hooks.append(
+            layer.register_forward_hook(lambda _m, _a, out: seen["layer out"].append(_first(out).dtype))
+        )
+        for mod, key, want in [(x, "attention in", a) for x in att] + [(x, "mlp in", m) for x in mlp]:
+            hooks.append(
+                mod.register_forward_pre_hook(
+                    lambda _m, args, k=key, w=want: seen[k].append(args[0].dtype == w)
+                )
+            )
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    assert all(
+        p.dtype == torch.float32 for p in model.parameters() if id(p) not in inside
+    )  # embeddings, heads
     out = run(case, model)
+    for h in hooks:
+        h.remove()
+    # Each projection computes at its block's precision; the stream between layers stays fp32.
+    assert seen["attention in"] and all(seen["attention in"]) and all(seen["mlp in"])
+    assert set(seen["layer out"]) == {torch.float32}
     assert out.dtype == fp32_out.dtype and not torch.equal(out, fp32_out)
-    # Rounded as the reference rounds, products in the precision's own arithmetic: close to it,
-    # and far closer to it than to fp32 where a block is in half precision.
-    scale = fp32_out.abs().max().item()
-    torch.testing.assert_close(out, reference, rtol=0, atol=2e-2 * max(scale, 1.0))
-    cosine = nn.functional.cosine_similarity(out.flatten(), fp32_out.flatten(), dim=0).item()
+    cosine = nn.functional.cosine_similarity(
+        out.flatten().double(), fp32_out.flatten().double(), dim=0
+    ).item()
     assert cosine > 0.99 and math.isfinite(cosine)
+
+
+def _first(out: object) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]  # type: ignore[index]
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -102,8 +101,8 @@ def test_fp32_everywhere_changes_nothing_and_setting_twice_changes_nothing_more(
     once = run(case, model)
     prunable.set_precisions(model, half)
     torch.testing.assert_close(run(case, model), once, rtol=0, atol=0)
-    hooks = [len(m._forward_pre_hooks) for a, b in projections(model) for m in a + b]
-    assert set(hooks) == {1}  # one input cast per projection, however often set
+    marked = [*prunable.blocks(model), *(m for a, _ in projections(model) for m in a)]
+    assert {len(m._forward_pre_hooks) for m in marked} == {1}  # one input cast each, however often set
 
 
 @pytest.mark.parametrize("name", ["bert", "llama_gqa", "gpt2"])

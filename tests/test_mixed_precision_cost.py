@@ -69,6 +69,14 @@ def test_a_mixed_prediction_is_labelled_by_its_least_faithful_precision() -> Non
     )
     assert _mixed(tables=False).source == "analytical"
     assert _mixed().source == "table"
+    # A block mixing precisions is composed from two tables, looked up in neither.
+    units, mlp, ones = np.full(6, 12), np.full(6, 1536), np.ones(6, dtype=int)
+    assert _mixed().predict_mixed(units, mlp, attention_precision=ones, mlp_precision=ones).source == "table"
+    one_mixed = np.eye(6, dtype=int)[0]
+    assert (
+        _mixed().predict_mixed(units, mlp, attention_precision=one_mixed, mlp_precision=ones).source
+        == "calibrated"
+    )
 
 
 def test_bad_precisions_fail_naming_the_valid_ones() -> None:

@@ -120,7 +120,7 @@ def main() -> None:
             latency_fraction=args.latency_fraction, params_fraction=args.params_fraction
         )
         objective = SearchObjective(space, cost_model, proxy, constraints)
-        lats, losses, options = option_tables(space, cost_model, proxy)
+        lats, losses, options, _ = option_tables(space, cost_model, proxy)
         exact = exact_front(lats, losses, base=cost_model.base_ms)
         zeros = np.zeros(space.num_layers, int)
         reference = (objective.dense_ms, float(proxy.loss(zeros, zeros)[0]))

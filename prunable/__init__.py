@@ -20,7 +20,7 @@ from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_sourc
 from hwprune.prunable._kv_cache import append_kv
 from hwprune.prunable._plan import PLAN_PRECISIONS, PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
 from hwprune.prunable._plan_checks import EXPERT_WIDTH_STEP
-from hwprune.prunable._precision import block_precisions, set_precisions
+from hwprune.prunable._precision import block_precisions, precision_summary, set_precisions
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind
 from hwprune.prunable._surgery import apply_plan, cast, converted_copy, pruned_block, pruned_copy
 
@@ -71,6 +71,7 @@ __all__ = [
     "load_model",
     "load_pruned",
     "model_ref",
+    "precision_summary",
     "pruned_block",
     "pruned_copy",
     "resolve_source",

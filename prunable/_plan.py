@@ -248,6 +248,10 @@ class PrunePlan:
         )
         return replace(self, layers=layers)
 
+    def without_precisions(self) -> PrunePlan:
+        """This plan with no layer setting a precision (the model's own dtype everywhere)."""
+        return replace(self, layers=tuple(replace(lp, precision=None) for lp in self.layers))
+
     @property
     def mixed_precision(self) -> bool:
         """Whether any layer sets the precision of its projections."""

@@ -12,6 +12,7 @@ at m, the attention's share at a) and what the profiler timed (whole blocks in o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -103,7 +104,11 @@ def set_precisions(model: nn.Module, plan: PrunePlan) -> nn.Module:
         for module in {id(c.module): c.module for c in lc.attention}.values():
             changed += _set(module, attention)
     if changed:
-        log.info("blocks at their plan's precision: %s", _summary(plan))
+        set_layers = [lp.precision for lp in kept if lp.precision is not None]
+        log.info(
+            "blocks at their plan's precision: %s",
+            precision_summary([a for a, _ in set_layers], [m for _, m in set_layers]),
+        )
     return model
 
 
@@ -120,13 +125,12 @@ def _set(module: nn.Module, name: str) -> int:
     return 1
 
 
-def _summary(plan: PrunePlan) -> str:
-    """ "attention bf16 x4, fp32 x2; mlp bf16 x6": how many kept layers run each precision."""
+def precision_summary(attention: Sequence[str], mlp: Sequence[str]) -> str:
+    """ "attention bf16 x4 fp32 x2; mlp bf16 x6": per-layer precisions in one short line."""
     parts = []
-    for k, block in enumerate(("attention", "mlp")):
+    for block, names in (("attention", attention), ("mlp", mlp)):
         counts: dict[str, int] = {}
-        for lp in plan.layers:
-            if not lp.drop and lp.precision is not None:
-                counts[lp.precision[k]] = counts.get(lp.precision[k], 0) + 1
-        parts.append(f"{block} " + ", ".join(f"{p} x{n}" for p, n in counts.items()))
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+        parts.append(f"{block} " + " ".join(f"{p} x{c}" for p, c in counts.items()))
     return "; ".join(parts)

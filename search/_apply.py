@@ -15,11 +15,11 @@ import torch
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TORCH_DTYPES, nvml_metadata, torch_device
-from hwprune.search._blocks import check_workload, model_cost_model
+from hwprune.search._blocks import check_workload, model_cost_model, model_mixed_cost_model
 from hwprune.search._int8 import Int8Recipe
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
-from hwprune.search._precision import check_precision, quantize
+from hwprune.search._precision import PER_BLOCK, check_precision, quantize, quantize_per_block
 from hwprune.search._space import plan_widths
 from hwprune.search._timing import Timing, measure
 from hwprune.search.recovery import NoRecovery, Recovery, RecoveryReport, from_recipe
@@ -141,8 +141,19 @@ def apply_and_measure(
     timed = replace(timed, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
     if repeats < 1:
         raise ValueError(f"repeats={repeats} is invalid; valid: >= 1")
+    if precision is not None and plan.mixed_precision:
+        log.warning(
+            "precision=%s deploys the whole model at %s: the plan's per-block precisions (%s) are not used",
+            precision,
+            precision,
+            prunable.precision_summary(*_layer_precisions(plan)),
+        )
+        plan = plan.without_precisions()
+    elif plan.mixed_precision:
+        precision = PER_BLOCK  # each block at its plan's precision (apply.json names them)
     precision = precision or str(plan.metadata.get("precision", "fp32"))
-    check_precision(precision)
+    if precision != PER_BLOCK:
+        check_precision(precision)
     if precision == "int8" and not onnx:
         raise ValueError("precision='int8' deploys the int8 QDQ model.onnx; onnx=False contradicts it")
     if precision == "int8" and timed.phase == "decode":
@@ -150,6 +161,7 @@ def apply_and_measure(
             f"precision='int8' deploys the prefill ONNX graph, which cannot time {timed.describe()}; "
             "valid: a prefill workload, or precision fp32/bf16"
         )
+    assert plan.model.source is not None  # checked above (a plan without precisions keeps it)
     source = prunable.resolve_source(plan.model.source)
     out_dir = check_out(out, model_dir=source, plan=Path(plan_path), overwrite=overwrite)
     if recovery_samples < 1:
@@ -191,7 +203,10 @@ def apply_and_measure(
             onnx_result = (
                 _onnx_artifact(done.pruned, timed, staging / "model.onnx", out_dir) if onnx else None
             )
-            quantized = quantize(model, done.pruned, task, precision, timed, done.metric_dense)
+            if precision == PER_BLOCK:
+                quantized = quantize_per_block(model, done.pruned, task, done.plan, timed)
+            else:
+                quantized = quantize(model, done.pruned, task, precision, timed, done.metric_dense)
         plan = replace(
             done.plan,
             metadata={**done.plan.metadata, "precision": precision, "quantization": quantized.recipe},
@@ -210,9 +225,21 @@ def apply_and_measure(
             "params_pruned": sum(p.numel() for p in done.pruned.parameters()),
             "onnx": onnx_result,
         }
+        if precision == PER_BLOCK:
+            attention, mlp = _layer_precisions(plan)
+            names = set(attention + mlp) - {"-"}
+            # One precision in every block (the dense model at bf16, say) is named; several are mixed.
+            result["precision"] = names.pop() if len(names) == 1 else PER_BLOCK
+            result["precisions"] = prunable.precision_summary(attention, mlp)
         (staging / "apply.json").write_text(json.dumps(result, indent=2))
     _log_result(result, plan, precision, done, task.metric_name, out_dir)
     return result
+
+
+def _layer_precisions(plan: prunable.PrunePlan) -> tuple[list[str], list[str]]:
+    """Per layer of `plan`, its (attention, MLP) precision names ("-" where it sets none)."""
+    pairs = [lp.precision or ("-", "-") for lp in plan.layers]
+    return [a for a, _ in pairs], [m for _, m in pairs]
 
 
 def _log_timed_workload(plan: prunable.PrunePlan, timed: cost_models.Workload, changed: list[str]) -> None:
@@ -344,12 +371,32 @@ def predict_plan(plan: prunable.PrunePlan, model: torch.nn.Module) -> PlanPredic
         return PlanPrediction(stored, meta.get("latency_source"), stored)
     if profile.measure_peaks:
         profile = cost_models.local_profile(profile)
-    cost_model = model_cost_model(profile, model, workload)
+    cost_model: cost_models.CostModel = model_cost_model(profile, model, workload)
     widths, dropped = plan_widths(plan, prunable.discover(model))
-    latency = cost_model.predict(
-        widths.units, widths.mlp, dropped=dropped, experts=widths.experts, expert_width=widths.expert_width
-    ).latency_ms
-    speedup = cost_model.dense_ms() / float(latency)
+    if plan.mixed_precision:  # each block priced at its precision (a dropped layer's costs nothing)
+        reference = cost_model.workload.dtype
+        pairs = [lp.precision or (reference, reference) for lp in plan.layers]
+        names = tuple(dict.fromkeys([reference, *(p for pair in pairs for p in pair)]))
+        mixed = model_mixed_cost_model(profile, model, workload, names)
+        latency = mixed.predict_mixed(
+            widths.units,
+            widths.mlp,
+            attention_precision=[mixed.index(a) for a, _ in pairs],
+            mlp_precision=[mixed.index(m) for _, m in pairs],
+            dropped=dropped,
+            experts=widths.experts,
+            expert_width=widths.expert_width,
+        )
+        speedup, source = cost_model.dense_ms() / float(latency.latency_ms), latency.source
+    else:
+        latency = cost_model.predict(
+            widths.units,
+            widths.mlp,
+            dropped=dropped,
+            experts=widths.experts,
+            expert_width=widths.expert_width,
+        )
+        speedup, source = cost_model.dense_ms() / float(latency.latency_ms), cost_model.source
     if stored is not None and abs(speedup / stored - 1) > 1e-6:  # more than rounding
         log.warning(
             "the plan says it predicted %.2fx, its widths predict %.2fx on %s (%s): the plan was edited, or "
@@ -357,10 +404,10 @@ def predict_plan(plan: prunable.PrunePlan, model: torch.nn.Module) -> PlanPredic
             stored,
             speedup,
             plan.hardware,
-            cost_model.source,
+            source,
             speedup,
         )
-    return PlanPrediction(speedup, cost_model.source, stored)
+    return PlanPrediction(speedup, source, stored)
 
 
 def _onnx_artifact(

@@ -74,6 +74,19 @@ def model_cost_model(
     return cost_models.cost_model_for(profile, spec, workload, tables=cost_models.load_tables(profile))
 
 
+def model_mixed_cost_model(
+    profile: cost_models.HardwareProfile,
+    model: nn.Module,
+    workload: cost_models.Workload,
+    precisions: tuple[str, ...],
+) -> cost_models.MixedPrecisionModel:
+    """The cost model of `model` with each block at one of `precisions` (each precision's most
+    faithful source, `cost_models.mixed_precision_model`)."""
+    spec = block_spec(prunable.discover(model), head_width=head_width(model))
+    tables = cost_models.load_tables(profile)
+    return cost_models.mixed_precision_model(profile, spec, workload, precisions, tables=tables)
+
+
 def _cache_keyword(module: nn.Module) -> str:
     """What a decoder (or one of its layers) calls its KV cache argument (`cache` in transformers 5.24+)."""
     params = inspect.signature(module.forward).parameters
@@ -183,7 +196,9 @@ def model_timer(model: nn.Module, workload: cost_models.Workload, device: str) -
 
     Prefill runs the whole input; decode runs one step of `seq_len` new tokens against a KV cache of
     `kv_len` tokens per sequence, then drops the new tokens again, so every call times the same step.
-    The model moves to the device and dtype in place: callers time the model they passed.
+    The model moves to the device and dtype in place: callers time the model they passed. A model
+    whose blocks run at their plan's precisions (`prunable.set_precisions`) keeps them: the
+    workload's dtype is then that of the stream between its blocks.
     """
     if workload.dtype not in TORCH_DTYPES:
         raise ValueError(
@@ -191,7 +206,10 @@ def model_timer(model: nn.Module, workload: cost_models.Workload, device: str) -
         )
     on = torch_device(device)  # a clear error before moving anything to a device torch lacks
     dtype = TORCH_DTYPES[workload.dtype]
-    model.to(on, dtype)
+    if any(a or m for a, m in prunable.block_precisions(model)):
+        model.to(on)  # blocks at their plan's precisions: the workload's dtype is the stream's
+    else:
+        model.to(on, dtype)
     inputs = {
         k: v.to(on, dtype) if v.is_floating_point() else v.to(on)
         for k, v in model_inputs(model, workload).items()

@@ -23,6 +23,7 @@ import optuna
 from torch import nn
 
 from hwprune import cost_models, hessian
+from hwprune.search._precision_axis import AXIS_PRECISIONS
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search._storage import check_storage
 from hwprune.search._study import Constraints
@@ -53,6 +54,8 @@ class SearchSettings:
         latency_budget_ms: Latency budget in milliseconds (None: none).
         latency_budget_fraction: Latency budget as a fraction of the dense model's (None: none).
         params_budget_fraction: Budget on the blocks' parameters as a fraction of dense (None: none).
+        precisions: The precisions each layer's attention and MLP choose among (None: every one the
+            target runs that torch deploys per block; one precision turns the axis off).
 
     Raises:
         ValueError: A value out of range, naming it and the valid range (`search.<field>=...`).
@@ -77,10 +80,13 @@ class SearchSettings:
     latency_budget_ms: float | None = None
     latency_budget_fraction: float | None = None
     params_budget_fraction: float | None = None
+    precisions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "uniform_baselines", tuple(self.uniform_baselines))
-        checks = [
+        if self.precisions is not None:
+            object.__setattr__(self, "precisions", tuple(self.precisions))
+        checks: list[tuple[str, Any, bool, str]] = [
             ("n_trials", self.n_trials, self.n_trials >= 1, ">= 1"),
             ("rescore", self.rescore, self.rescore >= 0, ">= 0"),
             ("heartbeat_s", self.heartbeat_s, self.heartbeat_s >= 1, ">= 1 (seconds)"),
@@ -124,6 +130,16 @@ class SearchSettings:
                 "in (0, 1) of the dense parameters (or null)",
             ),
         ]
+        if self.precisions is not None:
+            checks.append(
+                (
+                    "precisions",
+                    list(self.precisions),
+                    bool(self.precisions) and all(p in AXIS_PRECISIONS for p in self.precisions),
+                    f"a non-empty list of {list(AXIS_PRECISIONS)} (int8 is measured as a whole model "
+                    "only), or null: every one the target runs",
+                )
+            )
         for key, value, ok, valid in checks:
             if not ok:
                 raise ValueError(f"search.{key}={value!r} is invalid; valid: {valid}")

@@ -38,6 +38,8 @@ class Candidate:
     label: str = ""
     dominated: bool = False
     degenerate: str = ""  # why the plan is no real choice ("" for most): see `degenerate_reason`
+    # Per layer, the (attention names, MLP names) precisions it deploys at; None: no precision axis.
+    precisions: tuple[list[str], list[str]] | None = None
 
     @property
     def units(self) -> np.ndarray:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from hwprune import cost_models, hessian, prunable
@@ -32,8 +31,10 @@ log = logging.getLogger("hwprune.apply")
 # The precisions torch runs a model at, and the one ONNX Runtime's int8 QDQ model runs at. fp16 is
 # measured where it is priced (T4, L4, Jetson and NPUs run it): its narrow range overflows where
 # bf16's does not, which is what a metric at fp16 shows.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = prunable.PLAN_PRECISIONS
 DEPLOY_PRECISIONS = (*PRECISIONS, "int8")
+# What a plan whose layers set their own precisions deploys at (`prunable.set_precisions`).
+PER_BLOCK = "mixed"
 
 
 def check_precision(precision: str) -> None:
@@ -173,3 +174,32 @@ def quantize(
         metric_dense = task.evaluate(dense_copy)
         log.info("the dense model at %s: %s %.3f", precision, task.metric_name, metric_dense)
     return Quantized(precision, pruned, deployed, metric, dense_copy, metric_dense)
+
+
+def quantize_per_block(
+    dense: nn.Module,
+    pruned: nn.Module,
+    task: Task,
+    plan: prunable.PrunePlan,
+    timed: cost_models.Workload,
+) -> Quantized:
+    """The recovered pruned model with its layers at the precisions `plan` gives them (in place),
+    evaluated there, and the dense model with each layer at the same precisions beside it (a layer
+    the plan drops stays at the dense model's dtype): what pruning adds on top of the precisions."""
+    prunable.set_precisions(pruned, plan)
+    metric = task.evaluate(pruned)
+    attention = [lp.precision[0] if lp.precision else "fp32" for lp in plan.layers]
+    mlp = [lp.precision[1] if lp.precision else "fp32" for lp in plan.layers]
+    log.info(
+        "at its blocks' precisions (%s): %s %.3f",
+        prunable.precision_summary(attention, mlp),
+        task.metric_name,
+        metric,
+    )
+    structure = prunable.discover(dense)
+    same = prunable.PrunePlan.dense(structure, plan.model).with_precisions(attention, mlp)
+    dense_copy = prunable.set_precisions(copy_at_precision(dense, "fp32"), same)
+    metric_dense = task.evaluate(dense_copy)
+    log.info("the dense model at the same precisions: %s %.3f", task.metric_name, metric_dense)
+    deployed = replace(timed, dtype="fp32")  # the stream between blocks; each block at its own
+    return Quantized(PER_BLOCK, pruned, deployed, metric, dense_copy, metric_dense)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
-from hwprune import cost_models
+from hwprune import cost_models, prunable
 from hwprune.search._outcome import RunOutcome
 from hwprune.search._pareto import pareto_mask
 from hwprune.search._space import SearchSpace
@@ -29,6 +29,7 @@ PARETO_COLUMNS = [
     "speedup",
     "metric",
     "metric_precision",
+    "precisions",
     "metric_unquantized",
     "quantization",
     "metric_unrecovered",
@@ -80,7 +81,7 @@ def trials_frame(outcome: RunOutcome) -> pd.DataFrame:
             "feasible": all(c <= 0 for c in constraints),
         }
         row |= {f"units_{i}": u for i, u in enumerate(units)} | {f"mlp_{i}": m for i, m in enumerate(mlp)}
-        for axis in ("experts", "expert_width"):  # mixture-of-experts models only
+        for axis in ("experts", "expert_width", "attention_precision", "mlp_precision"):  # where searched
             row |= {f"{axis}_{i}": v for i, v in enumerate(t.user_attrs.get(axis, []))}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -98,6 +99,7 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "speedup": dense_ms / c.latency_ms,
             "metric": c.metric,
             "metric_precision": c.metric_precision,
+            "precisions": "" if c.precisions is None else prunable.precision_summary(*c.precisions),
             "metric_unquantized": c.metric_unquantized,
             "quantization": c.quantization,
             "metric_unrecovered": c.metric_unrecovered,
@@ -328,6 +330,13 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
         f"- Recovery of every re-scored pruned plan before its metric: `{job.recovery.name}`"
         + ("" if job.recovery.name == "none" else f" ({job.recovery_samples} training samples of the task)"),
     ]
+    if isinstance(cm, cost_models.MixedPrecisionModel):
+        lines.append(
+            f"- Precision axis: each layer's attention and the rest of its block choose among {list(cm.precisions)} "
+            f"(latency per precision: {', '.join(f'{p} {src}' for p, src in cm.sources.items())}); every plan's "
+            "metric is measured with its blocks at their precisions (`precisions` in pareto.csv, the plan files' "
+            "`precision`); proxy loss adds each block's Hessian-estimated precision loss"
+        )
     if "layer_scores" in outcome.extras:
         lines.append(
             "- Layer scores (measured loss of dropping each layer alone): "

@@ -33,9 +33,18 @@ def trial_widths(trial: optuna.trial.FrozenTrial) -> Widths:
     return Widths(np.array(attrs["units"]), np.array(attrs["mlp"]), experts, width)
 
 
-def widths_key(widths: Widths) -> tuple:
-    """A hashable form of `widths`."""
-    return tuple(None if a is None else tuple(int(v) for v in a) for a in widths)
+def trial_precisions(trial: optuna.trial.FrozenTrial) -> tuple[list[str], list[str]] | None:
+    """The per-layer (attention, MLP) precisions a trial recorded (None: no precision axis)."""
+    attrs = trial.user_attrs
+    if "attention_precision" not in attrs:
+        return None
+    return list(attrs["attention_precision"]), list(attrs["mlp_precision"])
+
+
+def widths_key(widths: Widths, precisions: tuple[list[str], list[str]] | None = None) -> tuple:
+    """A hashable form of `widths` (and precisions)."""
+    key = tuple(None if a is None else tuple(int(v) for v in a) for a in widths)
+    return key if precisions is None else (*key, tuple(precisions[0]), tuple(precisions[1]))
 
 
 def spread(indices: np.ndarray, latency: np.ndarray, count: int) -> list[int]:
@@ -57,21 +66,47 @@ def rescore_front(
 ) -> list[Candidate]:
     """Dense, uniform baselines and spread front points, pruned, recovered and measured on the task."""
     space, cost_model, study, task = outcome.space, outcome.cost_model, outcome.study, outcome.task
+    axis, n = objective.axis, space.num_layers
     front = study.best_trials
     f_lat = np.array([t.values[0] for t in front])
-    candidates = [Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense")]
+    at_reference = None if axis is None else axis.names(axis.reference(n))
+    candidates = [
+        Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense", precisions=at_reference)
+    ]
     settings = job.settings
     for f in settings.uniform_baselines:
         w = space.uniform(f)
         predicted = cost_model.predict(w.units, w.mlp, experts=w.experts, expert_width=w.expert_width)
         candidates.append(
             Candidate(
-                "uniform", w, float(predicted.latency_ms), float(proxy.loss(*w)[0]), label=f"uniform {f:.0%}"
+                "uniform",
+                w,
+                float(predicted.latency_ms),
+                float(proxy.loss(*w)[0]),
+                label=f"uniform {f:.0%}",
+                precisions=at_reference,
             )
         )
-    # The dense seed is on every front (the slowest point, no loss): it is re-scored once, as dense.
-    seen = {widths_key(c.widths) for c in candidates if c.kind == "dense"}
-    fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t)) not in seen]
+    for p in axis.precisions[1:] if axis is not None else ():  # the dense model at each precision
+        assert axis is not None
+        dense, uniform = space.dense(), axis.uniform(p, n)
+        candidates.append(
+            Candidate(
+                "uniform",
+                dense,
+                float(axis.latency(dense, uniform).latency_ms),
+                float(axis.loss(dense, uniform)[0]),
+                label=f"dense {p}",
+                precisions=axis.names(uniform),
+            )
+        )
+    # Seeds are on the front where nothing beats them: each is re-scored once, as itself.
+    seen = {
+        widths_key(c.widths, c.precisions)
+        for c in candidates
+        if c.kind == "dense" or c.label.startswith("dense ")
+    }
+    fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t), trial_precisions(t)) not in seen]
     # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
     low, high = settings.rescore_min_speedup, settings.rescore_max_speedup or np.inf
     wanted = [i for i in fresh if low <= objective.dense_ms / f_lat[i] <= high]
@@ -88,7 +123,14 @@ def rescore_front(
     for i in spread(np.array(wanted, dtype=int), f_lat, settings.rescore):
         t = front[i]
         candidates.append(
-            Candidate("search", trial_widths(t), t.values[0], t.values[1], label=f"trial {t.number}")
+            Candidate(
+                "search",
+                trial_widths(t),
+                t.values[0],
+                t.values[1],
+                label=f"trial {t.number}",
+                precisions=trial_precisions(t),
+            )
         )
     precision = measured_precision(cost_model.workload.dtype)
     if precision != cost_model.workload.dtype:
@@ -167,7 +209,8 @@ class Rescoring:
             pruned = prunable.pruned_copy(model, plan, check_weights=False)
             c.metric = c.metric_unrecovered = task.evaluate(pruned)
             recipe = None
-            if data is not None and c.kind != "dense":
+            # A plan that removes nothing (the dense model at other precisions) has nothing to recover.
+            if data is not None and widths_key(c.widths) != widths_key(candidates[0].widths):
                 report = self.recovery.recover(pruned, model, data, layers=plan.kept_layers())
                 c.metric, c.recovery, c.recovery_seconds = (
                     task.evaluate(pruned),
@@ -181,7 +224,12 @@ class Rescoring:
                 }
             c.metric_unquantized = c.metric
             c.metric_precision = precision
-            if precision == "int8":  # the QDQ model int8 runtimes consume, run by ONNX Runtime
+            if c.precisions is not None:  # per block, as the plan deploys them
+                plan = plan.with_precisions(*c.precisions)
+                c.metric = task.evaluate(prunable.set_precisions(pruned, plan))
+                names = set(c.precisions[0]) | set(c.precisions[1])
+                c.metric_precision = names.pop() if len(names) == 1 else "mixed"
+            elif precision == "int8":  # the QDQ model int8 runtimes consume, run by ONNX Runtime
                 c.metric = task.evaluate(int8_model(pruned, calibration, cost_model.workload))
                 c.quantization = self.int8.summary()
             elif precision != "fp32":  # the front pairs a precision's latency with its metric
@@ -189,7 +237,11 @@ class Rescoring:
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())
             c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
-            c.degenerate = "" if c.kind == "dense" else degenerate_reason(c.widths, cost_model.spec)
+            c.degenerate = (
+                ""
+                if c.kind == "dense"
+                else degenerate_reason(c.widths, cost_model.spec, c.precisions, cost_model.workload.dtype)
+            )
             plan = replace(
                 plan,
                 metadata={
@@ -234,13 +286,20 @@ class Rescoring:
 ALMOST_NOTHING = 0.01
 
 
-def degenerate_reason(widths: Widths, spec: cost_models.BlockSpec) -> str:
-    """Why a pruned configuration is no real choice, or "": it removes almost nothing, or it leaves
-    no attention (or no MLP) in any layer, which no deployed transformer does."""
+def degenerate_reason(
+    widths: Widths,
+    spec: cost_models.BlockSpec,
+    precisions: tuple[list[str], list[str]] | None = None,
+    reference: str | None = None,
+) -> str:
+    """Why a pruned configuration is no real choice, or "": it removes almost nothing and leaves
+    every block at the `reference` precision, or it leaves no attention (or no MLP) in any layer,
+    which no deployed transformer does."""
     units, mlp = np.asarray(widths.units), np.asarray(widths.mlp)
     dense = spec.num_layers * float(spec.params(spec.kv_heads, spec.mlp))  # units are KV groups
     removed = 1 - float(spec.params(*widths).sum()) / dense
-    if removed < ALMOST_NOTHING:
+    changed = precisions is not None and bool((set(precisions[0]) | set(precisions[1])) - {reference})
+    if removed < ALMOST_NOTHING and not changed:
         return f"removes {removed:.1%} of the blocks' weights"
     if not units.any():
         return "no attention left"

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from hwprune import cost_models, hessian, prunable
-from hwprune.search._blocks import check_workload, model_cost_model
+from hwprune.search._blocks import check_workload, model_cost_model, model_mixed_cost_model
 from hwprune.search._job import SearchJob, SearchSettings
 from hwprune.search._memory import MemoryLog
 from hwprune.search._outcome import RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
+from hwprune.search._precision_axis import PrecisionAxis, Precisions, axis_precisions
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._rescore import rescore_front
 from hwprune.search._space import SearchSpace, Widths
@@ -29,23 +30,37 @@ ROUGH_FIT = 0.15
 
 
 def option_tables(
-    space: SearchSpace, cost_model: cost_models.CostModel, proxy: SaliencyProxy
-) -> tuple[list[np.ndarray], list[np.ndarray], Widths]:
+    space: SearchSpace,
+    cost_model: cost_models.CostModel,
+    proxy: SaliencyProxy,
+    axis: PrecisionAxis | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], Widths, Precisions | None]:
     """Per layer, latency and proxy loss of every option (one choice on each axis), and the options'
-    widths ((options,) arrays).
+    widths and precisions ((options,) arrays; no precisions without the axis).
 
     With depth pruning the option without units is the dropped layer: no latency, its layer score.
     """
     axes = [space.unit_choices, space.mlp_choices] + (
         [space.expert_choices, space.expert_width_choices] if space.moe else []
     )
+    if axis is not None:
+        axes += [tuple(range(len(axis.precisions)))] * 2
     grid = [g.ravel() for g in np.meshgrid(*(np.array(a) for a in axes), indexing="ij")]
-    options = Widths(*grid)  # (options,) each
-    block = cost_model.block_latency_ms(*options)
+    if axis is None:
+        options, precisions = Widths(*grid), None  # (options,) each
+        block = cost_model.block_latency_ms(*options)
+    else:
+        options, precisions = Widths(*grid[:-2]), Precisions(*grid[-2:])
+        block = axis.cost.mixed_block_latency_ms(*options, *precisions)
     block = np.where(proxy.dropped(options.units, options.mlp), 0.0, block)
     lats = [block for _ in range(space.num_layers)]
     losses = [proxy.block_loss(i, *options) for i in range(space.num_layers)]
-    return lats, losses, options
+    if axis is not None and precisions is not None:
+        losses = [
+            loss + axis.block_loss(i, options.units, options.mlp, *precisions)
+            for i, loss in enumerate(losses)
+        ]
+    return lats, losses, options, precisions
 
 
 def pick(options: Widths, choices: np.ndarray) -> Widths:
@@ -53,6 +68,11 @@ def pick(options: Widths, choices: np.ndarray) -> Widths:
     units, mlp, experts, width = (None if a is None else a[choices] for a in options)
     assert units is not None and mlp is not None
     return Widths(units, mlp, experts, width)
+
+
+def pick_precisions(options: Precisions | None, choices: np.ndarray) -> Precisions | None:
+    """The precisions of option `choices` (..., layers) of each layer (None without the axis)."""
+    return None if options is None else Precisions(options.attention[choices], options.mlp[choices])
 
 
 def within_budgets(exact: ExactFront, options: Widths, objective: SearchObjective) -> ExactFront:
@@ -78,14 +98,24 @@ def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) ->
     # Routed experts cannot all go: top_k of them stay, at the narrowest width a plan allows.
     narrowest = np.full(n, prunable.EXPERT_WIDTH_STEP)
     least = {"experts": np.full(n, spec.top_k), "expert_width": narrowest} if spec.experts else {}
+    # With a precision axis the fastest configuration runs at the fastest precision.
+    models = (
+        cost_model.models.values()
+        if isinstance(cost_model, cost_models.MixedPrecisionModel)
+        else [cost_model]
+    )
     if settings.depth and not spec.experts:  # every layer dropped but one, which keeps a single unit
         one = np.eye(n, dtype=int)[0]
         fastest = min(
-            float(cost_model.predict(u, m, dropped=one == 0).latency_ms)
+            float(model.predict(u, m, dropped=one == 0).latency_ms - model.base_ms + cost_model.base_ms)
             for u, m in ((one, zeros), (zeros, one))
+            for model in models
         )
-    else:
-        fastest = float(cost_model.predict(zeros, zeros, **least).latency_ms)  # every prunable unit removed
+    else:  # every prunable unit removed
+        fastest = min(
+            float(model.predict(zeros, zeros, **least).latency_ms - model.base_ms + cost_model.base_ms)
+            for model in models
+        )
     dense = cost_model.dense_ms()
     for key, budget, limit, unit in (
         ("latency_budget_ms", settings.latency_budget_ms, fastest, "ms"),
@@ -174,14 +204,22 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
         cost_model.workload.describe(),
         cost_model.source,
     )
-    check_budget(settings, cost_model)
-    check_workload(model, cost_model.workload)
+    precisions = search_precisions(settings, profile, cost_model.workload.dtype, structure)
     if isinstance(cost_model, cost_models.CalibratedModel) and max(cost_model.fit_error) > ROUGH_FIT:
         log.warning(
             "the calibrated model fits the tables it was fitted to only within %s: treat its latencies "
             "as rough (profile this workload for a table)",
             ", ".join(f"{e:.0%}" for e in cost_model.fit_error),
         )
+    if len(precisions) > 1:
+        cost_model = model_mixed_cost_model(profile, model, job.workload, precisions)
+        log.info(
+            "precision axis: attention and MLP of each layer choose among %s (latency from %s)",
+            list(precisions),
+            ", ".join(f"{p}: {src}" for p, src in cost_model.sources.items()),
+        )
+    check_budget(settings, cost_model)
+    check_workload(model, cost_model.workload)
 
     task = job.task
     task.prepare(model)
@@ -201,6 +239,22 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
         )
 
     memory.end("saliency")
+    axis = None
+    if isinstance(cost_model, cost_models.MixedPrecisionModel):
+        started = time.perf_counter()
+        quantized = tuple(p for p in cost_model.precisions if p != "fp32")  # fp32 rounds nothing
+        sensitivity = hessian.precision_sensitivity(model, calibration, quantized)
+        axis = PrecisionAxis.build(cost_model, sensitivity, structure)
+        log.info(
+            "precision sensitivity (%.0f s): loss increase of the whole model's attention / MLP at %s",
+            time.perf_counter() - started,
+            ", ".join(
+                f"{p} {axis.attention_loss[:, k].sum():.3g} / {axis.mlp_loss[:, k].sum():.3g}"
+                for k, p in enumerate(axis.precisions)
+                if k
+            ),
+        )
+        memory.end("precision sensitivity")
     step = settings.mlp_step or (cost_models.width_step(profile, spec.mlp) if spec.mlp else 1)
     space = SearchSpace.build(
         structure,
@@ -211,9 +265,9 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     )
     proxy = SaliencyProxy(scores, structure, layer_scores)
     constraints = settings.constraints()
-    objective = SearchObjective(space, cost_model, proxy, constraints)
+    objective = SearchObjective(space, cost_model, proxy, constraints, axis)
 
-    lats, losses, options = option_tables(space, cost_model, proxy)
+    lats, losses, options, option_precisions = option_tables(space, cost_model, proxy, axis)
     # With depth pruning the option without units drops the layer, and a model keeps one layer.
     drops = proxy.dropped(options.units, options.mlp)  # (options,)
     exact = exact_front(lats, losses, base=cost_model.base_ms, excluded=[drops] * space.num_layers)
@@ -221,12 +275,21 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     # Hypervolume is bounded by the dense latency and the worst loss
     # (the costliest option of every layer: removing all its units, or, with depth, maybe dropping it).
     reference = (objective.dense_ms, float(sum(loss.max() for loss in losses)))
-    seeds = [space.dense()] + [space.uniform(f) for f in settings.uniform_baselines]
+    n = space.num_layers
+    at_reference = None if axis is None else axis.reference(n)
+    seeds = [(space.dense(), at_reference)] + [
+        (space.uniform(f), at_reference) for f in settings.uniform_baselines
+    ]
+    if axis is not None:  # the dense model at each other precision, uniformly
+        seeds += [(space.dense(), axis.uniform(p, n)) for p in axis.precisions[1:]]
     # Under a parameter budget these seed the study but do not bound it (see within_budgets).
     optimum = within_budgets(exact, options, objective)
     check_params_budget(settings, exact, optimum, options, objective)
     picks = hypervolume_subset(optimum.latency, optimum.loss, reference, settings.exact_seeds)
-    seeds += [pick(options, optimum.choices[p]) for p in picks]
+    seeds += [
+        (pick(options, optimum.choices[p]), pick_precisions(option_precisions, optimum.choices[p]))
+        for p in picks
+    ]
 
     ref = prunable.model_ref(model, source=job.source)
     identity = {
@@ -248,7 +311,8 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
             {"experts": list(space.expert_choices), "expert_width": list(space.expert_width_choices)}
             if space.moe
             else {}
-        ),
+        )
+        | ({"precisions": list(axis.precisions)} if axis is not None else {}),
         "constraints": asdict(constraints),
     }
     started = time.perf_counter()
@@ -301,6 +365,25 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
             return outcome
         outcome.candidates = rescore_front(job, outcome, objective, proxy, ref, profile.name)
     return outcome
+
+
+def search_precisions(
+    settings: SearchSettings,
+    profile: cost_models.HardwareProfile,
+    reference: str,
+    structure: prunable.Structure,
+) -> tuple[str, ...]:
+    """The precisions of the run's axis, the reference first (one: no axis)."""
+    precisions = axis_precisions(settings.precisions, profile, reference)
+    if len(precisions) > 1 and any(layer.is_moe for layer in structure.layers):
+        if settings.precisions is not None:
+            raise ValueError(
+                f"search.precisions={list(settings.precisions)}: the precision axis does not cover "
+                f"mixture-of-experts layers yet; valid: search.precisions=[{reference}] (or null)"
+            )
+        log.info("precision axis off: it does not cover mixture-of-experts layers yet")
+        return (reference,)
+    return precisions
 
 
 def open_run_storage(settings: SearchSettings, run_dir: Path) -> StudyStorage:

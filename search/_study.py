@@ -16,6 +16,7 @@ from hwprune import cost_models
 from hwprune._progress import Progress
 from hwprune.search._identity import IDENTITY_ATTR, identity_differences, other_settings, study_name_for
 from hwprune.search._interrupt import between_trials
+from hwprune.search._precision_axis import PrecisionAxis, Precisions
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import StudyStorage
@@ -57,13 +58,18 @@ class Constraints:
         return min((v for v in limits if v is not None), default=float("inf"))
 
 
+# Trial parameter names of the precision axis (index into the axis's precisions, per layer).
+PRECISION_PARAMS = ("attention_precision", "mlp_precision")
+
+
 def block_params(spec: cost_models.BlockSpec, widths: Widths) -> np.ndarray:
     """Weights of the blocks (biases and norms aside) at the given widths, summed over layers."""
     return spec.params(*widths).sum(-1)
 
 
 class SearchObjective:
-    """Scores one trial: predicted latency on the target and summed saliency of the removed units."""
+    """Scores one trial: predicted latency on the target and the proxy loss of what it changes
+    (the summed saliency of the removed units, plus with a precision axis its blocks' precisions)."""
 
     def __init__(
         self,
@@ -71,12 +77,14 @@ class SearchObjective:
         cost_model: cost_models.CostModel,
         proxy: SaliencyProxy,
         constraints: Constraints,
+        axis: PrecisionAxis | None = None,
     ) -> None:
         self.space, self.cost_model, self.proxy, self.constraints = space, cost_model, proxy, constraints
+        self.axis = axis
         self.dense_ms = cost_model.dense_ms()
         self.dense_params = float(block_params(cost_model.spec, space.dense()))
 
-    def suggest(self, trial: optuna.Trial) -> Widths:
+    def suggest(self, trial: optuna.Trial) -> tuple[Widths, Precisions | None]:
         n = self.space.num_layers
         axes = [("units", self.space.unit_choices), ("mlp", self.space.mlp_choices)]
         if self.space.moe:
@@ -87,13 +95,25 @@ class SearchObjective:
         picked = [
             np.array([trial.suggest_int(f"{name}_{i}", 0, len(c) - 1) for i in range(n)]) for name, c in axes
         ]
-        return self.space.widths(*picked)
+        precisions = None
+        if self.axis is not None:
+            top = len(self.axis.precisions) - 1
+            precisions = Precisions(
+                *(
+                    np.array([trial.suggest_int(f"{block}_{i}", 0, top) for i in range(n)])
+                    for block in PRECISION_PARAMS
+                )
+            )
+        return self.space.widths(*picked), precisions
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        return self.score(trial, self.suggest(trial))
+        return self.score(trial, *self.suggest(trial))
 
-    def score(self, trial: optuna.Trial, widths: Widths) -> tuple[float, float]:
-        """The objectives of the suggested widths; constraints and widths recorded on the trial.
+    def score(
+        self, trial: optuna.Trial, widths: Widths, precisions: Precisions | None = None
+    ) -> tuple[float, float]:
+        """The objectives of the suggested widths (and precisions); constraints, widths and
+        precisions recorded on the trial.
 
         Raises:
             optuna.TrialPruned: With depth pruning, for widths that drop every layer (not a model).
@@ -102,12 +122,19 @@ class SearchObjective:
         dropped = self.proxy.dropped(units, mlp)
         if dropped.all():
             raise optuna.TrialPruned("these widths drop every layer; a model keeps at least one")
-        latency = float(
-            self.cost_model.predict(
-                units, mlp, dropped=dropped, experts=experts, expert_width=expert_width
-            ).latency_ms
-        )
         loss = float(self.proxy.loss(*widths)[0])
+        if self.axis is not None and precisions is not None:
+            latency = float(self.axis.latency(widths, precisions, dropped).latency_ms)
+            loss += float(self.axis.loss(widths, precisions)[0])
+            attention, rest = self.axis.names(precisions)
+            trial.set_user_attr("attention_precision", attention)
+            trial.set_user_attr("mlp_precision", rest)
+        else:
+            latency = float(
+                self.cost_model.predict(
+                    units, mlp, dropped=dropped, experts=experts, expert_width=expert_width
+                ).latency_ms
+            )
         params = float(block_params(self.cost_model.spec, widths))
         for name, value in widths._asdict().items():
             if value is not None:
@@ -122,7 +149,7 @@ class SearchObjective:
             trial.set_constraint("params_fraction", params / self.dense_params - c.params_fraction)
         return latency, loss
 
-    def params_of(self, widths: Widths) -> dict[str, int]:
+    def params_of(self, widths: Widths, precisions: Precisions | None = None) -> dict[str, int]:
         """Trial parameters (choice indices) of a configuration, for enqueueing it."""
         choices = {
             "units": self.space.unit_choices,
@@ -134,6 +161,10 @@ class SearchObjective:
         for name, values in widths._asdict().items():
             if values is not None:
                 out |= {f"{name}_{i}": list(choices[name]).index(int(v)) for i, v in enumerate(values)}
+        if self.axis is not None:
+            chosen = precisions or self.axis.reference(self.space.num_layers)
+            for block, values in zip(PRECISION_PARAMS, chosen, strict=True):
+                out |= {f"{block}_{i}": int(v) for i, v in enumerate(values)}
         return out
 
 
@@ -143,7 +174,7 @@ def run_study(
     sampler: optuna.samplers.BaseSampler,
     storage: StudyStorage,
     n_trials: int,
-    seeds: list[Widths],
+    seeds: list[tuple[Widths, Precisions | None]],
     identity: Mapping[str, Any] | None = None,
     study_name: str | None = None,
     poll_s: float = 1.0,
@@ -198,7 +229,7 @@ def _open_study(
     storage: StudyStorage,
     name: str,
     identity: dict[str, Any],
-    seeds: list[Widths],
+    seeds: list[tuple[Widths, Precisions | None]],
 ) -> optuna.Study:
     """The study `name`, checked against `identity`, with its seeds enqueued once."""
     if storage.kind == "run_dir" and identity:
@@ -229,8 +260,8 @@ def _open_study(
         params_key(t.system_attrs.get("fixed_params", {}))
         for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     }
-    for widths in seeds:
-        params = objective.params_of(widths)
+    for widths, precisions in seeds:
+        params = objective.params_of(widths, precisions)
         if params_key(params) not in known:
             study.enqueue_trial(params, skip_if_exists=True)
             known.add(params_key(params))

@@ -59,12 +59,12 @@ class _SharedTrial:
         if sum(t.number < trial.number for t in live) >= self.n_trials:
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned("the study's trial budget is handed out")
-        widths = self.objective.suggest(trial)
+        widths, precisions = self.objective.suggest(trial)
         twin = self._earlier_twin(trial)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin)
             raise optuna.TrialPruned(f"trial {twin} has the same widths")
-        return self.objective.score(trial, widths)
+        return self.objective.score(trial, widths, precisions)
 
     def _earlier_twin(self, trial: optuna.Trial, patience_s: float = 5.0) -> int | None:
         """The number of an earlier live trial with this trial's widths, if any.

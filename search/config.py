@@ -25,6 +25,7 @@ from hwprune.search._options import (
     option_schemas,
 )
 from hwprune.search._precision import check_precision
+from hwprune.search._precision_axis import axis_precisions
 
 
 @dataclass
@@ -102,6 +103,9 @@ class SearchConfig:
     # Mixture-of-experts models: search the routed experts' count and width per layer too (false
     # keeps every expert whole and prunes attention and shared experts only).
     expert_axes: bool = True
+    # The precisions each layer's attention and MLP choose among (null: every one the target runs
+    # that torch deploys per block, fp32 / bf16 / fp16; [fp32] or any single one turns the axis off).
+    precisions: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.settings()  # the one home of the range checks: they fail in `to_object`, before anything loads
@@ -120,6 +124,12 @@ class AppConfig:
     search: SearchConfig = MISSING
     recovery: RecoveryConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+
+    def __post_init__(self) -> None:
+        # Precisions the target lacks fail here, at compose time, naming the ones it runs.
+        if self.search.precisions is not None:
+            reference = self.hardware.validate().resolve_dtype(self.workload.dtype)
+            axis_precisions(self.search.precisions, self.hardware, reference)
 
 
 @dataclass

@@ -30,13 +30,13 @@ def main() -> None:
     objective = make_objective(structure_and_scores())
     score, calls = objective.score, [0]
 
-    def maybe_hang(trial: optuna.Trial, widths: Widths) -> tuple[float, float]:
+    def maybe_hang(trial: optuna.Trial, widths: Widths, precisions: object = None) -> tuple[float, float]:
         calls[0] += 1
         if calls[0] == hang_at:
             print(f"HANG {trial.number}", flush=True)
             time.sleep(3600)
         time.sleep(0.05)  # a trial that takes a moment, so that workers started together overlap
-        return score(trial, widths)
+        return score(trial, widths)  # no precision axis here
 
     objective.score = maybe_hang  # type: ignore[method-assign]
     go = Path(sys.argv[5]) if len(sys.argv) > 5 else None
@@ -48,7 +48,7 @@ def main() -> None:
         sampler=optuna.samplers.RandomSampler(seed=seed),
         storage=open_storage(spec, Path.cwd(), heartbeat_s=1),
         n_trials=n_trials,
-        seeds=[objective.space.dense()],
+        seeds=[(objective.space.dense(), None)],
         identity=IDENTITY,
         poll_s=0.2,
     )

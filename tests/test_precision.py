@@ -118,11 +118,18 @@ def test_an_fp32_deployment_of_a_bf16_plan_is_timed_in_fp32(
 
 
 def test_a_front_priced_in_fp16_is_measured_in_fp16(tmp_path: Path) -> None:
-    """gpu_t4 runs fp16 first: every re-scored plan's metric is the fp16 model's, beside its fp32 one."""
+    """gpu_t4 runs fp16 first: every re-scored plan's metric is the fp16 model's, beside its fp32 one
+    (with the precision axis off: one precision, the whole model at it)."""
     from hwprune.search import run_config
     from tests.conftest import app_config
 
-    overrides = ["hardware=gpu_t4", "recovery=none", "search.rescore=1", "search.uniform_baselines=[]"]
+    overrides = [
+        "hardware=gpu_t4",
+        "recovery=none",
+        "search.rescore=1",
+        "search.uniform_baselines=[]",
+        "search.precisions=[fp16]",
+    ]
     outcome = run_config(app_config(tmp_path, *overrides), tmp_path / "run")
     assert outcome.cost_model.workload.dtype == "fp16"
     assert {c.metric_precision for c in outcome.candidates} == {"fp16"}

@@ -144,7 +144,7 @@ def make_objective(setup, constraints: Constraints | None = None) -> SearchObjec
 
 def test_study_resumes_without_repeating_trials(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     objective = make_objective(setup)
-    seeds = [objective.space.dense(), objective.space.uniform(0.5)]
+    seeds = [(objective.space.dense(), None), (objective.space.uniform(0.5), None)]
 
     def study(n: int) -> optuna.Study:
         return run_study(
@@ -177,7 +177,7 @@ def test_constraints_mark_trials_infeasible(setup, tmp_path: Path) -> None:  # t
         sampler=optuna.samplers.NSGAIISampler(seed=0, population_size=10),
         storage=open_storage(None, tmp_path),
         n_trials=30,
-        seeds=[objective.space.dense()],
+        seeds=[(objective.space.dense(), None)],
     )
     dense_ms = objective.dense_ms
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
@@ -272,7 +272,7 @@ def test_depth_exact_front_has_shallower_points_and_never_an_empty_model(setup) 
     )
     layer_scores = torch.tensor([1e-4, 1e-4, 1e-4], dtype=torch.float64)  # dropping is nearly free
     proxy = SaliencyProxy(scores, structure, layer_scores)
-    lats, losses, options = option_tables(space, cost, proxy)
+    lats, losses, options, _ = option_tables(space, cost, proxy)
     drops = proxy.dropped(options.units, options.mlp)
     front = exact_front(lats, losses, base=cost.base_ms, excluded=[drops] * structure.num_layers)
     units, mlp = options.units, options.mlp

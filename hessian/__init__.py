@@ -14,7 +14,7 @@ Methods: `nvit` (default; NViT's Hessian-aware group saliency with per-sample Fi
 """
 
 from hwprune.hessian._base import SALIENCY, SCORING_DTYPES, Saliency, ScoringOptions, UnitScores
-from hwprune.hessian._cache import cached_layer_scores, cached_score
+from hwprune.hessian._cache import cached_layer_scores, cached_precision_sensitivity, cached_score
 from hwprune.hessian._calibration import Batch, Calibration, Objective, OutputDistance
 from hwprune.hessian._depth import layer_scores
 from hwprune.hessian._fisher import FisherSaliency
@@ -57,6 +57,7 @@ __all__ = [
     "UnitScores",
     "block_projections",
     "cached_layer_scores",
+    "cached_precision_sensitivity",
     "cached_score",
     "fake_quantized",
     "input_ranges",

@@ -15,6 +15,7 @@ from hwprune import prunable
 from hwprune.hessian._base import Saliency, ScoringOptions, UnitScores
 from hwprune.hessian._calibration import Calibration
 from hwprune.hessian._depth import layer_scores
+from hwprune.hessian._quantization import PrecisionSensitivity, precision_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +89,45 @@ def cached_layer_scores(
     np.save(path, scores.numpy())
     log.info("layer scores: computed and cached at %s", path)
     return scores
+
+
+def cached_precision_sensitivity(
+    model: nn.Module,
+    calibration: Calibration,
+    precisions: tuple[str, ...],
+    *,
+    cache_dir: str | Path | None,
+    seed: int = 0,
+) -> PrecisionSensitivity:
+    """`precision_sensitivity(model, calibration, precisions, seed=seed)`, read from `cache_dir` when
+    computed before (a resumed search does not pay its backward passes again)."""
+    if cache_dir is None:
+        return precision_sensitivity(model, calibration, precisions, seed=seed)
+    base = cache_key(None, model, calibration)
+    key = hashlib.sha256(json.dumps([base, list(precisions), seed]).encode()).hexdigest()[:20]
+    path = Path(cache_dir).expanduser() / f"precision-{key}.npz"
+    if path.is_file():
+        log.info("precision sensitivity: cached %s", path)
+        with np.load(path) as data:
+            estimates: dict[str, dict[str, np.ndarray]] = {}
+            for name in data.files:
+                if "/" in name:
+                    estimate, block = name.split("/")
+                    estimates.setdefault(estimate, {})[block] = data[name]
+            ranges = json.loads(str(data["input_ranges"]))
+            stored = tuple(str(p) for p in data["precisions"])
+        return PrecisionSensitivity(
+            stored, estimates, [{b: [tuple(r) for r in v] for b, v in layer.items()} for layer in ranges]
+        )
+    result = precision_sensitivity(model, calibration, precisions, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        f"{e}/{b}": v for e, blocks in result.estimates.items() for b, v in blocks.items()
+    }
+    arrays |= {
+        "precisions": np.array(result.precisions),
+        "input_ranges": np.array(json.dumps(result.input_ranges)),
+    }
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    log.info("precision sensitivity: computed and cached at %s", path)
+    return result

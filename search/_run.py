@@ -243,7 +243,9 @@ def run_search(job: SearchJob, run_dir: Path, *, storage: StudyStorage | None = 
     if isinstance(cost_model, cost_models.MixedPrecisionModel):
         started = time.perf_counter()
         quantized = tuple(p for p in cost_model.precisions if p != "fp32")  # fp32 rounds nothing
-        sensitivity = hessian.precision_sensitivity(model, calibration, quantized)
+        sensitivity = hessian.cached_precision_sensitivity(
+            model, calibration, quantized, cache_dir=job.cache_dir
+        )
         axis = PrecisionAxis.build(cost_model, sensitivity, structure)
         log.info(
             "precision sensitivity (%.0f s): loss increase of the whole model's attention / MLP at %s",

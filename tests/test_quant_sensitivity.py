@@ -99,3 +99,17 @@ def test_bad_precisions_and_experts_are_refused() -> None:
         hessian.precision_sensitivity(model, calib, ("int4",))
     with pytest.raises(ValueError, match="mixture-of-experts layers is not supported yet"):
         hessian.block_projections(CASES["mixtral"].build())
+
+
+def test_a_cached_sensitivity_is_the_computed_one_and_other_settings_miss_it(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    model, calib = calibration("bert", supervised=False)
+    first = hessian.cached_precision_sensitivity(model, calib, ("bf16", "int8"), cache_dir=tmp_path)
+    with caplog.at_level("INFO"):
+        again = hessian.cached_precision_sensitivity(model, calib, ("bf16", "int8"), cache_dir=tmp_path)
+    assert "precision sensitivity: cached" in caplog.text
+    assert again.precisions == first.precisions and again.input_ranges == first.input_ranges
+    for estimate in hessian.ESTIMATES:
+        for block in hessian.BLOCKS:
+            np.testing.assert_array_equal(again.estimates[estimate][block], first.estimates[estimate][block])
+    other = hessian.cached_precision_sensitivity(model, calib, ("int8",), cache_dir=tmp_path)
+    assert other.precisions == ("int8",) and len(list(tmp_path.glob("precision-*.npz"))) == 2

@@ -38,6 +38,31 @@ def cpu_name() -> str:
     return name
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 `flags`, ARM `Features` in /proc/cpuinfo); empty where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+# Flags under which a CPU computes bf16 natively: AVX-512 BF16 or AMX (x86), the BF16 extension (ARM).
+# Without one, torch emulates bf16 GEMMs in fp32 and converts: slower than fp32, never a choice.
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def native_dtypes(dtypes: list[str], flags: set[str]) -> list[str]:
+    """The `dtypes` this CPU runs natively (fp32 always; bf16 with `NATIVE_BF16`; others as listed
+    where the flags say nothing: an unknown CPU keeps what its profile lists)."""
+    if not flags:
+        return list(dtypes)
+    return [d for d in dtypes if d != "bf16" or flags & NATIVE_BF16]
+
+
 def machine_key() -> str:
     """This CPU and thread count as a directory name: where the tables profiled on it live.
 
@@ -84,7 +109,8 @@ def measure_peaks(*, size: int = 1024, copy_mib: int = 256, repeats: int = 5) ->
 def local_profile(
     profile: HardwareProfile, *, cache: Path | None = None, refresh: bool = False
 ) -> HardwareProfile:
-    """`profile` with its peaks replaced by this machine's measured ones (measured once, then cached).
+    """`profile` with its peaks replaced by this machine's measured ones (measured once, then cached)
+    and its dtypes cut to those this CPU runs natively (bf16 only with AVX-512 BF16, AMX or ARM's BF16).
 
     The cache is keyed by CPU model and thread count, so a different machine measures anew.
     """
@@ -99,4 +125,17 @@ def local_profile(
     peaks = dict(stored[key])
     bandwidth = peaks.pop("bandwidth_gbs")
     tflops = {d: peaks[d] for d in profile.dtypes if d in peaks}
-    return replace(profile, peak_tflops={**profile.peak_tflops, **tflops}, memory_bandwidth_gbs=bandwidth)
+    dtypes = native_dtypes(list(profile.dtypes), cpu_flags())
+    if dropped := [d for d in profile.dtypes if d not in dtypes]:
+        log.info(
+            "%s: %s not native on this CPU (no AVX-512 BF16, AMX or ARM BF16): runs %s",
+            profile.name,
+            ", ".join(dropped),
+            dtypes,
+        )
+    return replace(
+        profile,
+        peak_tflops={**profile.peak_tflops, **tflops},
+        memory_bandwidth_gbs=bandwidth,
+        dtypes=dtypes,
+    )

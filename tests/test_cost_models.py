@@ -625,3 +625,31 @@ def test_a_workload_of_a_set_dtype_names_its_tables_apart() -> None:
     assert Workload(batch_size=32, seq_len=128, dtype="bf16").tag() == "b32_s128_bf16"
     decode = Workload(batch_size=1, seq_len=1, phase="decode", kv_len=2048, dtype="int8")
     assert decode.tag() == "decode_b1_kv2048_int8"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx512f", "avx512_bf16"}, ["fp32", "bf16"]),
+        ({"avx512f", "amx_bf16", "amx_tile"}, ["fp32", "bf16"]),
+        ({"fp", "asimd", "bf16"}, ["fp32", "bf16"]),  # ARM's BF16 extension
+        ({"avx2", "fma"}, ["fp32"]),  # bf16 would be emulated: slower than fp32, never a choice
+        (set(), ["fp32", "bf16"]),  # flags unknown: the profile as written
+    ],
+)
+def test_cpu_local_runs_the_dtypes_this_cpu_runs_natively(
+    flags: set[str], expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import torch
+
+    from hwprune.cost_models import _cpu_peaks
+
+    key = f"{cost_models.cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    cache = tmp_path / "peaks.json"
+    cache.write_text(json.dumps({key: {"fp32": 0.2, "bf16": 0.5, "bandwidth_gbs": 20.0}}))  # no measuring
+    monkeypatch.setattr(_cpu_peaks, "cpu_flags", lambda: flags)
+    profile = cost_models.local_profile(load_profile("cpu_local"), cache=cache)
+    assert profile.dtypes == expected and profile.peak_tflops["fp32"] == 0.2
+    assert profile.resolve_dtype("auto") == "fp32"

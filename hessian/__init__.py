@@ -29,8 +29,11 @@ from hwprune.hessian._quantization import (
     PrecisionSensitivity,
     block_projections,
     fake_quantized,
+    input_quantizer,
     input_ranges,
     precision_sensitivity,
+    quantize_weight,
+    weight_out_dim,
 )
 from hwprune.hessian._taylor import TaylorSaliency
 
@@ -60,7 +63,10 @@ __all__ = [
     "cached_precision_sensitivity",
     "cached_score",
     "fake_quantized",
+    "input_quantizer",
     "input_ranges",
     "layer_scores",
     "precision_sensitivity",
+    "quantize_weight",
+    "weight_out_dim",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,7 @@ from torch import nn
 
 from hwprune import prunable
 from hwprune.hessian._base import frozen
-from hwprune.hessian._calibration import Calibration, check_finite
+from hwprune.hessian._calibration import Batch, Calibration, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,31 @@ def _out_dim(module: nn.Module) -> int:
     return 0 if isinstance(module, nn.Linear) else 1
 
 
-def weight_error(module: nn.Module, precision: str) -> torch.Tensor:
-    """Q(W) - W of a projection's weight at `precision` (fp32)."""
-    w = _weight(module).detach().float()
+def quantize_weight(w: torch.Tensor, precision: str, out_dim: int = 0) -> torch.Tensor:
+    """`w` rounded as deployed at `precision` (int8: symmetric per output channel, `out_dim` the
+    output axis; bf16, fp16: to nearest), in `w`'s dtype; differentiable nowhere (round)."""
     if precision == "bf16":
-        return w.to(torch.bfloat16).float() - w
+        return w.to(torch.bfloat16).to(w.dtype)
     if precision == "fp16":
-        return w.to(torch.float16).float() - w
+        return w.to(torch.float16).to(w.dtype)
     if precision == "int8":
-        dim = _out_dim(module)
-        absmax = w.abs().amax(dim=1 - dim, keepdim=True).clamp_min(1e-12)  # one scale per output channel
+        absmax = w.abs().amax(dim=1 - out_dim, keepdim=True).clamp_min(1e-12)  # one scale per output channel
         scale = absmax / 127
-        return (w / scale).round().clamp(-127, 127) * scale - w
+        return (w / scale).round().clamp(-127, 127) * scale
     raise ValueError(
         f"precision={precision!r} is not quantised here; valid choices: {list(QUANT_PRECISIONS)}"
     )
+
+
+def weight_error(module: nn.Module, precision: str) -> torch.Tensor:
+    """Q(W) - W of a projection's weight at `precision` (fp32)."""
+    w = _weight(module).detach().float()
+    return quantize_weight(w, precision, _out_dim(module)) - w
+
+
+def weight_out_dim(module: nn.Module) -> int:
+    """The output axis of a projection's weight (0 for nn.Linear, 1 for GPT-2's Conv1D)."""
+    return _out_dim(module)
 
 
 def input_quantizer(precision: str, low: float, high: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -117,8 +127,12 @@ def block_projections(model: nn.Module) -> list[dict[str, list[nn.Module]]]:
     return out
 
 
-def input_ranges(model: nn.Module, calibration: Calibration) -> dict[int, tuple[float, float]]:
-    """Per projection (by id), the min and max of its input over the calibration batches."""
+def input_ranges(
+    model: nn.Module, calibration: Calibration | Sequence[Batch]
+) -> dict[int, tuple[float, float]]:
+    """Per projection (by id), the min and max of its input over the calibration batches (a
+    `Calibration`'s, or the batches given)."""
+    batches = calibration.batches if isinstance(calibration, Calibration) else list(calibration)
     ranges: dict[int, tuple[float, float]] = {}
     hooks = []
 
@@ -133,7 +147,7 @@ def input_ranges(model: nn.Module, calibration: Calibration) -> dict[int, tuple[
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for batch in calibration.batches:
+            for batch in batches:
                 model(**batch.to(device).inputs)
     finally:
         for h in hooks:

@@ -10,12 +10,15 @@ deterministic under the seed; progress is logged every few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from hwprune import hessian
 from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport, output_loss, valid_rows
@@ -23,6 +26,52 @@ from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
+# Training batches whose projection inputs set the int8 input ranges of quantised training.
+CALIBRATION_BATCHES = 8
+
+
+class _RoundedWeight(nn.Module):
+    """A weight parametrisation: rounded as deployed in the forward pass, the gradient straight through."""
+
+    def __init__(self, precision: str, out_dim: int) -> None:
+        super().__init__()
+        self.precision, self.out_dim = precision, out_dim
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        rounded = hessian.quantize_weight(w.detach(), self.precision, self.out_dim)
+        return w + (rounded - w).detach()
+
+
+@contextlib.contextmanager
+def quantised_training(model: nn.Module, calibration: list[hessian.Batch], precision: str) -> Iterator[None]:
+    """`model`'s projections compute with weights and inputs rounded to `precision` (straight-through
+    gradients); on exit they are plain float projections again, holding the trained float weights."""
+    projections = [m for blocks in hessian.block_projections(model) for ms in blocks.values() for m in ms]
+    ranges = hessian.input_ranges(model, calibration)
+    hooks = []
+    for module in projections:
+        parametrize.register_parametrization(
+            module, "weight", _RoundedWeight(precision, hessian.weight_out_dim(module))
+        )
+        quant = hessian.input_quantizer(precision, *ranges[id(module)])
+
+        def round_input(_m: nn.Module, args: tuple[Any, ...], q: Any = quant) -> tuple[Any, ...]:
+            x = args[0]
+            return (x + (q(x) - x).detach(), *args[1:])
+
+        hooks.append(module.register_forward_pre_hook(round_input))
+    log.info(
+        "distill: %d projections trained as %s (weights and inputs rounded, straight-through)",
+        len(projections),
+        precision,
+    )
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for module in projections:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
 def _pair_layers(layers: list[int]) -> list[tuple[int, int]]:
@@ -44,6 +93,13 @@ class Distill(Recovery):
         weight_decay: AdamW weight decay.
         held_out: Batches kept out of training to report the distillation loss before and after.
         seed: Seed of the batch order.
+        quantize: Train with the projections quantised as they will be deployed ("int8", "bf16",
+            "fp16"; None: in the model's dtype): weights and inputs rounded in the forward pass,
+            gradients passed straight through to the float weights, so the weights the recovery
+            leaves are the ones that survive quantisation. int8 is the int8 QDQ recipe (weights
+            symmetric per output channel; inputs per tensor over their range on the first training
+            batches, the calibration the deployed model gets). The held-out loss is measured
+            quantised too.
     """
 
     name = "distill"
@@ -60,6 +116,7 @@ class Distill(Recovery):
         weight_decay: float = 0.0,
         held_out: int = 4,
         seed: int = 0,
+        quantize: str | None = None,
     ) -> None:
         if steps < 1:
             raise ValueError(f"distill.steps must be >= 1, got {steps}")
@@ -81,6 +138,11 @@ class Distill(Recovery):
             )
         if not temperature > 0:
             raise ValueError(f"distill.temperature must be positive, got {temperature}")
+        if quantize is not None and quantize not in hessian.QUANT_PRECISIONS:
+            raise ValueError(
+                f"distill.quantize={quantize!r} is not supported; valid choices: {list(hessian.QUANT_PRECISIONS)} or null"
+            )
+        self.quantize = quantize
         self.steps, self.lr, self.temperature = steps, lr, temperature
         self.hidden_weight, self.output_weight, self.label_weight = hidden_weight, output_weight, label_weight
         self.weight_decay, self.held_out, self.seed = weight_decay, held_out, seed
@@ -96,6 +158,7 @@ class Distill(Recovery):
             "weight_decay": self.weight_decay,
             "held_out": self.held_out,
             "seed": self.seed,
+            "quantize": self.quantize,
         }
 
     def loss(
@@ -151,6 +214,20 @@ class Distill(Recovery):
     ) -> RecoveryReport:
         held = data.batches[-self.held_out :] if 0 < self.held_out < len(data.batches) else []
         train = data.batches[: len(data.batches) - len(held)]
+        if self.quantize is None:
+            return self._train(student, teacher, data, layers, train, held)
+        with quantised_training(student, train[:CALIBRATION_BATCHES], self.quantize):
+            return self._train(student, teacher, data, layers, train, held)
+
+    def _train(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        data: RecoveryData,
+        layers: list[int],
+        train: list[hessian.Batch],
+        held: list[hessian.Batch],
+    ) -> RecoveryReport:
         before = self.held_out_loss(student, teacher, held, layers=layers)
         params = list(student.parameters())
         trainable = [p.requires_grad for p in params]

@@ -90,6 +90,11 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["b8_s128", "decode_b1_kv2048"])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", default="results/benchmarks/moe_mixtral.md")
+    parser.add_argument(
+        "--analytical",
+        action="store_true",
+        help="price with cpu_local's analytical model (no tables), as on a CPU that has none",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = datetime.now(timezone.utc)
@@ -103,6 +108,7 @@ def main() -> None:
             outcomes: dict[str, RunOutcome] = {}
             for axes in ("experts and widths", "attention only"):
                 overrides = [] if axes == "experts and widths" else ["search.expert_axes=false"]
+                overrides += ["hardware.tables=[]"] if args.analytical else []
                 cfg = config(work / "model", workload, work, *overrides)
                 outcome = run_config(cfg, work / f"{workload}_{len(outcomes)}")
                 write_report(outcome)

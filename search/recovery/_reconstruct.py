@@ -23,10 +23,13 @@ whole weight matrices the same way overfits and made pruned MiniLM worse on held
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -186,34 +189,40 @@ class Reconstruct(Recovery):
         sites = _sites(student, teacher, layers)
         refitted = {id(p) for site in sites for p in site.projection.parameters()}
         kept = {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in refitted}
-        dense_sums = _dense_sums(teacher, sites, batch)
         errors: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="hwprune-reconstruct-") as tmp:
+            dense_sums = _SpilledRows(Path(tmp))
+            _dense_sums(teacher, sites, batch, dense_sums)
 
-        def refit(site: _Site, seen: dict[str, torch.Tensor], dense_sum: torch.Tensor):
-            def edit(out: torch.Tensor) -> torch.Tensor:
-                x, residual = seen["x"], seen["residual"]
-                target = dense_sum - valid_rows(batch, residual)  # (n, hidden)
-                before, after = self._fit(site.projection, site.index, valid_rows(batch, x), target)
-                errors.append(
-                    {"layer": site.layer, "kind": site.kind, "error_before": before, "error_after": after}
-                )
-                weight, bias = linear_parts(site.projection)
-                return nn.functional.linear(x, weight, bias)  # what the refitted projection outputs
+            def refit(
+                i: int, site: _Site, seen: dict[str, torch.Tensor]
+            ) -> Callable[[torch.Tensor], torch.Tensor]:
+                def edit(out: torch.Tensor) -> torch.Tensor:
+                    x, residual = seen.pop("x"), seen.pop("residual")  # held only until this site is fitted
+                    target = dense_sums.read(i).to(residual.dtype) - valid_rows(
+                        batch, residual
+                    )  # (n, hidden)
+                    before, after = self._fit(site.projection, site.index, valid_rows(batch, x), target)
+                    errors.append(
+                        {"layer": site.layer, "kind": site.kind, "error_before": before, "error_after": after}
+                    )
+                    weight, bias = linear_parts(site.projection)
+                    return nn.functional.linear(x, weight, bias)  # what the refitted projection outputs
 
-            return edit
+                return edit
 
-        handles = []
-        for site, dense_sum in zip(sites, dense_sums, strict=True):
-            seen: dict[str, torch.Tensor] = {}
-            handles.append(_hook(site.residual, _store(seen, "residual")))
-            handles.append(_hook(prunable.Tap(site.projection), _store(seen, "x")))
-            handles.append(_hook(prunable.Tap(site.projection, output=True), refit(site, seen, dense_sum)))
-        try:
-            with torch.no_grad():
-                student(**batch.inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+            handles = []
+            for i, site in enumerate(sites):
+                seen: dict[str, torch.Tensor] = {}
+                handles.append(_hook(site.residual, _store(seen, "residual")))
+                handles.append(_hook(prunable.Tap(site.projection), _store(seen, "x")))
+                handles.append(_hook(prunable.Tap(site.projection, output=True), refit(i, site, seen)))
+            try:
+                with torch.no_grad():
+                    student(**batch.inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
         after = held_out_output_loss(student, teacher, held) if held else None
         reverted = before is not None and after is not None and after > before
         if reverted:
@@ -286,20 +295,52 @@ def _store(seen: dict[str, torch.Tensor], key: str) -> Callable[[torch.Tensor], 
     return edit
 
 
+class _SpilledRows:
+    """(n, hidden) float32 tensors kept on disk, one file each, read back one at a time: the dense
+    model's residual sums of every site would otherwise stay resident together (48 sites x 16k tokens
+    x 1024 of a BERT-large shape: 3.2 GB)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.shapes: dict[int, tuple[int, int]] = {}
+
+    def write(self, key: int, rows: torch.Tensor) -> None:
+        rows = rows.detach().to(torch.float32).contiguous()
+        rows.numpy().tofile(self.directory / f"{key}.f32")
+        self.shapes[key] = (rows.shape[0], rows.shape[1])
+
+    def read(self, key: int) -> torch.Tensor:
+        flat = np.fromfile(self.directory / f"{key}.f32", dtype=np.float32)
+        return torch.from_numpy(flat).reshape(self.shapes[key])
+
+
 @torch.no_grad()
-def _dense_sums(teacher: nn.Module, sites: list[_Site], batch: hessian.Batch) -> list[torch.Tensor]:
-    """The dense residual stream right after each site's sub-layer (residual + output): (n, hidden)."""
-    seen: dict[str, torch.Tensor] = {}
+def _dense_sums(teacher: nn.Module, sites: list[_Site], batch: hessian.Batch, store: _SpilledRows) -> None:
+    """The dense residual stream right after each site's sub-layer (residual + output), (n, hidden)
+    rows per site, written to `store` as the teacher's forward reaches it."""
+    seen: dict[int, torch.Tensor] = {}
     handles = []
+
+    def residual(i: int) -> Callable[[torch.Tensor], None]:
+        def edit(t: torch.Tensor) -> None:
+            seen[i] = t
+
+        return edit
+
+    def output(i: int) -> Callable[[torch.Tensor], None]:
+        def edit(t: torch.Tensor) -> None:
+            store.write(i, valid_rows(batch, seen.pop(i) + t))
+
+        return edit
+
     for i, site in enumerate(sites):
-        handles.append(_hook(site.dense_residual, _store(seen, f"residual{i}")))
-        handles.append(_hook(prunable.Tap(site.dense_projection, output=True), _store(seen, f"out{i}")))
+        handles.append(_hook(site.dense_residual, residual(i)))
+        handles.append(_hook(prunable.Tap(site.dense_projection, output=True), output(i)))
     try:
         teacher(**batch.inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return [valid_rows(batch, seen[f"residual{i}"] + seen[f"out{i}"]) for i in range(len(sites))]
 
 
 def merge_batches(batches: list[hessian.Batch]) -> hessian.Batch:

@@ -175,6 +175,12 @@ class PrecisionAxis:
             expert_width=widths.expert_width,
         )
 
+    def canonical(self, widths: Widths, precisions: Precisions) -> Precisions:
+        """`precisions` with the attention of a layer that keeps none at its block's precision: it
+        computes nothing, so its precision changes neither objective, and a plan should not name one."""
+        empty = np.asarray(widths.units) == 0
+        return Precisions(np.where(empty, precisions.mlp, precisions.attention), precisions.mlp)
+
     def names(self, precisions: Precisions) -> tuple[list[str], list[str]]:
         """Per layer, the attention's and the rest's precision names."""
         p = self.precisions

@@ -124,6 +124,7 @@ class SearchObjective:
             raise optuna.TrialPruned("these widths drop every layer; a model keeps at least one")
         loss = float(self.proxy.loss(*widths)[0])
         if self.axis is not None and precisions is not None:
+            precisions = self.axis.canonical(widths, precisions)  # the same objectives, named once
             latency = float(self.axis.latency(widths, precisions, dropped).latency_ms)
             loss += float(self.axis.loss(widths, precisions)[0])
             attention, rest = self.axis.names(precisions)

@@ -15,7 +15,7 @@ from hwprune import cost_models, hessian, prunable
 from hwprune.search import apply_config, run_apply, run_config
 from hwprune.search._blocks import block_spec
 from hwprune.search._pareto import exact_front, pareto_mask
-from hwprune.search._precision_axis import PrecisionAxis, axis_precisions
+from hwprune.search._precision_axis import PrecisionAxis, Precisions, axis_precisions
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._run import option_tables, pick, pick_precisions
 from hwprune.search._space import SearchSpace
@@ -106,10 +106,19 @@ def test_objectives_stay_additive_over_layers_with_precisions() -> None:
         )
         assert loss == pytest.approx(sum(losses[i][c] for i, c in zip(layers, choices, strict=True)))
         assert loss == pytest.approx(objective.proxy.loss(*widths)[0] + axis.loss(widths, prec)[0])
-        assert trial.user_attrs["attention_precision"] == axis.names(prec)[0]
-    # A block keeping nothing rounds nothing: its precision changes neither objective.
+        assert trial.user_attrs["attention_precision"] == axis.names(axis.canonical(widths, prec))[0]
+    # A block keeping nothing rounds nothing: its precision changes neither objective, and a trial
+    # names the attention of a layer without any at its block's precision.
     empty = np.zeros(1, dtype=int)
     assert axis.block_loss(0, empty, empty, np.array([2]), np.array([1])) == pytest.approx(0.0)
+    widths = objective.space.dense()._replace(units=np.array([0, 4, 4]))
+    mixed, canonical = (
+        Precisions(np.array([2, 2, 0]), np.array([1, 1, 1])),
+        Precisions(np.array([1, 2, 0]), np.array([1, 1, 1])),
+    )
+    trial = study.ask()
+    assert objective.score(trial, widths, mixed) == objective.score(study.ask(), widths, canonical)
+    assert trial.user_attrs["attention_precision"] == axis.names(canonical)[0]
 
 
 def test_the_exact_front_is_exact_over_width_and_precision() -> None:

@@ -252,6 +252,12 @@ class PrunePlan:
         """This plan with no layer setting a precision (the model's own dtype everywhere)."""
         return replace(self, layers=tuple(replace(lp, precision=None) for lp in self.layers))
 
+    def layer_precisions(self, default: str) -> tuple[list[str], list[str]]:
+        """Per layer, the attention's and the MLP's precision names; `default` where a layer sets
+        none (a dropped one too)."""
+        pairs = [lp.precision or (default, default) for lp in self.layers]
+        return [a for a, _ in pairs], [m for _, m in pairs]
+
     @property
     def mixed_precision(self) -> bool:
         """Whether any layer sets the precision of its projections."""

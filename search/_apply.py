@@ -19,7 +19,7 @@ from hwprune.search._blocks import check_workload, model_cost_model, model_mixed
 from hwprune.search._int8 import Int8Recipe
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
-from hwprune.search._precision import PER_BLOCK, check_precision, quantize, quantize_per_block
+from hwprune.search._precision import PER_BLOCK, check_precision, precision_name, quantize, quantize_per_block
 from hwprune.search._space import plan_widths
 from hwprune.search._timing import Timing, measure
 from hwprune.search.recovery import NoRecovery, Recovery, RecoveryReport, from_recipe
@@ -146,7 +146,7 @@ def apply_and_measure(
             "precision=%s deploys the whole model at %s: the plan's per-block precisions (%s) are not used",
             precision,
             precision,
-            prunable.precision_summary(*_layer_precisions(plan)),
+            prunable.precision_summary(*plan.layer_precisions("-")),
         )
         plan = plan.without_precisions()
     elif plan.mixed_precision:
@@ -226,20 +226,13 @@ def apply_and_measure(
             "onnx": onnx_result,
         }
         if precision == PER_BLOCK:
-            attention, mlp = _layer_precisions(plan)
-            names = set(attention + mlp) - {"-"}
             # One precision in every block (the dense model at bf16, say) is named; several are mixed.
-            result["precision"] = names.pop() if len(names) == 1 else PER_BLOCK
-            result["precisions"] = prunable.precision_summary(attention, mlp)
+            kept = [lp.precision for lp in plan.layers if lp.precision is not None]  # dropped layers set none
+            result["precision"] = precision_name([a for a, _ in kept], [m for _, m in kept])
+            result["precisions"] = prunable.precision_summary(*plan.layer_precisions("-"))
         (staging / "apply.json").write_text(json.dumps(result, indent=2))
     _log_result(result, plan, precision, done, task.metric_name, out_dir)
     return result
-
-
-def _layer_precisions(plan: prunable.PrunePlan) -> tuple[list[str], list[str]]:
-    """Per layer of `plan`, its (attention, MLP) precision names ("-" where it sets none)."""
-    pairs = [lp.precision or ("-", "-") for lp in plan.layers]
-    return [a for a, _ in pairs], [m for _, m in pairs]
 
 
 def _log_timed_workload(plan: prunable.PrunePlan, timed: cost_models.Workload, changed: list[str]) -> None:
@@ -374,15 +367,13 @@ def predict_plan(plan: prunable.PrunePlan, model: torch.nn.Module) -> PlanPredic
     cost_model: cost_models.CostModel = model_cost_model(profile, model, workload)
     widths, dropped = plan_widths(plan, prunable.discover(model))
     if plan.mixed_precision:  # each block priced at its precision (a dropped layer's costs nothing)
-        reference = cost_model.workload.dtype
-        pairs = [lp.precision or (reference, reference) for lp in plan.layers]
-        names = tuple(dict.fromkeys([reference, *(p for pair in pairs for p in pair)]))
-        mixed = model_mixed_cost_model(profile, model, workload, names)
+        attention, mlp = plan.layer_precisions(cost_model.workload.dtype)
+        mixed = model_mixed_cost_model(profile, model, workload, tuple(dict.fromkeys(attention + mlp)))
         latency = mixed.predict_mixed(
             widths.units,
             widths.mlp,
-            attention_precision=[mixed.index(a) for a, _ in pairs],
-            mlp_precision=[mixed.index(m) for _, m in pairs],
+            attention_precision=[mixed.index(a) for a in attention],
+            mlp_precision=[mixed.index(m) for m in mlp],
             dropped=dropped,
             experts=widths.experts,
             expert_width=widths.expert_width,

@@ -37,6 +37,13 @@ DEPLOY_PRECISIONS = (*PRECISIONS, "int8")
 PER_BLOCK = "mixed"
 
 
+def precision_name(attention: list[str], mlp: list[str]) -> str:
+    """What a model with these per-layer precisions is said to run at: its one precision, or
+    `PER_BLOCK` where its blocks differ."""
+    names = set(attention) | set(mlp)
+    return names.pop() if len(names) == 1 else PER_BLOCK
+
+
 def check_precision(precision: str) -> None:
     """Raise ValueError for a precision hwprune-apply cannot deploy, naming the valid ones."""
     if precision not in DEPLOY_PRECISIONS:
@@ -188,8 +195,7 @@ def quantize_per_block(
     the plan drops stays at the dense model's dtype): what pruning adds on top of the precisions."""
     prunable.set_precisions(pruned, plan)
     metric = task.evaluate(pruned)
-    attention = [lp.precision[0] if lp.precision else "fp32" for lp in plan.layers]
-    mlp = [lp.precision[1] if lp.precision else "fp32" for lp in plan.layers]
+    attention, mlp = plan.layer_precisions("fp32")
     log.info(
         "at its blocks' precisions (%s): %s %.3f",
         prunable.precision_summary(attention, mlp),

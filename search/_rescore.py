@@ -16,7 +16,13 @@ from hwprune.search._job import SearchJob
 from hwprune.search._memory import MemoryLog, release
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import pareto_mask
-from hwprune.search._precision import int8_calibration, int8_model, measured_precision, to_precision
+from hwprune.search._precision import (
+    int8_calibration,
+    int8_model,
+    measured_precision,
+    precision_name,
+    to_precision,
+)
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._space import Widths
 from hwprune.search._study import SearchObjective
@@ -100,12 +106,8 @@ def rescore_front(
                 precisions=axis.names(uniform),
             )
         )
-    # Seeds are on the front where nothing beats them: each is re-scored once, as itself.
-    seen = {
-        widths_key(c.widths, c.precisions)
-        for c in candidates
-        if c.kind == "dense" or c.label.startswith("dense ")
-    }
+    # Baselines are seeds, on the front where nothing beats them: each is re-scored once, as itself.
+    seen = {widths_key(c.widths, c.precisions) for c in candidates}
     fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t), trial_precisions(t)) not in seen]
     # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
     low, high = settings.rescore_min_speedup, settings.rescore_max_speedup or np.inf
@@ -227,8 +229,7 @@ class Rescoring:
             if c.precisions is not None:  # per block, as the plan deploys them
                 plan = plan.with_precisions(*c.precisions)
                 c.metric = task.evaluate(prunable.set_precisions(pruned, plan))
-                names = set(c.precisions[0]) | set(c.precisions[1])
-                c.metric_precision = names.pop() if len(names) == 1 else "mixed"
+                c.metric_precision = precision_name(*c.precisions)
             elif precision == "int8":  # the QDQ model int8 runtimes consume, run by ONNX Runtime
                 c.metric = task.evaluate(int8_model(pruned, calibration, cost_model.workload))
                 c.quantization = self.int8.summary()

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,24 +99,26 @@ def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) ->
     # Routed experts cannot all go: top_k of them stay, at the narrowest width a plan allows.
     narrowest = np.full(n, prunable.EXPERT_WIDTH_STEP)
     least = {"experts": np.full(n, spec.top_k), "expert_width": narrowest} if spec.experts else {}
-    # With a precision axis the fastest configuration runs at the fastest precision.
-    models = (
-        cost_model.models.values()
-        if isinstance(cost_model, cost_models.MixedPrecisionModel)
-        else [cost_model]
-    )
+
+    # With a precision axis the fastest configuration runs every block at the fastest precision.
+    def predict(units: np.ndarray, mlp: np.ndarray, **kwargs: Any) -> float:
+        if not isinstance(cost_model, cost_models.MixedPrecisionModel):
+            return float(cost_model.predict(units, mlp, **kwargs).latency_ms)
+        every = (np.full(n, k) for k in range(len(cost_model.precisions)))
+        return min(
+            float(
+                cost_model.predict_mixed(
+                    units, mlp, attention_precision=k, mlp_precision=k, **kwargs
+                ).latency_ms
+            )
+            for k in every
+        )
+
     if settings.depth and not spec.experts:  # every layer dropped but one, which keeps a single unit
         one = np.eye(n, dtype=int)[0]
-        fastest = min(
-            float(model.predict(u, m, dropped=one == 0).latency_ms - model.base_ms + cost_model.base_ms)
-            for u, m in ((one, zeros), (zeros, one))
-            for model in models
-        )
+        fastest = min(predict(u, m, dropped=one == 0) for u, m in ((one, zeros), (zeros, one)))
     else:  # every prunable unit removed
-        fastest = min(
-            float(model.predict(zeros, zeros, **least).latency_ms - model.base_ms + cost_model.base_ms)
-            for model in models
-        )
+        fastest = predict(zeros, zeros, **least)
     dense = cost_model.dense_ms()
     for key, budget, limit, unit in (
         ("latency_budget_ms", settings.latency_budget_ms, fastest, "ms"),

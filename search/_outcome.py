@@ -25,6 +25,8 @@ class Candidate:
     latency_ms: float
     proxy_loss: float
     metric: float = float("nan")  # after recovery, at `metric_precision`: what a user of the plan gets
+    # The same model's metric on the task's validation split, which plans are chosen on (NaN: none).
+    metric_validation: float = float("nan")
     metric_unrecovered: float = float("nan")
     metric_unquantized: float = float("nan")  # after recovery, in fp32
     metric_precision: str = "fp32"  # the precision `metric` was measured at
@@ -40,6 +42,11 @@ class Candidate:
     degenerate: str = ""  # why the plan is no real choice ("" for most): see `degenerate_reason`
     # Per layer, the (attention names, MLP names) precisions it deploys at; None: no precision axis.
     precisions: tuple[list[str], list[str]] | None = None
+
+    @property
+    def choice_metric(self) -> float:
+        """The metric plans are chosen on: the validation split's where the task has one."""
+        return self.metric if np.isnan(self.metric_validation) else self.metric_validation
 
     @property
     def units(self) -> np.ndarray:

@@ -28,6 +28,7 @@ PARETO_COLUMNS = [
     "latency_source",
     "speedup",
     "metric",
+    "metric_validation",
     "metric_precision",
     "precisions",
     "metric_unquantized",
@@ -98,6 +99,7 @@ def pareto_frame(outcome: RunOutcome) -> pd.DataFrame:
             "latency_source": outcome.cost_model.source,
             "speedup": dense_ms / c.latency_ms,
             "metric": c.metric,
+            "metric_validation": c.metric_validation,
             "metric_precision": c.metric_precision,
             "precisions": "" if c.precisions is None else prunable.precision_summary(*c.precisions),
             "metric_unquantized": c.metric_unquantized,
@@ -133,40 +135,58 @@ def tolerance_label(tol: float) -> str:
     return f"{tol * 100:g}%"
 
 
+def choice_column(pareto: pd.DataFrame) -> str:
+    """The column plans are chosen on: `metric_validation` where the run measured it, else `metric`."""
+    has_validation = "metric_validation" in pareto and pareto.metric_validation.notna().all()
+    return "metric_validation" if has_validation else "metric"
+
+
 def best_within(pareto: pd.DataFrame, tol: float, *, higher_is_better: bool) -> pd.Series | None:
     """The fastest re-scored plan (search or uniform, not degenerate) whose metric is at most `tol` of
-    the dense model's worse, or None."""
+    the dense model's worse, or None; judged on the validation metric where there is one."""
+    column = choice_column(pareto)
     dense = pareto[pareto.kind == "dense"].iloc[0]
     sign = 1.0 if higher_is_better else -1.0
     plans = pareto[(pareto.kind != "dense") & (pareto.degenerate.fillna("") == "")]
-    loss = sign * (dense.metric - plans.metric)  # how much worse than dense, in metric units
-    close = plans[loss <= tol * abs(dense.metric)]
+    loss = sign * (dense[column] - plans[column])  # how much worse than dense, in metric units
+    close = plans[loss <= tol * abs(dense[column])]
     return close.sort_values("latency_ms").iloc[0] if len(close) else None
 
 
-def which_plan(pareto: pd.DataFrame, *, higher_is_better: bool, source: str) -> list[str]:
+def which_plan(
+    pareto: pd.DataFrame, *, higher_is_better: bool, source: str, validation: str | None = None
+) -> list[str]:
     """The report's "which plan to take" table: per tolerance, the fastest plan within it."""
     dense = pareto[pareto.kind == "dense"].iloc[0]
+    chosen = choice_column(pareto) == "metric_validation"
+    how = (
+        f"chosen on the validation split ({validation}: `metric_validation`), reported on the evaluation data "
+        "(`metric`), which played no part in the choice"
+        if chosen
+        else "chosen and reported on the evaluation data: the task has no validation split, so each figure is "
+        "the best of the plans tried and biased upwards"
+    )
     lines = [
         "## Which plan to take",
         "",
-        f"The fastest re-scored plan whose metric is within X of the dense model's ({dense.metric:.3f}); speed "
-        f"predicted ({source}), metric measured on the task after recovery. Degenerate plans are left out.",
+        f"The fastest re-scored plan whose metric is within X of the dense model's; speed predicted ({source}), "
+        f"metric measured on the task after recovery; {how}. Degenerate plans are left out.",
         "",
-        "| within | plan | predicted speedup | metric | vs dense |",
-        "| --- | --- | --- | --- | --- |",
+        "| within | plan | predicted speedup | metric | vs dense |"
+        + (" validation | vs dense |" if chosen else ""),
+        "| --- | --- | --- | --- | --- |" + (" --- | --- |" if chosen else ""),
     ]
     for tol in TOLERANCES:
         best = best_within(pareto, tol, higher_is_better=higher_is_better)
-        if best is None:
-            lines.append(
-                f"| {tolerance_label(tol)} | dense (no plan is this close) | 1.00x | {dense.metric:.3f} | 0 |"
-            )
-            continue
-        lines.append(
-            f"| {tolerance_label(tol)} | `{best.plan_path}` | {best.speedup:.2f}x | {best.metric:.3f} | "
-            f"{best.metric - dense.metric:+.3f} |"
+        row = dense if best is None else best
+        plan = "dense (no plan is this close)" if best is None else f"`{best.plan_path}`"
+        line = (
+            f"| {tolerance_label(tol)} | {plan} | {row.speedup:.2f}x | {row.metric:.3f} | "
+            f"{row.metric - dense.metric:+.3f} |"
         )
+        if chosen:
+            line += f" {row.metric_validation:.3f} | {row.metric_validation - dense.metric_validation:+.3f} |"
+        lines.append(line)
     return [*lines, ""]
 
 
@@ -311,7 +331,12 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
         "",
         *([f"Command: {command}", ""] if command else []),
         f"- Model: `{job.source}` ({outcome.structure.describe()})",
-        f"- Task: {outcome.task.description}; metric `{outcome.task.metric_name}`",
+        f"- Task: {outcome.task.description}; metric `{outcome.task.metric_name}`; plans chosen on "
+        + (
+            f"a validation split ({outcome.task.validation}, `metric_validation`), reported on the evaluation data"
+            if outcome.task.validation
+            else "the evaluation data (the task has no validation split)"
+        ),
         f"- Device: `{cm.hardware}`, workload {cm.workload.describe()}",
         f"- Latency source: **{cm.source}**{fit} (predicted; `table` = profiled lookup, `calibrated` = roofline fitted "
         "to a profiled table, `analytical` = datasheet roofline)",
@@ -350,7 +375,12 @@ def write_report(outcome: RunOutcome, *, command: str | None = None) -> pd.DataF
         "",
         f"Dense: {dense.latency_ms:.3f} ms predicted, {outcome.task.metric_name} {dense.metric:.3f}.",
         "",
-        *which_plan(pareto, higher_is_better=outcome.task.higher_is_better, source=cm.source),
+        *which_plan(
+            pareto,
+            higher_is_better=outcome.task.higher_is_better,
+            source=cm.source,
+            validation=outcome.task.validation,
+        ),
         "## Front (re-scored on the task, non-dominated)",
         "",
         "| plan | predicted ms | speedup | metric | before recovery | recovery (s) | params | layers |",

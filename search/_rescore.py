@@ -226,15 +226,21 @@ class Rescoring:
                 }
             c.metric_unquantized = c.metric
             c.metric_precision = precision
+            deployed: torch.nn.Module = pruned  # the model as the plan deploys it
             if c.precisions is not None:  # per block, as the plan deploys them
                 plan = plan.with_precisions(*c.precisions)
-                c.metric = task.evaluate(prunable.set_precisions(pruned, plan))
+                deployed = prunable.set_precisions(pruned, plan)
                 c.metric_precision = precision_name(*c.precisions)
             elif precision == "int8":  # the QDQ model int8 runtimes consume, run by ONNX Runtime
-                c.metric = task.evaluate(int8_model(pruned, calibration, cost_model.workload))
+                deployed = int8_model(pruned, calibration, cost_model.workload)
                 c.quantization = self.int8.summary()
             elif precision != "fp32":  # the front pairs a precision's latency with its metric
-                c.metric = task.evaluate(to_precision(pruned, c.metric_precision))
+                deployed = to_precision(pruned, c.metric_precision)
+            if deployed is not pruned or c.metric_precision != "fp32":
+                c.metric = task.evaluate(deployed)
+            validation = task.validate(deployed)
+            c.metric_validation = float("nan") if validation is None else validation
+            del deployed
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())
             c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
@@ -256,6 +262,8 @@ class Rescoring:
                     "task": task.description,
                     "metric_name": task.metric_name,
                     "metric": c.metric,
+                    "metric_validation": None if np.isnan(c.metric_validation) else c.metric_validation,
+                    "validation": task.validation,
                     "metric_unrecovered": c.metric_unrecovered,
                     "metric_unquantized": c.metric_unquantized,
                     "precision": c.metric_precision,
@@ -267,13 +275,14 @@ class Rescoring:
             c.plan_path = str(plan.save(plans / f"{name}.yaml").relative_to(run_dir))
             recovered = f" (unrecovered {c.metric_unrecovered:.3f}, {c.recovery} {c.recovery_seconds:.1f} s)"
             log.info(
-                "[%d/%d] %-12s %8.3f ms  %s %.3f%s",
+                "[%d/%d] %-12s %8.3f ms  %s %.3f%s%s",
                 i,
                 len(candidates),
                 c.label,
                 c.latency_ms,
                 task.metric_name,
                 c.metric,
+                "" if validation is None else f" (validation {validation:.3f})",
                 recovered if recipe else "",
             )
             del pruned, plan
@@ -313,11 +322,12 @@ def mark_dominated(candidates: list[Candidate], *, higher_is_better: bool) -> No
     """Mark every candidate another one beats on both predicted latency and measured metric.
 
     Every measured plan counts, uniform baselines too: a search plan that a baseline beats on
-    both is no plan to choose.
+    both is no plan to choose. The metric is the one plans are chosen on (the validation split's
+    where the task has one), so the front is not picked on the figures it is reported with.
     """
     sign = 1.0 if higher_is_better else -1.0
     mask = pareto_mask(
-        np.array([c.latency_ms for c in candidates]), -sign * np.array([c.metric for c in candidates])
+        np.array([c.latency_ms for c in candidates]), -sign * np.array([c.choice_metric for c in candidates])
     )
     for c, keep in zip(candidates, mask, strict=True):
         c.dominated = not bool(keep)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from hwprune.search import tasks
 from hwprune.search._cli import one_line_errors, run_app, save_hydra_record
-from hwprune.search._report import TOLERANCES, best_within, tolerance_label
+from hwprune.search._report import TOLERANCES, best_within, choice_column, tolerance_label
 from hwprune.search.config import AppConfig, to_object
 
 log = logging.getLogger("hwprune.search")
@@ -73,6 +73,7 @@ class CompareDevices(Callback):
                 "metric": dense.metric_name,
                 "dense_ms": dense.latency_ms,
                 "dense_metric": dense.metric,
+                "chosen_on": choice_column(frame),  # the metric plans were picked on
             }
             better = tasks.higher_is_better(str(dense.metric_name))
             for tol in TOLERANCES:

@@ -57,6 +57,13 @@ def test_run_writes_the_output_contract(run_dir: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "Latency source: **analytical**" in report and "Hypervolume of the Optuna front" in report
     assert "## Which plan to take" in report and "| 0.5% | " in report and "| 5% | " in report
+    # Plans are chosen on held-out passages of their own and reported on the evaluation passages.
+    assert pareto.metric_validation.notna().all() and 99.9 < dense.metric_validation.iloc[0] <= 100.0
+    assert not np.allclose(pareto.metric_validation, pareto.metric)  # another split, other figures
+    plan = prunable.PrunePlan.load(run_dir / pareto.plan_path.iloc[-1])
+    assert plan.metadata["metric_validation"] == pytest.approx(pareto.metric_validation.iloc[-1])
+    assert plan.metadata["validation"] == "128 other passages of Python's bundled documentation (pydoc_data.topics)"
+    assert "chosen on the validation split (128 other passages" in report
 
 
 def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
@@ -212,10 +219,11 @@ def test_sweep_writes_a_device_comparison(run_dir: Path, tmp_path: Path) -> None
     assert table.run.tolist() == ["hardware=gpu_h100", "hardware=tpu_v5e"]
     assert (table.dense_ms > 0).all() and np.isfinite(table["within_5%_speedup"]).all()
     pareto = pd.read_csv(run_dir / "pareto.csv")
-    dense = pareto[pareto.kind == "dense"].metric.iloc[0]
+    assert (table.chosen_on == "metric_validation").all()  # picked on the validation split's figures
+    dense = pareto[pareto.kind == "dense"].metric_validation.iloc[0]
     plans = pareto[(pareto.kind != "dense") & pareto.degenerate.isna()]
     for tol in ("0.5%", "1%", "2%", "5%"):  # each picks the fastest plan that close to dense, or dense
-        close = plans[plans.metric >= dense * (1 - float(tol[:-1]) / 100)]
+        close = plans[plans.metric_validation >= dense * (1 - float(tol[:-1]) / 100)]
         expected = close.sort_values("latency_ms").label.iloc[0] if len(close) else "dense"
         assert (table[f"within_{tol}_plan"] == expected).all()
     assert (table["within_1%_speedup"] <= table["within_5%_speedup"]).all()

@@ -44,6 +44,20 @@ class Task(ABC):
     def evaluate(self, model: nn.Module) -> float:
         """The task metric of `model` on the evaluation data."""
 
+    def validate(self, model: nn.Module) -> float | None:
+        """The task metric of `model` on the validation data, or None where the task has none.
+
+        Plans are chosen on this split and reported on the evaluation data, so the reported figure
+        is not the best of many draws of the same noise. It never overlaps the evaluation data nor
+        (where the task can keep it apart) what calibration and recovery see.
+        """
+        return None
+
+    @property
+    def validation(self) -> str | None:
+        """What the validation data is (None: the task has none, plans are chosen on `evaluate`)."""
+        return None
+
     @abstractmethod
     def recovery_data(self, *, samples: int, seed: int = 0) -> RecoveryData:
         """Up to `samples` training inputs for recovery, never drawn from the evaluation data.

@@ -6,6 +6,7 @@ the help() topics), so the embedded default run needs no download. Any plain-tex
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ from hwprune import hessian
 from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
+
+log = logging.getLogger("hwprune.search")
 
 PYDOC_SOURCE = "Python's bundled documentation (pydoc_data.topics)"
 
@@ -66,7 +69,9 @@ class FidelityTask(Task):
         tokenizer: The model's tokenizer.
         text_path: A text file; None uses Python's bundled documentation.
         calibration_samples: Passages for calibration.
-        eval_samples: Held-out passages for the metric.
+        eval_samples: Held-out passages for the reported metric.
+        validation_samples: Further held-out passages that plans are chosen on (0: chosen on the
+            evaluation passages); none where the source has too few passages left, with a warning.
         batch_size: Passages per batch.
         max_length: Tokens per passage.
         seed: Seed of the split.
@@ -85,29 +90,55 @@ class FidelityTask(Task):
         batch_size: int = 32,
         max_length: int = 128,
         seed: int = 0,
+        validation_samples: int = 128,
     ) -> None:
         passages = pydoc_passages() if text_path is None else file_passages(text_path)
+        # A passage repeated in the source (a fifth of pydoc's are) would sit in two splits at once.
+        passages = list(dict.fromkeys(passages))
         if calibration_samples + eval_samples > len(passages):
             raise ValueError(
                 f"asked for {calibration_samples} + {eval_samples} passages, the source has {len(passages)}"
             )
+        if validation_samples < 0:
+            raise ValueError(f"task.build.validation_samples={validation_samples}: valid: 0 (none) or more")
         random.Random(seed).shuffle(passages)
-        self.calib_texts = passages[:calibration_samples]
-        self.eval_texts = passages[calibration_samples : calibration_samples + eval_samples]
-        # Recovery may use every passage the metric does not: calibration ones first, then the rest.
-        self.train_texts = self.calib_texts + passages[calibration_samples + eval_samples :]
         self.source = PYDOC_SOURCE if text_path is None else str(text_path)
+        held = calibration_samples + eval_samples
+        if validation_samples and held + validation_samples >= len(passages):
+            log.warning(
+                "%s has %d passages: none left for %d validation passages after %d + %d; plans are chosen "
+                "on the evaluation passages",
+                self.source,
+                len(passages),
+                validation_samples,
+                calibration_samples,
+                eval_samples,
+            )
+            validation_samples = 0
+        self.calib_texts = passages[:calibration_samples]
+        self.eval_texts = passages[calibration_samples:held]
+        self.validation_texts = passages[held : held + validation_samples]
+        # Recovery may use every passage no metric does: calibration ones first, then the rest.
+        self.train_texts = self.calib_texts + passages[held + validation_samples :]
         self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
-        self._reference: torch.Tensor | None = None
-        self._eval_batches: tuple[list[hessian.Batch], torch.Tensor] | None = None
+        self._reference: dict[str, torch.Tensor] = {}
+        self._eval_batches: dict[str, tuple[list[hessian.Batch], torch.Tensor]] = {}
 
     @property
     def description(self) -> str:
         return f"fidelity to the dense model on {self.source}"
 
+    @property
+    def validation(self) -> str | None:
+        return (
+            f"{len(self.validation_texts)} other passages of {self.source}" if self.validation_texts else None
+        )
+
     def prepare(self, dense: nn.Module) -> None:
-        """Record the dense model's evaluation embeddings (call once, before pruning)."""
-        self._reference = embed_texts(dense, *self._eval())
+        """Record the dense model's evaluation (and validation) embeddings (call once, before pruning)."""
+        for split, texts in (("eval", self.eval_texts), ("validation", self.validation_texts)):
+            if texts:
+                self._reference[split] = embed_texts(dense, *self._batches(split, texts))
 
     def calibration(self, model: nn.Module) -> hessian.Calibration:
         batches, _ = length_batches(
@@ -131,14 +162,23 @@ class FidelityTask(Task):
         return RecoveryData(batches, None, f"{len(texts)} passages of {self.source} (none evaluated on)")
 
     def evaluate(self, model: nn.Module) -> float:
-        if self._reference is None:
-            raise RuntimeError("FidelityTask.evaluate needs prepare(dense_model) first")
-        emb = embed_texts(model, *self._eval())
-        return float(torch.nn.functional.cosine_similarity(emb, self._reference, dim=-1).mean()) * 100.0
+        return self._agreement(model, "eval", self.eval_texts)
 
-    def _eval(self) -> tuple[list[hessian.Batch], torch.Tensor]:
-        if self._eval_batches is None:
-            self._eval_batches = length_batches(
-                self.tokenizer, self.eval_texts, batch_size=self.batch_size, max_length=self.max_length
+    def validate(self, model: nn.Module) -> float | None:
+        return self._agreement(model, "validation", self.validation_texts) if self.validation_texts else None
+
+    def _agreement(self, model: nn.Module, split: str, texts: list[str]) -> float:
+        """Mean cosine x 100 between the model's embeddings of `texts` and the dense model's."""
+        if split not in self._reference:
+            raise RuntimeError("FidelityTask.evaluate needs prepare(dense_model) first")
+        emb = embed_texts(model, *self._batches(split, texts))  # (N, D)
+        return (
+            float(torch.nn.functional.cosine_similarity(emb, self._reference[split], dim=-1).mean()) * 100.0
+        )
+
+    def _batches(self, split: str, texts: list[str]) -> tuple[list[hessian.Batch], torch.Tensor]:
+        if split not in self._eval_batches:
+            self._eval_batches[split] = length_batches(
+                self.tokenizer, texts, batch_size=self.batch_size, max_length=self.max_length
             )
-        return self._eval_batches
+        return self._eval_batches[split]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,6 +14,8 @@ from hwprune import hessian
 from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._fidelity import PYDOC_SOURCE, pydoc_passages
+
+log = logging.getLogger("hwprune.search")
 
 
 def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:
@@ -45,7 +48,9 @@ class LMTask(Task):
         text_path: UTF-8 text; None uses Python's bundled documentation.
         block_size: Tokens per sequence.
         calibration_blocks: Blocks for calibration (from the start of the text).
-        eval_blocks: Held-out blocks for perplexity (from the end).
+        eval_blocks: Held-out blocks for the reported perplexity (from the end).
+        validation_blocks: Blocks just before the evaluated ones that plans are chosen on (0: chosen
+            on the evaluation blocks); none where the text has too few blocks left, with a warning.
         batch_size: Blocks per batch.
     """
 
@@ -62,7 +67,10 @@ class LMTask(Task):
         calibration_blocks: int = 64,
         eval_blocks: int = 64,
         batch_size: int = 8,
+        validation_blocks: int = 16,
     ) -> None:
+        if validation_blocks < 0:
+            raise ValueError(f"task.build.validation_blocks={validation_blocks}: valid: 0 (none) or more")
         if text_path is None:
             text, self.source = "\n\n".join(pydoc_passages()), PYDOC_SOURCE
         else:
@@ -77,9 +85,22 @@ class LMTask(Task):
                 f"{self.source}: {len(ids)} tokens make {n_blocks} blocks of {block_size}; "
                 f"need {calibration_blocks} + {eval_blocks}"
             )
+        if validation_blocks and n_blocks - eval_blocks - validation_blocks < calibration_blocks:
+            log.warning(
+                "%s: %d blocks leave none for %d validation blocks after %d + %d; plans are chosen on the "
+                "evaluation blocks",
+                self.source,
+                n_blocks,
+                validation_blocks,
+                calibration_blocks,
+                eval_blocks,
+            )
+            validation_blocks = 0
         blocks = ids[: n_blocks * block_size].view(n_blocks, block_size)  # (N, T)
+        first_held = n_blocks - eval_blocks - validation_blocks  # [train | validation | eval]
         self.calib, self.eval_set = blocks[:calibration_blocks], blocks[n_blocks - eval_blocks :]
-        self.train_blocks = blocks[: n_blocks - eval_blocks]  # everything before the evaluation blocks
+        self.validation_set = blocks[first_held : n_blocks - eval_blocks]
+        self.train_blocks = blocks[:first_held]  # everything before the held-out blocks
         self.batch_size = batch_size
 
     @property
@@ -106,8 +127,19 @@ class LMTask(Task):
             f"{len(blocks)} blocks of {self.source} before the evaluated ones",
         )
 
-    @torch.no_grad()
+    @property
+    def validation(self) -> str | None:
+        n = len(self.validation_set)
+        return f"{n} blocks of {self.source} before the evaluated ones" if n else None
+
     def evaluate(self, model: nn.Module) -> float:
+        return self._perplexity(model, self.eval_set)
+
+    def validate(self, model: nn.Module) -> float | None:
+        return self._perplexity(model, self.validation_set) if len(self.validation_set) else None
+
+    @torch.no_grad()
+    def _perplexity(self, model: nn.Module, blocks: torch.Tensor) -> float:
         objective = NextTokenLoss()
-        nll = torch.cat([objective.losses(model, b) for b in self._batches(self.eval_set)])
+        nll = torch.cat([objective.losses(model, b) for b in self._batches(blocks)])
         return math.exp(float(nll.mean()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from hwprune import hessian
 from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
+
+log = logging.getLogger("hwprune.search")
 
 STS_FORMAT = (
     "tab-separated, no header, no quoting: genre, file, year, id, score (0-5), sentence 1, sentence 2 "
@@ -105,16 +108,22 @@ class CosineSimilarityLoss(hessian.Objective):
 
 
 class STSTask(Task):
-    """STS Benchmark: calibrate on the train file, report Spearman x 100 on the eval file.
+    """STS Benchmark: calibrate on the train file, choose plans on a validation split, report Spearman
+    x 100 on the eval file.
 
     Args:
-        train_path: STS-format file for calibration.
-        eval_path: STS-format file for the metric.
+        train_path: STS-format file for calibration and recovery.
+        eval_path: STS-format file for the reported metric.
         tokenizer: The model's tokenizer.
         calibration_samples: Sentence pairs drawn (seeded) from the train file.
         batch_size: Pairs per calibration batch; sentences per evaluation batch.
         max_length: Tokens per sentence (longer ones are truncated).
-        seed: Seed of the calibration draw.
+        seed: Seed of the calibration draw and of the validation split.
+        validation_path: STS-format file plans are chosen on; None carves `validation_fraction` of
+            the train file instead (those pairs then leave calibration and recovery).
+        validation_fraction: Share of the train file held out for choosing plans when no
+            `validation_path` is given; 0 chooses on the eval file (its figure is then a maximum over
+            the plans, biased upwards).
     """
 
     name: ClassVar[str] = "sts"
@@ -130,35 +139,74 @@ class STSTask(Task):
         batch_size: int = 32,
         max_length: int = 128,
         seed: int = 0,
+        validation_path: str | Path | None = None,
+        validation_fraction: float = 0.15,
     ) -> None:
         for name, value in (("calibration_samples", calibration_samples), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= validation_fraction <= 0.5:
+            raise ValueError(
+                f"task.build.validation_fraction={validation_fraction}: valid: 0 (no validation split) to 0.5"
+            )
         if _same_file(train_path, eval_path):
             raise ValueError(
                 f"task.build.eval_path={eval_path} is the training file too: recovery would train on what "
                 "the metric is measured on; valid: another split (e.g. STS-B's sts-dev.csv)"
             )
+        for other, role in ((train_path, "training"), (eval_path, "eval")):
+            if validation_path is not None and _same_file(validation_path, other):
+                raise ValueError(
+                    f"task.build.validation_path={validation_path} is the {role} file too: plans would be "
+                    "chosen on what they are trained or reported on; valid: a split of its own, or "
+                    "validation_path=null to hold out task.build.validation_fraction of the training file"
+                )
+        self.train_path, self.eval_path = Path(train_path), Path(eval_path)
         self.train = read_sts(train_path)
         self.eval = read_sts(eval_path)
-        distinct = len(set(self.eval.scores.tolist()))
-        if distinct < 2:
-            raise ValueError(
-                f"task.build.eval_path={eval_path}: {len(self.eval.scores)} pair(s) with {distinct} distinct "
-                "score(s); Spearman's correlation needs pairs with at least 2 different scores (else every "
-                "metric is NaN); valid: an evaluation split such as STS-B's sts-dev.csv"
-            )
+        _check_rankable(self.eval, f"task.build.eval_path={eval_path}")
+        self.validation_pairs: Pairs | None = None
+        self._validation = ""
+        if validation_path is not None:
+            self.validation_pairs = read_sts(validation_path)
+            _check_rankable(self.validation_pairs, f"task.build.validation_path={validation_path}")
+            self._validation = f"{Path(validation_path).name} ({len(self.validation_pairs.scores)} pairs)"
+        elif validation_fraction > 0:
+            self._hold_out(validation_fraction, seed)
         self.tokenizer = tokenizer
         self.calibration_samples = calibration_samples
         self.batch_size = batch_size
         self.max_length = max_length
         self.seed = seed
-        self._eval_batches: tuple[list[hessian.Batch], torch.Tensor] | None = None
-        self.train_path, self.eval_path = Path(train_path), Path(eval_path)
+        self._eval_batches: dict[str, tuple[list[hessian.Batch], torch.Tensor]] = {}
+
+    def _hold_out(self, fraction: float, seed: int) -> None:
+        """Move a seeded `fraction` of the train pairs to the validation split (too few: none, said)."""
+        n_total = len(self.train.scores)
+        count = round(fraction * n_total)
+        # A draw of its own (not the calibration's), so calibration picks among the remaining pairs.
+        picks = sorted(random.Random(f"validation-{seed}").sample(range(n_total), count))
+        held = _subset(self.train, picks)
+        if count < 2 or count >= n_total or len(set(held.scores.tolist())) < 2:
+            log.warning(
+                "task.build.validation_fraction=%g of %d training pairs leaves no usable validation split "
+                "(%d pairs): plans are chosen on the eval file, whose figures are then biased upwards",
+                fraction,
+                n_total,
+                count,
+            )
+            return
+        keep = sorted(set(range(n_total)) - set(picks))
+        self.train, self.validation_pairs = _subset(self.train, keep), held
+        self._validation = f"{count} pairs held out of {self.train_path.name} (seed {seed})"
 
     @property
     def description(self) -> str:
         return f"STS-B ({self.train_path.name} -> {self.eval_path.name})"
+
+    @property
+    def validation(self) -> str | None:
+        return self._validation or None
 
     def _pair_batches(self, picks: list[int]) -> list[hessian.Batch]:
         """Batches of train pairs: rows [first sentences; second sentences], targets score / 5."""
@@ -203,12 +251,40 @@ class STSTask(Task):
         )
 
     def evaluate(self, model: nn.Module) -> float:
-        if self._eval_batches is None:
-            texts = self.eval.first + self.eval.second
-            self._eval_batches = length_batches(
-                self.tokenizer, texts, batch_size=4 * self.batch_size, max_length=self.max_length
+        return self._spearman(model, "eval", self.eval)
+
+    def validate(self, model: nn.Module) -> float | None:
+        return (
+            None
+            if self.validation_pairs is None
+            else self._spearman(model, "validation", self.validation_pairs)
+        )
+
+    def _spearman(self, model: nn.Module, split: str, pairs: Pairs) -> float:
+        """Spearman x 100 of the pairs' cosine similarities against their gold scores."""
+        if split not in self._eval_batches:
+            self._eval_batches[split] = length_batches(
+                self.tokenizer,
+                pairs.first + pairs.second,
+                batch_size=4 * self.batch_size,
+                max_length=self.max_length,
             )
-        emb = embed_texts(model, *self._eval_batches)  # (2N, D)
-        n = len(self.eval.first)
-        cos = torch.nn.functional.cosine_similarity(emb[:n], emb[n:], dim=-1)
-        return float(spearmanr(cos.numpy(), self.eval.scores.numpy()).statistic) * 100.0
+        emb = embed_texts(model, *self._eval_batches[split])  # (2N, D): [first sentences; second sentences]
+        n = len(pairs.first)
+        cos = torch.nn.functional.cosine_similarity(emb[:n], emb[n:], dim=-1)  # (N,)
+        return float(spearmanr(cos.numpy(), pairs.scores.numpy()).statistic) * 100.0
+
+
+def _subset(pairs: Pairs, rows: list[int]) -> Pairs:
+    return Pairs([pairs.first[i] for i in rows], [pairs.second[i] for i in rows], pairs.scores[rows])
+
+
+def _check_rankable(pairs: Pairs, what: str) -> None:
+    """Refuse a split whose Spearman's correlation is undefined (fewer than 2 distinct scores)."""
+    distinct = len(set(pairs.scores.tolist()))
+    if distinct < 2:
+        raise ValueError(
+            f"{what}: {len(pairs.scores)} pair(s) with {distinct} distinct score(s); Spearman's correlation "
+            "needs pairs with at least 2 different scores (else every metric is NaN); valid: an evaluation "
+            "split such as STS-B's sts-dev.csv"
+        )

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import kendalltau
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved, nvml_metadata, torch_device
@@ -139,13 +138,10 @@ def describe(device: torch.device) -> str:
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
-    err = (predicted - measured) / measured
-    return {
-        "mape": float(np.mean(np.abs(err)) * 100),
-        "within10": float(np.mean(np.abs(err) <= 0.10) * 100),
-        "within5": float(np.mean(np.abs(err) <= 0.05) * 100),
-        "tau": float(kendalltau(predicted, measured).statistic),
-    }
+    """MAPE, shares within ±10 / ±5 % and Kendall tau of predicted against measured (latencies or
+    speedups): `cost_models.speedup_accuracy`, the one home of these figures."""
+    acc = cost_models.speedup_accuracy(predicted, measured)
+    return {"mape": acc.mape, "within10": acc.within10, "within5": acc.within5, "tau": acc.tau}
 
 
 def config_sets(spec: cost_models.BlockSpec, n: int, batch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -264,6 +260,8 @@ def main() -> None:
         speedup_scale = dense_ms / models[DEFAULT].dense_ms()
         predicted["table, as speedup x dense now"] = predicted[DEFAULT] * speedup_scale
         predicted["FLOPs proxy"] = spec.flops(workload, units, mlp) / dense_flops * dense_ms
+        # "Pruning changes nothing": every configuration as fast as the dense model measured now.
+        predicted[cost_models.NULL] = np.full(len(units), dense_ms)
         predicted["measurement: odd rounds vs even rounds"] = odd
         if previous is not None:
             # The same configurations (fixed seeds) timed in another run: how far this machine's
@@ -349,7 +347,7 @@ def write(
         "as speedup x dense now` is the default table's predicted speedup over the dense model (what the "
         "search ranks and `hwprune-apply` reports) times the dense model measured now, the same anchor "
         "the FLOPs proxy gets (the dense model's latency measured now, scaled by the configuration's "
-        "FLOPs). The `odd rounds vs even rounds` row compares the median of the odd rounds with that of the even rounds: the "
+        "FLOPs); the null predictor says pruning changes nothing (the dense model measured now, for every configuration), and `skill vs null` is 1 - MAPE / its MAPE: a model is worth its figures only where that is positive. The `odd rounds vs even rounds` row compares the median of the odd rounds with that of the even rounds: the "
         "agreement of this machine with itself within one interleaved check, a ceiling for any model "
         "(a loose one: each half has half the rounds)."
         + (
@@ -385,13 +383,14 @@ def write(
             lines += [
                 f"`{set_name}` set: measured {ranges[set_name][0]:.2f} to {ranges[set_name][1]:.2f} ms.",
                 "",
-                "| model | MAPE % | within ±10 % | within ±5 % | Kendall tau |",
-                "| --- | --- | --- | --- | --- |",
+                "| model | MAPE % | within ±10 % | within ±5 % | Kendall tau | skill vs null |",
+                "| --- | --- | --- | --- | --- | --- |",
             ]
+            null_mape = rows[cost_models.NULL]["mape"]
             for model_name, m in rows.items():
                 lines.append(
                     f"| {model_name} | {m['mape']:.1f} | {m['within10']:.0f} | {m['within5']:.0f} | "
-                    f"{m['tau']:.3f} |"
+                    f"{m['tau']:.3f} | {1 - m['mape'] / null_mape:+.2f} |"
                 )
             lines.append("")
     lines += [

@@ -89,12 +89,15 @@ def check(
         "calibrated": calibrated.predict(units, mlp).latency_ms,
         "analytical": analytical.predict(units, mlp).latency_ms,
         "FLOPs proxy (x measured dense)": dense_ms * flops / dense_flops,
+        cost_models.NULL: np.full(len(units), dense_ms),  # every configuration as fast as dense
     }
     dense_pred = {
         "calibrated": calibrated.dense_ms(),
         "analytical": analytical.dense_ms(),
         "FLOPs proxy (x measured dense)": dense_ms,
+        cost_models.NULL: dense_ms,
     }
+    null_mape = metrics(np.ones(len(units)), dense_ms / measured)["mape"]
     rows = []
     for model_name, pred in predictions.items():
         as_speedup = metrics(dense_pred[model_name] / pred, dense_ms / measured)
@@ -108,6 +111,7 @@ def check(
                 "speedup within 10 %": as_speedup["within10"],
                 "speedup MAPE %": as_speedup["mape"],
                 "speedup tau": as_speedup["tau"],
+                "speedup skill vs null": 1 - as_speedup["mape"] / null_mape,
                 "absolute within 10 %": absolute["within10"],
                 "absolute MAPE %": absolute["mape"],
             }
@@ -123,6 +127,7 @@ def check(
             "speedup within 10 %": noise["within10"],
             "speedup MAPE %": noise["mape"],
             "speedup tau": noise["tau"],
+            "speedup skill vs null": 1 - noise["mape"] / null_mape,
             "absolute within 10 %": noise_abs["within10"],
             "absolute MAPE %": noise_abs["mape"],
         }
@@ -130,6 +135,7 @@ def check(
     raw = pd.DataFrame({"case": name, "measured_ms": measured, "dense_ms": dense_ms})
     for model_name, pred in predictions.items():
         raw[model_name] = pred
+        raw[f"{model_name}: dense"] = dense_pred[model_name]  # what a speedup is predicted against
     for i in range(spec.num_layers):
         raw[f"units{i}"], raw[f"mlp{i}"] = units[:, i], mlp[:, i]
     log.info(
@@ -233,7 +239,9 @@ def main() -> None:
         "Configurations: per-layer widths drawn around a keep ratio uniform in [0, 1] (empty to dense), "
         f"MLP in steps of {STEP}. `speedup` compares predicted and measured dense/pruned ratios; "
         "`absolute` the latencies themselves. The FLOPs proxy is anchored to the measured dense latency, "
-        "so its absolute error uses a measurement the other models do not have. The last row per case is "
+        "so its absolute error uses a measurement the other models do not have; the null predictor says pruning "
+        "changes nothing, and `skill vs null` is 1 - MAPE / its MAPE (positive: better than saying nothing "
+        "changes). The last row per case is "
         "this machine against itself (median of even rounds vs odd rounds): the noise floor.",
         "",
         markdown(report),

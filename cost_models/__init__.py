@@ -11,6 +11,8 @@ layer the attention units and MLP neurons kept.
     pred.source, pred.hardware, pred.workload  # "table" | "calibrated" | "analytical", "gpu_h100", Workload
     mixed = cost_models.mixed_precision_model(profile, spec, workload, ["bf16"], tables=tables)
     mixed.predict_mixed(units, mlp, attention_precision=a, mlp_precision=m)  # per block: index into mixed.precisions
+    refs = cost_models.reference_speedups(spec, workload, units, mlp)  # null and FLOPs predictors
+    acc = cost_models.speedup_accuracy(predicted, measured).against(cost_models.speedup_accuracy(refs[cost_models.NULL], measured))
 """
 
 from hwprune.cost_models._analytical import AnalyticalModel, Efficiency
@@ -28,15 +30,19 @@ from hwprune.cost_models._hardware import (
     width_step,
 )
 from hwprune.cost_models._mixed import MixedPrecisionModel
+from hwprune.cost_models._skill import FLOPS, NULL, Accuracy, reference_speedups, speedup_accuracy
 from hwprune.cost_models._spec import DTYPE_BYTES, BlockSpec, Workload
 from hwprune.cost_models._table import TABLE_FITS, LatencyTable, TableModel
 
 __all__ = [
     "BACKENDS",
     "DTYPE_BYTES",
+    "FLOPS",
     "KINDS",
+    "NULL",
     "SOURCES",
     "TABLE_FITS",
+    "Accuracy",
     "AnalyticalModel",
     "BlockSpec",
     "CalibratedModel",
@@ -59,6 +65,8 @@ __all__ = [
     "measure_peaks",
     "mixed_precision_model",
     "profile_names",
+    "reference_speedups",
+    "speedup_accuracy",
     "table_dir",
     "width_grid",
     "width_step",

@@ -94,8 +94,14 @@ def time_interleaved(
     return np.array(interleaved(timers, rounds=rounds, warmup=2))
 
 
-def pruned_models(dense: torch.nn.Module, units: np.ndarray, mlp: np.ndarray) -> Iterator[torch.nn.Module]:
-    """`dense`, then one physically pruned copy per row of (configurations, layers) `units` and `mlp`.
+def pruned_models(
+    dense: torch.nn.Module,
+    units: np.ndarray,
+    mlp: np.ndarray,
+    precisions: tuple[list[list[str]], list[list[str]]] | None = None,
+) -> Iterator[torch.nn.Module]:
+    """`dense`, then one physically pruned copy per row of (configurations, layers) `units` and `mlp`,
+    with its blocks at their (attention, rest) `precisions` where given, as a plan deploys them.
 
     A generator: with `time_interleaved` the dense model is on the device before it is copied.
     """
@@ -106,7 +112,10 @@ def pruned_models(dense: torch.nn.Module, units: np.ndarray, mlp: np.ndarray) ->
         plan = prunable.PrunePlan.from_units(
             structure, ref, attention=[range(u) for u in units[k]], mlp=[range(m) for m in mlp[k]]
         )
-        yield prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False)
+        if precisions is not None:
+            plan = plan.with_precisions(precisions[0][k], precisions[1][k])
+        pruned = prunable.apply_plan(copy.deepcopy(dense), plan, check_weights=False)
+        yield pruned if precisions is None else prunable.set_precisions(pruned, plan)
 
 
 def speed_windows(
@@ -190,6 +199,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile each table right before its check")
     parser.add_argument("--stability-seconds", type=float, default=120.0)
     parser.add_argument("--hardware", default="cpu_local", help="hardware profile (torch backend) to check")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="precision to time and predict (default the profile's first); another one reads and "
+        "profiles the tables named for it (minilm_b1_s128_bf16.csv)",
+    )
     parser.add_argument("--out", help="report path (default results/benchmarks/cost_models_<hardware>.md)")
     parser.add_argument(
         "--model-source",
@@ -211,7 +226,8 @@ def main() -> None:
             f"--hardware {args.hardware}: the check times torch models, its backend is {profile.backend!r}"
         )
     profile = cost_models.local_profile(profile) if profile.measure_peaks else profile
-    dtype = profile.resolve_dtype("auto")
+    dtype = profile.resolve_dtype(args.dtype)
+    tag = "" if args.dtype == "auto" else f"_{dtype}"  # the table names `hwprune-profile` gives
     device = torch_device(profile.device)  # fails here, naming the device, before any work
 
     dense = prunable.load_model(args.model_source, "BertModel")
@@ -224,14 +240,18 @@ def main() -> None:
         if args.profile:
             settings = GPU_PROFILE_ARGS if device.type == "cuda" else PROFILE_ARGS[name]
             source = "" if args.model_source == prunable.MINILM else f" model.source={args.model_source}"
+            dtype_arg = "" if args.dtype == "auto" else f" workload.dtype={dtype}"
             command = (
-                f"hwprune-profile hardware={args.hardware} workload={name}{source} overwrite=true {settings}"
+                f"hwprune-profile hardware={args.hardware} workload={name}{dtype_arg}{source} overwrite=true "
+                f"{settings}"
             )
             log.info("running %s", command)
             subprocess.run(command.split(), check=True)
         workload = cost_models.Workload(batch_size=batch, seq_len=seq, dtype=dtype)
         where = cost_models.table_dir(profile.name, profile.kind)
-        path = next(iter(cost_models.find_tables(f"results/tables/{where}/minilm_b{batch}_s{seq}.csv")), None)
+        path = next(
+            iter(cost_models.find_tables(f"results/tables/{where}/minilm_b{batch}_s{seq}{tag}.csv")), None
+        )
         if path is None:
             raise SystemExit(
                 f"no table for {name}: run with --profile, or `hwprune-profile` as in the docstring"
@@ -311,6 +331,7 @@ def write(
         "",
         "Command: `python benchmarks/cost_models_check.py"
         + (f" --hardware {args.hardware}" if args.hardware != "cpu_local" else "")
+        + (f" --dtype {args.dtype}" if args.dtype != "auto" else "")
         + f"{' --profile' if args.profile else ''} --configs {args.configs} --repeats {args.repeats}"
         + (f" --previous {args.previous}" if args.previous else "")
         + (f" --model-source {args.model_source}" if args.model_source != prunable.MINILM else "")

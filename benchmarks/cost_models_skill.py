@@ -34,14 +34,12 @@ from hwprune import cost_models
 
 log = logging.getLogger("cost_models_skill")
 
-# (measurements, hardware profile, tables of the machine that measured them)
+AMD_25 = "results/tables/cpu_local/amd-epyc-family-25-model-17-stepping-1-x2"
+# (measurements, hardware profile, tables of the machine that measured them, their name's dtype tag)
 CHECKS = [
-    (
-        "results/benchmarks/cost_models_cpu_local.csv",
-        "cpu_local",
-        "results/tables/cpu_local/amd-epyc-family-25-model-17-stepping-1-x2",
-    ),
-    ("results/benchmarks/cost_models_gpu_h200.csv", "gpu_h200", "results/tables/gpu_h200"),
+    ("results/benchmarks/cost_models_cpu_local.csv", "cpu_local", AMD_25, ""),
+    ("results/benchmarks/cost_models_cpu_local_bf16.csv", "cpu_local", AMD_25, "_bf16"),
+    ("results/benchmarks/cost_models_gpu_h200.csv", "gpu_h200", "results/tables/gpu_h200", ""),
 ]
 UNSEEN = ["results/benchmarks/cost_models_unseen.csv", "results/benchmarks/cost_models_unseen_gpu_h200.csv"]
 WORKLOADS = {"b1_s128": (1, 128), "b32_s128": (32, 128)}
@@ -86,12 +84,12 @@ def peaks_of_run(md: Path, profile: cost_models.HardwareProfile) -> cost_models.
     )
 
 
-def check_section(csv: Path, hardware: str, tables: Path) -> list[str]:
+def check_section(csv: Path, hardware: str, tables: Path, tag: str) -> list[str]:
     md = csv.with_suffix(".md")
     frame = pd.read_csv(csv)
     profile = peaks_of_run(md, cost_models.load_profile(hardware))
     lines = [
-        f"## `{csv.name}`: tables profiled, then checked ({hardware})",
+        f"## `{csv.name}`: tables profiled, then checked ({hardware}{tag.replace('_', ', ')})",
         "",
         f"Measured by `{report_line(md, 'Command:').split('`')[1]}` on {report_line(md, 'Machine:')}; "
         f"run {', '.join(sorted(set(frame.run_utc.astype(str))))} UTC. Models rebuilt from `{tables}` "
@@ -104,7 +102,7 @@ def check_section(csv: Path, hardware: str, tables: Path) -> list[str]:
     ]
     text = md.read_text()
     for name, (batch, seq) in WORKLOADS.items():
-        table = cost_models.LatencyTable.load(tables / f"minilm_b{batch}_s{seq}.csv")
+        table = cost_models.LatencyTable.load(tables / f"minilm_b{batch}_s{seq}{tag}.csv")
         if str(table.meta.get("date")) not in text:  # the run reports its tables' dates
             raise SystemExit(
                 f"{tables}: the {name} table ({table.meta.get('date')}) is not the one {md} used"
@@ -124,18 +122,22 @@ def check_section(csv: Path, hardware: str, tables: Path) -> list[str]:
             }
             predicted |= cost_models.reference_speedups(spec, workload, units, mlp)
             scores = score(predicted, measured)
-            lines += [
-                f"### {name}, `{set_name}` set ({len(rows)} configurations; measured speedups "
-                f"{measured.min():.2f}-{measured.max():.2f}x)",
-                "",
-                HEADER,
-                "| --- | --- | --- | --- | --- | --- |",
-                *(row(m, a) for m, a in scores.items()),
-                "",
-                verdict(scores),
-                "",
-            ]
+            lines += section(f"{name}, `{set_name}` set", measured, scores)
     return lines
+
+
+def section(title: str, measured: np.ndarray, scores: dict[str, cost_models.Accuracy]) -> list[str]:
+    """One set's table: each predictor's figures, then which beat the null predictor."""
+    return [
+        f"### {title} ({len(measured)} configurations; measured speedups {measured.min():.2f}-{measured.max():.2f}x)",
+        "",
+        HEADER,
+        "| --- | --- | --- | --- | --- | --- |",
+        *(row(m, a) for m, a in scores.items()),
+        "",
+        verdict(scores),
+        "",
+    ]
 
 
 def score(predicted: dict[str, np.ndarray], measured: np.ndarray) -> dict[str, cost_models.Accuracy]:
@@ -189,16 +191,7 @@ def unseen_section(csv: Path) -> list[str]:
             scores[model] = acc.against(null)
         scores[cost_models.FLOPS] = flops.against(null)
         scores[cost_models.NULL] = null.against(null)
-        lines += [
-            f"### {case} ({len(rows)} configurations; measured speedups {measured.min():.2f}-{measured.max():.2f}x)",
-            "",
-            HEADER,
-            "| --- | --- | --- | --- | --- | --- |",
-            *(row(m, a) for m, a in scores.items()),
-            "",
-            verdict(scores),
-            "",
-        ]
+        lines += section(str(case), measured, scores)
     return lines
 
 
@@ -226,8 +219,8 @@ def main() -> None:
         "predictor, which ranks nothing.",
         "",
     ]
-    for csv, hardware, tables in CHECKS:
-        lines += check_section(Path(csv), hardware, Path(tables))
+    for csv, hardware, tables, tag in CHECKS:
+        lines += check_section(Path(csv), hardware, Path(tables), tag)
     for csv in UNSEEN:
         lines += unseen_section(Path(csv))
     Path(args.out).write_text("\n".join(lines))

@@ -3,7 +3,8 @@
 Two searches of the same model, task and device: widths only (`search.precisions=[fp32]`) and
 widths with each block's precision (the default on cpu_local: fp32 and bf16). Plans are chosen on a
 validation part of STS-B train (1000 pairs held out of the training file, never used to score units,
-calibrate or recover), and reported on STS-B dev by `hwprune-apply`, which measures each chosen plan
+calibrate or recover; `task.build.validation_path`, so pareto.csv's `metric_validation`), and
+reported on STS-B dev by `hwprune-apply`, which measures each chosen plan
 against the dense fp32 model in interleaved rounds on this CPU. Goals on the validation metric: the
 fastest plan (predicted) within 1.0 and within 0.5 Spearman point of dense; the uniform-bf16 dense
 model (`dense bf16`) is applied beside them.
@@ -48,13 +49,21 @@ def split_train(stsb: Path, work: Path, seed: int = 0) -> tuple[Path, Path]:
     return train, val
 
 
-def search_config(train: Path, evaluation: Path, args: argparse.Namespace, *overrides: str) -> AppConfig:
+def task_overrides(train: Path, validation: Path, evaluation: Path) -> list[str]:
+    """The STS task: trained on `train`, plans chosen on `validation`, reported on `evaluation`."""
+    return [
+        "task=sts",
+        f"task.build.train_path={train}",
+        f"task.build.validation_path={validation}",
+        f"task.build.eval_path={evaluation}",
+    ]
+
+
+def search_config(task: list[str], args: argparse.Namespace, *overrides: str) -> AppConfig:
     cfg = compose(
         "config",
         [
-            "task=sts",
-            f"task.build.train_path={train}",
-            f"task.build.eval_path={evaluation}",
+            *task,
             "hardware=cpu_local",
             "workload=b32_s128",
             f"search.n_trials={args.trials}",
@@ -74,7 +83,7 @@ def chosen(pareto: pd.DataFrame, points: float) -> pd.Series | None:
     ok = pareto[
         (pareto.kind != "dense")
         & (pareto.degenerate.fillna("") == "")
-        & (pareto.metric >= dense.metric - points)
+        & (pareto.metric_validation >= dense.metric_validation - points)
     ]
     return None if ok.empty else ok.sort_values("speedup").iloc[-1]
 
@@ -96,22 +105,21 @@ def main() -> None:
     stsb = Path(args.stsb).resolve()
     train, val = split_train(stsb, args.work)
     dev = stsb / "sts-dev.csv"
+    task_args = task_overrides(train, val, dev)
 
     runs = {"widths only": ["search.precisions=[fp32]"], "widths and precision": []}
     rows, seconds = [], {}
     for name, overrides in runs.items():
         run_dir = args.work / name.replace(" ", "_")
         started = time.perf_counter()
-        outcome = run_config(search_config(train, val, args, *overrides), run_dir)
+        outcome = run_config(search_config(task_args, args, *overrides), run_dir)
         pareto = write_report(outcome)
         seconds[name] = time.perf_counter() - started
         picks = [(f"within {g} of dense (validation)", chosen(pareto, g)) for g in GOALS]
         if name == "widths and precision":
             picks.append(("uniform bf16", pareto[pareto.label == "dense bf16"].iloc[0]))
-        dense_val = float(pareto[pareto.kind == "dense"].metric.iloc[0])
-        task = compose(
-            "config", ["task=sts", f"task.build.train_path={train}", f"task.build.eval_path={dev}"]
-        ).task
+        dense_val = float(pareto[pareto.kind == "dense"].metric_validation.iloc[0])
+        task = compose("config", task_args).task  # the search's task: the same data for recovery
         for goal, row in picks:
             if row is None:
                 rows.append({"search": name, "goal": goal, "plan": "none meets it"})
@@ -135,7 +143,7 @@ def main() -> None:
                     "plan": row.label,
                     "precisions": row.precisions if isinstance(row.precisions, str) else "",
                     "predicted": row.speedup,
-                    "val": row.metric,
+                    "val": row.metric_validation,
                     "val_dense": dense_val,
                     "dev": result["metric_pruned"],
                     "dev_dense": result["metric_dense"],

@@ -26,6 +26,7 @@ import numpy as np
 from hwprune.cost_models._base import CostModel
 from hwprune.cost_models._hardware import HardwareProfile
 from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,9 @@ class Efficiency:
             or min(self.overhead, self.half_rows) < 0
             or self.ramp_floor_rows < 1
         ):
-            raise ValueError(f"efficiencies must be in (0, 1.5] and overhead, half_rows >= 0, got {self}")
+            raise ConfigError(f"efficiencies must be in (0, 1.5] and overhead, half_rows >= 0, got {self}")
         if not self.outside > 0:
-            raise ValueError(f"Efficiency.outside must be positive, got {self.outside}")
+            raise ConfigError(f"Efficiency.outside must be positive, got {self.outside}")
 
 
 def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.errors import PlanError
 
 SOURCES = ("table", "calibrated", "analytical")
 
@@ -93,20 +94,18 @@ class CostModel(ABC):
         """The widths of `predict` as arrays of one shape, each checked against the dense block."""
         u, m = np.asarray(units), np.asarray(mlp)
         if u.shape != m.shape or u.ndim < 1 or u.shape[-1] != self.spec.num_layers:
-            raise ValueError(
+            raise PlanError(
                 f"need matching (..., {self.spec.num_layers}) widths, got units {u.shape} and mlp {m.shape}"
             )
         e = None if experts is None else np.broadcast_to(np.asarray(experts), u.shape)
         w = None if expert_width is None else np.broadcast_to(np.asarray(expert_width), u.shape)
         s = self.spec
         if (e is not None or w is not None) and not s.experts:
-            raise ValueError(
-                "experts and expert_width apply to mixture-of-experts blocks; this spec has none"
-            )
+            raise PlanError("experts and expert_width apply to mixture-of-experts blocks; this spec has none")
         checks = [("units", u, 0, s.units), ("mlp", m, 0, s.mlp), ("experts", e, s.top_k, s.experts)]
         for name, values, low, top in [*checks, ("expert_width", w, 1, s.expert_width)]:
             if values is not None and values.size and (values.min() < low or values.max() > top):
-                raise ValueError(
+                raise PlanError(
                     f"{name} widths must lie in [{low}, {top}], got range [{values.min()}, {values.max()}]"
                 )
         return u, m, e, w
@@ -116,7 +115,7 @@ class CostModel(ABC):
         if dropped is not None:
             d = np.asarray(dropped, dtype=bool)
             if d.shape[-1:] != blocks.shape[-1:]:
-                raise ValueError(f"dropped must be (..., {self.spec.num_layers}), got {d.shape}")
+                raise PlanError(f"dropped must be (..., {self.spec.num_layers}), got {d.shape}")
             blocks = np.where(d, 0.0, blocks)
         latency = blocks.sum(-1) + self.base_ms
         return Prediction(

@@ -19,6 +19,7 @@ from hwprune.cost_models._analytical import AnalyticalModel, Efficiency
 from hwprune.cost_models._hardware import HardwareProfile
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models._table import LatencyTable, TableModel
+from hwprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,12 @@ def calibrate(
         ValueError: No table, a table of another profile, or one with fewer than 3 grid points.
     """
     if not tables:
-        raise ValueError(f"calibrating {profile.name} needs at least one profiled table, got none")
+        raise ConfigError(f"calibrating {profile.name} needs at least one profiled table, got none")
     for table in tables:
         if table.hardware != profile.name:
-            raise ValueError(f"a table of {table.hardware!r} cannot calibrate {profile.name!r}")
+            raise ConfigError(f"a table of {table.hardware!r} cannot calibrate {profile.name!r}")
         if len(table.frame) < 3:
-            raise ValueError(f"calibration needs >= 3 measured points per table, one has {len(table.frame)}")
+            raise ConfigError(f"calibration needs >= 3 measured points per table, one has {len(table.frame)}")
     targets = [_targets(profile, t) for t in tables]
     fit_ramp = len({t.workload.tokens for t in tables}) > 1
     # The fewest rows of any fitted GEMM (attention's are seq_len, the projections' batch x seq_len):

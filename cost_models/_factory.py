@@ -15,9 +15,10 @@ from hwprune.cost_models._base import CostModel
 from hwprune.cost_models._calibrate import calibrate
 from hwprune.cost_models._cpu_peaks import cpu_name
 from hwprune.cost_models._hardware import HardwareProfile
-from hwprune.cost_models._mixed import MixedPrecisionModel
+from hwprune.cost_models._mixed import MixedPrecisionModel, edge_costs, session_scales
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models._table import LatencyTable, TableModel
+from hwprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def cost_model_for(
     resolved = profile.resolve_workload(workload)
     for table in tables:
         if table.hardware != profile.name:
-            raise ValueError(f"a table of {table.hardware!r} was passed for hardware {profile.name!r}")
+            raise ConfigError(f"a table of {table.hardware!r} was passed for hardware {profile.name!r}")
     for table in tables:
         if table.spec == spec and table.workload == resolved:
             return TableModel(table=table, workload=resolved, fit=profile.table_fit)
@@ -146,4 +147,10 @@ def mixed_precision_model(
     for p in wanted:
         profile.resolve_dtype(p)  # the device's error, naming its dtypes
     models = {p: cost_model_for(profile, spec, replace(resolved, dtype=p), tables=tables) for p in wanted}
-    return MixedPrecisionModel(models, reference=resolved.dtype)
+    scales = session_scales(models, resolved.dtype)
+    return MixedPrecisionModel(
+        models,
+        reference=resolved.dtype,
+        session_scales=scales,
+        edge_ms=edge_costs(models, resolved.dtype, scales),
+    )

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from hwprune.cost_models._spec import DTYPE_BYTES, Workload
 from hwprune.cost_models._table import TABLE_FITS
+from hwprune.errors import ConfigError
 
 KINDS = ("gpu", "tpu", "npu", "cpu")
 BACKENDS = ("torch", "jax", "onnxruntime")
@@ -77,37 +78,37 @@ class HardwareProfile:
     def validate(self) -> HardwareProfile:
         """Raise ValueError naming the bad value and the valid choices; return self."""
         if self.kind not in KINDS:
-            raise ValueError(
+            raise ConfigError(
                 f"hardware {self.name}: unknown kind {self.kind!r}; valid choices: {list(KINDS)}"
             )
         if self.backend not in BACKENDS:
-            raise ValueError(
+            raise ConfigError(
                 f"hardware {self.name}: unknown backend {self.backend!r}; valid choices: {list(BACKENDS)}"
             )
         if self.table_fit not in TABLE_FITS:
-            raise ValueError(
+            raise ConfigError(
                 f"hardware {self.name}: unknown table_fit {self.table_fit!r}; valid choices: {list(TABLE_FITS)}"
             )
         unknown = sorted(set(self.dtypes) - set(DTYPE_BYTES))
         if unknown or not self.dtypes:
-            raise ValueError(
+            raise ConfigError(
                 f"hardware {self.name}: dtypes {unknown or '[]'} invalid; valid choices: {sorted(DTYPE_BYTES)}"
             )
         missing = [d for d in self.dtypes if d not in self.peak_tflops]
         if missing:
-            raise ValueError(f"hardware {self.name}: no peak_tflops for dtypes {missing}")
+            raise ConfigError(f"hardware {self.name}: no peak_tflops for dtypes {missing}")
         for key, value in [("memory_bandwidth_gbs", self.memory_bandwidth_gbs), *self.peak_tflops.items()]:
             if not value > 0:
-                raise ValueError(f"hardware {self.name}: {key} must be positive, got {value}")
+                raise ConfigError(f"hardware {self.name}: {key} must be positive, got {value}")
         for key in ("compute_units", "tile_m", "tile_n", "tile_k"):
             if getattr(self, key) < 1:
-                raise ValueError(f"hardware {self.name}: {key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"hardware {self.name}: {key} must be >= 1, got {getattr(self, key)}")
         if self.min_tile_m is not None and not 1 <= self.min_tile_m <= self.tile_m:
-            raise ValueError(
+            raise ConfigError(
                 f"hardware {self.name}: min_tile_m must be in [1, tile_m={self.tile_m}], got {self.min_tile_m}"
             )
         if self.launch_overhead_us < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"hardware {self.name}: launch_overhead_us must be >= 0, got {self.launch_overhead_us}"
             )
         return self
@@ -121,7 +122,7 @@ class HardwareProfile:
         if dtype == "auto":
             return self.dtypes[0]
         if dtype not in self.dtypes:
-            raise ValueError(
+            raise ConfigError(
                 f"hardware {self.name} does not run {dtype!r}; its dtypes: {self.dtypes} (or 'auto')"
             )
         return dtype
@@ -149,23 +150,23 @@ def load_profile(name: str) -> HardwareProfile:
     if path.suffix not in (".yaml", ".yml"):
         shipped = resources.files("hwprune.conf") / "hardware" / f"{name}.yaml"
         if not shipped.is_file():
-            raise ValueError(f"unknown hardware profile {name!r}; valid choices: {profile_names()}")
+            raise ConfigError(f"unknown hardware profile {name!r}; valid choices: {profile_names()}")
         text = shipped.read_text()
     elif path.is_file():
         text = path.read_text()
     else:
-        raise ValueError(f"hardware profile file {path} does not exist")
+        raise ConfigError(f"hardware profile file {path} does not exist")
     data = yaml.safe_load(text) or {}
     data.pop("defaults", None)
     declared = {f.name: f for f in dataclasses.fields(HardwareProfile)}
     unknown = sorted(set(data) - set(declared))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"hardware profile {name!r}: unknown key {unknown[0]!r}; valid keys: {sorted(declared)}"
         )
     missing = sorted(k for k, f in declared.items() if f.default is MISSING and k not in data)
     if missing:
-        raise ValueError(f"hardware profile {name!r}: missing required {missing}")
+        raise ConfigError(f"hardware profile {name!r}: missing required {missing}")
     return HardwareProfile(**data).validate()
 
 
@@ -187,5 +188,5 @@ def width_grid(dense: int, step: int, *, start: int = 0) -> tuple[int, ...]:
         ValueError: `step` < 1.
     """
     if step < 1:
-        raise ValueError(f"width step must be >= 1, got {step}")
+        raise ConfigError(f"width step must be >= 1, got {step}")
     return tuple(sorted({*range(start, dense + 1, step), dense}))

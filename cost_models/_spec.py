@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from hwprune.errors import ConfigError
+
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 PHASES = ("prefill", "decode")
 NORMS = ("layernorm", "rmsnorm")
@@ -52,20 +54,20 @@ class BlockSpec:
         )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"BlockSpec.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"BlockSpec.{name} must be >= 1, got {getattr(self, name)}")
         if self.mlp < 0 or self.experts < 0:
-            raise ValueError(f"BlockSpec.mlp and experts must be >= 0, got {self.mlp}, {self.experts}")
+            raise ConfigError(f"BlockSpec.mlp and experts must be >= 0, got {self.mlp}, {self.experts}")
         if self.experts and not (1 <= self.top_k <= self.experts and self.expert_width >= 1):
-            raise ValueError(
+            raise ConfigError(
                 f"a mixture-of-experts BlockSpec needs 1 <= top_k <= experts and expert_width >= 1, got "
                 f"top_k={self.top_k}, experts={self.experts}, expert_width={self.expert_width}"
             )
         if self.head_width < 0:
-            raise ValueError(f"BlockSpec.head_width must be >= 0, got {self.head_width}")
+            raise ConfigError(f"BlockSpec.head_width must be >= 0, got {self.head_width}")
         if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+            raise ConfigError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; valid choices: {list(NORMS)}")
+            raise ConfigError(f"unknown norm {self.norm!r}; valid choices: {list(NORMS)}")
 
     def params(
         self,
@@ -143,15 +145,17 @@ class Workload:
         if self.seq_len == 0:  # frozen: the phase's default is filled in once, here
             object.__setattr__(self, "seq_len", 1 if self.phase == "decode" else 128)
         if self.batch_size < 1 or self.seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {self.batch_size}, {self.seq_len}")
+            raise ConfigError(f"batch_size and seq_len must be >= 1, got {self.batch_size}, {self.seq_len}")
         if self.dtype not in DTYPE_BYTES and self.dtype != "auto":
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid choices: {[*sorted(DTYPE_BYTES), 'auto']}")
+            raise ConfigError(
+                f"unknown dtype {self.dtype!r}; valid choices: {[*sorted(DTYPE_BYTES), 'auto']}"
+            )
         if self.phase not in PHASES:
-            raise ValueError(f"unknown phase {self.phase!r}; valid choices: {list(PHASES)}")
+            raise ConfigError(f"unknown phase {self.phase!r}; valid choices: {list(PHASES)}")
         if self.phase == "decode" and self.kv_len < 1:
-            raise ValueError(f"decode needs kv_len >= 1 (tokens in the KV cache), got {self.kv_len}")
+            raise ConfigError(f"decode needs kv_len >= 1 (tokens in the KV cache), got {self.kv_len}")
         if self.kv_len < 0:
-            raise ValueError(f"kv_len must be >= 0, got {self.kv_len}")
+            raise ConfigError(f"kv_len must be >= 0, got {self.kv_len}")
 
     @property
     def tokens(self) -> int:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from hwprune.cost_models._base import CostModel
 from hwprune.cost_models._spec import BlockSpec, Workload
+from hwprune.errors import ConfigError, DataError, PlanError
 
 COLUMNS = ["units", "heads", "mlp", "latency_ms", "p10_ms", "p90_ms", "repeats"]
 
@@ -67,7 +68,7 @@ class LatencyTable:
         frame = pd.read_csv(path)
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:
-            raise ValueError(f"latency table {path} lacks columns {missing}; expected {COLUMNS}")
+            raise DataError(f"latency table {path} lacks columns {missing}; expected {COLUMNS}")
         side = json.loads(sidecar_path.read_text())
         return cls(
             frame=frame,
@@ -107,9 +108,9 @@ class TableModel(CostModel):
         self, *, table: LatencyTable, workload: Workload | None = None, fit: str = "additive"
     ) -> None:
         if fit not in TABLE_FITS:
-            raise ValueError(f"unknown table fit {fit!r}; valid choices: {list(TABLE_FITS)}")
+            raise ConfigError(f"unknown table fit {fit!r}; valid choices: {list(TABLE_FITS)}")
         if workload is not None and workload != table.workload:
-            raise ValueError(
+            raise ConfigError(
                 f"table for {table.hardware} was profiled at {table.workload.describe()}, not "
                 f"{workload.describe()}; profile that workload or use the analytical model"
             )
@@ -119,9 +120,9 @@ class TableModel(CostModel):
         self.workload = table.workload
         grid = table.frame.pivot_table(index="units", columns="mlp", values="latency_ms", aggfunc="median")
         if grid.isna().any().any():
-            raise ValueError(f"latency table for {table.hardware} has an incomplete (units x mlp) grid")
+            raise DataError(f"latency table for {table.hardware} has an incomplete (units x mlp) grid")
         if min(grid.shape) < 2:
-            raise ValueError(
+            raise DataError(
                 f"latency table for {table.hardware} needs >= 2 grid points per axis, got {grid.shape}"
             )
         self.units_grid = grid.index.to_numpy(dtype=np.float64)
@@ -157,7 +158,7 @@ class TableModel(CostModel):
         u, m = np.broadcast_arrays(np.asarray(units, dtype=np.float64), np.asarray(mlp, dtype=np.float64))
         for name, values, grid in (("units", u, self.units_grid), ("mlp", m, self.mlp_grid)):
             if values.size and (values.min() < grid[0] or values.max() > grid[-1]):
-                raise ValueError(
+                raise PlanError(
                     f"{name} width {values.min() if values.min() < grid[0] else values.max():g} is outside the "
                     f"profiled range [{grid[0]:g}, {grid[-1]:g}] of the {self.hardware} table; not extrapolating"
                 )

@@ -17,6 +17,7 @@ from torch import nn
 
 from hwprune import prunable
 from hwprune._registry import Registry
+from hwprune.errors import ConfigError, DataError, PlanError, UnsupportedModelError
 from hwprune.hessian._calibration import Calibration
 
 
@@ -44,12 +45,12 @@ class UnitScores:
         """Per layer, the scores of one kind of unit ("attention", "mlp", "experts", "expert_mlp")."""
         if kind in prunable.GATE_KINDS:
             return getattr(self, kind)
-        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(prunable.GATE_KINDS)}")
+        raise ConfigError(f"unknown unit kind {kind!r}; valid kinds: {list(prunable.GATE_KINDS)}")
 
     def check(self, structure: prunable.Structure) -> None:
         """Raise ValueError unless there is one finite score per unit of `structure`."""
         if self.structure_fingerprint != structure.fingerprint():
-            raise ValueError(
+            raise PlanError(
                 f"scores are for structure {self.structure_fingerprint}, the model is {structure.fingerprint()}"
             )
         shapes = {
@@ -63,12 +64,12 @@ class UnitScores:
             if kind in ("experts", "expert_mlp") and not moe and not self.of(kind):
                 continue  # dense models carry no expert scores
             if len(self.of(kind)) != structure.num_layers:
-                raise ValueError(
+                raise PlanError(
                     f"{kind}: scores for {len(self.of(kind))} layers, the model has {structure.num_layers}"
                 )
             for i, (scores, layer) in enumerate(zip(self.of(kind), structure.layers, strict=True)):
                 if tuple(scores.shape) != shape(layer):
-                    raise ValueError(
+                    raise PlanError(
                         f"layer {i} {kind}: {tuple(scores.shape)} scores for {shape(layer)} units"
                     )
                 if not bool(torch.isfinite(scores).all()):
@@ -154,18 +155,18 @@ class ScoringOptions:
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in SCORING_DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown scoring dtype {self.dtype!r}; valid choices: {[*SCORING_DTYPES, None]}"
             )
         if self.max_samples is not None and (isinstance(self.max_samples, bool) or self.max_samples < 1):
-            raise ValueError(f"max_samples must be >= 1 or None, got {self.max_samples!r}")
+            raise ConfigError(f"max_samples must be >= 1 or None, got {self.max_samples!r}")
         if self.device is not None:
             try:
                 kind = torch.device(self.device).type
             except (RuntimeError, TypeError):
                 kind = None
             if kind not in ("cpu", "cuda", "mps"):
-                raise ValueError(
+                raise ConfigError(
                     f"unknown scoring device {self.device!r}; valid choices: 'cpu', 'cuda[:i]', 'mps', None"
                 )
 
@@ -241,7 +242,7 @@ class Saliency(ABC):
         options = options or ScoringOptions()
         structure = prunable.discover(model)
         if not calibration.batches:
-            raise ValueError(f"{self.name}: calibration has no batches")
+            raise DataError(f"{self.name}: calibration has no batches")
         self.check_structure(structure)
         self.check_objective(calibration)
         moe = any(la.is_moe for la in structure.layers)
@@ -271,7 +272,7 @@ class Saliency(ABC):
         )
         scores.check(structure)
         if all(not bool(t.any()) for kind in prunable.GATE_KINDS for t in scores.of(kind)):
-            raise ValueError(
+            raise ConfigError(
                 f"saliency={self.name} scored every unit 0 on {calibration.description}: the loss does not "
                 "change with any unit there, so every plan would look free; use a task with labels, or "
                 f"another saliency method: {[m.name for m in SALIENCY if m is not type(self)]}"
@@ -288,7 +289,7 @@ class Saliency(ABC):
         Cheap (no model needed): apps call it before loading data or running anything.
         """
         if any(la.is_moe for la in structure.layers) and not self.scores_experts:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"saliency {self.name} does not score routed experts, and {structure.model_class} has them; "
                 f"valid for mixture-of-experts models: {[m.name for m in SALIENCY if m.scores_experts]}"
             )
@@ -301,7 +302,7 @@ class Saliency(ABC):
         objective = calibration.objective
         if self.gradient_only and objective.minimal_at_dense:
             valid = [m.name for m in SALIENCY if not m.gradient_only]
-            raise ValueError(
+            raise ConfigError(
                 f"saliency={self.name} uses the loss gradient alone, and the {objective.name} objective is at "
                 f"its minimum at the dense model (a distance to its own outputs): every score would be 0; "
                 f"valid with this objective: {valid}, or a task with labels"

@@ -16,6 +16,8 @@ from typing import ClassVar
 
 import torch
 
+from hwprune.errors import ConfigError
+
 
 @dataclass
 class Batch:
@@ -79,7 +81,7 @@ class Batch:
         if max_samples is None or max_samples >= n:
             return [self]
         if max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+            raise ConfigError(f"max_samples must be >= 1 or None, got {max_samples}")
         parts = []
         row_ids = self.row_samples()
         for start in range(0, n, max_samples):

@@ -17,6 +17,7 @@ from torch import nn
 
 from hwprune import prunable
 from hwprune._progress import Progress
+from hwprune.errors import DataError
 from hwprune.hessian._base import ScoringOptions, placed
 from hwprune.hessian._calibration import Calibration, check_finite
 
@@ -39,7 +40,7 @@ def layer_scores(
     """
     options = options or ScoringOptions()
     if not calibration.batches:
-        raise ValueError("layer scores: calibration has no batches")
+        raise DataError("layer scores: calibration has no batches")
     structure = prunable.discover(model)
     n_layers = structure.num_layers
     total = torch.zeros(n_layers, dtype=torch.float64)

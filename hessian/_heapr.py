@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
+from hwprune.errors import UnsupportedModelError
 from hwprune.hessian._base import Scored, ScoringOptions, SeededSaliency
 from hwprune.hessian._calibration import Calibration
 from hwprune.hessian._gate_grads import per_sample_gate_grads, zero_scores
@@ -35,7 +36,7 @@ class HEAPrSaliency(SeededSaliency):
 
     def check_structure(self, structure: prunable.Structure) -> None:
         if not any(layer.is_moe for layer in structure.layers):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"saliency heapr scores routed experts and {structure.model_class} has none; use nvit (the "
                 "scores heapr gives attention and dense MLP units)"
             )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
+from hwprune.errors import ConfigError
 from hwprune.hessian._base import Saliency, ScoringOptions, frozen, unit_sums
 from hwprune.hessian._calibration import Calibration, check_finite
 from hwprune.hessian._layer_progress import layer_progress
@@ -54,11 +55,11 @@ class HutchinsonSaliency(Saliency):
         seed: int = 0,
     ) -> None:
         if not 1 <= min_probes <= max_probes:
-            raise ValueError(
+            raise ConfigError(
                 f"need 1 <= min_probes <= max_probes, got min_probes={min_probes}, max_probes={max_probes}"
             )
         if tol <= 0:
-            raise ValueError(f"tol must be positive, got {tol}")
+            raise ConfigError(f"tol must be positive, got {tol}")
         self.max_probes, self.min_probes, self.tol, self.patience, self.seed = (
             max_probes,
             min_probes,

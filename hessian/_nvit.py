@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from hwprune import prunable
+from hwprune.errors import ConfigError
 from hwprune.hessian._base import Scored, ScoringOptions, SeededSaliency
 from hwprune.hessian._calibration import Calibration
 from hwprune.hessian._gate_grads import mean_over_samples, per_sample_gate_grads, zero_scores
@@ -41,7 +42,7 @@ class NViTSaliency(SeededSaliency):
     def __init__(self, *, seed: int = 0, first_order: bool = False) -> None:
         super().__init__(seed=seed)
         if not isinstance(first_order, bool):
-            raise ValueError(f"first_order must be True or False, got {first_order!r}")
+            raise ConfigError(f"first_order must be True or False, got {first_order!r}")
         self.first_order = first_order
 
     def params(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hwprune import prunable
+from hwprune.errors import ConfigError, UnsupportedModelError
 from hwprune.hessian._base import frozen
 from hwprune.hessian._calibration import Batch, Calibration, check_finite
 
@@ -61,7 +62,7 @@ def quantize_weight(w: torch.Tensor, precision: str, out_dim: int = 0) -> torch.
         absmax = w.abs().amax(dim=1 - out_dim, keepdim=True).clamp_min(1e-12)  # one scale per output channel
         scale = absmax / 127
         return (w / scale).round().clamp(-127, 127) * scale
-    raise ValueError(
+    raise ConfigError(
         f"precision={precision!r} is not quantised here; valid choices: {list(QUANT_PRECISIONS)}"
     )
 
@@ -85,7 +86,7 @@ def input_quantizer(precision: str, low: float, high: float) -> Callable[[torch.
     if precision == "fp16":
         return lambda x: x.to(torch.float16).to(x.dtype)
     if precision != "int8":
-        raise ValueError(
+        raise ConfigError(
             f"precision={precision!r} is not quantised here; valid choices: {list(QUANT_PRECISIONS)}"
         )
     low, high = min(low, 0.0), max(high, 0.0)
@@ -119,7 +120,9 @@ def block_projections(model: nn.Module) -> list[dict[str, list[nn.Module]]]:
     out = []
     for lc in prunable.couplings(model):
         if lc.experts is not None:
-            raise ValueError("precision sensitivity of mixture-of-experts layers is not supported yet")
+            raise UnsupportedModelError(
+                "precision sensitivity of mixture-of-experts layers is not supported yet"
+            )
         blocks = {}
         for block, coupled in (("attention", lc.attention), ("mlp", lc.mlp)):
             blocks[block] = list({id(c.module): c.module for c in coupled}.values())
@@ -172,7 +175,7 @@ def precision_sensitivity(
     """
     for p in precisions:
         if p not in QUANT_PRECISIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"precision={p!r} is not quantised here; valid choices: {list(QUANT_PRECISIONS)}"
             )
     layers = block_projections(model)

@@ -11,6 +11,7 @@ with prunable.exportable(model): torch.onnx.export(...)   # routed experts as a 
 
 from typing import Any
 
+from hwprune.errors import PlanError
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap
 from hwprune.prunable._discover import discover, is_decoder, weights_fingerprint
 from hwprune.prunable._export import exportable
@@ -18,7 +19,7 @@ from hwprune.prunable._families import Skipped, supported_model_types
 from hwprune.prunable._gates import GATE_KINDS, Gates, blocks, couplings, gated
 from hwprune.prunable._io import BUNDLED, load_model, load_pruned, resolve_source, save_pruned
 from hwprune.prunable._kv_cache import append_kv
-from hwprune.prunable._plan import PLAN_PRECISIONS, PLAN_VERSION, LayerPlan, ModelRef, PlanError, PrunePlan
+from hwprune.prunable._plan import PLAN_PRECISIONS, PLAN_VERSION, LayerPlan, ModelRef, PrunePlan
 from hwprune.prunable._plan_checks import EXPERT_WIDTH_STEP
 from hwprune.prunable._precision import block_precisions, precision_summary, set_precisions
 from hwprune.prunable._structure import UNIT_KINDS, LayerStructure, Structure, UnitKind

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hwprune.errors import ConfigError
 from hwprune.prunable._experts import ExpertCoupling
 
 Side = Literal["out", "in"]
@@ -139,4 +140,4 @@ class LayerCouplings:
             return self.attention
         if kind == "mlp":
             return self.mlp
-        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: ['attention', 'mlp']")
+        raise ConfigError(f"unknown unit kind {kind!r}; valid kinds: ['attention', 'mlp']")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hwprune.errors import ConfigError
 from hwprune.prunable._coupling import LayerCouplings
 from hwprune.prunable._experts import ExpertCoupling, gated_experts_forward, masked_routing
 from hwprune.prunable._families import family_of
@@ -91,7 +92,7 @@ class Gates:
         """The gates of one kind of unit: "attention", "mlp", "experts" or "expert_mlp"."""
         if kind in GATE_KINDS:
             return getattr(self, kind)
-        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(GATE_KINDS)}")
+        raise ConfigError(f"unknown unit kind {kind!r}; valid kinds: {list(GATE_KINDS)}")
 
     def reset(self, *, batch_size: int | None = None, requires_grad: bool = False) -> None:
         """Set every gate to 1, shaped (units,) or, with `batch_size`, (batch_size, units)."""

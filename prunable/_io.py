@@ -18,6 +18,7 @@ import transformers
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
+from hwprune.errors import ConfigError, DataError, PlanError
 from hwprune.prunable._discover import discover
 from hwprune.prunable._families import family_of
 from hwprune.prunable._plan import PrunePlan
@@ -66,7 +67,7 @@ def model_class(name: str) -> Any:
     """The `transformers` class called `name` (e.g. "BertModel", "AutoModel")."""
     cls = getattr(transformers, name, None)
     if not isinstance(cls, type):
-        raise ValueError(f"{name!r} is not a class exported by transformers {transformers.__version__}")
+        raise ConfigError(f"{name!r} is not a class exported by transformers {transformers.__version__}")
     return cls
 
 
@@ -87,9 +88,10 @@ def load_model(source: str, class_name: str = "AutoModel", **kwargs: Any) -> Any
         config = transformers.AutoConfig.from_pretrained(
             str(Path(source.removeprefix(RANDOM_PREFIX)).expanduser())
         )
-        torch.manual_seed(0)
         log.info("%s: a random-init %s (seed 0), not a trained checkpoint", source, class_name)
-        return model_class(class_name)._from_config(config, **kwargs).eval()
+        with torch.random.fork_rng(devices=[]):  # seed 0 for these weights, the caller's generator untouched
+            torch.manual_seed(0)
+            return model_class(class_name)._from_config(config, **kwargs).eval()
     path = resolve_source(source)
     # transformers prints a many-line load report of every unused or missing weight; one line here
     # says the same and what to do about it.
@@ -101,7 +103,7 @@ def load_model(source: str, class_name: str = "AutoModel", **kwargs: Any) -> Any
         )
     except (OSError, ValueError) as err:  # a corrupt config.json, no weights, a class that does not fit
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ValueError(f"{source}: {class_name} cannot be loaded from {path}: {first}") from err
+        raise DataError(f"{source}: {class_name} cannot be loaded from {path}: {first}") from err
     finally:
         transformers.logging.set_verbosity(verbosity)
     report_loading(source, class_name, model, info)
@@ -183,7 +185,7 @@ def load_pruned(directory: str | Path) -> Any:
         raise FileNotFoundError(f"{directory} is not a pruned model directory: no {MANIFEST}")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != 1:
-        raise ValueError(
+        raise PlanError(
             f"{manifest_path}: unknown format {manifest.get('format')!r} version {manifest.get('version')!r}; "
             f"expected {MANIFEST_FORMAT!r} version 1"
         )
@@ -200,7 +202,7 @@ def load_pruned(directory: str | Path) -> Any:
         dense = discover(model)
         kept = [lp for lp in plan.layers if not lp.drop]
         if len(kept) != dense.num_layers:
-            raise ValueError(
+            raise PlanError(
                 f"{directory}: config.json has {dense.num_layers} layers, the plan keeps {len(kept)}"
             )
         slice_blocks(model, dict(enumerate(kept)))
@@ -208,11 +210,11 @@ def load_pruned(directory: str | Path) -> Any:
         # Tied weights (e.g. GPT-2's lm_head) are stored once and legitimately "missing".
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied:
-            raise ValueError(
+            raise PlanError(
                 f"{directory}: weights do not fit the plan's shape: missing {missing}, unexpected {unexpected}"
             )
     if discover(model).fingerprint() != manifest["structure_fingerprint"]:
-        raise ValueError(
+        raise PlanError(
             f"{directory}: reloaded structure {discover(model).describe()} differs from the saved one"
         )
     # Projections the plan puts at a precision of their own reloaded in the manifest's dtype: back

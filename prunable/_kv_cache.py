@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from hwprune.errors import PlanError
+
 
 def append_kv(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> None:
     """Append (B, kv heads, T, hd) `keys` and `values` to layer `layer_idx` of a dynamic KV cache.
@@ -21,7 +23,7 @@ def append_kv(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: i
     headless = keys.shape[1] == 0
     layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
     if headless and layer is not None and not isinstance(layer, DynamicLayer):
-        raise ValueError(
+        raise PlanError(
             f"layer {layer_idx} keeps no attention heads, which a {type(layer).__name__} KV cache "
             "cannot hold; generate with the default dynamic cache"
         )

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import yaml
 
+from hwprune.errors import PlanError
 from hwprune.prunable._plan_checks import layer_problems
 from hwprune.prunable._structure import LayerStructure, Structure
 
@@ -42,10 +43,6 @@ PLAN_FORMAT = "hwprune.plan"
 PLAN_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PLAN_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-
-
-class PlanError(ValueError):
-    """A plan is malformed or does not fit the model it is applied to."""
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwprune.errors import PlanError
 from hwprune.prunable._gates import blocks, couplings
-from hwprune.prunable._plan import PLAN_PRECISIONS, PlanError, PrunePlan
+from hwprune.prunable._plan import PLAN_PRECISIONS, PrunePlan
 from hwprune.prunable._surgery import cast
 
 log = logging.getLogger(__name__)

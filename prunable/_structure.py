@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from hwprune.errors import ConfigError
+
 UnitKind = Literal["attention", "mlp"]
 UNIT_KINDS: tuple[UnitKind, ...] = ("attention", "mlp")
 MOE_FIELDS = ("num_experts", "expert_width", "top_k")
@@ -70,7 +72,7 @@ class LayerStructure:
             return self.attention_units
         if kind == "mlp":
             return self.mlp_width
-        raise ValueError(f"unknown unit kind {kind!r}; valid kinds: {list(UNIT_KINDS)}")
+        raise ConfigError(f"unknown unit kind {kind!r}; valid kinds: {list(UNIT_KINDS)}")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwprune.errors import PlanError
 from hwprune.prunable._discover import discover, weights_fingerprint
 from hwprune.prunable._families import family_of
-from hwprune.prunable._plan import LayerPlan, PlanError, PrunePlan
+from hwprune.prunable._plan import LayerPlan, PrunePlan
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def pruned_block(model: nn.Module, layer: int, *, units: int, neurons: int) -> n
     block = copy.deepcopy(family.blocks(model)[layer])
     structure = discover(model).layers[layer]
     if not (0 <= units <= structure.attention_units and 0 <= neurons <= structure.mlp_width):
-        raise ValueError(
+        raise PlanError(
             f"layer {layer} has {structure.attention_units} attention units and {structure.mlp_width} neurons; "
             f"asked to keep {units} and {neurons}"
         )

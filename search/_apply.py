@@ -15,6 +15,7 @@ import torch
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TORCH_DTYPES, nvml_metadata, torch_device
+from hwprune.errors import ConfigError, PlanError
 from hwprune.search._blocks import check_workload, model_cost_model, model_mixed_cost_model
 from hwprune.search._int8 import Int8Recipe
 from hwprune.search._onnx import check_onnx, export_onnx
@@ -33,7 +34,7 @@ def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
     if dtype not in TORCH_DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"workload.dtype={dtype!r} cannot be timed with torch; valid choices: {sorted(TORCH_DTYPES)} or 'auto'"
         )
     return TORCH_DTYPES[dtype]
@@ -131,7 +132,7 @@ def apply_and_measure(
     """
     plan = prunable.PrunePlan.load(plan_path)
     if plan.model.source is None:
-        raise ValueError(f"{plan_path}: the plan names no model source, so there is nothing to load")
+        raise PlanError(f"{plan_path}: the plan names no model source, so there is nothing to load")
     torch_dev = torch_device(device)
     timed, changed = timed_workload(plan, workload or {})
     if timed.dtype == "int8" and (workload or {}).get("dtype") in (None, "auto"):
@@ -140,7 +141,7 @@ def apply_and_measure(
     dtype = timing_dtype(torch_dev, timed.dtype)
     timed = replace(timed, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
     if repeats < 1:
-        raise ValueError(f"repeats={repeats} is invalid; valid: >= 1")
+        raise ConfigError(f"repeats={repeats} is invalid; valid: >= 1")
     if precision is not None and plan.mixed_precision:
         log.warning(
             "precision=%s deploys the whole model at %s: the plan's per-block precisions (%s) are not used",
@@ -155,9 +156,9 @@ def apply_and_measure(
     if precision != PER_BLOCK:
         check_precision(precision)
     if precision == "int8" and not onnx:
-        raise ValueError("precision='int8' deploys the int8 QDQ model.onnx; onnx=False contradicts it")
+        raise ConfigError("precision='int8' deploys the int8 QDQ model.onnx; onnx=False contradicts it")
     if precision == "int8" and timed.phase == "decode":
-        raise ValueError(
+        raise ConfigError(
             f"precision='int8' deploys the prefill ONNX graph, which cannot time {timed.describe()}; "
             "valid: a prefill workload, or precision fp32/bf16"
         )
@@ -165,7 +166,7 @@ def apply_and_measure(
     source = prunable.resolve_source(plan.model.source)
     out_dir = check_out(out, model_dir=source, plan=Path(plan_path), overwrite=overwrite)
     if recovery_samples < 1:
-        raise ValueError(f"recovery.samples={recovery_samples} is invalid; valid: >= 1")
+        raise ConfigError(f"recovery.samples={recovery_samples} is invalid; valid: >= 1")
     if recovery is None:
         recovery, recovery_samples, recovery_seed = recorded_recovery(plan)
     _log_timed_workload(plan, timed, changed)

@@ -11,6 +11,7 @@ from torch import nn
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TORCH_DTYPES, torch_device, torch_timer
+from hwprune.errors import ConfigError, UnsupportedModelError
 
 
 def head_width(model: nn.Module) -> int:
@@ -29,7 +30,9 @@ def block_spec(structure: prunable.Structure, *, head_width: int = 0) -> cost_mo
     """
     first = structure.layers[0]
     if any(layer != first for layer in structure.layers):
-        raise ValueError(f"cost models need the dense, uniform structure; got {structure.describe()}")
+        raise UnsupportedModelError(
+            f"cost models need the dense, uniform structure; got {structure.describe()}"
+        )
     return cost_models.BlockSpec(
         hidden=structure.hidden_size,
         head_dim=first.head_dim,
@@ -50,7 +53,7 @@ def check_workload(model: torch.nn.Module, workload: cost_models.Workload) -> No
     """Refuse a workload the model cannot run (decode on an encoder, more tokens than its position
     table), before anything expensive."""
     if workload.phase == "decode" and not prunable.is_decoder(model):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"workload.phase=decode needs a decoder that generates with a KV cache; {type(model).__name__} "
             f"({prunable.discover(model).family}) is an encoder; valid for it: workload.phase=prefill"
         )
@@ -60,7 +63,7 @@ def check_workload(model: torch.nn.Module, workload: cost_models.Workload) -> No
         what = f"workload.seq_len={workload.seq_len}" + (
             f" + workload.kv_len={workload.kv_len}" if workload.kv_len else ""
         )
-        raise ValueError(
+        raise ConfigError(
             f"{what} exceeds the model's max_position_embeddings={limit}; valid: <= {limit} tokens"
         )
 
@@ -112,7 +115,7 @@ class RealBlock(nn.Module):
         """Attach a KV cache holding `kv_len` tokens for each of `batch_size` sequences."""
         attn = getattr(self.block, "self_attn", None)
         if self.rotary is None or attn is None:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"timing decode steps needs a LLaMA-family decoder layer with a KV cache, not "
                 f"{type(self.block).__name__}; profile with profiler.real_blocks=false for a reference block"
             )
@@ -201,7 +204,7 @@ def model_timer(model: nn.Module, workload: cost_models.Workload, device: str) -
     workload's dtype is then that of the stream between its blocks.
     """
     if workload.dtype not in TORCH_DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"workload.dtype={workload.dtype!r} cannot be timed with torch; valid: {sorted(TORCH_DTYPES)}"
         )
     on = torch_device(device)  # a clear error before moving anything to a device torch lacks

@@ -11,15 +11,19 @@ from typing import TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, ValidationError
+
+from hwprune.errors import HwpruneError
 
 log = logging.getLogger("hwprune")
 
 T = TypeVar("T")
 
-# What hwprune raises for bad input: a wrong value, a missing file, an output it will not overwrite;
-# and a required setting left unset (`task=sts` without its paths, `hwprune-apply` without `out=`).
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, MissingMandatoryValue)
+# What hwprune raises for bad input (`hwprune.errors`: a wrong value, a plan or data file it cannot
+# use, a model it does not handle), a missing file, an output it will not overwrite; a required
+# setting left unset (`task=sts` without its paths, `hwprune-apply` without `out=`) or of the wrong
+# type. Anything else is a bug of hwprune's or a library's and keeps its traceback.
+USER_ERRORS = (HwpruneError, FileNotFoundError, FileExistsError, MissingMandatoryValue, ValidationError)
 
 
 def one_line_errors(

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from hwprune.errors import ConfigError
 from hwprune.search._storage import StudyStorage
 
 IDENTITY_ATTR = "hwprune_identity"
@@ -34,7 +35,7 @@ def identity_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any])
     ]
 
 
-def other_settings(differences: list[str], study_name: str | None = None) -> ValueError:
+def other_settings(differences: list[str], study_name: str | None = None) -> ConfigError:
     """The error for a study recorded for other settings: of the run directory (`study_name` None),
     or the shared study `study_name`; names the differences and what to do."""
     if study_name is None:
@@ -43,7 +44,7 @@ def other_settings(differences: list[str], study_name: str | None = None) -> Val
     else:
         where = f"study {study_name!r} was made for other settings"
         fix = "join it with the same settings or give this search another search.study_name"
-    return ValueError(f"{where} ({'; '.join(differences)}); {fix}")
+    return ConfigError(f"{where} ({'; '.join(differences)}); {fix}")
 
 
 def check_resumable(storage: StudyStorage, known: Mapping[str, Any], study_name: str | None = None) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hwprune import cost_models, hessian
+from hwprune.errors import ConfigError, DataError
 from hwprune.search._blocks import model_inputs
 from hwprune.search._onnx import export_onnx
 
@@ -51,7 +52,7 @@ class Int8Recipe:
 
     def __post_init__(self) -> None:
         if self.calibration_samples < 1:
-            raise ValueError(f"calibration_samples={self.calibration_samples} is invalid; valid: >= 1")
+            raise ConfigError(f"calibration_samples={self.calibration_samples} is invalid; valid: >= 1")
 
     def summary(self) -> str:
         """One line for tables (pareto.csv)."""
@@ -109,7 +110,7 @@ class OnnxRuntimeModel(torch.nn.Module):
     def timer(self, workload: cost_models.Workload) -> Any:
         """One timed forward (ms) at `workload` (prefill: the graph is the prefill forward)."""
         if workload.phase == "decode":
-            raise ValueError(
+            raise ConfigError(
                 "an ONNX model exported by hwprune-apply is the prefill forward; it cannot time decode "
                 f"({workload.describe()})"
             )
@@ -134,7 +135,7 @@ def graph_feeds(
     """
     for name, value in inputs.items():
         if name not in names and value is not None and bool(value.ne(0).any()):
-            raise ValueError(
+            raise DataError(
                 f"{file} takes no {name!r} input (it takes {list(names)}), and this batch's {name} is not all zeros"
             )
     feeds = {}
@@ -144,7 +145,7 @@ def graph_feeds(
         elif name == "attention_mask":  # a forward without a mask attends to every token
             feeds[name] = np.ones(tuple(inputs[main_input].shape[:2]), dtype=np.int64)
         else:
-            raise ValueError(f"{file} needs the input {name!r}; got {sorted(inputs)}")
+            raise DataError(f"{file} needs the input {name!r}; got {sorted(inputs)}")
     return feeds
 
 
@@ -249,7 +250,7 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration:
-        raise ValueError("int8 calibration needs at least one batch of training inputs")
+        raise DataError("int8 calibration needs at least one batch of training inputs")
     start, target = time.perf_counter(), Path(path).resolve()  # resolved before the scratch directory
     fp32 = replace(workload, dtype="fp32", phase="prefill", kv_len=0)
     names = list(model_inputs(model, fp32))  # the export's inputs

@@ -23,6 +23,7 @@ import optuna
 from torch import nn
 
 from hwprune import cost_models, hessian
+from hwprune.errors import ConfigError
 from hwprune.search._precision_axis import AXIS_PRECISIONS
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search._storage import check_storage
@@ -142,7 +143,7 @@ class SearchSettings:
             )
         for key, value, ok, valid in checks:
             if not ok:
-                raise ValueError(f"search.{key}={value!r} is invalid; valid: {valid}")
+                raise ConfigError(f"search.{key}={value!r} is invalid; valid: {valid}")
         check_storage(self.storage)
 
     def constraints(self) -> Constraints:
@@ -157,7 +158,7 @@ class SearchSettings:
 def check_depth(settings: SearchSettings, saliency: hessian.Saliency) -> None:
     """Refuse depth pruning with a saliency that does not estimate the loss."""
     if settings.depth and not saliency.estimates_loss:
-        raise ValueError(
+        raise ConfigError(
             "search.depth=true needs saliency that estimates the loss, to weigh a dropped layer's "
             f"measured loss against slimmer layers; saliency={saliency.name} does not; valid: "
             f"{[m.name for m in hessian.SALIENCY if m.estimates_loss]}"
@@ -208,7 +209,7 @@ class SearchJob:
     def __post_init__(self) -> None:
         self.hardware.validate()
         if self.recovery_samples < 1:
-            raise ValueError(f"recovery.samples={self.recovery_samples} is invalid; valid: >= 1")
+            raise ConfigError(f"recovery.samples={self.recovery_samples} is invalid; valid: >= 1")
         check_depth(self.settings, self.saliency)
 
     def describe_sampler(self) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.storages.journal._file import get_lock_file
 
+from hwprune.errors import DataError
+
 log = logging.getLogger(__name__)
 
 RECORD_START = b'{"op_code"'  # every record Optuna writes begins so
@@ -44,7 +46,7 @@ def repair_journal(path: Path) -> Path | None:
                 continue
             whole = _whole_record(line)
             if whole is None:
-                raise ValueError(
+                raise DataError(
                     f"{path}: line {number} is not an Optuna journal record; the file is damaged beyond "
                     "repair here: move it away to start the study again"
                 )

@@ -22,6 +22,7 @@ import optuna
 from omegaconf import MISSING
 
 from hwprune import hessian
+from hwprune.errors import ConfigError
 from hwprune.search import tasks
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search.recovery import RECOVERY
@@ -140,7 +141,7 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZER_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"task.tokenizer {self.tokenizer!r} invalid; valid choices: {list(TOKENIZER_MODES)}"
             )
 
@@ -164,7 +165,7 @@ class SaliencyConfig:
         try:
             self.options()  # the one home of the checks
         except ValueError as err:
-            raise ValueError(f"saliency: {err}") from None
+            raise ConfigError(f"saliency: {err}") from None
 
     def options(self) -> hessian.ScoringOptions:
         return hessian.ScoringOptions(device=self.device, dtype=self.dtype, max_samples=self.max_samples)
@@ -188,4 +189,4 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         if self.samples < 1:
-            raise ValueError(f"recovery.samples={self.samples} is invalid; valid: >= 1")
+            raise ConfigError(f"recovery.samples={self.samples} is invalid; valid: >= 1")

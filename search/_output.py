@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hwprune.errors import ConfigError
 from hwprune.search._storage import process_is_gone, worker_id
 
 log = logging.getLogger("hwprune.apply")
@@ -44,7 +45,7 @@ def check_out(out_arg: str | Path, *, model_dir: Path, plan: Path, overwrite: bo
         ValueError: One line naming `out`, what it would destroy or why it cannot be written.
     """
     if not str(out_arg).strip():
-        raise ValueError(f"out={str(out_arg)!r} is empty; valid: {VALID_OUT}")
+        raise ConfigError(f"out={str(out_arg)!r} is empty; valid: {VALID_OUT}")
     out = Path(out_arg).expanduser().resolve()
     if out.parent.is_dir():
         _tidy_abandoned(out)
@@ -56,21 +57,21 @@ def check_out(out_arg: str | Path, *, model_dir: Path, plan: Path, overwrite: bo
     }
     for what, path in held.items():
         if out == path or out in path.parents:
-            raise ValueError(f"out={out_arg} would write over {what} {path}; valid: {VALID_OUT}")
+            raise ConfigError(f"out={out_arg} would write over {what} {path}; valid: {VALID_OUT}")
     if model_dir in out.parents:
-        raise ValueError(
+        raise ConfigError(
             f"out={out_arg} would write into the model's own directory {model_dir}; valid: {VALID_OUT}"
         )
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out={out_arg} is a file; valid: {VALID_OUT}")
+        raise ConfigError(f"out={out_arg} is a file; valid: {VALID_OUT}")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(
+            raise ConfigError(
                 f"out={out_arg} exists and is not empty; pass overwrite=true to replace an earlier "
                 f"hwprune-apply output, or choose another directory"
             )
         if not (out / MARKER).is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"out={out_arg} is not an earlier hwprune-apply output (it has no {MARKER} file), so "
                 f"overwrite=true will not delete it; valid: {VALID_OUT}"
             )
@@ -79,7 +80,7 @@ def check_out(out_arg: str | Path, *, model_dir: Path, plan: Path, overwrite: bo
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise ValueError(f"out={out_arg} cannot be written: {existing}: {err.strerror}") from None
+        raise ConfigError(f"out={out_arg} cannot be written: {existing}: {err.strerror}") from None
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from hwprune import cost_models, hessian, prunable
+from hwprune.errors import ConfigError
 from hwprune.search._int8 import Int8Recipe, quantize_int8
 from hwprune.search._timing import Timing
 from hwprune.search.tasks import Task
@@ -47,7 +48,7 @@ def precision_name(attention: list[str], mlp: list[str]) -> str:
 def check_precision(precision: str) -> None:
     """Raise ValueError for a precision hwprune-apply cannot deploy, naming the valid ones."""
     if precision not in DEPLOY_PRECISIONS:
-        raise ValueError(
+        raise ConfigError(
             f"precision={precision!r} is not supported; valid choices: {list(DEPLOY_PRECISIONS)}"
         )
 
@@ -55,14 +56,14 @@ def check_precision(precision: str) -> None:
 def to_precision(model: nn.Module, precision: str) -> nn.Module:
     """`model` converted in place to a torch `precision` (`prunable.cast`: as it reloads when saved)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is no torch precision; valid choices: {list(PRECISIONS)}")
+        raise ConfigError(f"precision={precision!r} is no torch precision; valid choices: {list(PRECISIONS)}")
     return prunable.cast(model, PRECISIONS[precision])
 
 
 def copy_at_precision(model: nn.Module, precision: str) -> nn.Module:
     """A copy of `model` at a torch `precision`, made parameter by parameter (never a second fp32 copy)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is no torch precision; valid choices: {list(PRECISIONS)}")
+        raise ConfigError(f"precision={precision!r} is no torch precision; valid choices: {list(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     copy = prunable.converted_copy(
         model, params=lambda t: t.detach().to(dtype), buffers=lambda t: t.detach().clone()

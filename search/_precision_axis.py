@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hwprune import cost_models, hessian, prunable
+from hwprune.errors import ConfigError
 from hwprune.search._space import Widths
 
 log = logging.getLogger("hwprune.search")
@@ -67,7 +68,7 @@ def axis_precisions(
         return tuple(dict.fromkeys([reference, *runs]))
     check_requested(requested, profile)
     if len(requested) > 1 and reference not in AXIS_PRECISIONS:
-        raise ValueError(
+        raise ConfigError(
             f"search.precisions={list(requested)} mixes blocks of a model priced at {reference} "
             f"({profile.name}'s workload dtype), which is measured as a whole model; valid: set "
             f"workload.dtype to one of {runs}, or search.precisions=[{reference}]"
@@ -81,7 +82,7 @@ def check_requested(requested: Sequence[str], profile: cost_models.HardwareProfi
     for p in requested:
         if p not in valid:
             why = "does not run it" if p not in profile.dtypes else "measures it as a whole model only"
-            raise ValueError(
+            raise ConfigError(
                 f"search.precisions: {p!r} cannot be searched per block on {profile.name} ({why}); "
                 f"valid choices: {valid}"
             )
@@ -118,7 +119,7 @@ class PrecisionAxis:
         fp32 itself costs nothing)."""
         layer = structure.layers[0]
         if layer.is_moe:
-            raise ValueError(
+            raise ConfigError(
                 "the precision axis does not cover mixture-of-experts layers yet; valid: search.precisions=null"
             )
 

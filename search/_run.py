@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from hwprune import cost_models, hessian, prunable
+from hwprune.errors import ConfigError
 from hwprune.search._blocks import check_workload, model_cost_model, model_mixed_cost_model
 from hwprune.search._job import SearchJob, SearchSettings
 from hwprune.search._memory import MemoryLog
@@ -130,7 +131,7 @@ def check_budget(settings: SearchSettings, cost_model: cost_models.CostModel) ->
         ),
     ):
         if budget is not None and budget < limit:
-            raise ValueError(
+            raise ConfigError(
                 f"search.{key}={budget} is unreachable: the fastest configuration (every prunable unit "
                 f"removed{', one layer left' if settings.depth else ''}) predicts {limit:.4g} {unit} on {cost_model.hardware} ({cost_model.workload.describe()}); "
                 f"valid: >= {limit:.4g}"
@@ -158,7 +159,7 @@ def check_params_budget(
     if (within > least).any():
         return
     smallest = float(params[params > least].min()) if (params > least).any() else 1.0
-    raise ValueError(
+    raise ConfigError(
         f"search.params_budget_fraction={settings.params_budget_fraction} leaves no optimal configuration "
         f"but the one that removes every unit: the next smallest on the exact front keeps {smallest:.3g} of "
         f"the blocks' parameters; valid: >= {smallest:.3g} (or null)"
@@ -382,7 +383,7 @@ def search_precisions(
     precisions = axis_precisions(settings.precisions, profile, reference)
     if len(precisions) > 1 and any(layer.is_moe for layer in structure.layers):
         if settings.precisions is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"search.precisions={list(settings.precisions)}: the precision axis does not cover "
                 f"mixture-of-experts layers yet; valid: search.precisions=[{reference}] (or null)"
             )

@@ -20,6 +20,8 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from hwprune.errors import ConfigError
+
 
 class ParetoLocalSearchSampler(BaseSampler):
     """Multi-objective local search over integer and categorical parameters.
@@ -51,11 +53,11 @@ class ParetoLocalSearchSampler(BaseSampler):
         max_retries: int = 50,
     ) -> None:
         if n_startup_trials < 1:
-            raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
+            raise ConfigError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
         if not 0.0 < move_p <= 1.0:
-            raise ValueError(f"move_p must be in (0, 1], got {move_p}")
+            raise ConfigError(f"move_p must be in (0, 1], got {move_p}")
         if max_retries < 1:
-            raise ValueError(f"max_retries must be >= 1, got {max_retries}")
+            raise ConfigError(f"max_retries must be >= 1, got {max_retries}")
         self._rng = np.random.RandomState(seed)
         self._random = RandomSampler(seed=seed)
         self._n_startup, self._move_p, self._max_retries = n_startup_trials, move_p, max_retries

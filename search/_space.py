@@ -15,6 +15,7 @@ import numpy as np
 
 from hwprune import prunable
 from hwprune.cost_models import width_grid
+from hwprune.errors import ConfigError, UnsupportedModelError
 
 
 class Widths(NamedTuple):
@@ -67,10 +68,10 @@ class SearchSpace:
         """
         layer = structure.layers[0]
         if any(la != layer for la in structure.layers):
-            raise ValueError(f"search needs the dense, uniform model; got {structure.describe()}")
+            raise UnsupportedModelError(f"search needs the dense, uniform model; got {structure.describe()}")
         for name, value in (("mlp_step", mlp_step), ("unit_step", unit_step)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         units = width_grid(layer.attention_units, unit_step, start=min_units)
         mlp = width_grid(layer.mlp_width, mlp_step, start=min_mlp)
         if not layer.is_moe:

@@ -32,6 +32,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
+from hwprune.errors import ConfigError
 from hwprune.search._journal import repair_journal
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class StudyStorage:
         except BlockingIOError:
             handle.close()
             where = "run directory" if self.kind == "run_dir" else f"search.storage={self.spec}"
-            raise ValueError(
+            raise ConfigError(
                 f"{where} is in use by another hwprune-search process; "
                 + (
                     "SQLite serves one worker (concurrent writers crash creating the study and count its "
@@ -156,7 +157,7 @@ def open_storage(spec: str | None, run_dir: Path, *, heartbeat_s: int = 10) -> S
         reason = next(
             (line.strip() for line in str(err.orig).splitlines() if line.strip()), type(err).__name__
         )
-        raise ValueError(f"search.storage={shown}: cannot connect to PostgreSQL: {reason}") from None
+        raise ConfigError(f"search.storage={shown}: cannot connect to PostgreSQL: {reason}") from None
     return storage
 
 
@@ -171,7 +172,7 @@ def check_storage(spec: str | None) -> None:
     if spec.startswith(("postgresql://", "postgresql+")):
         postgres_url(spec)
         return
-    raise ValueError(f"search.storage={spec!r} is not supported; valid: {VALID_STORAGE}")
+    raise ConfigError(f"search.storage={spec!r} is not supported; valid: {VALID_STORAGE}")
 
 
 def postgres_url(spec: str) -> str:
@@ -182,7 +183,7 @@ def postgres_url(spec: str) -> str:
         with contextlib.suppress(ImportError):
             __import__(module)
             return scheme + spec.removeprefix("postgresql://")
-    raise ValueError(
+    raise ConfigError(
         f"search.storage={spec!r} needs a PostgreSQL driver: pip install 'hwprune[postgres]' (psycopg 3)"
     )
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from optuna.trial import TrialState
 
 from hwprune import cost_models
 from hwprune._progress import Progress
+from hwprune.errors import ConfigError
 from hwprune.search._identity import IDENTITY_ATTR, identity_differences, other_settings, study_name_for
 from hwprune.search._interrupt import between_trials
 from hwprune.search._precision_axis import PrecisionAxis, Precisions
@@ -43,7 +45,7 @@ class Constraints:
         for name in ("latency_ms", "latency_fraction", "params_fraction"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"constraint {name} must be positive, got {value}")
+                raise ConfigError(f"constraint {name} must be positive, got {value}")
 
     @property
     def any(self) -> bool:
@@ -200,7 +202,32 @@ def run_study(
         ValueError: The storage holds this study (or, for a run directory, any study) for
             another identity, or another process holds a single-process storage.
     """
+    with _optuna_warnings_only():
+        return _run_study(objective, sampler, storage, n_trials, seeds, identity, study_name, poll_s)
+
+
+@contextlib.contextmanager
+def _optuna_warnings_only() -> Iterator[None]:
+    """Optuna's per-trial INFO lines off (our progress says the same once) while the study runs;
+    the caller's verbosity is restored after."""
+    before = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def _run_study(
+    objective: SearchObjective,
+    sampler: optuna.samplers.BaseSampler,
+    storage: StudyStorage,
+    n_trials: int,
+    seeds: list[tuple[Widths, Precisions | None]],
+    identity: Mapping[str, Any] | None,
+    study_name: str | None,
+    poll_s: float,
+) -> optuna.Study:
     storage.hold_single_worker()
     identity = dict(identity or {})
     name = study_name or (study_name_for(identity) if identity else "hwprune")

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hwprune import prunable
+from hwprune.errors import PlanError
 from hwprune.search._apply import apply_and_measure
 from hwprune.search._cli import one_line_errors, run_app
 from hwprune.search.config import ApplyConfig, build_task, to_object
@@ -49,7 +50,7 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
     """`hwprune-apply`'s run: the task and the recovery `cfg` names, then `apply_and_measure`."""
     plan = prunable.PrunePlan.load(cfg.plan)
     if plan.model.source is None:
-        raise ValueError(f"{cfg.plan}: the plan names no model source, so there is nothing to load")
+        raise PlanError(f"{cfg.plan}: the plan names no model source, so there is nothing to load")
     recovery = None if cfg.recovery is None else instantiate(cfg.recovery.method)
     return apply_and_measure(
         cfg.plan,

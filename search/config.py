@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hwprune import cost_models
+from hwprune.errors import ConfigError
 from hwprune.search._job import SearchSettings
 from hwprune.search._options import (
     TOKENIZER_FILES,
@@ -66,7 +67,7 @@ class WorkloadConfig(ApplyWorkload):
         try:
             self.build()  # the one home of the workload's checks
         except ValueError as err:
-            raise ValueError(f"workload: {err}") from None
+            raise ConfigError(f"workload: {err}") from None
 
     def build(self) -> cost_models.Workload:
         return cost_models.Workload(**self.__dict__)
@@ -230,7 +231,7 @@ def check_keys(cfg: DictConfig, path: str = "") -> None:
         unknown = sorted(str(k) for k in cfg if str(k) not in declared)
         if unknown:
             assert isinstance(schema, type)
-            raise ValueError(unknown_key(path + unknown[0], schema))
+            raise ConfigError(unknown_key(path + unknown[0], schema))
     for key in cfg:
         child = cfg._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
@@ -282,7 +283,7 @@ def build_task(task: TaskConfig, model_source: str) -> Any:
             kwargs["tokenizer"] = AutoTokenizer.from_pretrained(str(source_dir))
         except (OSError, ValueError, TypeError) as err:
             if task.tokenizer == "required":
-                raise ValueError(
+                raise ConfigError(
                     f"task {task.name!r} needs a tokenizer, and {model_source} has none: {err}"
                 ) from err
             kwargs["tokenizer"] = None

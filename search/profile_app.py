@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -25,7 +26,9 @@ from hwprune.cost_models.profilers import (
     OnnxRuntimeProfiler,
     Profiler,
     TorchProfiler,
+    torch_threads,
 )
+from hwprune.errors import ConfigError, UnsupportedModelError
 from hwprune.search._blocks import block_spec, head_width, model_timer, real_block_factory
 from hwprune.search._cli import one_line_errors, run_app
 from hwprune.search.config import ProfileAppConfig, to_object
@@ -57,7 +60,7 @@ def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
 
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     if Path(cfg.out).exists() and not cfg.overwrite:
-        raise ValueError(
+        raise ConfigError(
             f"out={cfg.out} already holds a table; pass overwrite=true to replace it, or another out="
         )
     profile = cfg.hardware.validate()
@@ -65,7 +68,7 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
     structure = prunable.discover(model)
     spec = block_spec(structure, head_width=head_width(model))
     if spec.experts:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{cfg.model.name} has mixture-of-experts layers: tables are profiled over (attention units, MLP "
             "width) of dense blocks; MoE latency comes from the analytical or a calibrated model"
         )
@@ -93,20 +96,43 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
             structure, ref, attention=[range(0)] * spec.num_layers, mlp=[range(0)] * spec.num_layers
         )
         empty = prunable.apply_plan(copy.deepcopy(model), empty_plan, check_weights=False)
-        references = {
+        # At a dtype other than the device's first, the dense model at that one is timed too: the
+        # common reference that puts this table on the time base of the first dtype's table, which
+        # was profiled in another session of a machine whose speed drifts (`cost_models.session_scales`).
+        first = profile.resolve_dtype("auto")
+        if workload.dtype != first:
+            at_first = replace(workload, dtype=first)
+            references[f"dense_model_{first}"] = model_timer(copy.deepcopy(model), at_first, profile.device)
+            # And the dense model as a plan deploys blocks at this dtype: each block between casts
+            # from and back to the first dtype's stream (what `cost_models.edge_costs` prices).
+            n = spec.num_layers
+            deployed = prunable.PrunePlan.from_units(
+                structure,
+                ref,
+                attention=[range(layer.attention_units) for layer in structure.layers],
+                mlp=[range(layer.mlp_width) for layer in structure.layers],
+            ).with_precisions([workload.dtype] * n, [workload.dtype] * n)
+            blocks_at_dtype = prunable.set_precisions(
+                prunable.apply_plan(copy.deepcopy(model), deployed, check_weights=False), deployed
+            )
+            references["dense_model_blocks"] = model_timer(blocks_at_dtype, at_first, profile.device)
+        references |= {
             "dense_model": model_timer(model, workload, profile.device),
             "empty_model": model_timer(empty, workload, profile.device),
         }
-    table = profiler.profile(
-        spec,
-        workload,
-        units_grid=units_grid,
-        mlp_grid=mlp_grid,
-        hardware=profile.name,
-        command=command,
-        rounds=cfg.profiler.rounds,
-        references=references,
-    )
+    # The whole-model references run at the profiler's threads too (torch's own count outside).
+    threads = cfg.profiler.threads if profile.backend == "torch" else None
+    with torch_threads(threads):
+        table = profiler.profile(
+            spec,
+            workload,
+            units_grid=units_grid,
+            mlp_grid=mlp_grid,
+            hardware=profile.name,
+            command=command,
+            rounds=cfg.profiler.rounds,
+            references=references,
+        )
     # Stored for readers of the raw CSV; TableModel derives the same from the metadata.
     table.base_ms = cost_models.TableModel(table=table, fit=profile.table_fit).base_ms
     path = table.save(cfg.out)

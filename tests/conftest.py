@@ -461,6 +461,7 @@ def stsb_dir() -> Path:
 SMALL = [
     "task.build.calibration_samples=24",
     "task.build.eval_samples=24",
+    "task.build.validation_samples=24",
     "search.n_trials=30",
     "search.rescore=2",
     "search.uniform_baselines=[0.5]",

@@ -23,7 +23,7 @@ from tests.conftest import SMALL
 
 def apply_settings(plan: Path, out: Path | str, **extra: object):  # type: ignore[no-untyped-def]
     return apply_config(
-        plan=plan, out=out, task=compose("config", SMALL[:2]).task, repeats=1, onnx=False, **extra
+        plan=plan, out=out, task=compose("config", SMALL[:3]).task, repeats=1, onnx=False, **extra
     )
 
 
@@ -403,6 +403,7 @@ def test_an_unstable_speedup_is_measured_again_then_flagged(
 TINY = [
     "task.build.calibration_samples=8",
     "task.build.eval_samples=8",
+    "task.build.validation_samples=8",
     "search.rescore=0",
     "search.uniform_baselines=[]",
     "search.exact_seeds=3",

@@ -245,7 +245,7 @@ def test_apply_reruns_the_int8_recipe_and_delivers_the_qdq_model(
         apply_config(
             plan=npu_run / row.plan_path,
             out=tmp_path / "out",
-            task=compose("config", SMALL[:2]).task,
+            task=compose("config", SMALL[:3]).task,
             repeats=1,
         )
     )

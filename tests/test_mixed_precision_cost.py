@@ -93,3 +93,85 @@ def test_bad_precisions_fail_naming_the_valid_ones() -> None:
         )
     with pytest.raises(ValueError, match="not priced here; valid choices"):
         mixed.index("fp8")
+
+
+def _tables_of_two_sessions(cross_reference: float | None) -> list[cost_models.LatencyTable]:
+    """bf16 (gpu_a100's reference) profiled one day, fp32 another: dense bf16 took 30 ms beside the
+    bf16 grid, and `cross_reference` ms beside the fp32 grid (None: that table did not time it)."""
+    bf16, fp32 = (
+        synthetic_table(MINILM, Workload(batch_size=8, seq_len=128, dtype=d)) for d in ("bf16", "fp32")
+    )
+    bf16.meta |= {"dense_model_ms": 30.0, "date": "2026-11-26T00:00:00+00:00"}
+    fp32.meta |= {"date": "2026-12-07T17:00:00+00:00"}
+    if cross_reference is not None:
+        fp32.meta["dense_model_bf16_ms"] = cross_reference
+    return [bf16, fp32]
+
+
+def test_tables_of_two_sessions_are_put_on_one_time_base() -> None:
+    """The machine ran 20 % faster the day the fp32 table was profiled (dense bf16: 25 ms then,
+    30 ms on the bf16 table's day): its latencies count 1.2x on the bf16 table's time base, so a
+    mixed speedup is not inflated by the machine's drift between the two days."""
+    profile = load_profile("gpu_a100")
+    mixed = cost_models.mixed_precision_model(
+        profile, MINILM, WL, ["fp32"], tables=_tables_of_two_sessions(25.0)
+    )
+    assert mixed.session_scales == {"bf16": 1.0, "fp32": pytest.approx(1.2)}
+    units, mlp = np.full(6, 12), np.full(6, 1536)
+    fp32 = np.ones(6, dtype=int)
+    got = mixed.predict_mixed(units, mlp, attention_precision=fp32, mlp_precision=fp32).latency_ms
+    own = mixed.models["fp32"].block_latency_ms(units, mlp).sum()
+    assert float(got) == pytest.approx(mixed.base_ms + 1.2 * own)
+    # The reference precision itself is untouched.
+    bf16 = np.zeros(6, dtype=int)
+    same = mixed.predict_mixed(units, mlp, attention_precision=bf16, mlp_precision=bf16).latency_ms
+    np.testing.assert_allclose(same, mixed.predict(units, mlp).latency_ms)
+
+
+def test_tables_of_two_sessions_without_a_common_reference_say_so(caplog) -> None:  # type: ignore[no-untyped-def]
+    profile = load_profile("gpu_a100")
+    with caplog.at_level("WARNING", logger="hwprune.cost_models._mixed"):
+        mixed = cost_models.mixed_precision_model(
+            profile, MINILM, WL, ["fp32"], tables=_tables_of_two_sessions(None)
+        )
+    assert mixed.session_scales == {"bf16": 1.0, "fp32": 1.0}
+    assert "profiled in different sessions" in caplog.text and "carry the machine's drift" in caplog.text
+    with pytest.raises(ValueError, match="session scales must be positive"):
+        cost_models.MixedPrecisionModel(mixed.models, reference="bf16", session_scales={"fp32": 0.0})
+
+
+def test_a_block_away_from_the_stream_s_precision_pays_its_edges() -> None:
+    """The fp32 table's session also timed the dense model with every block at fp32 between bf16
+    layers: 2.4 ms more than the whole model at fp32, less the outside's own difference, spread
+    over the 6 layers, is what each fp32 block costs at its edges, on the bf16 table's time base."""
+    profile = load_profile("gpu_a100")
+    tables = _tables_of_two_sessions(25.0)
+    fp32_table = tables[1]
+    whole = 40.0
+    fp32_table.meta |= {"dense_model_ms": whole, "dense_model_blocks_ms": whole + 2.4}
+    mixed = cost_models.mixed_precision_model(profile, MINILM, WL, ["fp32"], tables=tables)
+    ref, own = mixed.models["bf16"], mixed.models["fp32"]
+    outside = ref.base_ms / 1.2 - own.base_ms  # bf16's outside in the fp32 session, less fp32's
+    expected = (2.4 - outside) / 6 * 1.2
+    assert mixed.edge_ms == {"bf16": 0.0, "fp32": pytest.approx(expected)}
+    units, mlp = np.full(6, 12), np.full(6, 1536)
+    fp32, bf16 = np.ones(6, dtype=int), np.zeros(6, dtype=int)
+    priced = float(mixed.predict_mixed(units, mlp, attention_precision=bf16, mlp_precision=fp32).latency_ms)
+    without = cost_models.MixedPrecisionModel(
+        mixed.models, reference="bf16", session_scales=mixed.session_scales
+    )
+    plain = float(without.predict_mixed(units, mlp, attention_precision=bf16, mlp_precision=fp32).latency_ms)
+    assert priced == pytest.approx(plain + 6 * expected)
+    # Layers at the stream's own precision pay nothing; a dropped layer pays nothing either.
+    np.testing.assert_allclose(
+        mixed.predict_mixed(units, mlp, attention_precision=bf16, mlp_precision=bf16).latency_ms,
+        without.predict_mixed(units, mlp, attention_precision=bf16, mlp_precision=bf16).latency_ms,
+    )
+    dropped = np.arange(6) < 6
+    assert float(
+        mixed.predict_mixed(
+            units, mlp, attention_precision=bf16, mlp_precision=fp32, dropped=dropped
+        ).latency_ms
+    ) == pytest.approx(mixed.base_ms)
+    with pytest.raises(ValueError, match="edge costs must be >= 0 and 0 at the reference"):
+        cost_models.MixedPrecisionModel(mixed.models, reference="bf16", edge_ms={"bf16": 1.0})

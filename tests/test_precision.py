@@ -17,7 +17,7 @@ from tests.test_surgery import random_plan
 
 
 def test_apply_deploys_a_plan_in_bf16(run_dir: Path, tmp_path: Path) -> None:
-    task_cfg = compose("config", SMALL[:2]).task
+    task_cfg = compose("config", SMALL[:3]).task
     plan = run_dir / "plans" / "uniform_50pct.yaml"
     result = run_apply(
         apply_config(
@@ -44,7 +44,7 @@ def test_apply_deploys_a_plan_in_bf16(run_dir: Path, tmp_path: Path) -> None:
     # What is saved is the bf16 model, and it reloads as such with the reported metric.
     reloaded = prunable.load_pruned(tmp_path / "out")
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
-    task = build_task(to_object(compose("config", SMALL[:2])).task, prunable.MINILM)  # type: ignore[attr-defined]
+    task = build_task(to_object(compose("config", SMALL[:3])).task, prunable.MINILM)  # type: ignore[attr-defined]
     task.prepare(prunable.load_model(prunable.MINILM, "BertModel"))
     assert task.evaluate(reloaded) == pytest.approx(result["metric_pruned"], abs=1e-3)
     assert json.loads((tmp_path / "out" / "apply.json").read_text())["precision"] == "bf16"
@@ -105,7 +105,7 @@ def test_an_fp32_deployment_of_a_bf16_plan_is_timed_in_fp32(
         apply_config(
             plan=run_dir / "plans" / "uniform_50pct.yaml",
             out=tmp_path / "out",
-            task=compose("config", SMALL[:2]).task,
+            task=compose("config", SMALL[:3]).task,
             repeats=1,
             onnx=False,
             precision="fp32",

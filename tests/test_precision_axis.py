@@ -160,7 +160,7 @@ def test_a_search_on_this_cpu_chooses_precisions_and_the_plan_keeps_them_through
             (a, m) for lp, a, m in zip(plan.layers, *c.precisions, strict=True) if not lp.drop
         ]
     plan_path = tmp_path / "run" / labels["dense bf16"].plan_path
-    task_cfg = compose("config", SMALL[:2]).task
+    task_cfg = compose("config", SMALL[:3]).task
     result = run_apply(
         apply_config(plan=plan_path, out=tmp_path / "out", task=task_cfg, repeats=1, onnx=False)
     )

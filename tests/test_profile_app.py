@@ -30,6 +30,18 @@ def test_torch_cpu_profiles_real_model_layers(tmp_path: Path) -> None:
     assert loaded.base_ms == pytest.approx(cost_models.TableModel(table=loaded).base_ms, rel=1e-4, abs=1e-5)
     assert loaded.workload == table.workload and loaded.workload.dtype == "fp32"  # "auto" resolved
     assert cost_models.TableModel(table=loaded).dense_ms() > 0
+    assert "dense_model_fp32_ms" not in loaded.meta  # the reference dtype's table is its own time base
+
+
+def test_a_table_at_another_dtype_times_the_dense_model_at_the_reference_dtype_beside_it(
+    tmp_path: Path,
+) -> None:
+    """What puts a bf16 table on the fp32 table's time base (`cost_models.session_scales`) and
+    prices the casts at a bf16 block's edges (`cost_models.edge_costs`)."""
+    run(config(tmp_path, "hardware=cpu_local", "workload.seq_len=16", "workload.dtype=bf16"), command="test")
+    meta = cost_models.LatencyTable.load(tmp_path / "t.csv").meta
+    assert meta["dense_model_fp32_ms"] > 0 and meta["dense_model_ms"] > 0
+    assert meta["dense_model_blocks_ms"] > 0  # blocks at bf16 between fp32 layers, as plans deploy
 
 
 def test_default_out_is_a_directory_of_this_machine_on_a_cpu() -> None:

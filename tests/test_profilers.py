@@ -84,7 +84,7 @@ def test_torch_profiler_validates() -> None:
     with pytest.raises(ValueError, match="need warmup >= 0 and repeats >= 1"):
         TorchProfiler(repeats=0)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
             TorchProfiler(device="cuda")
 
 
@@ -151,13 +151,13 @@ def test_torch_timer_times_a_run_on_cpu_and_validates_the_device() -> None:
     assert ran == [True] and 3.9 <= ms < 50.0
     assert torch_device("cpu") == torch.device("cpu")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    with pytest.raises(RuntimeError, match=rf"device 'cuda:{gpus}' requested but torch sees"):
+    with pytest.raises(ValueError, match=rf"device 'cuda:{gpus}' requested but torch sees"):
         torch_device(f"cuda:{gpus}")  # one past the last GPU this process has (there may be none)
     for bad in ("tpu", "gpu", "cuda:x"):
         with pytest.raises(ValueError, match=rf"unknown torch device '{bad}'; valid choices: 'cpu', 'cuda'"):
             torch_timer(run, bad)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="'cuda:1' requested but torch sees no CUDA device"):
+        with pytest.raises(ValueError, match="'cuda:1' requested but torch sees no CUDA device"):
             torch_device("cuda:1")
 
 

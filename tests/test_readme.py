@@ -55,3 +55,30 @@ def test_python_search_example_runs(tmp_path: Path) -> None:
     assert speedup > 0 and 0 < metric <= 100
     assert (tmp_path / "runs" / "minilm-h100" / "report.md").is_file()
     assert (tmp_path / "deploy" / "minilm" / "apply.json").is_file()
+
+
+# What each package may import of hwprune (README "Layout"): the leaf modules `errors` and
+# `_progress` import nothing of ours and anyone may use them; `_registry` serves plug-in kinds.
+MAY_IMPORT = {
+    "cost_models": {"cost_models", "errors", "_progress"},
+    "prunable": {"prunable", "errors", "_progress"},
+    "hessian": {"hessian", "prunable", "errors", "_progress", "_registry"},
+}
+
+
+def test_imports_run_one_way() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    wrong = []
+    for package, allowed in MAY_IMPORT.items():
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names: list[str] = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hwprune"):
+                    parts = node.module.split(".")
+                    names = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name.split(".")[1] for a in node.names if a.name.startswith("hwprune.")]
+                wrong += [f"{path.relative_to(root)} imports hwprune.{n}" for n in names if n not in allowed]
+    assert not wrong, wrong

@@ -62,8 +62,11 @@ def test_run_writes_the_output_contract(run_dir: Path) -> None:
     assert not np.allclose(pareto.metric_validation, pareto.metric)  # another split, other figures
     plan = prunable.PrunePlan.load(run_dir / pareto.plan_path.iloc[-1])
     assert plan.metadata["metric_validation"] == pytest.approx(pareto.metric_validation.iloc[-1])
-    assert plan.metadata["validation"] == "128 other passages of Python's bundled documentation (pydoc_data.topics)"
-    assert "chosen on the validation split (128 other passages" in report
+    assert (
+        plan.metadata["validation"]
+        == "24 other passages of Python's bundled documentation (pydoc_data.topics)"
+    )
+    assert "chosen on the validation split (24 other passages" in report
 
 
 def test_rerun_resumes_the_study(run_dir: Path, tmp_path: Path) -> None:
@@ -126,7 +129,7 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     cfg = apply_config(
         plan=str(plan_path),
         out=str(tmp_path / "out"),
-        task=compose("config", SMALL[:2]).task,
+        task=compose("config", SMALL[:3]).task,
         repeats=2,
         precision="fp32",  # the plan's is bf16 (gpu_h100): fp32 here, to hold the ONNX file to 1e-4 below
     )
@@ -202,7 +205,7 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
         bad_cfg = apply_config(
             plan=str(plan_path),
             out=str(tmp_path / "never"),
-            task=compose("config", SMALL[:2]).task,
+            task=compose("config", SMALL[:3]).task,
             **setting,
         )
         with pytest.raises(error, match=match):
@@ -237,7 +240,7 @@ def test_apply_never_loses_an_output_directory(
     from hwprune.search import _apply, apply_app
 
     plan = str(run_dir / "plans" / "dense.yaml")
-    task = compose("config", SMALL[:2]).task
+    task = compose("config", SMALL[:3]).task
 
     def settings(out: Path, **extra: object) -> apply_app.ApplyConfig:
         return apply_config(plan=plan, out=str(out), task=task, repeats=1, onnx=False, **extra)
@@ -307,7 +310,7 @@ def test_depth_search_drops_layers_and_apply_times_the_shallower_model(tmp_path:
     cfg = apply_config(
         plan=str(tmp_path / "run" / row.plan_path),
         out=str(out),
-        task=compose("config", SMALL[:2]).task,
+        task=compose("config", SMALL[:3]).task,
         repeats=2,
     )
     result = run_apply(cfg)  # the default apply, ONNX included: the shallower model exports too
@@ -380,7 +383,7 @@ def test_apply_takes_a_workload_option_and_records_what_differs(run_dir: Path, t
         compose(
             "apply",
             [
-                *SMALL[:2],
+                *SMALL[:3],
                 f"plan={plan}",
                 f"out={tmp_path / 'out'}",
                 "workload=b8_s128",
@@ -407,7 +410,7 @@ def test_a_model_the_exporter_cannot_trace_still_applies_and_says_so(
     plan = run_dir / "plans" / "dense.yaml"
     with caplog.at_level("WARNING"):
         result = run_apply(
-            apply_config(plan=plan, out=tmp_path / "out", task=compose("config", SMALL[:2]).task, repeats=1)
+            apply_config(plan=plan, out=tmp_path / "out", task=compose("config", SMALL[:3]).task, repeats=1)
         )
     assert result["onnx"] == {
         "exported": False,

@@ -9,6 +9,7 @@ from hwprune.cost_models.profilers._torch import (
     ReferenceBlock,
     TorchProfiler,
     torch_device,
+    torch_threads,
     torch_timer,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "nvml_metadata",
     "repeat_timed",
     "torch_device",
+    "torch_threads",
     "torch_timer",
 ]

@@ -17,6 +17,7 @@ import pandas as pd
 from hwprune._progress import Progress
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models._table import LatencyTable
+from hwprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Timing:
 def repeat_timed(run: Callable[[], float], *, warmup: int, repeats: int) -> Timing:
     """Call `run` (which returns elapsed ms) `warmup` times untimed, then `repeats` times."""
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+        raise ConfigError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     for _ in range(warmup):
         run()
     return Timing.of([run() for _ in range(repeats)])
@@ -76,7 +77,7 @@ def interleaved(
         One list of `rounds` latencies per timer, in the order given.
     """
     if rounds < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+        raise ConfigError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
     for timer in timers:
         for _ in range(warmup):
             timer()
@@ -101,7 +102,7 @@ class Profiler(ABC):
 
     def __init__(self, *, warmup: int = 5, repeats: int = 20, seed: int = 0) -> None:
         if warmup < 0 or repeats < 1:
-            raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+            raise ConfigError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
         self.warmup, self.repeats, self.seed = warmup, repeats, seed
 
     @abstractmethod
@@ -139,9 +140,9 @@ class Profiler(ABC):
         for name, grid, top in (("units_grid", units_grid, spec.units), ("mlp_grid", mlp_grid, spec.mlp)):
             bad = [g for g in grid if not 0 <= g <= top]
             if bad or len(set(grid)) < 2:
-                raise ValueError(f"{name} needs >= 2 distinct values in [0, {top}], got {list(grid)}")
+                raise ConfigError(f"{name} needs >= 2 distinct values in [0, {top}], got {list(grid)}")
         if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
+            raise ConfigError(f"rounds must be >= 1, got {rounds}")
         points = [(u, m) for u in sorted(set(units_grid)) for m in sorted(set(mlp_grid))]
         samples: dict[tuple[int, int], list[float]] = {p: [] for p in points}
         references = dict(references or {})

@@ -9,6 +9,7 @@ import numpy as np
 
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
+from hwprune.errors import ConfigError
 
 JAX_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -37,7 +38,7 @@ class JaxProfiler(Profiler):
         try:
             self.device = jax.devices(platform)[0]
         except RuntimeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"JAX has no {platform!r} device here ({err}); available: {jax.devices()}"
             ) from err
 
@@ -45,7 +46,7 @@ class JaxProfiler(Profiler):
         jax = _jax()
         jnp = jax.numpy
         if workload.dtype not in JAX_DTYPES:
-            raise ValueError(f"JAX profiler runs {list(JAX_DTYPES)}, not {workload.dtype!r}")
+            raise ConfigError(f"JAX profiler runs {list(JAX_DTYPES)}, not {workload.dtype!r}")
         dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[workload.dtype]
         rng = np.random.default_rng(self.seed)
         hd, hidden, rep = spec.head_dim, spec.hidden, spec.heads_per_unit

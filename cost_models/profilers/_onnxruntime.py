@@ -12,6 +12,7 @@ import numpy as np
 
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
+from hwprune.errors import ConfigError
 
 OPSET = 17
 IR_VERSION = 8  # the IR of opset 17
@@ -167,7 +168,7 @@ class OnnxRuntimeProfiler(Profiler):
         ort = _ort()
         available = ort.get_available_providers()
         if execution_provider not in available:
-            raise ValueError(
+            raise ConfigError(
                 f"execution provider {execution_provider!r} is not in this onnxruntime build; available: {available}"
             )
         self.provider = execution_provider
@@ -175,7 +176,7 @@ class OnnxRuntimeProfiler(Profiler):
 
     def measure_block(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
         if workload.dtype != "fp32":
-            raise ValueError(f"ONNX Runtime profiler builds fp32 graphs, not {workload.dtype!r}")
+            raise ConfigError(f"ONNX Runtime profiler builds fp32 graphs, not {workload.dtype!r}")
         ort = _ort()
         model = block_graph(spec, workload, units=units, mlp=mlp, seed=self.seed)
         options = ort.SessionOptions()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
 from hwprune.cost_models.profilers._nvml import nvml_metadata
+from hwprune.errors import ConfigError, UnsupportedModelError
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,14 +92,14 @@ def torch_device(device: str) -> torch.device:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown torch device {device!r}; {valid}") from err
+        raise ConfigError(f"unknown torch device {device!r}; {valid}") from err
     if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown torch device {device!r}; {valid}")
+        raise ConfigError(f"unknown torch device {device!r}; {valid}")
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (parsed.index or 0) >= count:
             seen = f"only {count} CUDA device(s)" if count else "no CUDA device"
-            raise RuntimeError(f"device {device!r} requested but torch sees {seen}")
+            raise ConfigError(f"device {device!r} requested but torch sees {seen}")
     return parsed
 
 
@@ -139,6 +141,18 @@ def reference_block(spec: BlockSpec, units: int, mlp: int) -> nn.Module:
     return ReferenceBlock(spec, units=units, mlp=mlp)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch runs on `threads` CPU threads inside the block (None: as it is); restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class TorchProfiler(Profiler):
     """Times blocks with torch on "cpu" or "cuda".
 
@@ -168,18 +182,24 @@ class TorchProfiler(Profiler):
     ) -> None:
         super().__init__(warmup=warmup, repeats=repeats, seed=seed)
         if stack < 1:
-            raise ValueError(f"stack must be >= 1, got {stack}")
+            raise ConfigError(f"stack must be >= 1, got {stack}")
         self.stack = stack
         self.device = torch_device(device)
         self.block_factory = block_factory or reference_block
-        if threads is not None:
-            torch.set_num_threads(threads)
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1 or None, got {threads}")
+        self.threads = threads
 
     def measure_block(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
         if workload.dtype not in TORCH_DTYPES:
-            raise ValueError(f"torch profiler runs {sorted(TORCH_DTYPES)}, not {workload.dtype!r}")
+            raise ConfigError(f"torch profiler runs {sorted(TORCH_DTYPES)}, not {workload.dtype!r}")
+        # The profiler's threads and seed hold while it measures; the caller's are restored after.
+        with torch_threads(self.threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return self._measure(spec, workload, units=units, mlp=mlp)
+
+    def _measure(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
         dtype = TORCH_DTYPES[workload.dtype]
-        torch.manual_seed(self.seed)
         blocks = [
             self.block_factory(spec, units, mlp).to(self.device, dtype).eval() for _ in range(self.stack)
         ]
@@ -188,7 +208,9 @@ class TorchProfiler(Profiler):
             if workload.phase == "decode":
                 prepare = getattr(block, "prepare_decode", None)
                 if prepare is None:
-                    raise ValueError(f"{type(block).__name__} cannot run decode steps: it has no KV cache")
+                    raise UnsupportedModelError(
+                        f"{type(block).__name__} cannot run decode steps: it has no KV cache"
+                    )
                 prepare(workload.batch_size, workload.kv_len)
         stack = nn.Sequential(*blocks)
         t = repeat_timed(torch_timer(lambda: stack(x), self.device), warmup=self.warmup, repeats=self.repeats)
@@ -198,7 +220,7 @@ class TorchProfiler(Profiler):
         meta = super().metadata() | {
             "device": str(self.device),
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": self.threads or torch.get_num_threads(),
             "stack": self.stack,
             "block": getattr(self.block_factory, "__name__", type(self.block_factory).__name__),
         }

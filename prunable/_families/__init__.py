@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from hwprune.errors import UnsupportedModelError
 from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._families._bert import BertFamily
 from hwprune.prunable._families._deberta import DebertaV2Family
@@ -48,10 +49,10 @@ def family_of(model: nn.Module) -> Family:
         if model_type in family.model_types:
             return family
     if model_type in REFUSED:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} (model_type={model_type!r}) is not supported: {REFUSED[model_type]}"
         )
-    raise ValueError(
+    raise UnsupportedModelError(
         f"{type(model).__name__} (model_type={model_type!r}) is not a supported architecture; "
         f"supported model types: {supported_model_types()}"
     )

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hwprune.errors import UnsupportedModelError
 from hwprune.prunable._coupling import LayerCouplings
 from hwprune.prunable._kv_cache import append_kv
 from hwprune.prunable._structure import LayerStructure, Structure
@@ -121,7 +122,7 @@ class Family(ABC):
     def check_config(self, config: Any) -> None:
         """Reject configurations whose layout the adapter does not handle."""
         if getattr(config, "add_cross_attention", False):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"{type(config).__name__} with add_cross_attention=True is not supported: "
                 "hwprune prunes self-attention blocks only"
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hwprune.errors import UnsupportedModelError
 from hwprune.prunable._coupling import Coupling, LayerCouplings, Tap, contiguous_index
 from hwprune.prunable._families._base import Family, Skipped
 from hwprune.prunable._structure import LayerStructure, Structure
@@ -27,7 +28,7 @@ class FalconFamily(Family):
     def check_config(self, config: Any) -> None:
         super().check_config(config)
         if config.alibi:
-            raise ValueError(
+            raise UnsupportedModelError(
                 "falcon with alibi=True is not supported: the model builds one ALiBi slope per configured "
                 "head and hands all of them to every layer, so no layer can keep fewer heads"
             )

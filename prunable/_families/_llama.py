@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hwprune.errors import UnsupportedModelError
 from hwprune.prunable._coupling import LayerCouplings, Tap
 from hwprune.prunable._experts import ExpertCoupling
 from hwprune.prunable._families._base import Family, Skipped, qkvo_couplings
@@ -70,7 +71,7 @@ class LlamaFamily(Family):
     def check_config(self, config: Any) -> None:
         super().check_config(config)
         if config.model_type == "stablelm" and getattr(config, "qk_layernorm", False):
-            raise ValueError(
+            raise UnsupportedModelError(
                 "stablelm with qk_layernorm=True is not supported: its per-head LayerNorms are a module list "
                 "by the config's head count"
             )

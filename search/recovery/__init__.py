@@ -11,6 +11,7 @@
 from collections.abc import Mapping
 from typing import Any
 
+from hwprune.errors import PlanError
 from hwprune.search.recovery._base import RECOVERY, NoRecovery, Recovery, RecoveryData, RecoveryReport
 from hwprune.search.recovery._distill import Distill
 from hwprune.search.recovery._reconstruct import Reconstruct
@@ -24,7 +25,7 @@ def from_recipe(recipe: Mapping[str, Any]) -> Recovery:
     """
     name = recipe.get("method")
     if name not in RECOVERY:
-        raise ValueError(f"unknown recovery method {name!r} in the recipe; valid methods: {RECOVERY.names()}")
+        raise PlanError(f"unknown recovery method {name!r} in the recipe; valid methods: {RECOVERY.names()}")
     settings = {k: v for k, v in recipe.items() if k not in ("method", "data_samples", "data_seed")}
     return RECOVERY[str(name)](**settings)
 

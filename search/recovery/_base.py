@@ -13,6 +13,7 @@ from torch import nn
 
 from hwprune import hessian, prunable
 from hwprune._registry import Registry
+from hwprune.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class RecoveryData:
 
     def __post_init__(self) -> None:
         if not self.batches:
-            raise ValueError(f"recovery data {self.description!r} has no batches")
+            raise DataError(f"recovery data {self.description!r} has no batches")
 
 
 @dataclass
@@ -93,13 +94,13 @@ class Recovery(ABC):
         """
         n_student, n_teacher = prunable.discover(student).num_layers, prunable.discover(teacher).num_layers
         if layers is None and n_student != n_teacher:
-            raise ValueError(
+            raise ConfigError(
                 f"the student has {n_student} layers, the teacher {n_teacher}: pass layers= (the teacher "
                 "layer of each student block, plan.kept_layers())"
             )
         kept = list(range(n_teacher)) if layers is None else [int(i) for i in layers]
         if len(kept) != n_student or kept != sorted(set(kept)) or not all(0 <= i < n_teacher for i in kept):
-            raise ValueError(
+            raise ConfigError(
                 f"layers={kept} must name, ascending, one of the teacher's {n_teacher} layers for each of "
                 f"the student's {n_student}"
             )

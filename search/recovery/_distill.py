@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hwprune import hessian
+from hwprune.errors import ConfigError
 from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport, output_loss, valid_rows
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,11 @@ class Distill(Recovery):
         quantize: str | None = None,
     ) -> None:
         if steps < 1:
-            raise ValueError(f"distill.steps must be >= 1, got {steps}")
+            raise ConfigError(f"distill.steps must be >= 1, got {steps}")
         if held_out < 0:
-            raise ValueError(f"distill.held_out must be >= 0, got {held_out}")
+            raise ConfigError(f"distill.held_out must be >= 0, got {held_out}")
         if not lr > 0:
-            raise ValueError(f"distill.lr must be positive, got {lr}")
+            raise ConfigError(f"distill.lr must be positive, got {lr}")
         for key, value in (
             ("hidden_weight", hidden_weight),
             ("output_weight", output_weight),
@@ -131,15 +132,15 @@ class Distill(Recovery):
             ("weight_decay", weight_decay),
         ):
             if value < 0:
-                raise ValueError(f"distill.{key} must be >= 0, got {value}")
+                raise ConfigError(f"distill.{key} must be >= 0, got {value}")
         if hidden_weight + output_weight + label_weight == 0:
-            raise ValueError(
+            raise ConfigError(
                 "distill needs a positive hidden_weight, output_weight or label_weight; all are 0"
             )
         if not temperature > 0:
-            raise ValueError(f"distill.temperature must be positive, got {temperature}")
+            raise ConfigError(f"distill.temperature must be positive, got {temperature}")
         if quantize is not None and quantize not in hessian.QUANT_PRECISIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"distill.quantize={quantize!r} is not supported; valid choices: {list(hessian.QUANT_PRECISIONS)} or null"
             )
         self.quantize = quantize

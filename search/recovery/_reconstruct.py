@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from hwprune import hessian, prunable
+from hwprune.errors import ConfigError, UnsupportedModelError
 from hwprune.search.recovery._base import (
     Recovery,
     RecoveryData,
@@ -122,7 +123,7 @@ def _sites(student: nn.Module, teacher: nn.Module, layers: list[int]) -> list[_S
                 continue  # the whole sub-layer was pruned: nothing left to scale
             if residual is None or dense_residual is None or dense_projection is None:
                 model_type = getattr(getattr(student, "config", None), "model_type", "?")
-                raise ValueError(
+                raise UnsupportedModelError(
                     f"recovery=reconstruct cannot fit {type(student).__name__} (model_type={model_type!r}): it "
                     "needs each sub-layer's output added to the residual stream as is, and this family "
                     "normalises or scales it first, or adds its sub-layers in parallel; use recovery=distill "
@@ -172,9 +173,9 @@ class Reconstruct(Recovery):
 
     def __init__(self, *, samples: int = 128, ridge: float = 1.0, bias: bool = True) -> None:
         if samples < 1:
-            raise ValueError(f"reconstruct.samples must be >= 1, got {samples}")
+            raise ConfigError(f"reconstruct.samples must be >= 1, got {samples}")
         if ridge < 0:
-            raise ValueError(f"reconstruct.ridge must be >= 0, got {ridge}")
+            raise ConfigError(f"reconstruct.ridge must be >= 0, got {ridge}")
         self.samples, self.ridge, self.bias = samples, ridge, bias
 
     def params(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from hwprune import hessian
 from hwprune._registry import Registry
+from hwprune.errors import ConfigError
 from hwprune.search.recovery._base import RecoveryData
 
 # Every task class, by its name: filled when a class is defined (`Task.__init_subclass__`), so that
@@ -81,4 +82,4 @@ def higher_is_better(metric_name: str) -> bool:
         if task.metric_name == metric_name:
             return task.higher_is_better
     known = sorted({t.metric_name for t in TASKS})
-    raise ValueError(f"no task defines the metric {metric_name!r}; known metrics: {known}")
+    raise ConfigError(f"no task defines the metric {metric_name!r}; known metrics: {known}")

@@ -103,9 +103,14 @@ def train_vit_digits(out: str | Path, *, epochs: int = 30, seed: int = 0) -> Pat
     Returns:
         `out`, loadable with `prunable.load_model(str(out), "ViTForImageClassification")`.
     """
+    with torch.random.fork_rng(devices=[]):  # seeded training, the caller's generator untouched
+        torch.manual_seed(seed)
+        return _train_vit_digits(Path(out), epochs=epochs, seed=seed)
+
+
+def _train_vit_digits(out: Path, *, epochs: int, seed: int) -> Path:
     from transformers import ViTConfig, ViTForImageClassification
 
-    torch.manual_seed(seed)
     config = ViTConfig(  # type: ignore[call-arg]
         image_size=8,
         patch_size=2,

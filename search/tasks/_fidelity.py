@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian
+from hwprune.errors import ConfigError, DataError
 from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
@@ -48,9 +49,7 @@ def file_passages(path: str | Path) -> list[str]:
     passages = [" ".join(p.split()) for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
     passages = [p for p in passages if p]
     if len(passages) < 2:
-        raise ValueError(
-            f"{path}: found {len(passages)} paragraph(s); need at least 2 (blank-line separated)"
-        )
+        raise DataError(f"{path}: found {len(passages)} paragraph(s); need at least 2 (blank-line separated)")
     return passages
 
 
@@ -96,11 +95,11 @@ class FidelityTask(Task):
         # A passage repeated in the source (a fifth of pydoc's are) would sit in two splits at once.
         passages = list(dict.fromkeys(passages))
         if calibration_samples + eval_samples > len(passages):
-            raise ValueError(
+            raise ConfigError(
                 f"asked for {calibration_samples} + {eval_samples} passages, the source has {len(passages)}"
             )
         if validation_samples < 0:
-            raise ValueError(f"task.build.validation_samples={validation_samples}: valid: 0 (none) or more")
+            raise ConfigError(f"task.build.validation_samples={validation_samples}: valid: 0 (none) or more")
         random.Random(seed).shuffle(passages)
         self.source = PYDOC_SOURCE if text_path is None else str(text_path)
         held = calibration_samples + eval_samples

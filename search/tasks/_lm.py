@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian
+from hwprune.errors import ConfigError, DataError
 from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._fidelity import PYDOC_SOURCE, pydoc_passages
@@ -70,7 +71,7 @@ class LMTask(Task):
         validation_blocks: int = 16,
     ) -> None:
         if validation_blocks < 0:
-            raise ValueError(f"task.build.validation_blocks={validation_blocks}: valid: 0 (none) or more")
+            raise ConfigError(f"task.build.validation_blocks={validation_blocks}: valid: 0 (none) or more")
         if text_path is None:
             text, self.source = "\n\n".join(pydoc_passages()), PYDOC_SOURCE
         else:
@@ -81,7 +82,7 @@ class LMTask(Task):
         ids = _token_ids(tokenizer, text)
         n_blocks = len(ids) // block_size
         if n_blocks < calibration_blocks + eval_blocks:
-            raise ValueError(
+            raise DataError(
                 f"{self.source}: {len(ids)} tokens make {n_blocks} blocks of {block_size}; "
                 f"need {calibration_blocks} + {eval_blocks}"
             )

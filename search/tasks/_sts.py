@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from hwprune import hessian
+from hwprune.errors import ConfigError, DataError
 from hwprune.search.recovery._base import RecoveryData
 from hwprune.search.tasks._base import Task
 from hwprune.search.tasks._text import embed_batch, embed_texts, length_batches
@@ -44,20 +45,20 @@ def read_sts(path: str | Path) -> Pairs:
             if not row:
                 continue
             if len(row) < 7:
-                raise ValueError(f"{path}:{line_no}: {len(row)} columns, expected at least 7 ({STS_FORMAT})")
+                raise DataError(f"{path}:{line_no}: {len(row)} columns, expected at least 7 ({STS_FORMAT})")
             try:
                 score = float(row[4])
             except ValueError:
-                raise ValueError(
+                raise DataError(
                     f"{path}:{line_no}: score {row[4]!r} is not a number ({STS_FORMAT})"
                 ) from None
             if not 0.0 <= score <= 5.0:
-                raise ValueError(f"{path}:{line_no}: score {score} outside [0, 5]")
+                raise DataError(f"{path}:{line_no}: score {score} outside [0, 5]")
             first.append(row[5])
             second.append(row[6])
             scores.append(score)
     if not scores:
-        raise ValueError(f"{path}: no sentence pairs found; expected {STS_FORMAT}")
+        raise DataError(f"{path}: no sentence pairs found; expected {STS_FORMAT}")
     return Pairs(first, second, torch.tensor(scores, dtype=torch.float32))
 
 
@@ -144,19 +145,19 @@ class STSTask(Task):
     ) -> None:
         for name, value in (("calibration_samples", calibration_samples), ("batch_size", batch_size)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= validation_fraction <= 0.5:
-            raise ValueError(
+            raise ConfigError(
                 f"task.build.validation_fraction={validation_fraction}: valid: 0 (no validation split) to 0.5"
             )
         if _same_file(train_path, eval_path):
-            raise ValueError(
+            raise ConfigError(
                 f"task.build.eval_path={eval_path} is the training file too: recovery would train on what "
                 "the metric is measured on; valid: another split (e.g. STS-B's sts-dev.csv)"
             )
         for other, role in ((train_path, "training"), (eval_path, "eval")):
             if validation_path is not None and _same_file(validation_path, other):
-                raise ValueError(
+                raise ConfigError(
                     f"task.build.validation_path={validation_path} is the {role} file too: plans would be "
                     "chosen on what they are trained or reported on; valid: a split of its own, or "
                     "validation_path=null to hold out task.build.validation_fraction of the training file"
@@ -283,7 +284,7 @@ def _check_rankable(pairs: Pairs, what: str) -> None:
     """Refuse a split whose Spearman's correlation is undefined (fewer than 2 distinct scores)."""
     distinct = len(set(pairs.scores.tolist()))
     if distinct < 2:
-        raise ValueError(
+        raise DataError(
             f"{what}: {len(pairs.scores)} pair(s) with {distinct} distinct score(s); Spearman's correlation "
             "needs pairs with at least 2 different scores (else every metric is NaN); valid: an evaluation "
             "split such as STS-B's sts-dev.csv"

@@ -507,7 +507,15 @@ def interrupt_when(args: list[str], cwd: Path, marker: str, delay: float) -> sub
         time.sleep(0.1)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # never leave it running: it would slow every later test
+        proc.kill()
+        proc.wait()
+        reader.join()
+        raise AssertionError(
+            f"{args[0]} did not stop within 120 s of Ctrl-C:\n" + "".join(lines)[-3000:]
+        ) from None
     reader.join()
     return subprocess.CompletedProcess(args, proc.returncode, "".join(lines), "")
 

@@ -46,12 +46,9 @@ def main() -> None:
     structure = prunable.discover(dense)
     ref = prunable.model_ref(dense, with_weights=False)
     n = structure.num_layers
-    plan = prunable.PrunePlan.from_units(
-        structure,
-        ref,
-        attention=[range(layer.attention_units) for layer in structure.layers],
-        mlp=[range(layer.mlp_width) for layer in structure.layers],
-    ).with_precisions([args.precision] * n, [args.precision] * n)
+    plan = prunable.PrunePlan.dense(structure, ref).with_precisions(
+        [args.precision] * n, [args.precision] * n
+    )
     rows = []
     for batch, rounds in BATCHES.items():
         fp32 = cost_models.Workload(batch_size=batch, seq_len=128, dtype="fp32")

@@ -106,12 +106,9 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
             # And the dense model as a plan deploys blocks at this dtype: each block between casts
             # from and back to the first dtype's stream (what `cost_models.edge_costs` prices).
             n = spec.num_layers
-            deployed = prunable.PrunePlan.from_units(
-                structure,
-                ref,
-                attention=[range(layer.attention_units) for layer in structure.layers],
-                mlp=[range(layer.mlp_width) for layer in structure.layers],
-            ).with_precisions([workload.dtype] * n, [workload.dtype] * n)
+            deployed = prunable.PrunePlan.dense(structure, ref).with_precisions(
+                [workload.dtype] * n, [workload.dtype] * n
+            )
             blocks_at_dtype = prunable.set_precisions(
                 prunable.apply_plan(copy.deepcopy(model), deployed, check_weights=False), deployed
             )

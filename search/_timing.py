@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from hwprune import cost_models
 from hwprune.cost_models.profilers import interleaved
 from hwprune.search._blocks import model_timer
 from hwprune.search._int8 import OnnxRuntimeModel
+from hwprune.search._interrupt import raise_if_pressed
 
 log = logging.getLogger("hwprune.apply")
 
@@ -60,6 +62,16 @@ class Timing:
         return None if spread is None else spread <= SPREAD_LIMIT
 
 
+def _stoppable(timer: Callable[[], float]) -> Callable[[], float]:
+    """`timer`, first raising KeyboardInterrupt if a Ctrl-C was pressed and lost (`stop_at_once`)."""
+
+    def run() -> float:
+        raise_if_pressed()
+        return timer()
+
+    return run
+
+
 def measure(
     timed: list[tuple[torch.nn.Module, cost_models.Workload]],
     *,
@@ -76,9 +88,9 @@ def measure(
         raise ValueError(f"measure needs the dense and the pruned model, got {len(timed)} model(s)")
     # An ONNX Runtime model (int8) times itself; torch models move to the device and dtype.
     timers = [
-        model.timer(workload)
+        _stoppable(model.timer(workload))
         if isinstance(model, OnnxRuntimeModel)
-        else model_timer(model, workload, str(device))
+        else _stoppable(model_timer(model, workload, str(device)))
         for model, workload in timed
     ]
 

@@ -26,6 +26,7 @@ from hwprune import prunable
 from hwprune.errors import PlanError
 from hwprune.search._apply import apply_and_measure
 from hwprune.search._cli import one_line_errors, run_app
+from hwprune.search._interrupt import stop_at_once
 from hwprune.search.config import ApplyConfig, build_task, to_object
 
 
@@ -78,7 +79,8 @@ def _interrupted() -> str:
 def main(cfg: DictConfig) -> None:
     app = to_object(cfg)
     assert isinstance(app, ApplyConfig)
-    run(app)
+    with stop_at_once():
+        run(app)
 
 
 def entry() -> None:

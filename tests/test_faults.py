@@ -398,6 +398,45 @@ def test_an_unstable_speedup_is_measured_again_then_flagged(
     assert "unstable" not in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_timing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python ignores an exception raised while it runs a finalizer: a Ctrl-C handled there is lost,
+    and without `stop_at_once` remembering it an apply timing 100000 rounds would go on."""
+    import gc
+    import os
+    import signal
+
+    import torch
+
+    from hwprune import cost_models
+    from hwprune.search._interrupt import stop_at_once
+    from hwprune.search._timing import measure
+
+    calls: list[int] = []
+    monkeypatch.setattr(
+        "hwprune.search._timing.model_timer", lambda model, workload, device: lambda: calls.append(1) or 1.0
+    )
+
+    class PressesCtrlC:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # the handler runs (and raises) at a bytecode boundary in here
+                pass
+
+    models = [(torch.nn.Identity(), cost_models.Workload()), (torch.nn.Identity(), cost_models.Workload())]
+    with stop_at_once():
+        PressesCtrlC()  # finalized at once: "Exception ignored in ... KeyboardInterrupt"
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            measure(models, device=torch.device("cpu"), repeats=100_000)
+    assert calls == []  # stopped before the first forward
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    measure(models, device=torch.device("cpu"), repeats=4)  # and forgotten once the block is left
+    assert len(calls) == 2 * (3 + 4)
+
+
 # --- the command lines: one line for every user error, Ctrl-C included ------------------------------
 
 TINY = [

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from _command import command_line
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved, nvml_metadata, torch_device
@@ -190,6 +191,11 @@ def throughput(model: cost_models.CostModel, n: int = 100_000) -> float:
     return n / (time.perf_counter() - start)
 
 
+def default_out(args: argparse.Namespace) -> str:
+    """Where the report goes without --out."""
+    return f"results/benchmarks/cost_models_{args.hardware}.md"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,7 +225,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args.out = args.out or f"results/benchmarks/cost_models_{args.hardware}.md"
+    args.out = args.out or default_out(args)
     profile = load_hardware(args.hardware)
     if profile.backend != "torch":
         raise SystemExit(
@@ -329,15 +335,7 @@ def write(
     lines = [
         f"# Cost models against measured latency on {profile.name} (all-MiniLM-L6-v2)",
         "",
-        "Command: `python benchmarks/cost_models_check.py"
-        + (f" --hardware {args.hardware}" if args.hardware != "cpu_local" else "")
-        + (f" --dtype {args.dtype}" if args.dtype != "auto" else "")
-        + f"{' --profile' if args.profile else ''} --configs {args.configs} --repeats {args.repeats}"
-        + (f" --previous {args.previous}" if args.previous else "")
-        + (f" --model-source {args.model_source}" if args.model_source != prunable.MINILM else "")
-        + (f" --stability-seconds {args.stability_seconds:g}" if args.stability_seconds != 120.0 else "")
-        + f" --out {args.out}"
-        + "`"
+        f"Command: `{command_line()}`"
         + (" (profiles each table, then checks it)" if args.profile else "")
         + f"; every measured latency is in `{Path(args.out).with_suffix('.csv').name}`.  ",
         f"Machine: {describe(device)}. "

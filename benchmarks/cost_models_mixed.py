@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from _command import command_line
 from cost_models_check import pruned_models, spread_configs, time_interleaved
 
 from hwprune import cost_models, prunable
@@ -113,7 +112,7 @@ def main() -> None:
     lines = [
         f"# Mixed-precision cost model against measurement: MiniLM, cpu_local, {workload.describe()}",
         "",
-        f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every latency measured on this CPU (wall clock, "
         f"median of {args.repeats} interleaved rounds); measurements in `{out.with_suffix('.csv').name}`.",

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _command import command_line
 
 from hwprune import cost_models
 
@@ -205,7 +206,7 @@ def main() -> None:
     lines = [
         "# Cost-model skill: each model beside the null predictor and the FLOPs proxy",
         "",
-        f"Command: `python benchmarks/cost_models_skill.py --out {args.out}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, torch {torch.__version__}; it only re-scores committed "
         "measurements, each section names the machine that timed them.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",

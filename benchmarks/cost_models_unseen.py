@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _command import command_line
 from cost_models_check import STEP, describe, metrics, pruned_models, spread_configs, time_interleaved
 
 from hwprune import cost_models, prunable
@@ -147,6 +148,12 @@ def check(
     return rows, raw
 
 
+def default_out(args: argparse.Namespace) -> str:
+    """Where the report goes without --out."""
+    suffix = "" if args.hardware == "cpu_local" else f"_{args.hardware}"
+    return f"results/benchmarks/cost_models_unseen{suffix}.md"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,8 +178,7 @@ def main() -> None:
     )
     parser.add_argument("--kv-len", type=int, default=1024, help="cached tokens of the decode cases")
     args = parser.parse_args()
-    suffix = "" if args.hardware == "cpu_local" else f"_{args.hardware}"
-    args.out = args.out or f"results/benchmarks/cost_models_unseen{suffix}.md"
+    args.out = args.out or default_out(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("hwprune.prunable").setLevel(logging.WARNING)
     started = datetime.now(timezone.utc)
@@ -225,13 +231,7 @@ def main() -> None:
     lines = [
         "# Cost models where no table was profiled (measured)",
         "",
-        f"Command: `python benchmarks/cost_models_unseen.py --configs {args.configs} --decode-configs "
-        f"{args.decode_configs} --repeats {args.repeats}"
-        + (f" --hardware {args.hardware}" if args.hardware != "cpu_local" else "")
-        + (f" --model-source {args.model_source}" if args.model_source != prunable.MINILM else "")
-        + (f" --llama {args.llama}" if args.llama != LLAMA_CONFIG else "")
-        + (f" --kv-len {kv}" if kv != 1024 else "")
-        + "`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {describe(device)}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC; {args.repeats} interleaved rounds per configuration, median.  ",
         f"Calibrated on the {profile.name} tables of this device: {fitted}. "

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _command import command_line
 from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
@@ -188,8 +189,7 @@ def write_markdown(
     lines = [
         "# Depth pruning on all-MiniLM-L6-v2 / STS-B, cpu_local",
         "",
-        f"Command: `python benchmarks/depth_minilm_sts.py --stsb ../shared/data/stsb --trials {args.trials} "
-        f"--rescore {args.rescore} --rounds {args.rounds} --targets {' '.join(args.targets)}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC. Predicted latencies come from the "
         + ", ".join(f"`{s}` model for {t}" for t, s in sources.items())

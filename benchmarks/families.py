@@ -16,6 +16,7 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -30,6 +31,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _command import command_line
+
 from hwprune import cost_models, prunable
 from hwprune.search import apply_config, run_apply, run_config, write_report
 from hwprune.search.config import AppConfig, compose, to_object
@@ -194,6 +197,11 @@ def search_and_apply(case: Case, tmp: Path) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/families.md"))
+    args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
     started = datetime.now(timezone.utc)
@@ -226,7 +234,7 @@ def main() -> None:
     lines = [
         "# Families: discovery, exact surgery, reload, cached generation, search + apply (measured)",
         "",
-        "Command: `python benchmarks/families.py`  ",
+        f"Command: `{command_line()}`  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"machine: {cost_models.cpu_name()} x {torch.get_num_threads()} threads. Random-init models of `tests/conftest.py` (3 layers, hidden 64, GQA 8 query / 2 KV heads for "
         "the decoders). Errors are the largest absolute difference of outputs (hidden states or logits). "
@@ -239,9 +247,8 @@ def main() -> None:
         "|" + " --- |" * len(columns),
         *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows),
     ]
-    out = Path("results/benchmarks/families.md")
-    out.write_text("\n".join(lines) + "\n")
-    log.info("wrote %s", out)
+    args.out.write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

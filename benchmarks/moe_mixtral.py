@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import transformers
+from _command import command_line
 from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
@@ -180,7 +181,7 @@ def write_markdown(
     lines = [
         "# MoE: a Mixtral-like model searched with and without the expert axes (cpu_local)",
         "",
-        f"Command: `python benchmarks/moe_mixtral.py --workloads {' '.join(args.workloads)} --rounds {args.rounds}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC. Predicted latencies: the `{', '.join(sources)}` model of cpu_local "
         "(hwprune profiles dense blocks only: MoE latency is the roofline's, with this CPU's measured peaks); "

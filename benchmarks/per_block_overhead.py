@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import shlex
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from _command import command_line
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import interleaved
@@ -67,7 +66,7 @@ def main() -> None:
     lines = [
         f"# Blocks deployed at {args.precision} between fp32 layers, against the whole model at {args.precision}",
         "",
-        f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Dense all-MiniLM-L6-v2, sequence 128, wall clock, "
         "median of interleaved rounds on this CPU.",

@@ -19,14 +19,13 @@ import argparse
 import json
 import logging
 import random
-import shlex
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import torch
+from _command import command_line
 from omegaconf import OmegaConf
 
 from hwprune import cost_models
@@ -153,7 +152,7 @@ def main() -> None:
             )
             (args.work / "applied.json").write_text(json.dumps(rows, indent=2, default=str))
 
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = [

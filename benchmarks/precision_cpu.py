@@ -30,7 +30,6 @@ import copy
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _command import command_line
 from scipy.stats import spearmanr
 
 from hwprune import cost_models, prunable
@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = datetime.now(timezone.utc)
-    command = "python benchmarks/precision_cpu.py " + " ".join(sys.argv[1:])
+    command = command_line()
 
     model = prunable.load_model(prunable.MINILM, "BertModel")
     cfg = to_object(

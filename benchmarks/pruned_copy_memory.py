@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _command import command_line
 from saliency_scale import SHAPES, build
 
 from hwprune import cost_models, prunable
@@ -75,7 +76,7 @@ def main() -> None:
     lines = [
         "# Peak memory of making a pruned copy (measured)",
         "",
-        f"Command: `python benchmarks/pruned_copy_memory.py --shape {args.shape}`  ",
+        f"Command: `{command_line()}`  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cost_models.cpu_name()}. Random-init "
         f"`{args.shape}` in fp32, a plan keeping half of every layer's attention units and MLP neurons; "
         "peak RSS growth of the process while the pruned copy is made (the dense model already loaded).",

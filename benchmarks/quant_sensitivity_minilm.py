@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from _command import command_line
 from scipy.stats import spearmanr
 
 from hwprune import cost_models, hessian, prunable
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
-    command = "python benchmarks/quant_sensitivity_minilm.py " + " ".join(sys.argv[1:])
+    command = command_line()
 
     model = prunable.load_model(prunable.MINILM, "BertModel").eval()
     cfg = to_object(

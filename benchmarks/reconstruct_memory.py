@@ -12,14 +12,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import transformers
+from _command import command_line
 
 from hwprune import cost_models, hessian, prunable
 from hwprune.search.recovery import Reconstruct, RecoveryData
@@ -93,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/benchmarks/reconstruct_memory.md")
     args = parser.parse_args()
     rows = {shape: measure(shape) for shape in args.shapes}
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     lines = [
         "# Peak memory of recovery=reconstruct (random-init BERT shapes, half of every layer's units kept)",
         "",

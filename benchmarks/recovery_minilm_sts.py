@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from _command import command_line
 
 from hwprune import hessian, prunable
 from hwprune.search import (
@@ -282,7 +283,7 @@ def main() -> None:
     lines = [
         "# Recovery after pruning (measured)",
         "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {prunable_cpu()}; date {started:%Y-%m-%d %H:%M} UTC.  ",
         "MiniLM (bundled all-MiniLM-L6-v2) on STS-B: saliency, reconstruction and distillation use the "
         "train file only, the metric is dev Spearman x 100. Latency: cpu_local at batch 32 x 128 "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from _command import command_line
 from scipy.stats import spearmanr
 
 from hwprune import cost_models, hessian, prunable
@@ -219,8 +220,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], dense_rho: float, b
     lines = [
         "# Saliency on all-MiniLM-L6-v2 / STS-B",
         "",
-        f"Command: `python benchmarks/saliency_minilm.py --stsb {args.stsb} --samples {args.samples} "
-        f"--mlp-blocks {args.mlp_blocks}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {platform.python_version()}  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. All numbers measured on this CPU.",

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import transformers
+from _command import command_line
 
 from hwprune import cost_models, hessian
 from hwprune.cost_models.profilers import nvml_metadata
@@ -279,14 +280,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], started: datetim
     lines = [
         "# Saliency at scale: scoring time and peak memory (measured)",
         "",
-        f"Command: `python benchmarks/saliency_scale.py --shapes {' '.join(args.shapes)} --samples {args.samples} "
-        f"--seq {args.seq} --batch-size {args.batch_size} --max-samples {args.max_samples}"
-        + (f" --methods {' '.join(args.methods)}" if args.methods != ["nvit"] else "")
-        + (" --parts-only" if args.parts_only else "")
-        + (f" --device {args.device}" if args.device != "cpu" else "")
-        + (f" --dtype {args.dtype}" if args.dtype else "")
-        + (f" --out {args.out}" if args.out != "results/benchmarks/saliency_scale.md" else "")
-        + "`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {machine}; torch {torch.__version__}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC. Random-init models, random calibration tokens "
         f"({args.samples} samples x {args.seq} tokens in batches of {args.batch_size}), model dtype "

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from _command import command_line
 
 from hwprune import cost_models, hessian, prunable
 from hwprune.search import (
@@ -165,13 +166,7 @@ def main() -> None:
         "# Search quality by depth: hypervolume of the study's front / "
         + ("the best front known (measured)" if args.params_fraction else "the exact proxy front (measured)"),
         "",
-        f"Command: `python benchmarks/search_depth.py --trials {args.trials} --exact-seeds "
-        f"{' '.join(map(str, args.exact_seeds))} --seeds {' '.join(map(str, args.seeds))}"
-        + (f" --latency-fraction {args.latency_fraction}" if args.latency_fraction else "")
-        + (f" --params-fraction {args.params_fraction}" if args.params_fraction else "")
-        + (f" --shapes {' '.join(args.shapes)}" if args.shapes != list(SHAPES) else "")
-        + (f" --out {args.out}" if args.out != "results/benchmarks/search_depth.md" else "")
-        + "`  ",
+        f"Command: `{command_line()}`  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC; {cost_models.cpu_name()}. Random-init models, NViT on random "
         "tokens, gpu_h100 roofline (analytical) at batch 1 x 128; sampler: the default Pareto local search; "
         "every study also holds the dense model and a uniform 50 % plan. `seeds alone` is the ratio the "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _command import command_line
 from omegaconf import OmegaConf
 
 from hwprune import cost_models
@@ -167,7 +168,7 @@ def write(args, rows, pareto, random_front, applied, default_wall, outcome) -> N
     lines = [
         "# Search on all-MiniLM-L6-v2 / STS-B, cpu_local, batch 32 x 128",
         "",
-        f"Command: `python benchmarks/search_minilm_sts.py --stsb {args.stsb} --trials {args.trials}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Latencies predicted by the `{outcome.cost_model.source}` "
         "model of cpu_local; measured ones were timed on this CPU.",

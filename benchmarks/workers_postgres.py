@@ -36,6 +36,7 @@ import optuna
 import pandas as pd
 import psycopg
 import torch
+from _command import command_line
 from optuna.trial import TrialState
 
 from hwprune import cost_models
@@ -165,7 +166,7 @@ def main() -> None:
     text = [
         "# Several workers on one study (measured)",
         "",
-        f"Command: `python benchmarks/workers_postgres.py --trials {args.trials} --workers {args.workers}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"optuna {optuna.__version__}, PostgreSQL on 127.0.0.1; date {date:%Y-%m-%d %H:%M} UTC.  ",
         "Each worker is `hwprune-search` on the embedded default (MiniLM, label-free fidelity task, cpu_local at "

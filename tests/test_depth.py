@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -171,12 +172,23 @@ def test_deberta_with_a_convolution_after_layer_0_keeps_layer_0() -> None:
     assert prunable.discover(model).num_layers == 2
 
 
-def test_a_shallower_decoder_is_timed_at_decode_against_its_own_cache() -> None:
+def test_a_shallower_decoder_is_timed_at_decode_against_its_own_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from hwprune.cost_models import Workload
-    from hwprune.search import model_timer
+    from hwprune.search import _blocks, model_timer
 
+    made: list[Any] = []
+    real = _blocks.prefilled_cache
+    monkeypatch.setattr(_blocks, "prefilled_cache", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     case = CASES["llama_gqa"]
     model = case.build()
     pruned = prunable.apply_plan(copy.deepcopy(model), depth_plan(model, {0}, seed=6))
+    assert prunable.discover(pruned).num_layers == 2
     timer = model_timer(pruned, Workload(batch_size=2, dtype="fp32", phase="decode", kv_len=8), "cpu")
-    assert min(timer() for _ in range(3)) > 0  # each call is one step against the 2-layer cache, then cropped
+    (cache,) = made
+    assert len(cache.layers) == 2  # the cache of the 2 layers kept, not of the dense model's 3
+    for _ in range(3):  # each call is one step of seq_len (1) new tokens against 8 cached ones, then cropped
+        assert timer() > 0
+        assert cache.get_seq_length() == 8
+        assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)

@@ -22,9 +22,8 @@ from tests.conftest import SMALL
 
 
 def apply_settings(plan: Path, out: Path | str, **extra: object):  # type: ignore[no-untyped-def]
-    return apply_config(
-        plan=plan, out=out, task=compose("config", SMALL[:3]).task, repeats=1, onnx=False, **extra
-    )
+    settings: dict[str, object] = {"repeats": 1, "onnx": False, **extra}
+    return apply_config(plan=plan, out=out, task=compose("config", SMALL[:3]).task, **settings)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -435,6 +434,37 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_timing(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     measure(models, device=torch.device("cpu"), repeats=4)  # and forgotten once the block is left
     assert len(calls) == 2 * (3 + 4)
+
+
+def test_apply_reports_the_median_dense_over_the_median_pruned_latency(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the median (nor the mean) of the per-round speedups: those differ on these latencies."""
+    import itertools
+    import json
+    import statistics
+
+    from hwprune.search import _timing
+
+    # dense, pruned (rounds pair them unevenly), and the dense model at the pruned one's precision
+    cycles = [[10.0, 40.0, 20.0, 30.0], [2.0, 5.0, 9.0], [9.0]]
+    made = iter(range(3))
+    monkeypatch.setattr(
+        _timing, "model_timer", lambda model, workload, device: itertools.cycle(cycles[next(made)]).__next__
+    )
+    out = tmp_path / "m"
+    run_apply(apply_settings(run_dir / "plans" / "dense.yaml", out, precision="fp32", repeats=8))
+    result = json.loads((out / "apply.json").read_text())
+    rounds = result["workload"]["repeats"]
+    assert rounds >= 8 and rounds % 8 == 0  # the per-round speedups spread: timed again in batches of 8
+    dense = list(itertools.islice(itertools.cycle(cycles[0]), 3, 3 + rounds))  # after 3 warm-up calls
+    pruned = list(itertools.islice(itertools.cycle(cycles[1]), 3, 3 + rounds))
+    want = statistics.median(dense) / statistics.median(pruned)
+    per_round = [d / p for d, p in zip(dense, pruned, strict=True)]
+    assert abs(statistics.median(per_round) - want) > 0.1 and abs(statistics.mean(per_round) - want) > 0.1
+    assert result["measured_speedup"] == pytest.approx(want)
+    assert result["latency_ms_dense"] == statistics.median(dense)
+    assert result["latency_ms_pruned"] == statistics.median(pruned)
 
 
 # --- the command lines: one line for every user error, Ctrl-C included ------------------------------

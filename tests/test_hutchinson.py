@@ -23,9 +23,9 @@ def _double_backward(
 
 def test_quadratic_forms_equal_double_backward(case: Case) -> None:
     # float64, where the two ways differ by rounding only; ModernBERT's eager attention gives NaN there
-    # (its float32 softmax of float64 masks), and its random-init outputs hardly depend on the weights,
-    # so in float32 its products are mostly rounding: a looser bound for it.
-    dtype, tol = (torch.float32, 1e-2) if case.name == "modernbert" else (torch.float64, 1e-5)
+    # (its float32 softmax of float64 masks), so it is checked in float32, where the two ways summed
+    # in different orders may differ by float32 rounding (they agreed exactly on an AMD EPYC).
+    dtype, tol = (torch.float32, 1e-4) if case.name == "modernbert" else (torch.float64, 1e-5)
     model = case.build().to(dtype)
     if any(la.is_moe for la in prunable.discover(model).layers):
         pytest.skip("hutchinson refuses mixture-of-experts models")

@@ -123,15 +123,18 @@ def test_nvit_equals_brute_force_per_sample_fisher() -> None:
     model, calib = calibration("llama_gqa", supervised=True, n_batches=1)
     scores = hessian.NViTSaliency().score(model, calib)
     batch = calib.batches[0]
-    expected_heads = [torch.zeros_like(h) for h in scores.attention]
+    expected = {kind: [torch.zeros_like(h) for h in scores.of(kind)] for kind in prunable.UNIT_KINDS}
     with prunable.gated(model) as gates:
         for s in range(batch.n_samples):
             gates.reset(requires_grad=True)
             calib.objective.losses(model, batch.select([s])).sum().backward()
-            for acc, g in zip(expected_heads, gates.attention, strict=True):
-                acc += g.grad.double().pow(2)
-    for got, want in zip(scores.attention, expected_heads, strict=True):
-        torch.testing.assert_close(got, 0.5 * want / batch.n_samples, rtol=1e-4, atol=1e-12)
+            for kind in prunable.UNIT_KINDS:  # KV groups and MLP neurons alike
+                for acc, g in zip(expected[kind], gates.of(kind), strict=True):
+                    acc += g.grad.double().pow(2)
+    for kind in prunable.UNIT_KINDS:
+        assert any(float(w.max()) > 0 for w in expected[kind]), kind
+        for got, want in zip(scores.of(kind), expected[kind], strict=True):
+            torch.testing.assert_close(got, 0.5 * want / batch.n_samples, rtol=1e-4, atol=1e-12)
 
 
 class ToyGaussNewton(SupervisedToy):

@@ -93,9 +93,11 @@ def test_another_dtype_scores_a_copy_and_leaves_the_model_as_it_was() -> None:
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     assert scores.meta["scoring"] == {"dtype": "bf16", "max_samples": 2}
     bf16 = flat(scores)
-    # bf16 keeps 8 bits of mantissa: the ranking survives, the values move by about a percent.
-    assert torch.corrcoef(torch.stack([bf16, fp32]))[0, 1] > 0.95
+    # bf16 keeps 8 bits of mantissa: the values move by under a percent of the largest (0.68 % measured,
+    # Pearson 0.99999), so the ranking survives.
     assert not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.02 * float(fp32.abs().max()))
+    assert torch.corrcoef(torch.stack([bf16, fp32]))[0, 1] > 0.999
 
 
 def test_scoring_on_the_models_own_device_moves_nothing() -> None:
@@ -152,7 +154,9 @@ def test_scoring_on_cuda_matches_the_cpu_and_leaves_the_model_on_the_cpu(supervi
             model, calib, options=hessian.ScoringOptions(device="cuda", dtype="bf16")
         )
     )
-    assert torch.corrcoef(torch.stack([bf16, cpu]))[0, 1] > 0.95
+    # On the CPU bf16 scores sit within 0.7 % of the largest fp32 one (Pearson 0.99999); CUDA's bf16
+    # GEMMs also accumulate in fp32, but no GPU run has set a tighter bound yet.
+    assert torch.corrcoef(torch.stack([bf16, cpu]))[0, 1] > 0.99
 
 
 @pytest.mark.parametrize(

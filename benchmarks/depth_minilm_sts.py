@@ -91,6 +91,11 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["cpu_local:b1_s128", "cpu_local:b32_s128"])
     parser.add_argument("--out", default="results/benchmarks/depth_minilm_sts.md")
     parser.add_argument("--work", default="results/benchmarks/depth_minilm_sts_runs")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read searches already finished under --work back instead of refusing them (the header says so)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -105,7 +110,11 @@ def main() -> None:
             run_dir = Path(args.work) / name
             cfg = config(args, hardware, workload, depth)
             if (run_dir / "pareto.csv").is_file():
-                log.info("%s: reading the finished run back", run_dir)
+                if not args.reuse:
+                    raise SystemExit(
+                        f"{run_dir} holds a finished search: pass --reuse to read it back, or another --work"
+                    )
+                log.info("%s: reading the finished run back (--reuse)", run_dir)
                 pareto = pd.read_csv(run_dir / "pareto.csv")
             else:
                 outcome = run_config(cfg, run_dir)

@@ -174,6 +174,13 @@ def main() -> None:
     write_markdown(args, started, pd.DataFrame(fronts), pd.DataFrame(plans_rows))
 
 
+# What priced the MoE blocks, by the cost model's source: hwprune profiles dense blocks only.
+MOE_PRICING = {
+    "analytical": "the datasheet roofline with this CPU's measured peaks",
+    "calibrated": "the roofline calibrated to this CPU's dense tables",
+}
+
+
 def write_markdown(
     args: argparse.Namespace, started: datetime, fronts: pd.DataFrame, plans: pd.DataFrame
 ) -> None:
@@ -184,7 +191,7 @@ def write_markdown(
         f"Command: `{command_line()}`  ",
         f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Date: {started:%Y-%m-%d %H:%M} UTC. Predicted latencies: the `{', '.join(sources)}` model of cpu_local "
-        "(hwprune profiles dense blocks only: MoE latency is the roofline's, with this CPU's measured peaks); "
+        f"({MOE_PRICING[sources[0]] if len(sources) == 1 and sources[0] in MOE_PRICING else 'several sources'}); "
         f"measured: medians of {args.rounds} interleaved rounds on this CPU.",
         "",
         "Model: random-init, 4 layers, hidden 256, 8 query / 2 KV heads, 8 routed experts of 896 neurons, "

@@ -110,6 +110,7 @@ def run(kind: str, storage_spec: str, workers: int, trials: int, work: Path, kil
         max(t.datetime_complete for t in complete) - min(t.datetime_start for t in complete)
     ).total_seconds()
     rescored = [p.parent.name for p in work.glob("*/pareto.csv")]
+    done = {tuple(sorted(t.params.items())) for t in complete}
     return {
         "storage": kind,
         "workers": workers,
@@ -119,6 +120,9 @@ def run(kind: str, storage_spec: str, workers: int, trials: int, work: Path, kil
         "run twice": len(complete) - len({tuple(sorted(t.params.items())) for t in complete}),
         "RUNNING/WAITING left": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in all_trials),
         "FAIL": sum(t.state == TrialState.FAIL for t in all_trials),
+        "FAIL run again": sum(  # the killed trial's widths, completed by a worker after it
+            t.state == TrialState.FAIL and tuple(sorted(t.params.items())) in done for t in all_trials
+        ),
         "PRUNED (surplus/duplicate)": sum(t.state == TrialState.PRUNED for t in all_trials),
         "re-scored by": " ".join(rescored) or "nobody",
         "study span s": round(span, 1),
@@ -175,9 +179,9 @@ def main() -> None:
         "",
         markdown_table(frame),
         "",
-        "`run twice`: complete trials whose widths another complete trial has. `FAIL`: the killed worker's "
-        "trial (failed by heartbeat on PostgreSQL, by its dead process id on the journal) — run again by "
-        "another worker. `PRUNED`: proposals dropped unrun because the budget was handed out or another "
+        "`run twice`: complete trials whose widths another complete trial has. `FAIL`: trials failed "
+        "(a killed worker's, by heartbeat on PostgreSQL, by its dead process id on the journal); `FAIL run "
+        "again`: those whose widths a complete trial has. `PRUNED`: proposals dropped unrun because the budget was handed out or another "
         "trial has the same widths. `study span`: first trial start to last trial end.",
     ]
     Path(args.out).write_text("\n".join(text) + "\n")

@@ -18,7 +18,14 @@ layer the attention units and MLP neurons kept.
 from hwprune.cost_models._analytical import AnalyticalModel, Efficiency
 from hwprune.cost_models._base import SOURCES, CostModel, Prediction
 from hwprune.cost_models._calibrate import CalibratedModel, calibrate
-from hwprune.cost_models._cpu_peaks import cpu_name, local_profile, machine_key, measure_peaks, table_dir
+from hwprune.cost_models._cpu_peaks import (
+    cpu_flags,
+    cpu_name,
+    local_profile,
+    machine_key,
+    measure_peaks,
+    table_dir,
+)
 from hwprune.cost_models._factory import cost_model_for, find_tables, load_tables, mixed_precision_model
 from hwprune.cost_models._hardware import (
     BACKENDS,
@@ -56,6 +63,7 @@ __all__ = [
     "Workload",
     "calibrate",
     "cost_model_for",
+    "cpu_flags",
     "cpu_name",
     "find_tables",
     "load_profile",

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,6 +38,21 @@ log = logging.getLogger("hwprune.quantize")
 INT8_OPS = ("MatMul", "Gemm")
 
 
+# x86 int8 GEMMs without VNNI multiply u8 x s8 pairs into int16 sums that saturate (vpmaddubsw);
+# ONNX Runtime's remedy is weights in 7 bits ("reduce_range"). VNNI and AMX accumulate in int32.
+VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def int8_saturates(flags: set[str] | None = None) -> bool:
+    """Whether int8 kernels on this CPU (or one with `flags`) can saturate: x86 without VNNI or AMX.
+
+    Measured on an AMD EPYC without AVX-512 (family 25, model 1): ONNX Runtime's int8 BERT output was
+    4.7e-3 from the QDQ arithmetic it stands for (at outputs up to 3.1); with 7-bit weights, 0.
+    """
+    flags = cost_models.cpu_flags() if flags is None else flags
+    return "sse2" in flags and not flags & VNNI
+
+
 @dataclass(frozen=True)
 class Int8Recipe:
     """How a model is quantised to int8 (recorded in plans, pareto.csv and apply.json).
@@ -45,10 +60,13 @@ class Int8Recipe:
     Attributes:
         calibration_samples: Training samples whose activation ranges set the int8 scales.
         calibration_seed: Seed of their draw from the task's training data.
+        reduce_range: Weights in 7 bits, so that int8 kernels that sum pairs of products in int16
+            cannot saturate (default: on where this CPU's kernels would, `int8_saturates()`).
     """
 
     calibration_samples: int = 256
     calibration_seed: int = 0
+    reduce_range: bool = field(default_factory=lambda: int8_saturates())
 
     def __post_init__(self) -> None:
         if self.calibration_samples < 1:
@@ -57,7 +75,7 @@ class Int8Recipe:
     def summary(self) -> str:
         """One line for tables (pareto.csv)."""
         return (
-            f"onnxruntime QDQ int8 {'/'.join(INT8_OPS)}, per-channel weights, "
+            f"onnxruntime QDQ int8 {'/'.join(INT8_OPS)}, per-channel {'7-bit ' if self.reduce_range else ''}weights, "
             f"MinMax on {self.calibration_samples} train samples (seed {self.calibration_seed})"
         )
 
@@ -69,7 +87,7 @@ class Int8Recipe:
             "runtime": f"onnxruntime {onnxruntime.__version__}",
             "format": "QDQ",
             "ops": list(INT8_OPS),
-            "weights": "int8, symmetric, per output channel",
+            "weights": f"int8{' in a 7-bit range' if self.reduce_range else ''}, symmetric, per output channel",
             "activations": "int8, per tensor, MinMax calibration",
             **asdict(self),
         }
@@ -237,6 +255,8 @@ def quantize_int8(
     calibration: Sequence[hessian.Batch],
     path: Path,
     workload: cost_models.Workload,
+    *,
+    reduce_range: bool | None = None,
 ) -> OnnxRuntimeModel:
     """`model` (fp32) as an int8 QDQ ONNX file at `path`, loaded in ONNX Runtime.
 
@@ -245,6 +265,7 @@ def quantize_int8(
         calibration: Training batches whose activations set the int8 ranges.
         path: Where the int8 file is written (its directory must exist).
         workload: The export's example shape (batch and length stay dynamic in the file).
+        reduce_range: Weights in 7 bits (None: where this CPU's int8 kernels would saturate).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -267,6 +288,7 @@ def quantize_int8(
             _Reader(feeds),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=int8_saturates() if reduce_range is None else reduce_range,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(INT8_OPS),

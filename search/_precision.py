@@ -89,16 +89,21 @@ def int8_model(
     calibration: list[hessian.Batch],
     workload: cost_models.Workload,
     path: Path | None = None,
+    *,
+    reduce_range: bool | None = None,
 ) -> nn.Module:
     """`model` as its int8 QDQ ONNX model run by ONNX Runtime (`model` itself is not changed).
 
     Args:
         path: Where the file is kept (None: a scratch file, gone once the runtime has loaded it).
+        reduce_range: Weights in 7 bits (`Int8Recipe.reduce_range`; None: where this CPU needs it).
     """
     if path is not None:
-        return quantize_int8(model, calibration, path, workload)
+        return quantize_int8(model, calibration, path, workload, reduce_range=reduce_range)
     with tempfile.TemporaryDirectory(prefix="hwprune-int8-") as tmp:
-        return quantize_int8(model, calibration, Path(tmp) / "model.int8.onnx", workload)
+        return quantize_int8(
+            model, calibration, Path(tmp) / "model.int8.onnx", workload, reduce_range=reduce_range
+        )
 
 
 @dataclass(frozen=True)
@@ -164,10 +169,10 @@ def quantize(
     if precision == "int8":
         recipe = recipe or Int8Recipe()
         calibration = int8_calibration(task, recipe)
-        model = int8_model(pruned, calibration, timed, path=int8_path)
+        model = int8_model(pruned, calibration, timed, path=int8_path, reduce_range=recipe.reduce_range)
         metric_int8 = task.evaluate(model)
         log.info("at int8: %s %.3f", task.metric_name, metric_int8)
-        dense_int8 = int8_model(dense, calibration, timed)
+        dense_int8 = int8_model(dense, calibration, timed, reduce_range=recipe.reduce_range)
         metric_dense = task.evaluate(dense_int8)
         log.info("the dense model at int8: %s %.3f", task.metric_name, metric_dense)
         return Quantized(precision, model, deployed, metric_int8, dense_int8, metric_dense, recipe.describe())

@@ -13,7 +13,7 @@ import transformers
 from onnx import helper, numpy_helper
 
 from hwprune import cost_models, hessian, prunable
-from hwprune.search._int8 import INT8_OPS, Int8Recipe, OnnxRuntimeModel, quantize_int8
+from hwprune.search._int8 import INT8_OPS, Int8Recipe, OnnxRuntimeModel, int8_saturates, quantize_int8
 from tests.test_surgery import random_plan
 
 WORKLOAD = cost_models.Workload(batch_size=2, seq_len=8)
@@ -105,7 +105,8 @@ def test_weights_are_int8_symmetric_per_output_channel_of_the_models_own(quantiz
         q, scale, zero = (inits[i] for i in n.input)
         assert q.dtype == np.int8 and not zero.any()  # symmetric
         assert scale.shape == (q.shape[1],)  # one scale per output channel
-        assert np.abs(q).max(axis=0).tolist() == [127] * q.shape[1]  # each channel's largest weight is +-127
+        # Each channel's largest weight is +-127, or +-64 in the 7-bit range of CPUs without VNNI.
+        assert np.abs(q).max(axis=0).tolist() == [64 if int8_saturates() else 127] * q.shape[1]
         dequantised = q * scale
         (original,) = [
             w for w in linears if w.shape == q.shape and np.abs(w - dequantised).max() <= scale.max()
@@ -186,6 +187,18 @@ def test_recipe_is_checked_and_recorded() -> None:
     described = Int8Recipe(calibration_samples=64, calibration_seed=3).describe()
     assert described["format"] == "QDQ" and described["calibration_samples"] == 64
     assert described["runtime"].startswith("onnxruntime ")
+    assert described["reduce_range"] is int8_saturates()  # this CPU's choice, recorded
+    assert (
+        "7-bit" in Int8Recipe(reduce_range=True).summary()
+        and "7-bit" not in Int8Recipe(reduce_range=False).summary()
+    )
+
+
+def test_weights_take_7_bits_where_int8_kernels_would_saturate() -> None:
+    assert int8_saturates({"sse2", "avx2", "fma"})  # x86 without VNNI: u8 x s8 pairs summed in int16
+    assert not int8_saturates({"sse2", "avx2", "avx512f", "avx512_vnni"})
+    assert not int8_saturates({"sse2", "avx2", "avx_vnni"}) and not int8_saturates({"sse2", "amx_int8"})
+    assert not int8_saturates({"fp", "asimd", "asimddp"})  # ARM: not these kernels
 
 
 # A small search priced for an int8 NPU: its front is measured on the int8 QDQ model.

@@ -14,10 +14,10 @@ import pytest
 from hwprune import cost_models, hessian, prunable
 from hwprune.search import apply_config, run_apply, run_config
 from hwprune.search._blocks import block_spec
+from hwprune.search._exact import option_tables, pick, pick_precisions
 from hwprune.search._pareto import exact_front, pareto_mask
 from hwprune.search._precision_axis import PrecisionAxis, Precisions, axis_precisions
 from hwprune.search._proxy import SaliencyProxy
-from hwprune.search._run import option_tables, pick, pick_precisions
 from hwprune.search._space import SearchSpace
 from hwprune.search._study import Constraints, SearchObjective
 from hwprune.search.config import compose, load_hardware, to_object
@@ -140,6 +140,17 @@ def test_the_exact_front_is_exact_over_width_and_precision() -> None:
     assert (prec.mlp[front.choices[0]] == 0).all() and (prec.mlp[front.choices[-1]] == 1).any()
 
 
+def _native_bf16() -> bool:
+    from hwprune.cost_models._cpu_peaks import cpu_flags, native_dtypes
+
+    return "bf16" in native_dtypes(["fp32", "bf16"], cpu_flags())
+
+
+@pytest.mark.skipif(
+    not _native_bf16(),
+    reason="this CPU computes bf16 only by emulation (no AVX-512 BF16 or AMX): cpu_local offers no precision "
+    "axis here (test_cost_models covers the flags)",
+)
 def test_a_search_on_this_cpu_chooses_precisions_and_the_plan_keeps_them_through_apply(
     tmp_path: Path,
 ) -> None:

@@ -27,6 +27,7 @@ graph and prove it in ONNX Runtime in a fresh process.
 
 from hwprune.search._apply import apply_and_measure
 from hwprune.search._blocks import block_spec, head_width, model_cost_model, model_timer
+from hwprune.search._exact import option_tables, pick, within_budgets
 from hwprune.search._from_config import run_config
 from hwprune.search._int8 import Int8Recipe, OnnxRuntimeModel, quantize_int8
 from hwprune.search._job import SearchJob, SearchSettings
@@ -35,7 +36,7 @@ from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import ExactFront, exact_front, hypervolume, hypervolume_subset
 from hwprune.search._proxy import SaliencyProxy
 from hwprune.search._report import write_report
-from hwprune.search._run import option_tables, pick, run_search, within_budgets
+from hwprune.search._run import run_search
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._storage import open_storage

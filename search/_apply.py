@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import TORCH_DTYPES, nvml_metadata, torch_device
+from hwprune.cost_models.profilers import TORCH_DTYPES, torch_device
 from hwprune.errors import ConfigError, PlanError
-from hwprune.search._blocks import check_workload, model_cost_model, model_mixed_cost_model
+from hwprune.search._apply_result import log_result, planned_workload, predict_plan, timing_fields
+from hwprune.search._blocks import check_workload
 from hwprune.search._int8 import Int8Recipe
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
-from hwprune.search._precision import PER_BLOCK, check_precision, precision_name, quantize, quantize_per_block
-from hwprune.search._space import plan_widths
-from hwprune.search._timing import Timing, measure
+from hwprune.search._precision import (
+    PER_BLOCK,
+    Quantized,
+    check_precision,
+    precision_name,
+    quantize,
+    quantize_per_block,
+)
+from hwprune.search._timing import measure
 from hwprune.search.recovery import NoRecovery, Recovery, RecoveryReport, from_recipe
 from hwprune.search.tasks import Task
 
@@ -38,20 +44,6 @@ def timing_dtype(device: torch.device, dtype: str) -> torch.dtype:
             f"workload.dtype={dtype!r} cannot be timed with torch; valid choices: {sorted(TORCH_DTYPES)} or 'auto'"
         )
     return TORCH_DTYPES[dtype]
-
-
-def device_metadata(device: torch.device) -> dict[str, Any]:
-    """What the latencies were measured on: the CPU's name, or the GPU's with its NVML details."""
-    if device.type == "cuda":
-        index = device.index or 0
-        return {"type": "cuda", "name": torch.cuda.get_device_name(index), "nvml": nvml_metadata(index)}
-    return {"type": "cpu", "name": cost_models.cpu_name()}
-
-
-def planned_workload(plan: prunable.PrunePlan) -> cost_models.Workload | None:
-    """The workload the plan's latency was predicted for, or None for plans that do not say."""
-    recorded = plan.metadata.get("workload")
-    return cost_models.Workload(**recorded) if isinstance(recorded, dict) else None
 
 
 def timed_workload(
@@ -79,9 +71,11 @@ def recorded_int8_recipe(plan: prunable.PrunePlan) -> Int8Recipe:
     """The int8 recipe a plan records (its calibration draw), or the default."""
     recipe = plan.metadata.get("quantization") or {}
     default = Int8Recipe()
+    # A plan made before reduce_range was recorded gets this CPU's choice.
     return Int8Recipe(
         calibration_samples=int(recipe.get("calibration_samples", default.calibration_samples)),
         calibration_seed=int(recipe.get("calibration_seed", default.calibration_seed)),
+        reduce_range=bool(recipe.get("reduce_range", default.reduce_range)),
     )
 
 
@@ -130,6 +124,96 @@ def apply_and_measure(
     Returns:
         What `<out>/apply.json` holds: predicted and measured speedup, metrics, recovery, sizes.
     """
+    if repeats < 1:
+        raise ConfigError(f"repeats={repeats} is invalid; valid: >= 1")
+    if recovery_samples < 1:
+        raise ConfigError(f"recovery.samples={recovery_samples} is invalid; valid: >= 1")
+    run = _checked_run(
+        plan_path, out, workload=workload, device=device, onnx=onnx, overwrite=overwrite, precision=precision
+    )
+    if recovery is None:
+        recovery, recovery_samples, recovery_seed = recorded_recovery(run.plan)
+    _log_timed_workload(run.plan, run.timed, run.changed)
+
+    model = prunable.load_model(run.source, run.plan.model.class_name)
+    fingerprint = prunable.weights_fingerprint(model) if check_weights else None
+    run.plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
+    check_workload(model, run.timed)
+    prediction = predict_plan(run.plan, model)
+    done = _prune_and_recover(
+        model,
+        run.plan,
+        task,
+        recovery,
+        samples=recovery_samples,
+        seed=recovery_seed,
+        check_weights=check_weights,
+    )
+    marker = {"made_by": "hwprune-apply", "plan": str(Path(plan_path).resolve())}
+    with staged(run.out_dir, marker=marker) as staging:
+        deployed, onnx_result = _deploy(model, done, task, run, staging, onnx=onnx)
+        plan = replace(
+            done.plan,
+            metadata={**done.plan.metadata, "precision": run.precision, "quantization": deployed.recipe},
+        )
+        prunable.save_pruned(done.pruned, plan, staging)
+        timed_models = [(model, run.timed), (deployed.model, deployed.workload)]
+        if deployed.dense is not None:
+            timed_models.append((deployed.dense, deployed.workload))
+        timing = measure(timed_models, device=run.device, repeats=repeats)
+        result = timing_fields(plan_path, plan, run.timed, run.device, timing, task.metric_name, prediction)
+        result |= deployed.fields(timing, done.metric_pruned) | done.fields()
+        result |= {
+            "metric_pruned": deployed.metric if deployed.metric is not None else done.metric_pruned,
+            "workload_differs_from_plan": run.changed,
+            "params_dense": sum(p.numel() for p in model.parameters()),
+            "params_pruned": sum(p.numel() for p in done.pruned.parameters()),
+            "onnx": onnx_result,
+        }
+        if run.precision == PER_BLOCK:
+            # One precision in every block (the dense model at bf16, say) is named; several are mixed.
+            kept = [lp.precision for lp in plan.layers if lp.precision is not None]  # dropped layers set none
+            result["precision"] = precision_name([a for a, _ in kept], [m for _, m in kept])
+            result["precisions"] = prunable.precision_summary(*plan.layer_precisions("-"))
+        (staging / "apply.json").write_text(json.dumps(result, indent=2))
+    log_result(result, plan, run.precision, done, task.metric_name, run.out_dir)
+    return result
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What an apply runs, checked before the model is loaded.
+
+    Attributes:
+        plan: The plan (without its per-block precisions where `precision` overrides them).
+        source: Where its model is (the plan's model source).
+        device: Where to time.
+        timed: The workload to time, its dtype resolved for `device`.
+        changed: The workload fields that differ from the plan's.
+        precision: The deployed precision ("fp32", "bf16", "int8", or `PER_BLOCK`).
+        out_dir: The output directory, checked.
+    """
+
+    plan: prunable.PrunePlan
+    source: str
+    device: torch.device
+    timed: cost_models.Workload
+    changed: list[str]
+    precision: str
+    out_dir: Path
+
+
+def _checked_run(
+    plan_path: str | Path,
+    out: str | Path,
+    *,
+    workload: Mapping[str, Any] | None,
+    device: str,
+    onnx: bool,
+    overwrite: bool,
+    precision: str | None,
+) -> _Run:
+    """Load the plan and check every setting against it, before anything expensive."""
     plan = prunable.PrunePlan.load(plan_path)
     if plan.model.source is None:
         raise PlanError(f"{plan_path}: the plan names no model source, so there is nothing to load")
@@ -140,8 +224,6 @@ def apply_and_measure(
         timed = replace(timed, dtype="auto")
     dtype = timing_dtype(torch_dev, timed.dtype)
     timed = replace(timed, dtype=next(name for name, d in TORCH_DTYPES.items() if d == dtype))
-    if repeats < 1:
-        raise ConfigError(f"repeats={repeats} is invalid; valid: >= 1")
     if precision is not None and plan.mixed_precision:
         log.warning(
             "precision=%s deploys the whole model at %s: the plan's per-block precisions (%s) are not used",
@@ -162,78 +244,42 @@ def apply_and_measure(
             f"precision='int8' deploys the prefill ONNX graph, which cannot time {timed.describe()}; "
             "valid: a prefill workload, or precision fp32/bf16"
         )
-    assert plan.model.source is not None  # checked above (a plan without precisions keeps it)
-    source = prunable.resolve_source(plan.model.source)
-    out_dir = check_out(out, model_dir=source, plan=Path(plan_path), overwrite=overwrite)
-    if recovery_samples < 1:
-        raise ConfigError(f"recovery.samples={recovery_samples} is invalid; valid: >= 1")
-    if recovery is None:
-        recovery, recovery_samples, recovery_seed = recorded_recovery(plan)
-    _log_timed_workload(plan, timed, changed)
-
-    model = prunable.load_model(plan.model.source, plan.model.class_name)
-    fingerprint = prunable.weights_fingerprint(model) if check_weights else None
-    plan.check(prunable.discover(model), weights_fingerprint=fingerprint)
-    check_workload(model, timed)
-    prediction = predict_plan(plan, model)
-    done = _prune_and_recover(
-        model, plan, task, recovery, samples=recovery_samples, seed=recovery_seed, check_weights=check_weights
+    source = plan.model.source
+    assert source is not None  # checked above (a plan without precisions keeps it)
+    out_dir = check_out(
+        out, model_dir=prunable.resolve_source(source), plan=Path(plan_path), overwrite=overwrite
     )
-    marker = {"made_by": "hwprune-apply", "plan": str(Path(plan_path).resolve())}
-    with staged(out_dir, marker=marker) as staging:
-        if precision == "int8":  # model.onnx is the int8 QDQ model, proved in a fresh process
-            quantized = quantize(
-                model,
-                done.pruned,
-                task,
-                precision,
-                timed,
-                done.metric_dense,
-                int8_path=staging / "model.onnx",
-                recipe=recorded_int8_recipe(plan),
-            )
-            check = check_onnx(quantized.model, staging / "model.onnx", timed)
-            onnx_result: dict[str, Any] | None = {
-                "exported": True,
-                "path": str(out_dir / "model.onnx"),
-                "precision": "int8",
-                **check,
-            }
-        else:
-            # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
-            onnx_result = (
-                _onnx_artifact(done.pruned, timed, staging / "model.onnx", out_dir) if onnx else None
-            )
-            if precision == PER_BLOCK:
-                quantized = quantize_per_block(model, done.pruned, task, done.plan, timed)
-            else:
-                quantized = quantize(model, done.pruned, task, precision, timed, done.metric_dense)
-        plan = replace(
-            done.plan,
-            metadata={**done.plan.metadata, "precision": precision, "quantization": quantized.recipe},
+    return _Run(plan, source, torch_dev, timed, changed, precision, out_dir)
+
+
+def _deploy(
+    model: torch.nn.Module, done: Recovered, task: Task, run: _Run, staging: Path, *, onnx: bool
+) -> tuple[Quantized, dict[str, Any] | None]:
+    """The recovered model at its deployed precision, and its `model.onnx` (what apply.json says of it)."""
+    out_dir = run.out_dir
+    if run.precision == "int8":  # model.onnx is the int8 QDQ model, proved in a fresh process
+        quantized = quantize(
+            model,
+            done.pruned,
+            task,
+            run.precision,
+            run.timed,
+            done.metric_dense,
+            int8_path=staging / "model.onnx",
+            recipe=recorded_int8_recipe(done.plan),
         )
-        prunable.save_pruned(done.pruned, plan, staging)
-        timed_models = [(model, timed), (quantized.model, quantized.workload)]
-        if quantized.dense is not None:
-            timed_models.append((quantized.dense, quantized.workload))
-        timing = measure(timed_models, device=torch_dev, repeats=repeats)
-        result = _result(plan_path, plan, timed, torch_dev, timing, task.metric_name, prediction)
-        result |= quantized.fields(timing, done.metric_pruned) | done.fields()
-        result |= {
-            "metric_pruned": quantized.metric if quantized.metric is not None else done.metric_pruned,
-            "workload_differs_from_plan": changed,
-            "params_dense": sum(p.numel() for p in model.parameters()),
-            "params_pruned": sum(p.numel() for p in done.pruned.parameters()),
-            "onnx": onnx_result,
+        check = check_onnx(quantized.model, staging / "model.onnx", run.timed)
+        return quantized, {
+            "exported": True,
+            "path": str(out_dir / "model.onnx"),
+            "precision": "int8",
+            **check,
         }
-        if precision == PER_BLOCK:
-            # One precision in every block (the dense model at bf16, say) is named; several are mixed.
-            kept = [lp.precision for lp in plan.layers if lp.precision is not None]  # dropped layers set none
-            result["precision"] = precision_name([a for a, _ in kept], [m for _, m in kept])
-            result["precisions"] = prunable.precision_summary(*plan.layer_precisions("-"))
-        (staging / "apply.json").write_text(json.dumps(result, indent=2))
-    _log_result(result, plan, precision, done, task.metric_name, out_dir)
-    return result
+    # The ONNX graph is exported in fp32 (ONNX Runtime's CPU kernels have no bf16 GEMMs).
+    onnx_result = _onnx_artifact(done.pruned, run.timed, staging / "model.onnx", out_dir) if onnx else None
+    if run.precision == PER_BLOCK:
+        return quantize_per_block(model, done.pruned, task, done.plan, run.timed), onnx_result
+    return quantize(model, done.pruned, task, run.precision, run.timed, done.metric_dense), onnx_result
 
 
 def _log_timed_workload(plan: prunable.PrunePlan, timed: cost_models.Workload, changed: list[str]) -> None:
@@ -301,107 +347,6 @@ def _prune_and_recover(
     return Recovered(pruned, plan, metric_dense, metric_unrecovered, task.evaluate(pruned), report)
 
 
-def _log_result(
-    result: dict[str, Any],
-    plan: prunable.PrunePlan,
-    precision: str,
-    done: Recovered,
-    metric_name: str,
-    out_dir: Path,
-) -> None:
-    if "measured_speedup_same_precision" in result:
-        log.info(
-            "at %s: %.2fx over the dense model at %s, which is %.2fx over the dense model as loaded",
-            precision,
-            result["measured_speedup_same_precision"],
-            precision,
-            result["measured_speedup"] / result["measured_speedup_same_precision"],
-        )
-    pred = f"{result['predicted_speedup']:.2f}x" if result["predicted_speedup"] else "n/a"
-    report = done.report
-    log.info(
-        "speedup predicted %s (%s), measured %.2fx here (%.2f -> %.2f ms); %s %.3f -> %.3f%s; wrote %s",
-        pred,
-        plan.hardware,
-        result["measured_speedup"],
-        result["latency_ms_dense"],
-        result["latency_ms_pruned"],
-        metric_name,
-        done.metric_dense,
-        result["metric_pruned"],
-        f" ({report.method}: {done.metric_unrecovered:.3f} before, {report.seconds:.1f} s)" if report else "",
-        out_dir,
-    )
-
-
-@dataclass(frozen=True)
-class PlanPrediction:
-    """The speedup a plan's widths predict on its hardware at its workload.
-
-    Attributes:
-        speedup: Priced from the widths the plan keeps (None: the plan names no hardware or workload).
-        source: The cost model's latency source ("table", "calibrated", "analytical").
-        stored: What the plan file says it predicted when it was made (None: nothing).
-    """
-
-    speedup: float | None
-    source: str | None
-    stored: float | None
-
-
-def predict_plan(plan: prunable.PrunePlan, model: torch.nn.Module) -> PlanPrediction:
-    """Price the plan as it is: a plan edited by hand, or priced with other tables, says so."""
-    meta = plan.metadata
-    stored = None
-    if meta.get("latency_ms") and meta.get("dense_latency_ms"):
-        stored = float(meta["dense_latency_ms"]) / float(meta["latency_ms"])
-    workload = planned_workload(plan)
-    if plan.hardware is None or workload is None:
-        return PlanPrediction(stored, meta.get("latency_source"), stored)
-    try:
-        profile = cost_models.load_profile(plan.hardware)
-    except ValueError as err:
-        log.warning("the plan's widths cannot be priced again (%s): reporting the plan's own prediction", err)
-        return PlanPrediction(stored, meta.get("latency_source"), stored)
-    if profile.measure_peaks:
-        profile = cost_models.local_profile(profile)
-    cost_model: cost_models.CostModel = model_cost_model(profile, model, workload)
-    widths, dropped = plan_widths(plan, prunable.discover(model))
-    if plan.mixed_precision:  # each block priced at its precision (a dropped layer's costs nothing)
-        attention, mlp = plan.layer_precisions(cost_model.workload.dtype)
-        mixed = model_mixed_cost_model(profile, model, workload, tuple(dict.fromkeys(attention + mlp)))
-        latency = mixed.predict_mixed(
-            widths.units,
-            widths.mlp,
-            attention_precision=[mixed.index(a) for a in attention],
-            mlp_precision=[mixed.index(m) for m in mlp],
-            dropped=dropped,
-            experts=widths.experts,
-            expert_width=widths.expert_width,
-        )
-        speedup, source = cost_model.dense_ms() / float(latency.latency_ms), latency.source
-    else:
-        latency = cost_model.predict(
-            widths.units,
-            widths.mlp,
-            dropped=dropped,
-            experts=widths.experts,
-            expert_width=widths.expert_width,
-        )
-        speedup, source = cost_model.dense_ms() / float(latency.latency_ms), cost_model.source
-    if stored is not None and abs(speedup / stored - 1) > 1e-6:  # more than rounding
-        log.warning(
-            "the plan says it predicted %.2fx, its widths predict %.2fx on %s (%s): the plan was edited, or "
-            "the cost model changed (tables, or another machine for cpu_local); reporting %.2fx",
-            stored,
-            speedup,
-            plan.hardware,
-            source,
-            speedup,
-        )
-    return PlanPrediction(speedup, source, stored)
-
-
 def _onnx_artifact(
     pruned: torch.nn.Module, workload: cost_models.Workload, path: Path, out_dir: Path
 ) -> dict[str, Any]:
@@ -418,63 +363,3 @@ def _onnx_artifact(
         path.unlink(missing_ok=True)
         return {"exported": False, "reason": reason}
     return {"exported": True, "path": str(out_dir / path.name), **check_onnx(pruned, path, workload)}
-
-
-def _result(
-    plan_path: str | Path,
-    plan: prunable.PrunePlan,
-    workload: cost_models.Workload,
-    device: torch.device,
-    timing: Timing,
-    metric_name: str,
-    prediction: PlanPrediction,
-) -> dict[str, Any]:
-    """apply.json's timing part: predicted and measured speedup, latencies with their quartiles."""
-    meta = plan.metadata
-    dense, pruned = timing.dense, timing.pruned
-    dense_ms, pruned_ms = statistics.median(dense), statistics.median(pruned)
-    result: dict[str, Any] = {
-        "plan": str(Path(plan_path).resolve()),
-        "hardware": plan.hardware,
-        "predicted_speedup": prediction.speedup,
-        "predicted_for": {
-            "hardware": plan.hardware,
-            "workload": meta.get("workload"),
-            "source": prediction.source,
-        },
-        "predicted_speedup_stored": prediction.stored,
-        "measured_speedup": timing.speedup,
-        "measured_speedup_quartiles": statistics.quantiles(timing.round_speedups, n=4)
-        if len(dense) > 1
-        else [timing.speedup] * 3,
-        "timing_spread": timing.spread,
-        "timing_stable": timing.stable,
-        "latency_ms_dense": dense_ms,
-        "latency_ms_pruned": pruned_ms,
-        "latency_ms_dense_quartiles": statistics.quantiles(dense, n=4) if len(dense) > 1 else [dense_ms] * 3,
-        "latency_ms_pruned_quartiles": statistics.quantiles(pruned, n=4)
-        if len(pruned) > 1
-        else [pruned_ms] * 3,
-        "metric_name": metric_name,
-        "workload": {
-            **asdict(workload),
-            "device": device_metadata(device),
-            "threads": torch.get_num_threads(),
-            "repeats": len(dense),
-            "timing": f"median of {len(dense)} interleaved rounds ({'CUDA events' if device.type == 'cuda' else 'wall clock'})",
-        },
-    }
-    predicted_dense = meta.get("dense_latency_ms")
-    if predicted_dense:
-        ratio = dense_ms / float(predicted_dense)
-        result["dense_measured_over_predicted"] = ratio
-        if not 2 / 3 <= ratio <= 1.5:
-            log.warning(
-                "the dense model measured %.2f ms here, %.2fx the %.2f ms predicted for %s: another device, a "
-                "loaded machine or a stale table; the speedup is still measured in interleaved rounds",
-                dense_ms,
-                ratio,
-                float(predicted_dense),
-                plan.hardware,
-            )
-    return result

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
 import torch
 
-from hwprune import cost_models, prunable
+from hwprune import cost_models, hessian, prunable
 from hwprune.search._int8 import Int8Recipe
-from hwprune.search._job import SearchJob
+from hwprune.search._job import SearchJob, SearchSettings
 from hwprune.search._memory import MemoryLog, release
 from hwprune.search._outcome import Candidate, RunOutcome
 from hwprune.search._pareto import pareto_mask
@@ -24,9 +26,9 @@ from hwprune.search._precision import (
     to_precision,
 )
 from hwprune.search._proxy import SaliencyProxy
-from hwprune.search._space import Widths
+from hwprune.search._space import SearchSpace, Widths
 from hwprune.search._study import SearchObjective
-from hwprune.search.recovery import NoRecovery, Recovery
+from hwprune.search.recovery import NoRecovery, Recovery, RecoveryData
 from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.search")
@@ -71,69 +73,11 @@ def rescore_front(
     hardware: str,
 ) -> list[Candidate]:
     """Dense, uniform baselines and spread front points, pruned, recovered and measured on the task."""
-    space, cost_model, study, task = outcome.space, outcome.cost_model, outcome.study, outcome.task
-    axis, n = objective.axis, space.num_layers
-    front = study.best_trials
-    f_lat = np.array([t.values[0] for t in front])
-    at_reference = None if axis is None else axis.names(axis.reference(n))
-    candidates = [
-        Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense", precisions=at_reference)
-    ]
-    settings = job.settings
-    for f in settings.uniform_baselines:
-        w = space.uniform(f)
-        predicted = cost_model.predict(w.units, w.mlp, experts=w.experts, expert_width=w.expert_width)
-        candidates.append(
-            Candidate(
-                "uniform",
-                w,
-                float(predicted.latency_ms),
-                float(proxy.loss(*w)[0]),
-                label=f"uniform {f:.0%}",
-                precisions=at_reference,
-            )
-        )
-    for p in axis.precisions[1:] if axis is not None else ():  # the dense model at each precision
-        assert axis is not None
-        dense, uniform = space.dense(), axis.uniform(p, n)
-        candidates.append(
-            Candidate(
-                "uniform",
-                dense,
-                float(axis.latency(dense, uniform).latency_ms),
-                float(axis.loss(dense, uniform)[0]),
-                label=f"dense {p}",
-                precisions=axis.names(uniform),
-            )
-        )
+    cost_model = outcome.cost_model
+    candidates = baselines(outcome.space, cost_model, proxy, objective, job.settings.uniform_baselines)
     # Baselines are seeds, on the front where nothing beats them: each is re-scored once, as itself.
     seen = {widths_key(c.widths, c.precisions) for c in candidates}
-    fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t), trial_precisions(t)) not in seen]
-    # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
-    low, high = settings.rescore_min_speedup, settings.rescore_max_speedup or np.inf
-    wanted = [i for i in fresh if low <= objective.dense_ms / f_lat[i] <= high]
-    if len(wanted) < len(fresh):
-        log.info(
-            "re-scoring %d of %d front points: predicted speedup in [%.2f, %s]",
-            min(len(wanted), settings.rescore),
-            len(fresh),
-            low,
-            f"{high:.2f}" if np.isfinite(high) else "inf",
-        )
-    if fresh and not wanted:
-        log.warning("no front point has a predicted speedup in [%.2f, %.2f]: none re-scored", low, high)
-    for i in spread(np.array(wanted, dtype=int), f_lat, settings.rescore):
-        t = front[i]
-        candidates.append(
-            Candidate(
-                "search",
-                trial_widths(t),
-                t.values[0],
-                t.values[1],
-                label=f"trial {t.number}",
-                precisions=trial_precisions(t),
-            )
-        )
+    candidates += front_picks(outcome.study.best_trials, seen, job.settings, objective.dense_ms)
     precision = measured_precision(cost_model.workload.dtype)
     if precision != cost_model.workload.dtype:
         log.warning(
@@ -146,7 +90,7 @@ def rescore_front(
             cost_model.workload.dtype,
         )
     rescore = Rescoring(
-        task=task,
+        task=outcome.task,
         recovery=job.recovery,
         recovery_samples=job.recovery_samples,
         recovery_seed=job.recovery_seed,
@@ -157,6 +101,80 @@ def rescore_front(
         candidates, job.model, proxy, cost_model, outcome.run_dir, memory=outcome.extras.get("memory")
     )
     return candidates
+
+
+def baselines(
+    space: SearchSpace,
+    cost_model: cost_models.CostModel,
+    proxy: SaliencyProxy,
+    objective: SearchObjective,
+    fractions: Sequence[float],
+) -> list[Candidate]:
+    """The dense model, the uniform baselines and, with a precision axis, the dense model at each precision."""
+    axis, n = objective.axis, space.num_layers
+    at_reference = None if axis is None else axis.names(axis.reference(n))
+    candidates = [
+        Candidate("dense", space.dense(), objective.dense_ms, 0.0, label="dense", precisions=at_reference)
+    ]
+    for f in fractions:
+        w = space.uniform(f)
+        predicted = cost_model.predict(w.units, w.mlp, experts=w.experts, expert_width=w.expert_width)
+        candidates.append(
+            Candidate(
+                "uniform",
+                w,
+                float(predicted.latency_ms),
+                float(proxy.loss(*w)[0]),
+                label=f"uniform {f:.0%}",
+                precisions=at_reference,
+            )
+        )
+    for p in axis.precisions[1:] if axis is not None else ():
+        assert axis is not None
+        dense, uniform = space.dense(), axis.uniform(p, n)
+        candidates.append(
+            Candidate(
+                "uniform",
+                dense,
+                float(axis.latency(dense, uniform).latency_ms),
+                float(axis.loss(dense, uniform)[0]),
+                label=f"dense {p}",
+                precisions=axis.names(uniform),
+            )
+        )
+    return candidates
+
+
+def front_picks(
+    front: list[optuna.trial.FrozenTrial], seen: set[tuple], settings: SearchSettings, dense_ms: float
+) -> list[Candidate]:
+    """Up to `search.rescore` front points not `seen`, spread over the asked speedups."""
+    f_lat = np.array([t.values[0] for t in front])
+    fresh = [i for i, t in enumerate(front) if widths_key(trial_widths(t), trial_precisions(t)) not in seen]
+    # Re-scoring costs a recovery per plan: spend it on the speedups the user asked about.
+    low, high = settings.rescore_min_speedup, settings.rescore_max_speedup or np.inf
+    wanted = [i for i in fresh if low <= dense_ms / f_lat[i] <= high]
+    if len(wanted) < len(fresh):
+        log.info(
+            "re-scoring %d of %d front points: predicted speedup in [%.2f, %s]",
+            min(len(wanted), settings.rescore),
+            len(fresh),
+            low,
+            f"{high:.2f}" if np.isfinite(high) else "inf",
+        )
+    if fresh and not wanted:
+        log.warning("no front point has a predicted speedup in [%.2f, %.2f]: none re-scored", low, high)
+    return [
+        Candidate(
+            "search",
+            trial_widths(front[i]),
+            front[i].values[0],
+            front[i].values[1],
+            label=f"trial {front[i].number}",
+            precisions=trial_precisions(front[i]),
+        )
+        for i in spread(np.array(wanted, dtype=int), f_lat, settings.rescore)
+    ]
 
 
 @dataclass
@@ -201,46 +219,16 @@ class Rescoring:
         data = (
             task.recovery_data(samples=self.recovery_samples, seed=self.recovery_seed) if recovers else None
         )
-        ref = self.model_ref
-        plans = run_dir / "plans"
         precision = measured_precision(cost_model.workload.dtype)  # the front's metric is measured at it
         calibration = int8_calibration(task, self.int8) if precision == "int8" else []
-        quantization = self.int8.describe() if precision == "int8" else None
         for i, c in enumerate(candidates, start=1):
-            plan = proxy.plan(c.widths, ref, hardware=self.hardware)
+            plan = proxy.plan(c.widths, self.model_ref, hardware=self.hardware)
             pruned = prunable.pruned_copy(model, plan, check_weights=False)
             c.metric = c.metric_unrecovered = task.evaluate(pruned)
-            recipe = None
             # A plan that removes nothing (the dense model at other precisions) has nothing to recover.
-            if data is not None and widths_key(c.widths) != widths_key(candidates[0].widths):
-                report = self.recovery.recover(pruned, model, data, layers=plan.kept_layers())
-                c.metric, c.recovery, c.recovery_seconds = (
-                    task.evaluate(pruned),
-                    report.method,
-                    report.seconds,
-                )
-                recipe = {
-                    **report.recipe(),
-                    "data_samples": self.recovery_samples,
-                    "data_seed": self.recovery_seed,
-                }
-            c.metric_unquantized = c.metric
-            c.metric_precision = precision
-            deployed: torch.nn.Module = pruned  # the model as the plan deploys it
-            if c.precisions is not None:  # per block, as the plan deploys them
-                plan = plan.with_precisions(*c.precisions)
-                deployed = prunable.set_precisions(pruned, plan)
-                c.metric_precision = precision_name(*c.precisions)
-            elif precision == "int8":  # the QDQ model int8 runtimes consume, run by ONNX Runtime
-                deployed = int8_model(pruned, calibration, cost_model.workload)
-                c.quantization = self.int8.summary()
-            elif precision != "fp32":  # the front pairs a precision's latency with its metric
-                deployed = to_precision(pruned, c.metric_precision)
-            if deployed is not pruned or c.metric_precision != "fp32":
-                c.metric = task.evaluate(deployed)
-            validation = task.validate(deployed)
-            c.metric_validation = float("nan") if validation is None else validation
-            del deployed
+            removes = widths_key(c.widths) != widths_key(candidates[0].widths)
+            recipe = self._recover(c, pruned, model, plan, data) if data is not None and removes else None
+            plan = self._measure_deployed(c, pruned, plan, precision, calibration, cost_model.workload)
             c.params = sum(p.numel() for p in pruned.parameters())
             c.layers = len(plan.layers) - len(plan.dropped())
             c.flops = float(cost_model.spec.flops(cost_model.workload, *c.widths))
@@ -249,30 +237,13 @@ class Rescoring:
                 if c.kind == "dense"
                 else degenerate_reason(c.widths, cost_model.spec, c.precisions, cost_model.workload.dtype)
             )
-            plan = replace(
-                plan,
-                metadata={
-                    "latency_ms": c.latency_ms,
-                    "dense_latency_ms": candidates[0].latency_ms,
-                    "latency_source": cost_model.source,
-                    "workload": asdict(cost_model.workload),
-                    "proxy_loss": c.proxy_loss,
-                    "saliency": proxy.scores.method,
-                    "label": c.label,
-                    "task": task.description,
-                    "metric_name": task.metric_name,
-                    "metric": c.metric,
-                    "metric_validation": None if np.isnan(c.metric_validation) else c.metric_validation,
-                    "validation": task.validation,
-                    "metric_unrecovered": c.metric_unrecovered,
-                    "metric_unquantized": c.metric_unquantized,
-                    "precision": c.metric_precision,
-                    "quantization": quantization,
-                    "recovery": recipe,
-                },
+            metadata = self._plan_metadata(
+                c, candidates[0], cost_model, proxy.scores.method, recipe, precision
             )
             name = c.label.replace(" ", "_").replace("%", "pct")
-            c.plan_path = str(plan.save(plans / f"{name}.yaml").relative_to(run_dir))
+            c.plan_path = str(
+                replace(plan, metadata=metadata).save(run_dir / "plans" / f"{name}.yaml").relative_to(run_dir)
+            )
             recovered = f" (unrecovered {c.metric_unrecovered:.3f}, {c.recovery} {c.recovery_seconds:.1f} s)"
             log.info(
                 "[%d/%d] %-12s %8.3f ms  %s %.3f%s%s",
@@ -282,7 +253,7 @@ class Rescoring:
                 c.latency_ms,
                 task.metric_name,
                 c.metric,
-                "" if validation is None else f" (validation {validation:.3f})",
+                "" if np.isnan(c.metric_validation) else f" (validation {c.metric_validation:.3f})",
                 recovered if recipe else "",
             )
             del pruned, plan
@@ -290,6 +261,81 @@ class Rescoring:
             if memory is not None:
                 memory.end(f"re-score {c.label}")
         mark_dominated(candidates, higher_is_better=task.higher_is_better)
+
+    def _recover(
+        self,
+        c: Candidate,
+        pruned: torch.nn.Module,
+        model: torch.nn.Module,
+        plan: prunable.PrunePlan,
+        data: RecoveryData,
+    ) -> dict[str, Any]:
+        """Recover `pruned` in place toward `model`; the candidate's metric after it, and the recipe run."""
+        report = self.recovery.recover(pruned, model, data, layers=plan.kept_layers())
+        c.metric, c.recovery, c.recovery_seconds = self.task.evaluate(pruned), report.method, report.seconds
+        return {**report.recipe(), "data_samples": self.recovery_samples, "data_seed": self.recovery_seed}
+
+    def _measure_deployed(
+        self,
+        c: Candidate,
+        pruned: torch.nn.Module,
+        plan: prunable.PrunePlan,
+        precision: str,
+        calibration: list[hessian.Batch],
+        workload: cost_models.Workload,
+    ) -> prunable.PrunePlan:
+        """The candidate's metric (and validation metric) as its plan deploys it; the plan with its precisions.
+
+        The front pairs a precision's latency with its metric: per block at the candidate's
+        precisions, as the int8 QDQ model ONNX Runtime runs, or the whole model at `precision`.
+        """
+        c.metric_unquantized = c.metric
+        c.metric_precision = precision
+        deployed: torch.nn.Module = pruned  # the model as the plan deploys it
+        if c.precisions is not None:  # per block, as the plan deploys them
+            plan = plan.with_precisions(*c.precisions)
+            deployed = prunable.set_precisions(pruned, plan)
+            c.metric_precision = precision_name(*c.precisions)
+        elif precision == "int8":  # the QDQ model int8 runtimes consume, run by ONNX Runtime
+            deployed = int8_model(pruned, calibration, workload, reduce_range=self.int8.reduce_range)
+            c.quantization = self.int8.summary()
+        elif precision != "fp32":
+            deployed = to_precision(pruned, c.metric_precision)
+        if deployed is not pruned or c.metric_precision != "fp32":
+            c.metric = self.task.evaluate(deployed)
+        validation = self.task.validate(deployed)
+        c.metric_validation = float("nan") if validation is None else validation
+        return plan
+
+    def _plan_metadata(
+        self,
+        c: Candidate,
+        dense: Candidate,
+        cost_model: cost_models.CostModel,
+        saliency: str,
+        recipe: dict[str, Any] | None,
+        precision: str,
+    ) -> dict[str, Any]:
+        """What the candidate's plan file records of how it was priced and measured."""
+        return {
+            "latency_ms": c.latency_ms,
+            "dense_latency_ms": dense.latency_ms,
+            "latency_source": cost_model.source,
+            "workload": asdict(cost_model.workload),
+            "proxy_loss": c.proxy_loss,
+            "saliency": saliency,
+            "label": c.label,
+            "task": self.task.description,
+            "metric_name": self.task.metric_name,
+            "metric": c.metric,
+            "metric_validation": None if np.isnan(c.metric_validation) else c.metric_validation,
+            "validation": self.task.validation,
+            "metric_unrecovered": c.metric_unrecovered,
+            "metric_unquantized": c.metric_unquantized,
+            "precision": c.metric_precision,
+            "quantization": self.int8.describe() if precision == "int8" else None,
+            "recovery": recipe,
+        }
 
 
 # A plan removing less than this fraction of the blocks' weights is the dense model in all but name.

@@ -21,13 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import (
-    JaxProfiler,
-    OnnxRuntimeProfiler,
-    Profiler,
-    TorchProfiler,
-    torch_threads,
-)
+from hwprune.cost_models.profilers import Profiler, ProfilerSettings, profiler_for, torch_threads
 from hwprune.errors import ConfigError, UnsupportedModelError
 from hwprune.search._blocks import block_spec, head_width, model_timer, real_block_factory
 from hwprune.search._cli import one_line_errors, run_app
@@ -37,25 +31,18 @@ log = logging.getLogger("hwprune.profile")
 
 
 def make_profiler(cfg: ProfileAppConfig, model: torch.nn.Module) -> Profiler:
+    """The profiler of the target's backend (`cost_models.profilers.PROFILERS`), set up from `cfg`."""
     hw, p = cfg.hardware, cfg.profiler
-    if hw.backend == "torch":
-        factory = real_block_factory(model) if p.real_blocks else None
-        return TorchProfiler(
-            device=hw.device,
-            block_factory=factory,
-            warmup=p.warmup,
-            repeats=p.repeats,
-            threads=p.threads,
-            stack=p.stack or prunable.discover(model).num_layers,
-        )
-    if hw.backend == "jax":
-        return JaxProfiler(platform=hw.device, warmup=p.warmup, repeats=p.repeats)
-    return OnnxRuntimeProfiler(
-        execution_provider=hw.execution_provider or "CPUExecutionProvider",
-        threads=p.threads or 0,
+    settings = ProfilerSettings(
+        device=hw.device,
+        execution_provider=hw.execution_provider,
         warmup=p.warmup,
         repeats=p.repeats,
+        threads=p.threads,
+        stack=p.stack or prunable.discover(model).num_layers,
+        block_factory=real_block_factory(model) if p.real_blocks and hw.backend == "torch" else None,
     )
+    return profiler_for(hw.backend, settings)
 
 
 def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:

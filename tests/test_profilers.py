@@ -11,9 +11,13 @@ import torch
 
 from hwprune.cost_models import BlockSpec, LatencyTable, TableModel, Workload
 from hwprune.cost_models.profilers import (
+    PROFILERS as BACKENDS,  # by backend name (PROFILERS below: the suite's)
+)
+from hwprune.cost_models.profilers import (
     JaxProfiler,
     OnnxRuntimeProfiler,
     Profiler,
+    ProfilerSettings,
     ReferenceBlock,
     Timing,
     TorchProfiler,
@@ -268,9 +272,15 @@ def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() 
     class Fake(Profiler):
         backend = "fake"
 
+        @classmethod
+        def configured(cls, settings: ProfilerSettings) -> Profiler:
+            return cls(warmup=settings.warmup, repeats=settings.repeats)
+
         def measure_block(self, spec: object, workload: object, *, units: int, mlp: int) -> Timing:
             calls.append((units, mlp, self.repeats))
             return Timing.of([float(units + mlp)] * self.repeats)
+
+    assert BACKENDS.pop("fake") is Fake  # registered by being defined; the other tests see the shipped ones
 
     # Warmed up like a grid point, then timed per round as often as a grid point.
     references = iter([100.0, 1.0, 1.0, 2.0, 2.0, 3.0, 50.0])
@@ -293,3 +303,26 @@ def test_profile_rounds_interleave_the_grid_and_time_the_reference_each_round() 
     assert next(references, None) is None  # 1 warm-up + 2 per round
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         profiler.profile(SPEC, WORKLOAD, units_grid=[0, 2], mlp_grid=[0, 96], hardware="x", rounds=0)
+
+
+def test_each_backend_makes_its_profiler_from_the_settings_it_uses() -> None:
+    from hwprune import cost_models
+    from hwprune.cost_models.profilers import profiler_for
+    from hwprune.errors import ConfigError
+
+    assert (
+        set(BACKENDS) == set(cost_models.BACKENDS) == {"torch", "jax", "onnxruntime"}
+    )  # profiles name these
+    made = profiler_for("torch", ProfilerSettings(warmup=2, repeats=3, threads=1, stack=4))
+    assert isinstance(made, TorchProfiler)
+    assert (made.warmup, made.repeats, made.threads, made.stack) == (2, 3, 1, 4)
+    ort = profiler_for("onnxruntime", ProfilerSettings(repeats=7))
+    assert isinstance(ort, OnnxRuntimeProfiler) and (ort.provider, ort.threads, ort.repeats) == (
+        "CPUExecutionProvider",
+        0,
+        7,
+    )
+    with pytest.raises(
+        ConfigError, match=r"backend 'tpu' has no profiler; valid: \['jax', 'onnxruntime', 'torch'\]"
+    ):
+        profiler_for("tpu", ProfilerSettings())

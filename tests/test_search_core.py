@@ -263,7 +263,7 @@ def test_depth_objective_times_dropped_layers_as_nothing_and_prunes_empty_models
 
 
 def test_depth_exact_front_has_shallower_points_and_never_an_empty_model(setup) -> None:  # type: ignore[no-untyped-def]
-    from hwprune.search._run import option_tables
+    from hwprune.search._exact import option_tables
 
     structure, scores = setup
     space = SearchSpace.build(structure, mlp_step=32)

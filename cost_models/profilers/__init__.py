@@ -1,6 +1,14 @@
 """Profilers that measure real per-block latency into `LatencyTable`s: torch, JAX/XLA, ONNX Runtime."""
 
-from hwprune.cost_models.profilers._base import Profiler, Timing, interleaved, repeat_timed
+from hwprune.cost_models.profilers._base import (
+    PROFILERS,
+    Profiler,
+    ProfilerSettings,
+    Timing,
+    interleaved,
+    profiler_for,
+    repeat_timed,
+)
 from hwprune.cost_models.profilers._jax import JaxProfiler
 from hwprune.cost_models.profilers._nvml import nvml_metadata
 from hwprune.cost_models.profilers._onnxruntime import OnnxRuntimeProfiler, block_graph
@@ -14,16 +22,19 @@ from hwprune.cost_models.profilers._torch import (
 )
 
 __all__ = [
+    "PROFILERS",
     "TORCH_DTYPES",
     "JaxProfiler",
     "OnnxRuntimeProfiler",
     "Profiler",
+    "ProfilerSettings",
     "ReferenceBlock",
     "Timing",
     "TorchProfiler",
     "block_graph",
     "interleaved",
     "nvml_metadata",
+    "profiler_for",
     "repeat_timed",
     "torch_device",
     "torch_threads",

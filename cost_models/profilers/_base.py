@@ -89,6 +89,47 @@ def interleaved(
     return samples
 
 
+@dataclass(frozen=True)
+class ProfilerSettings:
+    """What `hwprune-profile` knows when it makes a profiler: the target's device and the profiler options.
+
+    Each backend takes what it uses (`Profiler.configured`) and ignores the rest.
+
+    Attributes:
+        device: The hardware profile's device ("cpu", "cuda", a JAX platform).
+        execution_provider: ONNX Runtime's execution provider (None: the CPU's).
+        warmup: Untimed runs first.
+        repeats: Timed runs.
+        threads: Threads to time with (None: the backend's default).
+        stack: Blocks run back to back per timed call (torch).
+        block_factory: Builds the block timed at each width (torch; None: the reference block).
+    """
+
+    device: str = "cpu"
+    execution_provider: str | None = None
+    warmup: int = 5
+    repeats: int = 20
+    threads: int | None = None
+    stack: int = 1
+    block_factory: Callable[..., Any] | None = None
+
+
+# Profilers by backend name ("torch", "jax", "onnxruntime"): a subclass that names its `backend` is
+# added when it is defined, and `hwprune-profile` makes the one a hardware profile's backend names.
+PROFILERS: dict[str, type[Profiler]] = {}
+
+
+def profiler_for(backend: str, settings: ProfilerSettings) -> Profiler:
+    """The profiler of `backend`, configured from `settings`.
+
+    Raises:
+        ConfigError: An unknown backend, naming the known ones.
+    """
+    if backend not in PROFILERS:
+        raise ConfigError(f"backend {backend!r} has no profiler; valid: {sorted(PROFILERS)}")
+    return PROFILERS[backend].configured(settings)
+
+
 class Profiler(ABC):
     """Measures real per-block latency on one backend.
 
@@ -99,6 +140,16 @@ class Profiler(ABC):
     """
 
     backend: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "backend" in cls.__dict__:
+            PROFILERS[cls.backend] = cls
+
+    @classmethod
+    @abstractmethod
+    def configured(cls, settings: ProfilerSettings) -> Profiler:
+        """This backend's profiler from the settings it uses."""
 
     def __init__(self, *, warmup: int = 5, repeats: int = 20, seed: int = 0) -> None:
         if warmup < 0 or repeats < 1:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.cost_models._spec import BlockSpec, Workload
-from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
+from hwprune.cost_models.profilers._base import Profiler, ProfilerSettings, Timing, repeat_timed
 from hwprune.errors import ConfigError
 
 JAX_DTYPES = ("fp32", "bf16", "fp16")
@@ -41,6 +41,10 @@ class JaxProfiler(Profiler):
             raise ConfigError(
                 f"JAX has no {platform!r} device here ({err}); available: {jax.devices()}"
             ) from err
+
+    @classmethod
+    def configured(cls, settings: ProfilerSettings) -> JaxProfiler:
+        return cls(platform=settings.device, warmup=settings.warmup, repeats=settings.repeats)
 
     def measure_block(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
         jax = _jax()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.cost_models._spec import BlockSpec, Workload
-from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
+from hwprune.cost_models.profilers._base import Profiler, ProfilerSettings, Timing, repeat_timed
 from hwprune.errors import ConfigError
 
 OPSET = 17
@@ -173,6 +173,15 @@ class OnnxRuntimeProfiler(Profiler):
             )
         self.provider = execution_provider
         self.threads = threads
+
+    @classmethod
+    def configured(cls, settings: ProfilerSettings) -> OnnxRuntimeProfiler:
+        return cls(
+            execution_provider=settings.execution_provider or "CPUExecutionProvider",
+            threads=settings.threads or 0,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+        )
 
     def measure_block(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
         if workload.dtype != "fp32":

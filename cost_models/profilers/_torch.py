@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hwprune.cost_models._spec import BlockSpec, Workload
-from hwprune.cost_models.profilers._base import Profiler, Timing, repeat_timed
+from hwprune.cost_models.profilers._base import Profiler, ProfilerSettings, Timing, repeat_timed
 from hwprune.cost_models.profilers._nvml import nvml_metadata
 from hwprune.errors import ConfigError, UnsupportedModelError
 
@@ -189,6 +189,17 @@ class TorchProfiler(Profiler):
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1 or None, got {threads}")
         self.threads = threads
+
+    @classmethod
+    def configured(cls, settings: ProfilerSettings) -> TorchProfiler:
+        return cls(
+            device=settings.device,
+            block_factory=settings.block_factory,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            threads=settings.threads,
+            stack=settings.stack,
+        )
 
     def measure_block(self, spec: BlockSpec, workload: Workload, *, units: int, mlp: int) -> Timing:
         if workload.dtype not in TORCH_DTYPES:

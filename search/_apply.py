@@ -17,7 +17,7 @@ from hwprune.cost_models.profilers import TORCH_DTYPES, torch_device
 from hwprune.errors import ConfigError, PlanError
 from hwprune.search._apply_result import log_result, planned_workload, predict_plan, timing_fields
 from hwprune.search._blocks import check_workload
-from hwprune.search._int8 import Int8Recipe
+from hwprune.search._int8 import Int8Recipe, int8_saturates
 from hwprune.search._onnx import check_onnx, export_onnx
 from hwprune.search._output import check_out, staged
 from hwprune.search._precision import (
@@ -72,11 +72,18 @@ def recorded_int8_recipe(plan: prunable.PrunePlan) -> Int8Recipe:
     recipe = plan.metadata.get("quantization") or {}
     default = Int8Recipe()
     # A plan made before reduce_range was recorded gets this CPU's choice.
-    return Int8Recipe(
+    chosen = Int8Recipe(
         calibration_samples=int(recipe.get("calibration_samples", default.calibration_samples)),
         calibration_seed=int(recipe.get("calibration_seed", default.calibration_seed)),
         reduce_range=bool(recipe.get("reduce_range", default.reduce_range)),
     )
+    if not chosen.reduce_range and int8_saturates():
+        log.warning(
+            "the plan's int8 recipe keeps 8-bit weights, but this CPU's int8 kernels saturate with them "
+            "(x86 without VNNI): ONNX Runtime's outputs here will differ from the recipe's arithmetic; "
+            "the metric measured here says by how much"
+        )
+    return chosen
 
 
 def apply_and_measure(

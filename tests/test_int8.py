@@ -4,6 +4,7 @@ the front, the plans and hwprune-apply measure it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -290,3 +291,24 @@ def test_int8_apply_needs_its_onnx_model_and_a_prefill_workload(npu_run: Path, t
         apply_and_measure(plan, tmp_path / "a", task=task, onnx=False)
     with pytest.raises(ValueError, match="precision='int8' deploys the prefill ONNX graph"):
         apply_and_measure(plan, tmp_path / "b", task=task, workload={"phase": "decode", "kv_len": 16})
+
+
+def test_apply_keeps_a_plans_recorded_weight_range_and_warns_where_it_saturates(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from hwprune.search import _apply
+
+    def plan(quantization: dict[str, object]) -> Any:  # what the recipe reads of a plan
+        return SimpleNamespace(metadata={"quantization": quantization})
+
+    monkeypatch.setattr(_apply, "int8_saturates", lambda: True)  # a CPU without VNNI
+    with caplog.at_level("WARNING"):
+        kept = _apply.recorded_int8_recipe(plan({"calibration_samples": 32, "reduce_range": False}))
+    assert kept == Int8Recipe(calibration_samples=32, reduce_range=False)  # the plan's recipe, as made
+    assert "keeps 8-bit weights, but this CPU's int8 kernels saturate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _apply.recorded_int8_recipe(plan({"reduce_range": True})).reduce_range is True
+    assert caplog.text == ""

@@ -221,6 +221,7 @@ class Rescoring:
         )
         precision = measured_precision(cost_model.workload.dtype)  # the front's metric is measured at it
         calibration = int8_calibration(task, self.int8) if precision == "int8" else []
+        quantization = self.int8.describe() if precision == "int8" else None  # the same for every plan
         for i, c in enumerate(candidates, start=1):
             plan = proxy.plan(c.widths, self.model_ref, hardware=self.hardware)
             pruned = prunable.pruned_copy(model, plan, check_weights=False)
@@ -238,7 +239,7 @@ class Rescoring:
                 else degenerate_reason(c.widths, cost_model.spec, c.precisions, cost_model.workload.dtype)
             )
             metadata = self._plan_metadata(
-                c, candidates[0], cost_model, proxy.scores.method, recipe, precision
+                c, candidates[0], cost_model, proxy.scores.method, recipe, quantization
             )
             name = c.label.replace(" ", "_").replace("%", "pct")
             c.plan_path = str(
@@ -314,7 +315,7 @@ class Rescoring:
         cost_model: cost_models.CostModel,
         saliency: str,
         recipe: dict[str, Any] | None,
-        precision: str,
+        quantization: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """What the candidate's plan file records of how it was priced and measured."""
         return {
@@ -333,7 +334,7 @@ class Rescoring:
             "metric_unrecovered": c.metric_unrecovered,
             "metric_unquantized": c.metric_unquantized,
             "precision": c.metric_precision,
-            "quantization": self.int8.describe() if precision == "int8" else None,
+            "quantization": quantization,
             "recovery": recipe,
         }
 

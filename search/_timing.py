@@ -88,9 +88,11 @@ def measure(
         raise ValueError(f"measure needs the dense and the pruned model, got {len(timed)} model(s)")
     # An ONNX Runtime model (int8) times itself; torch models move to the device and dtype.
     timers = [
-        _stoppable(model.timer(workload))
-        if isinstance(model, OnnxRuntimeModel)
-        else _stoppable(model_timer(model, workload, str(device)))
+        _stoppable(
+            model.timer(workload)
+            if isinstance(model, OnnxRuntimeModel)
+            else model_timer(model, workload, str(device))
+        )
         for model, workload in timed
     ]
 

@@ -40,7 +40,13 @@ import torch
 from _command import command_line
 
 from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import interleaved, nvml_metadata, torch_device
+from hwprune.cost_models.profilers import (
+    allocator_state,
+    interleaved,
+    nvml_metadata,
+    steady_allocator,
+    torch_device,
+)
 from hwprune.search import block_spec, model_timer
 from hwprune.search.config import load_hardware
 
@@ -90,7 +96,9 @@ def time_interleaved(
     model alike instead of biasing whichever model happened to be timed during a slow minute.
     Each model moves to the device as it comes (`models` may be a generator), so a GPU run holds
     one host copy at a time, and pruned copies of a model already moved are made on the device.
+    The allocator is made steady first, as the profiler made it for the tables.
     """
+    steady_allocator()
     timers = [model_timer(model, workload, device) for model in models]
     return np.array(interleaved(timers, rounds=rounds, warmup=2))
 
@@ -144,7 +152,10 @@ def describe(device: torch.device) -> str:
         nvml = nvml_metadata(device.index or 0)
         details = ", ".join(f"{k} {v}" for k, v in nvml.items() if k != "name")
         return f"{torch.cuda.get_device_name(device)} ({details}), torch {torch.__version__}"
-    return f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (
+        f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"allocator {allocator_state()}"
+    )
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import nvml_metadata
+from hwprune.cost_models.profilers import allocator_state, nvml_metadata
 from hwprune.search._blocks import model_cost_model, model_mixed_cost_model
 from hwprune.search._space import plan_widths
 from hwprune.search._timing import Timing
@@ -177,6 +177,7 @@ def timing_fields(
             **asdict(workload),
             "device": device_metadata(device),
             "threads": torch.get_num_threads(),
+            "allocator": allocator_state(),
             "repeats": len(dense),
             "timing": f"median of {len(dense)} interleaved rounds ({'CUDA events' if device.type == 'cuda' else 'wall clock'})",
         },

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hwprune import cost_models
-from hwprune.cost_models.profilers import interleaved
+from hwprune.cost_models.profilers import interleaved, steady_allocator
 from hwprune.search._blocks import model_timer
 from hwprune.search._int8 import OnnxRuntimeModel
 from hwprune.search._interrupt import raise_if_pressed
@@ -82,10 +82,13 @@ def measure(
     more rounds while the pruned model's speedup is unstable.
 
     Models move to the device and their workload's dtype in place, so call this after anything
-    that needs them as they were (the task metric, the ONNX export).
+    that needs them as they were (the task metric, the ONNX export). The process's allocator is made
+    steady first (`cost_models.profilers.steady_allocator`, as the profiler times the tables), which
+    lasts: page faults of fresh activations would otherwise be timed with the models.
     """
     if len(timed) < 2:
         raise ValueError(f"measure needs the dense and the pruned model, got {len(timed)} model(s)")
+    steady_allocator()
     # An ONNX Runtime model (int8) times itself; torch models move to the device and dtype.
     timers = [
         _stoppable(

@@ -21,7 +21,13 @@ import torch
 from omegaconf import DictConfig
 
 from hwprune import cost_models, prunable
-from hwprune.cost_models.profilers import Profiler, ProfilerSettings, profiler_for, torch_threads
+from hwprune.cost_models.profilers import (
+    Profiler,
+    ProfilerSettings,
+    profiler_for,
+    steady_allocator,
+    torch_threads,
+)
 from hwprune.errors import ConfigError, UnsupportedModelError
 from hwprune.search._blocks import block_spec, head_width, model_timer, real_block_factory
 from hwprune.search._cli import one_line_errors, run_app
@@ -51,6 +57,8 @@ def run(cfg: ProfileAppConfig, command: str) -> cost_models.LatencyTable:
             f"out={cfg.out} already holds a table; pass overwrite=true to replace it, or another out="
         )
     profile = cfg.hardware.validate()
+    # Timed forwards reuse freed activations instead of faulting fresh pages in (the table records it).
+    steady_allocator()
     model = prunable.load_model(cfg.model.source, cfg.model.class_name)
     structure = prunable.discover(model)
     spec = block_spec(structure, head_width=head_width(model))

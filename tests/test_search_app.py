@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from hwprune import cost_models, prunable
+from hwprune.cost_models.profilers import allocator_state
 from hwprune.search._from_config import run_config
 from hwprune.search._report import PARETO_COLUMNS, write_report
 from hwprune.search.app import CompareDevices
@@ -149,6 +152,10 @@ def test_apply_prunes_exports_measures(run_dir: Path, tmp_path: Path) -> None:
     assert saved["predicted_speedup"] > 1.0 and saved["measured_speedup"] > 0
     measured_on = saved["workload"]
     assert measured_on["device"] == {"type": "cpu", "name": cost_models.cpu_name()}
+    # Timed with freed activations reused (as the profiler times tables), and it says so.
+    assert measured_on["allocator"] == allocator_state()
+    if platform.libc_ver()[0] == "glibc" and "LD_PRELOAD" not in os.environ:
+        assert "mmap threshold 32 MiB" in measured_on["allocator"]
     # The plan was searched for gpu_h100 at batch 1 x 128 in bf16: that is what is timed by default.
     assert measured_on["dtype"] == "bf16" and measured_on["batch_size"] == 1 and measured_on["repeats"] == 2
     assert saved["workload_differs_from_plan"] == []

@@ -1,5 +1,6 @@
 """Profilers that measure real per-block latency into `LatencyTable`s: torch, JAX/XLA, ONNX Runtime."""
 
+from hwprune.cost_models.profilers._allocator import allocator_state, steady_allocator
 from hwprune.cost_models.profilers._base import (
     PROFILERS,
     Profiler,
@@ -31,11 +32,13 @@ __all__ = [
     "ReferenceBlock",
     "Timing",
     "TorchProfiler",
+    "allocator_state",
     "block_graph",
     "interleaved",
     "nvml_metadata",
     "profiler_for",
     "repeat_timed",
+    "steady_allocator",
     "torch_device",
     "torch_threads",
     "torch_timer",

@@ -17,6 +17,7 @@ import pandas as pd
 from hwprune._progress import Progress
 from hwprune.cost_models._spec import BlockSpec, Workload
 from hwprune.cost_models._table import LatencyTable
+from hwprune.cost_models.profilers._allocator import allocator_state
 from hwprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,12 @@ class Profiler(ABC):
 
     def metadata(self) -> dict[str, Any]:
         """Backend and device details recorded with every table."""
-        return {"backend": self.backend, "python": platform.python_version(), "host_cpu": _cpu()}
+        return {
+            "backend": self.backend,
+            "python": platform.python_version(),
+            "host_cpu": _cpu(),
+            "allocator": allocator_state(),
+        }
 
     def profile(
         self,

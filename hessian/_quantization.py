@@ -51,17 +51,21 @@ def _out_dim(module: nn.Module) -> int:
     return 0 if isinstance(module, nn.Linear) else 1
 
 
-def quantize_weight(w: torch.Tensor, precision: str, out_dim: int = 0) -> torch.Tensor:
+def quantize_weight(
+    w: torch.Tensor, precision: str, out_dim: int = 0, *, reduce_range: bool = False
+) -> torch.Tensor:
     """`w` rounded as deployed at `precision` (int8: symmetric per output channel, `out_dim` the
-    output axis; bf16, fp16: to nearest), in `w`'s dtype; differentiable nowhere (round)."""
+    output axis, on ONNX Runtime's grid: +-127, or +-64 with `reduce_range`, the 7-bit weights of CPUs
+    whose int8 kernels saturate; bf16, fp16: to nearest), in `w`'s dtype; differentiable nowhere."""
     if precision == "bf16":
         return w.to(torch.bfloat16).to(w.dtype)
     if precision == "fp16":
         return w.to(torch.float16).to(w.dtype)
     if precision == "int8":
+        levels = 64 if reduce_range else 127
         absmax = w.abs().amax(dim=1 - out_dim, keepdim=True).clamp_min(1e-12)  # one scale per output channel
-        scale = absmax / 127
-        return (w / scale).round().clamp(-127, 127) * scale
+        scale = absmax / levels
+        return (w / scale).round().clamp(-levels, levels) * scale
     raise ConfigError(
         f"precision={precision!r} is not quantised here; valid choices: {list(QUANT_PRECISIONS)}"
     )

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hwprune import hessian, prunable
+from hwprune.search._int8 import int8_saturates
 from hwprune.search.recovery import RECOVERY, Distill, NoRecovery, Reconstruct, RecoveryData, from_recipe
 from hwprune.search.recovery._reconstruct import merge_batches
 from tests.conftest import CASES, Case, run
@@ -326,3 +327,23 @@ def test_quantised_distillation_trains_the_weights_that_survive_int8(family: str
         match=r"distill\.quantize='int4' is not supported; valid choices: \['bf16', 'fp16', 'int8'\] or null",
     ):
         Distill(quantize="int4")
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_quantised_distillation_rounds_weights_to_the_grid_the_recipe_deploys(reduce_range: bool) -> None:
+    """Inside int8 training each projection's weight is on the recipe's grid: +-127 levels per output
+    channel, or +-64 (ONNX Runtime's 7-bit range) where the recipe reduces it; the plan records which."""
+    case = CASES["bert"]
+    _, student, _ = pruned_pair(case)
+    data = data_for(case, batches=4)
+    from hwprune.search.recovery._distill import quantised_training
+
+    with quantised_training(student, data.batches, "int8", reduce_range=reduce_range):
+        weight = hessian.block_projections(student)[0]["mlp"][0].weight.detach()  # (out, in), parametrised
+        levels = weight / (weight.abs().amax(dim=1, keepdim=True) / (64 if reduce_range else 127))
+        torch.testing.assert_close(levels, levels.round(), atol=1e-3, rtol=0)  # integers times the scale
+        assert levels.abs().amax().item() == pytest.approx(64 if reduce_range else 127)
+    distill = Distill(quantize="int8", reduce_range=reduce_range)
+    assert distill.params()["reduce_range"] is reduce_range  # recorded, so apply re-runs the same grid
+    assert "reduce_range" not in Distill(quantize="bf16").params()
+    assert Distill(quantize="int8").reduce_range is int8_saturates()  # None: this CPU's choice, resolved

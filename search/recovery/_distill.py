@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from hwprune import hessian
 from hwprune.errors import ConfigError
+from hwprune.search._int8 import int8_saturates
 from hwprune.search.recovery._base import Recovery, RecoveryData, RecoveryReport, output_loss, valid_rows
 
 log = logging.getLogger(__name__)
@@ -34,25 +35,30 @@ CALIBRATION_BATCHES = 8
 class _RoundedWeight(nn.Module):
     """A weight parametrisation: rounded as deployed in the forward pass, the gradient straight through."""
 
-    def __init__(self, precision: str, out_dim: int) -> None:
+    def __init__(self, precision: str, out_dim: int, reduce_range: bool) -> None:
         super().__init__()
-        self.precision, self.out_dim = precision, out_dim
+        self.precision, self.out_dim, self.reduce_range = precision, out_dim, reduce_range
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        rounded = hessian.quantize_weight(w.detach(), self.precision, self.out_dim)
+        rounded = hessian.quantize_weight(
+            w.detach(), self.precision, self.out_dim, reduce_range=self.reduce_range
+        )
         return w + (rounded - w).detach()
 
 
 @contextlib.contextmanager
-def quantised_training(model: nn.Module, calibration: list[hessian.Batch], precision: str) -> Iterator[None]:
+def quantised_training(
+    model: nn.Module, calibration: list[hessian.Batch], precision: str, *, reduce_range: bool = False
+) -> Iterator[None]:
     """`model`'s projections compute with weights and inputs rounded to `precision` (straight-through
-    gradients); on exit they are plain float projections again, holding the trained float weights."""
+    gradients; int8 weights in 7 bits with `reduce_range`); on exit they are plain float projections
+    again, holding the trained float weights."""
     projections = [m for blocks in hessian.block_projections(model) for ms in blocks.values() for m in ms]
     ranges = hessian.input_ranges(model, calibration)
     hooks = []
     for module in projections:
         parametrize.register_parametrization(
-            module, "weight", _RoundedWeight(precision, hessian.weight_out_dim(module))
+            module, "weight", _RoundedWeight(precision, hessian.weight_out_dim(module), reduce_range)
         )
         quant = hessian.input_quantizer(precision, *ranges[id(module)])
 
@@ -62,9 +68,10 @@ def quantised_training(model: nn.Module, calibration: list[hessian.Batch], preci
 
         hooks.append(module.register_forward_pre_hook(round_input))
     log.info(
-        "distill: %d projections trained as %s (weights and inputs rounded, straight-through)",
+        "distill: %d projections trained as %s%s (weights and inputs rounded, straight-through)",
         len(projections),
         precision,
+        " with 7-bit weights" if reduce_range and precision == "int8" else "",
     )
     try:
         yield
@@ -101,6 +108,9 @@ class Distill(Recovery):
             symmetric per output channel; inputs per tensor over their range on the first training
             batches, the calibration the deployed model gets). The held-out loss is measured
             quantised too.
+        reduce_range: With quantize="int8", weights on the 7-bit grid the int8 recipe deploys on
+            CPUs whose int8 kernels saturate (`Int8Recipe.reduce_range`; None: this CPU's choice,
+            as the recipe's default makes it), so training rounds as the deployed model does.
     """
 
     name = "distill"
@@ -118,6 +128,7 @@ class Distill(Recovery):
         held_out: int = 4,
         seed: int = 0,
         quantize: str | None = None,
+        reduce_range: bool | None = None,
     ) -> None:
         if steps < 1:
             raise ConfigError(f"distill.steps must be >= 1, got {steps}")
@@ -144,6 +155,8 @@ class Distill(Recovery):
                 f"distill.quantize={quantize!r} is not supported; valid choices: {list(hessian.QUANT_PRECISIONS)} or null"
             )
         self.quantize = quantize
+        # Resolved now, so the parameters a plan records re-run the same grid on another CPU.
+        self.reduce_range = int8_saturates() if reduce_range is None else bool(reduce_range)
         self.steps, self.lr, self.temperature = steps, lr, temperature
         self.hidden_weight, self.output_weight, self.label_weight = hidden_weight, output_weight, label_weight
         self.weight_decay, self.held_out, self.seed = weight_decay, held_out, seed
@@ -160,6 +173,8 @@ class Distill(Recovery):
             "held_out": self.held_out,
             "seed": self.seed,
             "quantize": self.quantize,
+            # Only int8 has a weight grid to choose (and recipes without it stay as they were).
+            **({"reduce_range": self.reduce_range} if self.quantize == "int8" else {}),
         }
 
     def loss(
@@ -217,7 +232,9 @@ class Distill(Recovery):
         train = data.batches[: len(data.batches) - len(held)]
         if self.quantize is None:
             return self._train(student, teacher, data, layers, train, held)
-        with quantised_training(student, train[:CALIBRATION_BATCHES], self.quantize):
+        with quantised_training(
+            student, train[:CALIBRATION_BATCHES], self.quantize, reduce_range=self.reduce_range
+        ):
             return self._train(student, teacher, data, layers, train, held)
 
     def _train(

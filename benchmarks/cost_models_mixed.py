@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from _command import command_line
-from cost_models_check import pruned_models, spread_configs, time_interleaved
+from cost_models_check import describe, pruned_models, spread_configs, time_interleaved
 
 from hwprune import cost_models, prunable
 from hwprune.search import block_spec
@@ -113,7 +113,7 @@ def main() -> None:
         f"# Mixed-precision cost model against measurement: MiniLM, cpu_local, {workload.describe()}",
         "",
         f"Command: `{command_line()}`  ",
-        f"Machine: {cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
+        f"Machine: {describe(torch.device('cpu'))}.  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every latency measured on this CPU (wall clock, "
         f"median of {args.repeats} interleaved rounds); measurements in `{out.with_suffix('.csv').name}`.",
         "",

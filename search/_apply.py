@@ -67,21 +67,30 @@ def recorded_recovery(plan: prunable.PrunePlan) -> tuple[Recovery, int, int]:
     return from_recipe(recipe), int(recipe.get("data_samples", 2048)), int(recipe.get("data_seed", 0))
 
 
-def recorded_int8_recipe(plan: prunable.PrunePlan) -> Int8Recipe:
-    """The int8 recipe a plan records (its calibration draw), or the default."""
+def recorded_int8_recipe(plan: prunable.PrunePlan, overrides: Mapping[str, Any] | None = None) -> Int8Recipe:
+    """The int8 recipe a plan records (its calibration draw, its weights' range), or the default, with
+    the fields `overrides` sets (not None) in place of the plan's."""
     recipe = plan.metadata.get("quantization") or {}
     default = Int8Recipe()
     # A plan made before reduce_range was recorded gets this CPU's choice.
-    chosen = Int8Recipe(
-        calibration_samples=int(recipe.get("calibration_samples", default.calibration_samples)),
-        calibration_seed=int(recipe.get("calibration_seed", default.calibration_seed)),
-        reduce_range=bool(recipe.get("reduce_range", default.reduce_range)),
-    )
+    recorded = {
+        "calibration_samples": int(recipe.get("calibration_samples", default.calibration_samples)),
+        "calibration_seed": int(recipe.get("calibration_seed", default.calibration_seed)),
+        "reduce_range": bool(recipe.get("reduce_range", default.reduce_range)),
+    }
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if unknown := sorted(set(given) - set(recorded)):
+        raise ConfigError(f"int8.{unknown[0]} is not a setting of the int8 recipe; valid: {sorted(recorded)}")
+    chosen = Int8Recipe(**(recorded | given))
+    if changed := {k: v for k, v in given.items() if recorded[k] != v}:
+        log.info(
+            "int8 recipe: the plan's, with %s (the plan has %s)", changed, {k: recorded[k] for k in changed}
+        )
     if not chosen.reduce_range and int8_saturates():
         log.warning(
-            "the plan's int8 recipe keeps 8-bit weights, but this CPU's int8 kernels saturate with them "
-            "(x86 without VNNI): ONNX Runtime's outputs here will differ from the recipe's arithmetic; "
-            "the metric measured here says by how much"
+            "the int8 recipe keeps 8-bit weights, but this CPU's int8 kernels saturate with them (x86 without "
+            "VNNI): ONNX Runtime's outputs here will differ from the recipe's arithmetic (the metric measured "
+            "here says by how much); int8.reduce_range=true quantises the weights in 7 bits instead"
         )
     return chosen
 
@@ -101,6 +110,7 @@ def apply_and_measure(
     overwrite: bool = False,
     check_weights: bool = True,
     precision: str | None = None,
+    int8: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune, recover, save, evaluate and time a plan; every setting is checked first.
 
@@ -127,6 +137,7 @@ def apply_and_measure(
             is timed beside it (`measured_speedup` stays over the dense model as loaded). int8 is
             the QDQ `model.onnx` int8 runtimes consume, quantised by the plan's recorded recipe
             (else the default `Int8Recipe`) and run by ONNX Runtime.
+        int8: `Int8Recipe` fields to quantise with instead of the plan's (None or unset: the plan's).
 
     Returns:
         What `<out>/apply.json` holds: predicted and measured speedup, metrics, recovery, sizes.
@@ -136,7 +147,14 @@ def apply_and_measure(
     if recovery_samples < 1:
         raise ConfigError(f"recovery.samples={recovery_samples} is invalid; valid: >= 1")
     run = _checked_run(
-        plan_path, out, workload=workload, device=device, onnx=onnx, overwrite=overwrite, precision=precision
+        plan_path,
+        out,
+        workload=workload,
+        device=device,
+        onnx=onnx,
+        overwrite=overwrite,
+        precision=precision,
+        int8=int8,
     )
     if recovery is None:
         recovery, recovery_samples, recovery_seed = recorded_recovery(run.plan)
@@ -199,6 +217,7 @@ class _Run:
         changed: The workload fields that differ from the plan's.
         precision: The deployed precision ("fp32", "bf16", "int8", or `PER_BLOCK`).
         out_dir: The output directory, checked.
+        int8: The int8 recipe (with precision int8; None otherwise).
     """
 
     plan: prunable.PrunePlan
@@ -208,6 +227,7 @@ class _Run:
     changed: list[str]
     precision: str
     out_dir: Path
+    int8: Int8Recipe | None
 
 
 def _checked_run(
@@ -219,6 +239,7 @@ def _checked_run(
     onnx: bool,
     overwrite: bool,
     precision: str | None,
+    int8: Mapping[str, Any] | None,
 ) -> _Run:
     """Load the plan and check every setting against it, before anything expensive."""
     plan = prunable.PrunePlan.load(plan_path)
@@ -256,7 +277,8 @@ def _checked_run(
     out_dir = check_out(
         out, model_dir=prunable.resolve_source(source), plan=Path(plan_path), overwrite=overwrite
     )
-    return _Run(plan, source, torch_dev, timed, changed, precision, out_dir)
+    recipe = recorded_int8_recipe(plan, int8) if precision == "int8" else None
+    return _Run(plan, source, torch_dev, timed, changed, precision, out_dir, recipe)
 
 
 def _deploy(
@@ -273,7 +295,7 @@ def _deploy(
             run.timed,
             done.metric_dense,
             int8_path=staging / "model.onnx",
-            recipe=recorded_int8_recipe(done.plan),
+            recipe=run.int8,
         )
         check = check_onnx(quantized.model, staging / "model.onnx", run.timed)
         return quantized, {

@@ -64,5 +64,6 @@ def run_config(cfg: AppConfig, run_dir: Path, *, accepted: Callable[[], None] | 
         sampler=sampler,
         scoring=cfg.saliency.options(),
         cache_dir=cfg.saliency.cache_dir,
+        int8=cfg.int8.build(),
     )
     return run_search(job, run_dir, storage=storage)

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -61,16 +61,19 @@ class Int8Recipe:
         calibration_samples: Training samples whose activation ranges set the int8 scales.
         calibration_seed: Seed of their draw from the task's training data.
         reduce_range: Weights in 7 bits, so that int8 kernels that sum pairs of products in int16
-            cannot saturate (default: on where this CPU's kernels would, `int8_saturates()`).
+            cannot saturate (None, the default: on where this CPU's kernels would,
+            `int8_saturates()`; resolved when the recipe is made, so it is always a bool after).
     """
 
     calibration_samples: int = 256
     calibration_seed: int = 0
-    reduce_range: bool = field(default_factory=lambda: int8_saturates())
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
         if self.calibration_samples < 1:
-            raise ConfigError(f"calibration_samples={self.calibration_samples} is invalid; valid: >= 1")
+            raise ConfigError(f"int8.calibration_samples={self.calibration_samples} is invalid; valid: >= 1")
+        if self.reduce_range is None:  # frozen: set once, here
+            object.__setattr__(self, "reduce_range", int8_saturates())
 
     def summary(self) -> str:
         """One line for tables (pareto.csv)."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from hwprune import cost_models, hessian
 from hwprune.errors import ConfigError
+from hwprune.search._int8 import Int8Recipe
 from hwprune.search._precision_axis import AXIS_PRECISIONS
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search._storage import check_storage
@@ -185,6 +186,7 @@ class SearchJob:
         sampler: Makes the Optuna sampler from a seed (a class, or a `functools.partial` of one).
         scoring: Where and in what pieces the saliency is computed.
         cache_dir: Where saliency scores are cached (None: not cached).
+        int8: How re-scored plans priced at int8 are quantised before their metric.
 
     Raises:
         ValueError: Settings that contradict each other (depth pruning with a saliency that does not
@@ -205,6 +207,7 @@ class SearchJob:
     sampler: Callable[..., optuna.samplers.BaseSampler] = ParetoLocalSearchSampler
     scoring: hessian.ScoringOptions = field(default_factory=hessian.ScoringOptions)
     cache_dir: Path | str | None = None
+    int8: Int8Recipe = field(default_factory=Int8Recipe)
 
     def __post_init__(self) -> None:
         self.hardware.validate()

@@ -96,6 +96,7 @@ def rescore_front(
         recovery_seed=job.recovery_seed,
         model_ref=ref,
         hardware=hardware,
+        int8=job.int8,
     )
     rescore.evaluate(
         candidates, job.model, proxy, cost_model, outcome.run_dir, memory=outcome.extras.get("memory")

@@ -58,6 +58,7 @@ def run(cfg: ApplyConfig) -> dict[str, Any]:
         cfg.out,
         task=build_task(cfg.task, plan.model.source),
         workload=asdict(cfg.workload),
+        int8=asdict(cfg.int8),
         recovery=recovery,
         recovery_samples=cfg.recovery.samples if cfg.recovery is not None else 2048,
         recovery_seed=cfg.recovery.seed if cfg.recovery is not None else 0,

@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from hwprune import cost_models
 from hwprune.errors import ConfigError
+from hwprune.search._int8 import Int8Recipe
 from hwprune.search._job import SearchSettings
 from hwprune.search._options import (
     TOKENIZER_FILES,
@@ -47,6 +48,41 @@ class ApplyWorkload:
     dtype: str | None = None
     phase: str | None = None
     kv_len: int | None = None
+
+
+# The int8 recipe's defaults live in `Int8Recipe`; the config reads them from there.
+_INT8: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Int8Recipe)}
+
+
+@dataclass
+class ApplyInt8:
+    """The int8 recipe `hwprune-apply` quantises with; every field left unset is the plan's recorded one
+    (e.g. `int8.reduce_range=true` re-quantises a plan made on a CPU with VNNI for one without)."""
+
+    calibration_samples: int | None = None
+    calibration_seed: int | None = None
+    reduce_range: bool | None = None
+
+
+@dataclass
+class Int8Config(ApplyInt8):
+    """How `hwprune-search` quantises re-scored plans priced at int8 (`search.Int8Recipe`, whose
+    defaults these are): calibration draw, and weights in 7 bits (`reduce_range`; null: where this
+    CPU's int8 kernels saturate)."""
+
+    calibration_samples: int = _INT8["calibration_samples"]
+    calibration_seed: int = _INT8["calibration_seed"]
+    reduce_range: bool | None = _INT8["reduce_range"]
+
+    def __post_init__(self) -> None:
+        self.build()  # the recipe's own checks, at compose time
+
+    def build(self) -> Int8Recipe:
+        return Int8Recipe(
+            calibration_samples=self.calibration_samples,
+            calibration_seed=self.calibration_seed,
+            reduce_range=self.reduce_range,
+        )
 
 
 @dataclass
@@ -125,6 +161,7 @@ class AppConfig:
     search: SearchConfig = MISSING
     recovery: RecoveryConfig = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    int8: Int8Config = field(default_factory=Int8Config)
 
     def __post_init__(self) -> None:
         # Precisions the target lacks fail here, at compose time, naming the ones it runs.
@@ -144,6 +181,7 @@ class ApplyConfig:
     out: str = MISSING
     task: TaskConfig = MISSING
     workload: ApplyWorkload = field(default_factory=ApplyWorkload)
+    int8: ApplyInt8 = field(default_factory=ApplyInt8)
     recovery: RecoveryConfig | None = None
     device: str = "cpu"
     repeats: int = 20

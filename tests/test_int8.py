@@ -203,7 +203,15 @@ def test_weights_take_7_bits_where_int8_kernels_would_saturate() -> None:
 
 
 # A small search priced for an int8 NPU: its front is measured on the int8 QDQ model.
-NPU = ["hardware=npu_intel", "recovery=none", "search.rescore=1", "search.uniform_baselines=[]"]
+# The int8 recipe as a config sets it (`int8.*`): its calibration draw reaches the re-scoring.
+NPU = [
+    "hardware=npu_intel",
+    "recovery=none",
+    "search.rescore=1",
+    "search.uniform_baselines=[]",
+    "int8.calibration_samples=48",
+]
+RECIPE = Int8Recipe(calibration_samples=48)
 
 
 @pytest.fixture(scope="module")
@@ -221,14 +229,15 @@ def test_an_int8_front_is_measured_on_the_int8_model(npu_run: Path) -> None:
 
     pareto = pd.read_csv(npu_run / "pareto.csv")
     assert (pareto.metric_precision == "int8").all()
-    assert pareto.quantization.str.startswith("onnxruntime QDQ int8").all()
+    assert (pareto.quantization == RECIPE.summary()).all()
+    assert "MinMax on 48 train samples" in RECIPE.summary()
     dense = pareto[pareto.kind == "dense"].iloc[0]
     # The fidelity metric compares with the dense fp32 model: 100 unquantised, less at int8.
     assert dense.metric_unquantized == pytest.approx(100.0, abs=1e-3)
     assert 80.0 < dense.metric < 99.99
     plan = prunable.PrunePlan.load(npu_run / dense.plan_path)
     assert plan.metadata["precision"] == "int8"
-    assert plan.metadata["quantization"] == Int8Recipe().describe()
+    assert plan.metadata["quantization"] == RECIPE.describe()
     assert (
         "Metric measured at **int8** (the precision the latency is priced at; onnxruntime QDQ"
         in (npu_run / "report.md").read_text()
@@ -264,7 +273,7 @@ def test_apply_reruns_the_int8_recipe_and_delivers_the_qdq_model(
         )
     )
     # The plan's precision and recipe, rerun: the metric the search reported, on the int8 model.
-    assert result["precision"] == "int8" and result["quantization"] == Int8Recipe().describe()
+    assert result["precision"] == "int8" and result["quantization"] == RECIPE.describe()
     assert result["metric_pruned"] == pytest.approx(row.metric, abs=1e-4)
     assert result["metric_unquantized"] == pytest.approx(row.metric_unquantized, abs=1e-4)
     assert result["metric_dense_same_precision"] < result["metric_dense"]
@@ -312,3 +321,35 @@ def test_apply_keeps_a_plans_recorded_weight_range_and_warns_where_it_saturates(
     with caplog.at_level("WARNING"):
         assert _apply.recorded_int8_recipe(plan({"reduce_range": True})).reduce_range is True
     assert caplog.text == ""
+    # `int8.reduce_range=true` on hwprune-apply re-quantises it in 7 bits; unset fields stay the plan's.
+    with caplog.at_level("INFO"):
+        chosen = _apply.recorded_int8_recipe(
+            plan({"calibration_samples": 32, "reduce_range": False}),
+            {"reduce_range": True, "calibration_samples": None, "calibration_seed": None},
+        )
+    assert chosen == Int8Recipe(calibration_samples=32, reduce_range=True)
+    assert "int8 recipe: the plan's, with {'reduce_range': True}" in caplog.text
+    with pytest.raises(ValueError, match=r"int8\.calibration_samples=0 is invalid; valid: >= 1"):
+        _apply.recorded_int8_recipe(plan({}), {"calibration_samples": 0})
+    with pytest.raises(ValueError, match=r"int8\.bits is not a setting of the int8 recipe; valid: \["):
+        _apply.recorded_int8_recipe(plan({}), {"bits": 4})
+
+
+def test_the_int8_recipe_is_a_config_checked_at_compose() -> None:
+    from hydra.errors import ConfigCompositionException
+
+    from hwprune.search import compose
+    from hwprune.search.config import AppConfig, ApplyConfig, to_object
+
+    app = to_object(compose("config", ["int8.calibration_samples=64", "int8.reduce_range=true"]))
+    assert isinstance(app, AppConfig)
+    assert app.int8.build() == Int8Recipe(calibration_samples=64, reduce_range=True)
+    default = to_object(compose("config", []))
+    assert isinstance(default, AppConfig) and default.int8.build() == Int8Recipe()  # defaults: the recipe's
+    with pytest.raises(ValueError, match=r"int8\.calibration_samples=0 is invalid; valid: >= 1"):
+        to_object(compose("config", ["int8.calibration_samples=0"]))
+    with pytest.raises(ConfigCompositionException, match="calibration_sampels"):
+        compose("config", ["int8.calibration_sampels=3"])
+    applied = to_object(compose("apply", ["plan=p.yaml", "out=o", "int8.reduce_range=true"]))
+    assert isinstance(applied, ApplyConfig)
+    assert (applied.int8.reduce_range, applied.int8.calibration_samples) == (True, None)  # unset: the plan's

@@ -29,6 +29,7 @@ from _command import command_line
 from omegaconf import OmegaConf
 
 from hwprune import cost_models
+from hwprune.cost_models.profilers import allocator_state
 from hwprune.search import apply_config, compose, run_apply, run_config, write_report
 from hwprune.search.config import AppConfig
 
@@ -148,13 +149,19 @@ def main() -> None:
                     "dev_dense": result["metric_dense"],
                     "measured": result["measured_speedup"],
                     "same_precision": result.get("measured_speedup_same_precision"),
+                    "units": row.units,
+                    "mlp": row.mlp,
+                    "allocator": result["workload"].get("allocator"),
                 }
             )
             (args.work / "applied.json").write_text(json.dumps(rows, indent=2, default=str))
 
     command = command_line()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{cost_models.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"allocator for timing {allocator_state()}"
+    )
     lines = [
         "# Precision per block as a search axis: MiniLM on STS-B, cpu_local batch 32 x 128",
         "",
@@ -163,7 +170,8 @@ def main() -> None:
         f"plans chosen on {VALIDATION} STS-B train pairs held out (validation), reported on STS-B dev by "
         f"`hwprune-apply` (measured speedup over the dense fp32 model in {args.repeats} interleaved rounds "
         "on this CPU; `same precision`: over the dense model with every layer at the plan's precisions). "
-        "Search wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".",
+        "Search wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ". "
+        f"`{Path(args.out).with_suffix('.json').name}` holds the rows with each plan's widths (heads, MLP neurons per layer).",
         "",
         "| search | goal | plan | precisions | predicted | validation (dense) | dev (dense) | measured | same precision |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -178,6 +186,7 @@ def main() -> None:
             f"{r['val']:.2f} ({r['val_dense']:.2f}) | {r['dev']:.2f} ({r['dev_dense']:.2f}) | "
             f"{r['measured']:.2f}x | {same} |"
         )
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     Path(args.out).write_text("\n".join(lines) + "\n")
     log.info("wrote %s", args.out)
 

@@ -4,11 +4,12 @@ glibc's malloc serves large blocks (above a threshold that starts at 128 KiB and
 `mmap`s and returns the top of its heap to the OS when more than 128 KiB of it is free. A torch
 forward frees its activations as it goes, so each call faults its big tensors in again, page by
 zeroed page, and how many do depends on what the process allocated before (the threshold adapts to
-it). Measured on an Intel Xeon with 2 threads (all-MiniLM-L6-v2 layers, batch 32 x 128, a stack of
-6): one bf16 block at 12 heads / 1408 neurons timed 18.6-19.3 ms in a fresh process and 14.1-14.4 ms
-with both thresholds raised; the dense fp32 model 373 ms against 327 ms. So timings under the default
-carry a cost that belongs to neither the model nor the device, and it differs between shapes and
-between processes: tables profiled so would price a width by its page faults.
+it). Measured on an Intel Xeon with 2 threads (`results/benchmarks/allocator_cpu.md`: all-MiniLM-L6-v2
+layers, batch 32 x 128, as a table is profiled): bf16 blocks timed 1.14-1.42x slower in fresh
+processes under the defaults (12 heads / 1408 neurons: 18.46 ms against 13.82 ms), the dense fp32
+model 1.17x. So timings under the default carry a cost that belongs to neither the model nor the
+device, and it differs between shapes and between processes: tables profiled so would price a width
+by its page faults.
 
 `steady_allocator` raises both thresholds (the mmap one to glibc's maximum, 32 MiB on 64-bit), so
 blocks up to 32 MiB are reused from the heap as a serving process with jemalloc or tcmalloc (what

@@ -317,7 +317,7 @@ def test_quantised_distillation_trains_the_weights_that_survive_int8(family: str
     # Rounded to int8, the student trained with it is no further from its teacher than the float-trained
     # one. Whether it is nearer is not a unit test's question: on these tiny models rounding costs
     # about 0.1 % of the loss, and which student it costs less flips with the CPU's kernels (AVX2 or
-    # AVX-512) and the learning rate; `results/benchmarks/distill_int8_minilm_sts.md` measures it.
+    # AVX-512) and the learning rate; `results/benchmarks/apply_minilm_sts.md` measures it.
     assert as_int8(student) < 1.05 * as_int8(twin)
     assert abs(as_int8(student) - float(Distill().held_out_loss(student, dense, held))) < 0.01 * as_int8(
         student

@@ -30,8 +30,7 @@ from _command import command_line
 
 from hwprune import cost_models, prunable
 from hwprune.cost_models.profilers import TorchProfiler, allocator_state, interleaved, steady_allocator
-from hwprune.search import block_spec, model_timer
-from hwprune.search._blocks import real_block_factory
+from hwprune.search import block_spec, model_timer, real_block_factory
 
 log = logging.getLogger("allocator_cpu")
 

@@ -20,13 +20,14 @@ or the apps' configuration, checked against the same schemas as the command line
 The search's parts, for studies of the search itself: `SearchSpace` and `Widths` (per-layer width
 choices), `SaliencyProxy` (predicted loss of a configuration), `option_tables` and `exact_front`
 (the proxy's exact Pareto front over a cost model), `hypervolume`, `SearchObjective` and
-`run_study` (the Optuna study), `open_storage`; `block_spec`, `model_cost_model` and
-`model_timer` connect a model to `cost_models`; `export_onnx` and `check_onnx` write a model's ONNX
+`run_study` (the Optuna study), `open_storage`; `block_spec`, `model_cost_model`, `model_timer`
+and `real_block_factory` (the model's own layers for a `TorchProfiler`) connect a model to
+`cost_models`; `export_onnx` and `check_onnx` write a model's ONNX
 graph and prove it in ONNX Runtime in a fresh process.
 """
 
 from hwprune.search._apply import apply_and_measure
-from hwprune.search._blocks import block_spec, head_width, model_cost_model, model_timer
+from hwprune.search._blocks import block_spec, head_width, model_cost_model, model_timer, real_block_factory
 from hwprune.search._exact import option_tables, pick, within_budgets
 from hwprune.search._from_config import run_config
 from hwprune.search._int8 import Int8Recipe, OnnxRuntimeModel, quantize_int8
@@ -76,6 +77,7 @@ __all__ = [
     "option_tables",
     "pick",
     "quantize_int8",
+    "real_block_factory",
     "run_apply",
     "run_config",
     "run_search",

@@ -29,7 +29,7 @@ from hwprune.search._precision import (
     quantize_per_block,
 )
 from hwprune.search._timing import measure
-from hwprune.search.recovery import NoRecovery, Recovery, RecoveryReport, from_recipe
+from hwprune.search.recovery import NoRecovery, Recovery, RecoveryReport, check_int8_grid, from_recipe
 from hwprune.search.tasks import Task
 
 log = logging.getLogger("hwprune.apply")
@@ -158,6 +158,8 @@ def apply_and_measure(
     )
     if recovery is None:
         recovery, recovery_samples, recovery_seed = recorded_recovery(run.plan)
+    if run.int8 is not None:  # before the model loads
+        check_int8_grid(recovery, bool(run.int8.reduce_range))
     _log_timed_workload(run.plan, run.timed, run.changed)
 
     model = prunable.load_model(run.source, run.plan.model.class_name)

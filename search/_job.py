@@ -29,7 +29,7 @@ from hwprune.search._precision_axis import AXIS_PRECISIONS
 from hwprune.search._sampler import ParetoLocalSearchSampler
 from hwprune.search._storage import check_storage
 from hwprune.search._study import Constraints
-from hwprune.search.recovery import NoRecovery, Recovery
+from hwprune.search.recovery import NoRecovery, Recovery, check_int8_grid
 from hwprune.search.tasks import Task
 
 
@@ -214,6 +214,7 @@ class SearchJob:
         if self.recovery_samples < 1:
             raise ConfigError(f"recovery.samples={self.recovery_samples} is invalid; valid: >= 1")
         check_depth(self.settings, self.saliency)
+        check_int8_grid(self.recovery, bool(self.int8.reduce_range))
 
     def describe_sampler(self) -> str:
         """The sampler's class and fixed settings, for reports."""

@@ -353,3 +353,20 @@ def test_the_int8_recipe_is_a_config_checked_at_compose() -> None:
     applied = to_object(compose("apply", ["plan=p.yaml", "out=o", "int8.reduce_range=true"]))
     assert isinstance(applied, ApplyConfig)
     assert (applied.int8.reduce_range, applied.int8.calibration_samples) == (True, None)  # unset: the plan's
+
+
+def test_a_search_refuses_quantised_distillation_on_another_grid_than_its_int8_recipe(tmp_path: Path) -> None:
+    from hwprune.search import run_config
+    from tests.conftest import app_config
+
+    saturates = int8_saturates()
+    overrides = [
+        *NPU[:1],
+        "recovery=distill",
+        "recovery.method.quantize=int8",
+        f"recovery.method.reduce_range={str(saturates).lower()}",
+        f"int8.reduce_range={str(not saturates).lower()}",
+    ]
+    with pytest.raises(ValueError, match=r"recovery\.method\.reduce_range=.* but int8\.reduce_range="):
+        run_config(app_config(tmp_path, *overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "pareto.csv").exists()

@@ -347,3 +347,15 @@ def test_quantised_distillation_rounds_weights_to_the_grid_the_recipe_deploys(re
     assert distill.params()["reduce_range"] is reduce_range  # recorded, so apply re-runs the same grid
     assert "reduce_range" not in Distill(quantize="bf16").params()
     assert Distill(quantize="int8").reduce_range is int8_saturates()  # None: this CPU's choice, resolved
+
+
+def test_quantised_distillation_on_another_grid_than_the_int8_recipe_is_refused() -> None:
+    from hwprune.search.recovery import check_int8_grid
+
+    check_int8_grid(Distill(quantize="int8", reduce_range=True), True)  # agreeing: fine
+    check_int8_grid(Distill(quantize="bf16"), not int8_saturates())  # no int8 grid to disagree on
+    check_int8_grid(Reconstruct(), True)
+    with pytest.raises(
+        ValueError, match=r"recovery\.method\.reduce_range=False but int8\.reduce_range=True: distillation"
+    ):
+        check_int8_grid(Distill(quantize="int8", reduce_range=False), True)

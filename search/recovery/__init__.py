@@ -13,7 +13,7 @@ from typing import Any
 
 from hwprune.errors import PlanError
 from hwprune.search.recovery._base import RECOVERY, NoRecovery, Recovery, RecoveryData, RecoveryReport
-from hwprune.search.recovery._distill import Distill
+from hwprune.search.recovery._distill import Distill, check_int8_grid
 from hwprune.search.recovery._reconstruct import Reconstruct
 
 
@@ -38,5 +38,6 @@ __all__ = [
     "Recovery",
     "RecoveryData",
     "RecoveryReport",
+    "check_int8_grid",
     "from_recipe",
 ]

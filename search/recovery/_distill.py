@@ -285,3 +285,22 @@ class Distill(Recovery):
             held_out_after=after,
             details={"train_batches": len(train), "held_out_batches": len(held), "data": data.description},
         )
+
+
+def check_int8_grid(recovery: Recovery, reduce_range: bool) -> None:
+    """Refuse distillation with int8 in the loop on another weight grid than the int8 recipe deploys
+    (`reduce_range` is the recipe's): it would train for weights the deployed model does not have.
+
+    Raises:
+        ConfigError: The two disagree, naming both.
+    """
+    if (
+        isinstance(recovery, Distill)
+        and recovery.quantize == "int8"
+        and recovery.reduce_range != reduce_range
+    ):
+        raise ConfigError(
+            f"recovery.method.reduce_range={recovery.reduce_range} but int8.reduce_range={reduce_range}: "
+            "distillation with int8 in the loop would train for a weight grid the deployed int8 model does "
+            "not use; valid: the same value for both"
+        )
